@@ -1,0 +1,192 @@
+"""Build config (``edgeft.toml``) → validated dataclasses, with one-line errors naming the key.
+
+The file is flat, one table per stage::
+
+    model = "smollm2-135m"          # builtin name or a local Hugging Face folder
+    [data]   train = "train.jsonl"  eval = "eval.jsonl"
+    [train]  rank = 16  epochs = 3 ...
+    [bench]  threads = 2 ...
+    [gates]  max_kld = 0.1 ...
+
+Relative paths are resolved against the config file's folder. CLI flags override fields of the same
+object, so the file and the flags are two views of one :class:`BuildConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: Path | None = _help("chat JSONL used for fine-tuning", None)
+    eval: Path | None = _help("held-out chat JSONL with `answers` for task accuracy", None)
+
+
+@dataclass
+class TrainConfig:
+    method: str = _help("`lora` (fp32 base, CPU or GPU) or `qlora` (4-bit NF4 base, needs bitsandbytes)", "lora")
+    rank: int = _help("LoRA rank r; higher adapts more and trains slower", 16)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank", 32.0)
+    dropout: float = _help("dropout on the LoRA input", 0.0)
+    target_modules: list[str] = _help(
+        "module names to adapt", default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    epochs: float = _help("passes over the training set", 3.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
+    learning_rate: float = _help("peak learning rate (linear decay, warm-up below)", 1e-3)
+    warmup_ratio: float = _help("fraction of steps spent warming up", 0.05)
+    batch_size: int = _help("examples per optimizer step", 8)
+    max_seq_len: int = _help("longer examples are truncated to this many tokens", 256)
+    seed: int = _help("seed for weights init, shuffling and dropout", 0)
+    threads: int = _help("torch CPU threads (0: all cores)", 0)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "qlora"):
+            raise ConfigError(f"[train].method: expected 'lora' or 'qlora', got {self.method!r}")
+        for name in ("rank", "batch_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[train].{name}: expected a positive number, got {getattr(self, name)!r}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("[train]: set epochs > 0 or max_steps > 0")
+        if not self.target_modules:
+            raise ConfigError("[train].target_modules: expected at least one module name")
+
+
+@dataclass
+class BenchConfig:
+    threads: int = _help("threads for every runtime, so speeds compare (0: all cores)", 0)
+    max_eval: int = _help("use at most this many held-out examples (0: all)", 0)
+    max_new_tokens: int = _help("generation budget per held-out question", 48)
+    decode_tokens: int = _help("tokens generated per latency repetition", 64)
+    repeats: int = _help("latency repetitions after one warm-up; the median is reported", 3)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "decode_tokens", "repeats"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[bench].{name}: expected a positive number, got {getattr(self, name)!r}")
+
+
+@dataclass
+class GatesConfig:
+    """Quality gates; an unset gate is not checked. `edgeft build` exits 1 when one fails."""
+
+    max_kld: float | None = _help("max mean KL divergence of artifact vs reference", None)
+    min_top1: float | None = _help("min top-1 token agreement with the reference (0-1)", None)
+    max_ppl_delta_pct: float | None = _help("max perplexity increase over the reference, percent", None)
+    min_task_accuracy_ratio: float | None = _help("min artifact task accuracy / reference task accuracy", None)
+    min_decode_tok_s: float | None = _help("min artifact decode tokens/s on this machine", None)
+    max_size_mb: float | None = _help("max artifact size in MB (10^6 bytes)", None)
+
+
+@dataclass
+class BuildConfig:
+    model: str = _help("builtin model name (smollm2-135m) or a local Hugging Face folder", "smollm2-135m")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    source: Path | None = None  # the file this config came from, for messages
+
+
+_TABLES = {"data": DataConfig, "train": TrainConfig, "bench": BenchConfig, "gates": GatesConfig}
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field's type hint; ints are accepted for floats."""
+    origin = getattr(hint, "__origin__", None)
+    args = getattr(hint, "__args__", ())
+    if value is None:
+        return None
+    if hint is Path or Path in args:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        return Path(value)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return value
+    wanted = [a for a in (args or (hint,)) if a is not type(None)]
+    if float in wanted and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, w) and not (w is int and isinstance(value, bool)) for w in wanted):
+        return value
+    names = " or ".join(w.__name__ for w in wanted)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in table.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key; expected one of: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(where, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: Path | None) -> BuildConfig:
+    """Read and validate a build config; ``None`` gives the defaults."""
+    if path is None:
+        return BuildConfig()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return config_from_dict(raw, path)
+
+
+def config_from_dict(raw: dict[str, Any], path: Path) -> BuildConfig:
+    source = str(path)
+    top_known = {"model", *_TABLES}
+    for key in raw:
+        if key not in top_known:
+            raise ConfigError(f"{source}: unknown key {key!r}; expected one of: {', '.join(sorted(top_known))}")
+    parts: dict[str, Any] = {}
+    for name, cls in _TABLES.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        parts[name] = _build(cls, table, f"[{name}].", source)
+    model = raw.get("model", BuildConfig.model)
+    if not isinstance(model, str):
+        raise ConfigError(f"{source}: model: expected a string, got {model!r}")
+    base = path.parent
+    # A model that looks like a path is relative to the config file, like the data files.
+    if "/" in model or model.startswith("."):
+        model = str((base / model).resolve()) if not Path(model).is_absolute() else model
+    for key in ("train", "eval"):
+        p = getattr(parts["data"], key)
+        if p is not None and not p.is_absolute():
+            setattr(parts["data"], key, (base / p).resolve())
+    return BuildConfig(model=model, source=path, **parts)
+
+
+def config_as_dict(cfg: BuildConfig) -> dict[str, Any]:
+    """The resolved config, as shown by ``--dry-run`` and stored in manifests."""
+    d = dataclasses.asdict(cfg)
+    d["source"] = str(cfg.source) if cfg.source else None
+    d["data"] = {k: str(v) if v else None for k, v in d["data"].items()}
+    return d
