@@ -1,0 +1,104 @@
+"""How far an artifact's predictions moved from the reference's, on the same token ids.
+
+Both runtimes score the *same* token sequences (tokenised once, by the reference), so tokenizer
+differences cannot hide in these numbers; tokenizer agreement is tested separately. Scored positions
+are the assistant replies of the held-out conversations (the domain text the fine-tune is about),
+each position predicting the next reply token.
+
+* mean KL divergence KL(reference ‖ artifact) of the next-token distributions,
+* top-1 agreement: both runtimes' most likely next token are the same,
+* perplexity of each on the reply tokens, with a ± standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..data import Example, is_correct
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]
+    targets: list[int]  # positions whose token is predicted (each needs position - 1 >= 0)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class FidelityAccumulator:
+    """Streams per-sequence statistics so no more than one sequence's logits are held at a time."""
+
+    kld: list[float] = field(default_factory=list)
+    top1: list[bool] = field(default_factory=list)
+    nll_ref: list[float] = field(default_factory=list)
+    nll_art: list[float] = field(default_factory=list)
+
+    def add(self, seq: Sequence, ref_logits: np.ndarray, art_logits: np.ndarray) -> None:
+        pos = np.asarray(seq.targets) - 1
+        tgt = np.asarray(seq.tokens)[seq.targets]
+        lr = log_softmax(ref_logits[pos])
+        la = log_softmax(art_logits[pos])
+        self.kld += (np.exp(lr) * (lr - la)).sum(-1).clip(min=0).tolist()
+        self.top1 += (lr.argmax(-1) == la.argmax(-1)).tolist()
+        rows = np.arange(len(pos))
+        self.nll_ref += (-lr[rows, tgt]).tolist()
+        self.nll_art += (-la[rows, tgt]).tolist()
+
+    def result(self) -> dict[str, float]:
+        ppl_ref, err_ref = perplexity(self.nll_ref)
+        ppl_art, err_art = perplexity(self.nll_art)
+        kld = np.asarray(self.kld)
+        return {
+            "positions": len(kld),
+            "kl_divergence_mean": float(kld.mean()),
+            "kl_divergence_p99": float(np.percentile(kld, 99)),
+            "top1_agreement": float(np.mean(self.top1)),
+            "perplexity_reference": ppl_ref,
+            "perplexity_reference_err": err_ref,
+            "perplexity_artifact": ppl_art,
+            "perplexity_artifact_err": err_art,
+            "perplexity_delta_pct": 100.0 * (ppl_art / ppl_ref - 1.0),
+        }
+
+
+def perplexity(nll: list[float]) -> tuple[float, float]:
+    """exp(mean NLL) and its standard error by the delta method (as llama.cpp's perplexity tool)."""
+    a = np.asarray(nll)
+    ppl = math.exp(a.mean())
+    err = ppl * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return ppl, err
+
+
+def compare(reference, artifact, sequences: list[Sequence], progress=None) -> dict[str, float]:
+    """Fidelity of ``artifact`` against ``reference`` (both :class:`Runtime`) on ``sequences``."""
+    acc = FidelityAccumulator()
+    for seq in sequences:
+        acc.add(seq, reference.logits(seq.tokens), artifact.logits(seq.tokens))
+        if progress:
+            progress()
+    return acc.result()
+
+
+def reply_sequences(tokenizer, examples: list[Example], max_len: int = 1024) -> list[Sequence]:
+    """Token ids of each held-out conversation and the positions of its assistant reply tokens."""
+    from ..train import IGNORE_INDEX, tokenize_example
+
+    seqs = []
+    for ex in examples:
+        row = tokenize_example(tokenizer, ex, max_len)
+        targets = [i for i, lbl in enumerate(row["labels"]) if lbl != IGNORE_INDEX and i > 0]
+        if targets:
+            seqs.append(Sequence(row["input_ids"], targets))
+    return seqs
+
+
+def task_accuracy(replies: list[str], examples: list[Example]) -> float:
+    return sum(is_correct(r, ex.answers) for r, ex in zip(replies, examples)) / len(examples)

@@ -1,0 +1,64 @@
+"""Stage `quantize` for GGUF: llama.cpp's own quantizer through its C API.
+
+llama-cpp-python ships no ``llama-quantize`` binary, so we call ``llama_model_quantize`` directly.
+The requested type is a *mix*: llama.cpp chooses per-tensor types (and falls back when a row width is
+not a multiple of a K-quant's 256-value block), so the stage records the tensor types actually
+written, read back from the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelError
+from ..stage import StageOutput, cached, content_hash, read_manifest, stage_key, staged_dir
+from .gguf_types import GGUF_QUANT_TYPES
+
+OUTPUT_NAME = "model.gguf"
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each ggml type a GGUF file holds, e.g. ``{"Q5_0": 166, "F32": 61}``."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
+
+
+def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``."""
+    if quant not in GGUF_QUANT_TYPES:
+        raise ConfigError(f"unknown GGUF quant type {quant!r}; expected one of {', '.join(GGUF_QUANT_TYPES)}")
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = GGUF_QUANT_TYPES[quant]
+    params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not Path(dst).is_file():
+        raise ModelError(f"{src}: llama.cpp could not quantize to {quant} (llama_model_quantize returned {rc})")
+
+
+def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> StageOutput:
+    """Cached stage: ``gguf_dir/model.gguf`` → ``out_dir/model.gguf`` in type ``quant``."""
+    src = Path(gguf_dir) / OUTPUT_NAME
+    if not src.is_file():
+        raise ModelError(f"{gguf_dir}: expected an exported {OUTPUT_NAME} there")
+    inputs = {"gguf": content_hash(gguf_dir)}
+    params = {"quant": quant}
+    key = stage_key("quantize", inputs, params)
+    if hit := cached(out_dir, key):
+        return hit
+    with staged_dir(out_dir, "quantize", key, inputs, params) as (tmp, results):
+        quantize_file(src, tmp / OUTPUT_NAME, quant, threads)
+        results["tensor_types"] = tensor_type_counts(tmp / OUTPUT_NAME)
+        results["size_bytes"] = (tmp / OUTPUT_NAME).stat().st_size
+    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"size_bytes": Path(path).stat().st_size, "tensor_types": tensor_type_counts(path)}

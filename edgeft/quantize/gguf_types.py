@@ -1,0 +1,35 @@
+"""Facts about GGUF quantization types, as data.
+
+``GGUF_QUANT_TYPES`` maps the name users write (llama.cpp's own spelling) to ``llama_ftype`` from
+llama.h (mirrored here so the module imports without llama.cpp; a test checks the values against the
+installed llama_cpp package).
+"""
+
+from __future__ import annotations
+
+# name → llama_ftype (llama.h: LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_*)
+GGUF_QUANT_TYPES: dict[str, int] = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "BF16": 32,
+}
+
+# Types the exporter writes directly; the rest are produced by llama.cpp's quantizer from F32.
+UNQUANTIZED: dict[str, str] = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+# Types whose blocks span 256 values: rows of other widths make llama.cpp fall back to another type.
+K_QUANTS = frozenset(n for n in GGUF_QUANT_TYPES if "_K" in n)

@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from edgeft.config import load_config
+from edgeft.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cooking" / "edgeft.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "edgeft.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_example_config_is_valid():
+    cfg = load_config(EXAMPLE)
+    assert cfg.model == "smollm2-135m"
+    assert cfg.data.train.is_file() and cfg.data.eval.is_file()
+    assert cfg.train.method == "lora"
+
+
+def test_paths_resolve_against_the_config_folder(tmp_path):
+    cfg = load_config(write(tmp_path, '[data]\ntrain = "d/t.jsonl"\n[train]\nepochs = 2\n'))
+    assert cfg.data.train == (tmp_path / "d" / "t.jsonl").resolve()
+    assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[train]\nepoch = 3\n", "[train].epoch: unknown key; expected one of"),
+        ("modle = 'x'\n", "unknown key 'modle'"),
+        ("[train]\nrank = 'big'\n", "[train].rank: expected int, got 'big'"),
+        ("[train]\nmethod = 'dora'\n", "[train].method: expected 'lora' or 'qlora'"),
+        ("[train]\nrank = 0\n", "[train].rank: expected a positive number"),
+        ("[gates]\nmax_kld = 'low'\n", "[gates].max_kld: expected float"),
+        ("[train\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert fragment in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")

@@ -1,0 +1,77 @@
+"""llama.cpp quantization through the C API, on a tiny llama whose rows suit K-quants (256-multiples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.quantize.gguf_types import GGUF_QUANT_TYPES
+
+from .tiny import make_tiny_llama
+
+
+def test_quant_table_mirrors_llama_h():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for name, value in GGUF_QUANT_TYPES.items():
+        const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
+        assert getattr(llama_cpp, const) == value, name
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tmp_path_factory, smollm2_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from edgeft.export.gguf import export
+
+    root = tmp_path_factory.mktemp("q")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = make_tiny_llama(root / "hf", tok, hidden=256, intermediate=512, heads=4, kv_heads=2)
+    return export(model, root / "f32", "f32").path
+
+
+# quant → tensor types that must appear (2-D weights); 1-D norms always stay F32.
+EXPECTED = {
+    "Q8_0": {"Q8_0", "F32"},
+    "Q4_0": {"Q4_0", "F32"},
+    "Q4_K_M": {"Q4_K", "Q6_K", "F32"},
+    "Q6_K": {"Q6_K", "F32"},
+}
+
+
+@pytest.mark.parametrize("quant", list(EXPECTED))
+def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
+    from edgeft.quantize.gguf import quantize
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+    out = quantize(tiny_f32, tmp_path / quant, quant, threads=2)
+    types = out.manifest["results"]["tensor_types"]
+    assert EXPECTED[quant] <= set(types), types
+    assert set(types) <= EXPECTED[quant] | {"Q5_0", "Q5_1", "Q8_0", "Q4_1", "Q5_K"}  # llama.cpp's mix may add these
+    rt = LlamaCppRuntime(out.path / "model.gguf", n_threads=2)
+    ref = LlamaCppRuntime(tiny_f32 / "model.gguf", n_threads=2)
+    tokens = rt.tokenize("<|im_start|>user\nHow long do I boil an egg?<|im_end|>\n")
+    q, f = rt.logits(tokens), ref.logits(tokens)
+    assert np.isfinite(q).all()
+    # Quantized logits track the f32 ones: strongly correlated, not identical.
+    assert np.corrcoef(q.ravel(), f.ravel())[0, 1] > 0.9
+    rt.close()
+    ref.close()
+
+
+def test_quantize_is_cached_and_smaller(tiny_f32, tmp_path):
+    from edgeft.quantize.gguf import quantize
+
+    a = quantize(tiny_f32, tmp_path / "q8", "Q8_0")
+    assert not a.cached and quantize(tiny_f32, tmp_path / "q8", "Q8_0").cached
+    assert (a.path / "model.gguf").stat().st_size < 0.4 * (tiny_f32 / "model.gguf").stat().st_size
+
+
+def test_quantize_missing_input_is_a_model_error(tmp_path):
+    from edgeft.errors import ModelError
+    from edgeft.quantize.gguf import quantize
+
+    with pytest.raises(ModelError, match="expected an exported model.gguf"):
+        quantize(tmp_path, tmp_path / "out", "Q8_0")
+    assert not (tmp_path / "out").exists()
