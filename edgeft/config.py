@@ -52,10 +52,16 @@ class TrainConfig:
     max_seq_len: int = _help("longer examples are truncated to this many tokens", 256)
     seed: int = _help("seed for weights init, shuffling and dropout", 0)
     threads: int = _help("torch CPU threads (0: all cores)", 0)
+    precision: str = _help(
+        "`auto` (bf16 mixed precision where the CPU/GPU computes bf16 natively, else fp32), `bf16` or `fp32`; "
+        "the adapter and the merge stay fp32 either way", "auto"
+    )
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora"):
             raise ConfigError(f"[train].method: expected 'lora' or 'qlora', got {self.method!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"[train].precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("rank", "batch_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[train].{name}: expected a positive number, got {getattr(self, name)!r}")

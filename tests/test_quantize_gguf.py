@@ -31,13 +31,17 @@ def tiny_f32(tmp_path_factory, smollm2_dir: Path) -> Path:
     return export(model, root / "f32", "f32").path
 
 
-# quant → tensor types that must appear (2-D weights); 1-D norms always stay F32.
+# quant → tensor types that must appear; 1-D norms always stay F32. With tied embeddings llama.cpp
+# keeps token_embd (also the output matrix) at Q6_K in the 4-bit mixes.
 EXPECTED = {
     "Q8_0": {"Q8_0", "F32"},
-    "Q4_0": {"Q4_0", "F32"},
+    "Q4_0": {"Q4_0", "Q6_K", "F32"},
     "Q4_K_M": {"Q4_K", "Q6_K", "F32"},
     "Q6_K": {"Q6_K", "F32"},
 }
+
+
+MIN_CORRELATION = {"Q8_0": 0.99, "Q6_K": 0.97, "Q4_K_M": 0.9, "Q4_0": 0.8}
 
 
 @pytest.mark.parametrize("quant", list(EXPECTED))
@@ -54,8 +58,10 @@ def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
     tokens = rt.tokenize("<|im_start|>user\nHow long do I boil an egg?<|im_end|>\n")
     q, f = rt.logits(tokens), ref.logits(tokens)
     assert np.isfinite(q).all()
-    # Quantized logits track the f32 ones: strongly correlated, not identical.
-    assert np.corrcoef(q.ravel(), f.ravel())[0, 1] > 0.9
+    # Quantized logits track the f32 ones, the more bits the closer (random weights with std 0.2
+    # are harder to quantize than trained ones).
+    corr = np.corrcoef(q.ravel(), f.ravel())[0, 1]
+    assert corr > MIN_CORRELATION[quant]
     rt.close()
     ref.close()
 

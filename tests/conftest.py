@@ -1,0 +1,45 @@
+"""Shared fixtures: the materialised default model, cached across test runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "integration: uses the real SmolLM2-135M model end to end (deselect with -m 'not integration')",
+    )
+
+
+@pytest.fixture(scope="session")
+def edgeft_cache(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """The edgeft cache for this session: ``$EDGEFT_CACHE`` if set, else one kept in pytest's cache.
+
+    Materialising the default model takes tens of seconds; keeping it in pytest's cache folder
+    (``.pytest_cache``) instead of a fresh temp dir makes every later run start in about a second.
+    """
+    existing = os.environ.get("EDGEFT_CACHE")
+    if existing:
+        path = Path(existing)
+    elif getattr(request.config, "cache", None) is not None:
+        path = Path(request.config.cache.mkdir("edgeft-cache"))
+    else:  # pytest run with -p no:cacheprovider
+        path = tmp_path_factory.mktemp("edgeft-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEFT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(edgeft_cache: Path) -> Path:
+    """The fp32 HF folder of the built-in SmolLM2-135M-Instruct (materialised once per cache)."""
+    from edgeft.models import resolve_model
+
+    return resolve_model("smollm2-135m")

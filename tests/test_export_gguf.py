@@ -1,0 +1,361 @@
+"""edgeft.export.gguf: our GGUF read by llama.cpp must give transformers' logits and tokens.
+
+Unit tests use a tiny random llama (hidden 64) with the real SmolLM2 tokenizer; integration tests
+use the real SmolLM2-135M-Instruct and compare against the GGUF it ships in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from edgeft.errors import ConfigError, ModelError
+from edgeft.export import gguf as export_gguf
+from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
+from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+from .tiny import make_tiny_llama
+
+pytest.importorskip("llama_cpp")
+
+EVAL_SET = Path(__file__).resolve().parents[1] / "examples" / "cooking" / "eval.jsonl"
+# Logit comparisons on the real model score every n-th eval conversation (~0.4 s each on 2
+# cores); tokenization is cheap and checks all of them.
+KLD_EVERY = 5
+
+# (stage, dtype) → bounds on llama.cpp vs transformers. max_abs: largest |logit difference|;
+# mean_kld: mean KL(transformers || llama.cpp) per position, in nats. llama.cpp runs with an f32
+# KV cache here so that only the export is measured: its default f16 cache alone moves logits by
+# up to ~0.08 on SmolLM2 (mean KLD ~1e-6), which would hide small export errors.
+TOLERANCES = {
+    ("export", "f32"): {"max_abs": 1e-3, "mean_kld": 1e-6},
+    ("export", "f16"): {"max_abs": 5e-2, "mean_kld": 1e-4},
+}
+
+# Digits after whitespace runs, indentation, unicode digits and spaces: where a tokenizer without
+# the digit-split step goes wrong (plain digit runs alone do not show it, SmolLM2 has no
+# multi-digit tokens).
+STRESS_TEXT = (
+    "1234567 apples, 3.14159 and 2,000,000.00$ on 2024-11-26T10:00\n"
+    "  12\n\t 3.14159   \n\n    def f(x):\n        return x**2  # ²³ ½ ٣٤ 十\n"
+    "café naïve 日本語 🚀🦙  \u00a0 \u2003x 0x1F\r\n   \n\n\n  7 ounces   (198 g)"
+)
+
+
+def _pydoc_text() -> str:
+    """Python's pydoc topics (~460 KB of technical English, code and indentation)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _compare(references: list[np.ndarray], others: list[np.ndarray]) -> dict[str, float]:
+    """max |Δlogit|, mean KL(reference || other) and top-1 agreement over all positions.
+
+    Sequence by sequence: float64 log-probs of a whole eval set at once would need gigabytes.
+    """
+    kld_sum, top1, n, max_abs = 0.0, 0, 0, 0.0
+    for ref, other in zip(references, others, strict=True):
+        p, q = _log_softmax(ref), _log_softmax(other)
+        kld_sum += float((np.exp(p) * (p - q)).sum())
+        top1 += int((ref.argmax(-1) == other.argmax(-1)).sum())
+        n += len(ref)
+        max_abs = max(max_abs, float(np.abs(ref - other).max()))
+    return {"max_abs": max_abs, "mean_kld": kld_sum / n, "top1": top1 / n}
+
+
+def _assert_within(measured: dict[str, float], case: str) -> None:
+    bounds = TOLERANCES["export", case]
+    assert all(measured[k] <= bound for k, bound in bounds.items()), (measured, bounds)
+
+
+def _hf_logits(model_dir: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0].numpy() for ids in token_lists]
+
+
+def _gguf_logits(gguf_file: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
+    runtime = LlamaCppRuntime(gguf_file, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    try:
+        return [runtime.logits(ids) for ids in token_lists]
+    finally:
+        runtime.close()
+
+
+# --- tiny random llama ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny_llama(root / kind, tokenizer, tied=kind == "tied") for kind in ("tied", "untied")}
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(tokenizer) -> list[list[int]]:
+    chat = [{"role": "user", "content": "Scale 3 eggs and 250 g flour to 7 servings."}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return [
+        tokenizer(text, add_special_tokens=False)["input_ids"][:200]
+        for text in (rendered, _pydoc_text()[:800])
+    ]
+
+
+def _expected_tensors(n_layers: int, tied: bool) -> set[str]:
+    per_block = (
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    )
+    names = {f"blk.{i}.{t}.weight" for i in range(n_layers) for t in per_block}
+    names |= {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
+    return names
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied"])
+def test_f32_export_gives_transformers_logits(
+    tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(tiny_models[kind], out, "f32")
+
+    reader = gguf.GGUFReader(out)
+    assert {t.name for t in reader.tensors} == _expected_tensors(2, tied=kind == "tied")
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
+    assert info["n_tensors"] == len(reader.tensors) and info["tensor_types"] == {
+        "F32": len(reader.tensors)
+    }
+
+    _assert_within(
+        _compare(_hf_logits(tiny_models[kind], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f32"
+    )
+
+
+def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
+    tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path
+) -> None:
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(tiny_models["tied"], out, "f16")
+
+    reader = gguf.GGUFReader(out)
+    for t in reader.tensors:
+        expected = gguf.GGMLQuantizationType.F32 if len(t.shape) == 1 else gguf.GGMLQuantizationType.F16
+        assert t.tensor_type == expected, t.name
+    assert reader.fields[gguf.Keys.General.FILE_TYPE].contents() == gguf.LlamaFileType.MOSTLY_F16
+    assert info["tensor_types"] == {"F16": 15, "F32": 5}
+
+    _assert_within(
+        _compare(_hf_logits(tiny_models["tied"], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f16"
+    )
+
+
+def test_without_rotary_permutation_logits_diverge(
+    tiny_models: dict[str, Path],
+    tiny_tokens: list[list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Guards the test above: the permutation is exercised, so dropping it must be caught."""
+    monkeypatch.setattr(export_gguf, "permute_rotary", lambda weights, n_head: weights)
+    out = tmp_path / "model.gguf"
+    export_gguf.write_gguf(tiny_models["tied"], out, "f32")
+    measured = _compare(
+        _hf_logits(tiny_models["tied"], tiny_tokens[:1]), _gguf_logits(out, tiny_tokens[:1])
+    )
+    assert measured["max_abs"] > 100 * TOLERANCES["export", "f32"]["max_abs"]
+
+
+def test_permute_rotary_interleaves_halves_per_head() -> None:
+    # 2 heads of dim 4: HF rows (a0 a1 | a2 a3) become llama.cpp pairs (a0 a2) (a1 a3).
+    rows = np.arange(8, dtype=np.float32)
+    assert export_gguf.permute_rotary(rows, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    weights = np.arange(16, dtype=np.float32).reshape(8, 2)
+    assert export_gguf.permute_rotary(weights, 2)[:, 0].tolist() == [0, 4, 2, 6, 8, 12, 10, 14]
+
+
+def test_export_stage_is_cached(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    first = export_gguf.export(tiny_models["tied"], tmp_path / "out", "f32")
+    assert not first.cached and (first.path / export_gguf.GGUF_FILE).is_file()
+    assert first.manifest["results"]["tokenizer_pre"] == "smollm"
+    again = export_gguf.export(tiny_models["tied"], tmp_path / "out", "f32")
+    assert again.cached and again.manifest["key"] == first.manifest["key"]
+
+
+def test_bad_outtype_is_a_config_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="outtype 'q4_k': expected one of f32, f16"):
+        export_gguf.export(tiny_models["tied"], tmp_path / "out", "q4_k")
+
+
+def test_export_supports_what_models_accepts() -> None:
+    assert set(export_gguf.ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def test_unsupported_architecture_is_a_model_error(tmp_path: Path) -> None:
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
+    with pytest.raises(ModelError, match=f"{folder}: unsupported architecture MistralForCausalLM"):
+        export_gguf.write_gguf(folder, tmp_path / "x.gguf")
+
+
+def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    # The unrepaired tokenizer transformers rebuilds from a GGUF: plain byte-level, no digit split.
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_models["tied"], folder)
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(
+        ModelError, match="unrecognised pre-tokenizer .*known llama.cpp pre-tokenizers: smollm"
+    ):
+        export_gguf.write_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# --- the real SmolLM2-135M-Instruct -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(smollm2_dir: Path, edgeft_cache: Path) -> Path:
+    out = export_gguf.export(smollm2_dir, edgeft_cache / "exports" / f"{smollm2_dir.name}-f32", "f32")
+    return out.path / export_gguf.GGUF_FILE
+
+
+@pytest.fixture(scope="module")
+def smollm2_runtime(smollm2_gguf: Path) -> Iterator[LlamaCppRuntime]:
+    runtime = LlamaCppRuntime(smollm2_gguf, n_threads=2, n_ctx=1024, kv_cache_type="f32")
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def chat_texts(tokenizer) -> list[str]:
+    """Eval conversations rendered with the chat template (or a few built-in ones if absent)."""
+    if EVAL_SET.is_file():
+        conversations = [
+            json.loads(line)["messages"] for line in EVAL_SET.read_text().splitlines() if line.strip()
+        ]
+    else:
+        conversations = [
+            [
+                {"role": "user", "content": "How many grams are 2.5 cups of flour at 120 g a cup?"},
+                {"role": "assistant", "content": "2.5 × 120 = 300 g."},
+            ],
+            [
+                {"role": "system", "content": "You are a chef."},
+                {"role": "user", "content": "Bake at 180°C for 25–30 min, or 350°F?"},
+            ],
+        ]
+    assert conversations
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+
+
+@pytest.mark.integration
+def test_smollm2_gguf_metadata_matches_the_shipped_gguf(smollm2_gguf: Path) -> None:
+    """The shipped GGUF was written by llama.cpp's converter: our tokenizer and hparams must match it."""
+    ours, shipped = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(builtin_gguf_path("smollm2-135m"))
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    T, L = gguf.Keys.Tokenizer, gguf.Keys.LLM
+    keys = [
+        T.MODEL,
+        T.PRE,
+        T.LIST,
+        T.TOKEN_TYPE,
+        T.MERGES,
+        T.BOS_ID,
+        T.EOS_ID,
+        T.UNK_ID,
+        T.PAD_ID,
+        T.ADD_BOS,
+        T.CHAT_TEMPLATE,
+        gguf.Keys.General.ARCHITECTURE,
+        *(
+            k.format(arch=arch)
+            for k in (
+                L.CONTEXT_LENGTH,
+                L.EMBEDDING_LENGTH,
+                L.BLOCK_COUNT,
+                L.FEED_FORWARD_LENGTH,
+                L.VOCAB_SIZE,
+            )
+        ),
+        *(
+            k.format(arch=arch)
+            for k in (
+                gguf.Keys.Attention.HEAD_COUNT,
+                gguf.Keys.Attention.HEAD_COUNT_KV,
+                gguf.Keys.Attention.LAYERNORM_RMS_EPS,
+                gguf.Keys.Rope.FREQ_BASE,
+                gguf.Keys.Rope.DIMENSION_COUNT,
+            )
+        ),
+    ]
+    for key in keys:
+        assert ours.fields[key].contents() == shipped.fields[key].contents(), key
+    assert ours.fields[T.PRE].contents() == "smollm"
+    shipped_tensors = {t.name: list(t.shape) for t in shipped.tensors}
+    assert {t.name: list(t.shape) for t in ours.tensors} == shipped_tensors
+
+
+@pytest.mark.integration
+def test_smollm2_tokenization_matches_transformers(
+    tokenizer, smollm2_runtime: LlamaCppRuntime, chat_texts: list[str]
+) -> None:
+    texts = [*chat_texts, STRESS_TEXT, _pydoc_text()]
+    mismatched = [
+        t
+        for t in texts
+        if smollm2_runtime.tokenize(t) != tokenizer(t, add_special_tokens=False)["input_ids"]
+    ]
+    assert not mismatched, (
+        f"{len(mismatched)}/{len(texts)} texts tokenized differently, first: {mismatched[0][:200]!r}"
+    )
+    # Chat-template special tokens are single control tokens in both.
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert smollm2_runtime.tokenize(token) == [tokenizer.convert_tokens_to_ids(token)]
+
+
+@pytest.mark.integration
+def test_smollm2_f32_gguf_matches_transformers(
+    smollm2_dir: Path, tokenizer, smollm2_runtime: LlamaCppRuntime, chat_texts: list[str]
+) -> None:
+    token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chat_texts[::KLD_EVERY]]
+    measured = _compare(
+        _hf_logits(smollm2_dir, token_lists), [smollm2_runtime.logits(ids) for ids in token_lists]
+    )
+    _assert_within(measured, "f32")
+    assert measured["top1"] >= 0.99, measured

@@ -1,0 +1,102 @@
+"""edgeft.models: resolving built-in names and local folders, materialising the default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeft.errors import ModelError
+from edgeft.models import BUILTIN_MODELS, resolve_model
+from edgeft.stage import read_manifest
+
+
+def _write_config(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+def _no_config(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+# case id → (builds the bad input under tmp_path, expected message fragment)
+BAD_FOLDERS = {
+    "nonexistent": (lambda tmp: tmp / "missing", "no such model folder"),
+    "no-config": (_no_config, "no config.json"),
+    "bad-json": (lambda tmp: _write_config(tmp / "bad", "{"), "config.json: not valid JSON"),
+    "gpt2": (
+        lambda tmp: _write_config(
+            tmp / "gpt2", '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}'
+        ),
+        "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM",
+    ),
+    "gpt2-no-architectures": (
+        lambda tmp: _write_config(tmp / "bare", '{"model_type": "gpt2"}'),
+        "unsupported architecture model_type 'gpt2'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_model_folder_names_the_path(tmp_path: Path, case: str) -> None:
+    make, expected = BAD_FOLDERS[case]
+    path = make(tmp_path)
+    with pytest.raises(ModelError, match=expected) as err:
+        resolve_model(str(path))
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_name_lists_builtin_models() -> None:
+    with pytest.raises(ModelError, match="built-in: smollm2-135m"):
+        resolve_model("smollm3-9000b")
+
+
+def test_local_llama_folder_is_returned_as_is(smollm2_dir: Path) -> None:
+    assert resolve_model(str(smollm2_dir)) == smollm2_dir
+
+
+def test_builtin_is_materialised_once(smollm2_dir: Path, edgeft_cache: Path) -> None:
+    assert smollm2_dir.parent == edgeft_cache / "models"
+    assert smollm2_dir.name.startswith("smollm2-135m-")
+    before = read_manifest(smollm2_dir)
+    assert before and before["stage"] == "materialise"
+    assert resolve_model("smollm2-135m") == smollm2_dir
+    assert read_manifest(smollm2_dir) == before  # a cache hit rewrites nothing
+
+
+def test_materialised_model_is_plain_fp32_llama(smollm2_dir: Path) -> None:
+    from safetensors import safe_open
+
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is True
+    with safe_open(smollm2_dir / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [49152, 576]
+
+
+def test_materialised_tokenizer_is_repaired_and_complete(smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    specials = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    assert specials == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
+    # Digits are split one by one, as in the original SmolLM2 tokenizer and llama.cpp's "smollm".
+    assert len(tok("2024", add_special_tokens=False)["input_ids"]) == 4
+    assert tok("hi", add_special_tokens=True)["input_ids"][0] != tok.bos_token_id  # no BOS added
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert GenerationConfig.from_pretrained(smollm2_dir).eos_token_id == specials["<|im_end|>"]
+
+
+def test_builtin_table_names_are_lowercase() -> None:
+    assert all(name == name.lower() and " " not in name for name in BUILTIN_MODELS)
