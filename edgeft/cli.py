@@ -56,59 +56,81 @@ def cli() -> None:
     _quiet_libraries()
 
 
+_gate_option = click.option(
+    "--gate", "gate_flags", multiple=True, metavar="NAME=VALUE",
+    help="quality gate on top of [gates], e.g. --gate max_kld=0.1 (repeatable)",
+)
+_compare_option = click.option(
+    "--compare-to", type=click.Path(path_type=Path), help="an older report.json: fail on regressions beyond the measured spread"
+)
+
+
 @cli.command()
-@click.option("--target", "target_name", default="gguf-q4", show_default=True, help="build target (see `edgeft targets`)")
+@click.option("--target", "target_spec", default="gguf-q4", show_default=True,
+              help="build target(s), comma-separated, e.g. gguf-q8,gguf-q4 (see `edgeft targets`)")
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml build config")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True)
 @click.option("--model", help="override the config's model (builtin name or local HF folder)")
-@click.option("--dry-run", is_flag=True, help="print the resolved config and target, do nothing")
-def build(target_name: str, config: Path | None, out_dir: Path, model: str | None, dry_run: bool) -> None:
+@_gate_option
+@_compare_option
+@click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
+def build(target_spec: str, config: Path | None, out_dir: Path, model: str | None, gate_flags: tuple[str, ...],
+          compare_to: Path | None, dry_run: bool) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
     with _user_errors():
+        from .bench.gates import parse_gate_flags
         from .config import config_as_dict
         from .pipeline import build as run_build
-        from .targets import get_target
+        from .targets import parse_target_list
 
         cfg = _load_cfg(config, model)
-        target = get_target(target_name)
+        cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
+        targets = parse_target_list(target_spec)
         if dry_run:
-            click.echo(json.dumps({"target": target.__dict__, "out": str(out_dir), "config": config_as_dict(cfg)}, indent=2))
+            shown = {"targets": [t.__dict__ for t in targets], "out": str(out_dir), "config": config_as_dict(cfg)}
+            click.echo(json.dumps(shown, indent=2))
             return
-        from .progress import stage_printer, rich_progress
+        from .progress import rich_progress, stage_printer
 
         with rich_progress() as progress:
-            result = run_build(cfg, target, out_dir, on_stage=stage_printer(), progress=progress)
-        _print_summary(result.report, out_dir)
-        failed = [g for g in result.report["gates"] if not g["passed"]]
-        if failed:
-            names = ", ".join(f"{g['name']} (limit {g['limit']:.4g}, got {g['value']})" for g in failed)
-            click.echo(f"edgeft: gate failed: {names}", err=True)
-            sys.exit(1)
+            result = run_build(cfg, targets, out_dir, on_stage=stage_printer(), progress=progress, compare_to=compare_to)
+        _finish(result.report, out_dir)
+
+
+def _finish(report: dict, out_dir: Path) -> None:
+    """Print the summary table; exit 1 naming each failed gate or regression."""
+    _print_summary(report, out_dir)
+    failed = [f"{t['target']}: {g['name']} (limit {g['limit']}, got {g['value']})"
+              for t in report["targets"] for g in t["gates"] if not g["passed"]]
+    failed += [f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g})" for r in report.get("regressions", [])]
+    if failed:
+        click.echo(f"edgeft: gate failed: {'; '.join(failed)}", err=True)
+        sys.exit(1)
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    f, lat, art = report["fidelity"], report["latency"], report["artifact"]
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    table = Table(title=f"{report['target']} ({art['quant']}) — {'PASSED' if report['passed'] else 'FAILED'}")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    rows = [
-        ("size", f"{art['size_bytes'] / 1e6:.1f} MB (fp32 {report['reference']['size_bytes'] / 1e6:.0f} MB)"),
-        ("task accuracy base / fine-tuned / artifact",
-         f"{pct(f['task_accuracy_base'])} / {pct(f['task_accuracy_reference'])} / {pct(f['task_accuracy_artifact'])}"),
-        ("mean KLD vs fine-tuned fp32", f"{f['kl_divergence_mean']:.4f}"),
-        ("top-1 agreement", pct(f["top1_agreement"])),
-        ("perplexity ref → artifact", f"{f['perplexity_reference']:.3f} → {f['perplexity_artifact']:.3f} ({f['perplexity_delta_pct']:+.1f}%)"),
-        (f"decode tok/s artifact vs fp32 torch ({lat['threads']} threads)",
-         f"{lat['decode_tok_s']:.1f} vs {lat['reference_decode_tok_s']:.1f} ({lat['speedup']:.1f}×)"),
-    ]
-    for row in rows:
-        table.add_row(*row)
-    Console(stderr=False).print(table)
-    click.echo(f"report: {out_dir / 'report.md'}")
+    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned fp32 reference)")
+    for col in ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "decode tok/s", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    speed = {t["target"]: t for t in report["targets"]}
+    ref_perf = report["reference"]["performance"]
+    for r in report["ladder"]:
+        t = speed.get(r["stage"])
+        if t:
+            tok_s, rss = f"{t['latency']['decode_tok_s']:.1f} ({t['latency']['speedup']:.1f}×)", f"{t['memory']['peak_rss_bytes'] / 1e6:.0f}"
+        elif r["stage"].startswith("reference"):
+            tok_s, rss = f"{ref_perf['latency']['decode_tok_s']['median']:.1f}", f"{ref_perf['peak_rss_bytes'] / 1e6:.0f}"
+        else:
+            tok_s, rss = "", ""
+        size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
+        table.add_row(r["stage"], size, f"{r['kl_divergence_mean']:.4f}", pct(r["top1_agreement"]),
+                      f"{r['perplexity_delta_pct']:+.1f}%", pct(r["task_accuracy_artifact"]), tok_s, rss)
+    Console().print(table)
+    click.echo(f"threads: {report['latency']['threads']} · report: {out_dir / 'report.md'}")
 
 
 @cli.command()
@@ -185,45 +207,39 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 
 
 @cli.command()
-@click.option("--artifact", type=click.Path(path_type=Path), required=True, help="a .gguf file or a folder holding model.gguf")
-@click.option("--reference", "reference_dir", type=click.Path(path_type=Path), required=True, help="fp32 HF folder (the merged model)")
-@click.option("--base", "base_model", help="base model for base task accuracy (builtin name or HF folder)")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="held-out chat JSONL with answers")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), help="an `edgeft build --out` folder: bench its --target artifacts")
+@click.option("--target", "target_spec", help="with --build: target(s), comma-separated (default: every built one)")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(path_type=Path), help="a .gguf file or a folder with model.gguf (repeatable)")
+@click.option("--reference", "reference_dir", type=click.Path(path_type=Path),
+              help="a stored reference folder (no torch needed) or the fp32 HF folder of the fine-tuned model")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="held-out chat JSONL with answers (with an HF --reference)")
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml for [bench], [gates], [data].eval")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
 @click.option("--threads", type=int, help="threads for every runtime (default: [bench].threads or all cores)")
-def bench(artifact: Path, reference_dir: Path, base_model: str | None, eval_file: Path | None,
-          config: Path | None, out_dir: Path, threads: int | None) -> None:
-    """Measure an artifact against the fp32 reference; writes report.json and report.md."""
+@_gate_option
+@_compare_option
+def bench(build_dir: Path | None, target_spec: str | None, artifacts: tuple[Path, ...], reference_dir: Path | None,
+          eval_file: Path | None, config: Path | None, out_dir: Path, threads: int | None,
+          gate_flags: tuple[str, ...], compare_to: Path | None) -> None:
+    """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
+
+    On a device: copy the build's `reference/` folder and the .gguf files, then
+    `edgeft bench --artifact model.gguf --reference reference/` (needs no torch).
+    """
     with _user_errors():
-        from .bench.run import bench as run_bench, judge
-        from .errors import ConfigError
-        from .models import resolve_model
-        from .progress import rich_progress
-        from .quantize.gguf import describe
-        from .report import write_reports
+        from .bench.gates import parse_gate_flags
+        from .pipeline import bench_artifacts
 
         cfg = _load_cfg(config, None)
         if threads is not None:
             cfg.bench.threads = threads
-        eval_path = eval_file or cfg.data.eval
-        if eval_path is None:
-            raise ConfigError("--eval: a held-out JSONL with answers is required (or [data].eval in --config)")
-        gguf = artifact / "model.gguf" if artifact.is_dir() else artifact
-        if not gguf.is_file():
-            raise ConfigError(f"--artifact {artifact}: no GGUF file there")
-        reference = resolve_model(str(reference_dir))
-        base = resolve_model(base_model) if base_model else None
-        info = describe(gguf)
+        cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
+        from .progress import rich_progress
+
         with rich_progress() as progress:
-            out = run_bench(target=gguf.parent.name, quant="+".join(info["tensor_types"]), artifact=gguf,
-                            reference_dir=reference, base_dir=base, eval_file=eval_path, out_dir=out_dir / "measurements",
-                            cfg=cfg.bench, tensor_types=info["tensor_types"], progress=progress)
-        report = judge(dict(out.manifest["results"]["report"]), cfg.gates)
-        write_reports(report, out_dir)
-        _print_summary(report, out_dir)
-        if not report["passed"]:
-            sys.exit(1)
+            report = bench_artifacts(cfg, out_dir, build_dir=build_dir, target_spec=target_spec, artifacts=list(artifacts),
+                                       reference_dir=reference_dir, eval_file=eval_file, compare_to=compare_to, progress=progress)
+        _finish(report, out_dir)
 
 
 @cli.command()

@@ -76,11 +76,15 @@ class BenchConfig:
     threads: int = _help("threads for every runtime, so speeds compare (0: all cores)", 0)
     max_eval: int = _help("use at most this many held-out examples (0: all)", 0)
     max_new_tokens: int = _help("generation budget per held-out question", 48)
-    decode_tokens: int = _help("tokens generated per latency repetition", 64)
-    repeats: int = _help("latency repetitions after one warm-up; the median is reported", 3)
+    prompt_tokens: int = _help("prompt length for time-to-first-token and prefill speed", 512)
+    decode_tokens: int = _help("tokens generated per latency repetition", 128)
+    repeats: int = _help("latency repetitions after one warm-up; median and min/max are reported", 5)
+    top_k: int = _help("reference log-probs kept per position; KLD uses these k tokens + the tail", 64)
+    golden: int = _help("held-out questions shown side by side (reference vs artifact) as golden prompts", 3)
+    ladder_export: bool = _help("also measure the unquantized f32 export (separates conversion from quantization loss)", True)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "decode_tokens", "repeats"):
+        for name in ("max_new_tokens", "prompt_tokens", "decode_tokens", "repeats", "top_k"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[bench].{name}: expected a positive number, got {getattr(self, name)!r}")
 
@@ -93,8 +97,11 @@ class GatesConfig:
     min_top1: float | None = _help("min top-1 token agreement with the reference (0-1)", None)
     max_ppl_delta_pct: float | None = _help("max perplexity increase over the reference, percent", None)
     min_task_accuracy_ratio: float | None = _help("min artifact task accuracy / reference task accuracy", None)
-    min_decode_tok_s: float | None = _help("min artifact decode tokens/s on this machine", None)
+    min_decode_tok_s: float | None = _help("min artifact decode tokens/s on this machine (median)", None)
+    max_peak_rss_mb: float | None = _help("max peak resident memory of the artifact's runtime process, MB", None)
     max_size_mb: float | None = _help("max artifact size in MB (10^6 bytes)", None)
+    golden_must_stop: bool | None = _help("every golden prompt's answer must end on a stop token", None)
+    golden_must_be_correct: bool | None = _help("every golden prompt's answer must be correct", None)
 
 
 @dataclass

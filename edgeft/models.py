@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .stage import cache_root, cached, sha256_file, stage_key, staged_dir
+from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
 
 # Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -116,7 +116,20 @@ def _gguf_digest(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
+def model_stage(name_or_path: str | Path) -> StageOutput:
+    """:func:`resolve_model` as a stage result: ``cached`` is False only when a built-in model was
+    materialised by this call (a local folder is used in place, so it counts as cached)."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return _materialise_stage(name, BUILTIN_MODELS[name])
+    return StageOutput(resolve_model(name), True)
+
+
 def _materialise(name: str, spec: BuiltinModel) -> Path:
+    return _materialise_stage(name, spec).path
+
+
+def _materialise_stage(name: str, spec: BuiltinModel) -> StageOutput:
     """Turn a built-in GGUF into an fp32 HF folder once; later calls hit the stage cache."""
     gguf_path = builtin_gguf_path(name)
     st = gguf_path.stat()
@@ -124,11 +137,11 @@ def _materialise(name: str, spec: BuiltinModel) -> Path:
     params = {"format": MATERIALISE_FORMAT, "gguf_file": spec.gguf_file}
     key = stage_key("materialise", inputs, params)
     final = cache_root() / "models" / f"{name}-{key[:12]}"
-    if cached(final, key):
-        return final
+    if hit := cached(final, key):
+        return hit
     with staged_dir(final, "materialise", key, inputs, params) as (tmp, results):
         results.update(_gguf_to_hf(gguf_path, tmp, spec))
-    return final
+    return StageOutput(final, False)
 
 
 def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any]:

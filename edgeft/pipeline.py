@@ -1,23 +1,26 @@
-"""`edgeft build`: the stage graph from a config and a target, with caching and gates.
+"""`edgeft build` and `edgeft bench`: the stage graph, caching, the report and its gates.
 
-    model ─ train ─ merge ─ export (f32) ─ quantize ─ bench ─ report
+    model ─ train ─ merge ─┬─ reference (torch: stored top-k log-probs, answers, speed)
+                           ├─ export f32 ─┬─ quantize (per target) ─ bench (per target, no torch)
+                           │              └─ bench (the f32 export: conversion loss alone)
+    base model ────────────┴─ bench-base (how far fine-tuning moved the model)
 
 Each stage writes ``OUT/<stage dir>/`` with a manifest whose key hashes its inputs and parameters;
-a stage whose key is unchanged is skipped, so a second build with nothing changed does no work and a
-changed parameter re-runs only the stages downstream of it. The final report lands in ``OUT/``.
+an unchanged key is a cache hit, so a second build with nothing changed does no work and a changed
+parameter re-runs only the stages downstream of it. Reports land in ``OUT/``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench.run import Progress, _no_progress, bench, judge
-from .config import BuildConfig
+from .bench.run import Progress, _no_progress
+from .config import BenchConfig, BuildConfig, GatesConfig
 from .errors import ConfigError
-from .report import write_reports
 from .stage import StageOutput
 from .targets import Target
 
@@ -59,7 +62,6 @@ def check_inputs(cfg: BuildConfig) -> None:
 
     if cfg.model not in BUILTIN_MODELS:
         resolve_model(cfg.model)  # a local folder: validated now, cheaply (built-ins materialise later)
-
     if cfg.data.train is None:
         raise ConfigError(f"{cfg.source or 'config'}: [data].train: a training dataset is required")
     if cfg.data.eval is None:
@@ -70,50 +72,179 @@ def check_inputs(cfg: BuildConfig) -> None:
 
 def build(
     cfg: BuildConfig,
-    target: Target,
+    targets: list[Target],
     out_dir: Path,
     *,
     on_stage: StageCallback | None = None,
     progress: Progress = _no_progress,
+    compare_to: Path | None = None,
 ) -> BuildResult:
+    from .bench.run import bench, bench_base, reference
     from .export.gguf import export
     from .merge import merge
-    from .models import resolve_model
+    from .models import model_stage
     from .quantize.gguf import quantize
     from .quantize.gguf_types import UNQUANTIZED
     from .train import train
 
     check_inputs(cfg)
+    old = _read_old_report(compare_to)
     out_dir = Path(out_dir)
     stages = _Stages(on_stage)
+    bcfg = cfg.bench
 
-    base_dir = stages.run("model", lambda: resolve_model(cfg.model))
+    base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
     adapter = stages.run("train", lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train))
     merged = stages.run("merge", lambda: merge(base_dir, adapter.path, out_dir / "merged"))
-    if target.needs_quantize:
-        exported = stages.run("export", lambda: export(merged.path, out_dir / "gguf-f32", "f32"))
-        artifact = stages.run(
-            "quantize", lambda: quantize(exported.path, out_dir / target.name, target.quant, cfg.bench.threads)
-        )
-        tensor_types = artifact.manifest["results"]["tensor_types"]
-    else:
-        outtype = UNQUANTIZED[target.quant]
-        artifact = stages.run("export", lambda: export(merged.path, out_dir / target.name, outtype))
-        tensor_types = None
-    artifact_file = artifact.path / "model.gguf"
-    measured = stages.run(
-        "bench",
-        lambda: bench(
-            target=target.name, quant=target.quant, artifact=artifact_file, reference_dir=merged.path,
-            base_dir=base_dir, eval_file=cfg.data.eval, out_dir=out_dir / f"bench-{target.name}",
-            cfg=cfg.bench, tensor_types=tensor_types, progress=progress,
-        ),
-    )
-    report = judge(dict(measured.manifest["results"]["report"]), cfg.gates)
-    if tensor_types is None:
-        from .quantize.gguf import tensor_type_counts
+    ref = stages.run("reference", lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress))
+    base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
 
-        report["artifact"]["tensor_types"] = tensor_type_counts(artifact_file)
-    report["stages"] = stages.log
-    write_reports(report, out_dir)
+    exported = None
+    if bcfg.ladder_export or any(t.needs_quantize for t in targets):
+        exported = stages.run("export", lambda: export(merged.path, out_dir / "gguf-f32", "f32"))
+    artifacts: list[tuple[Target, Path]] = []
+    for t in targets:
+        if t.needs_quantize:
+            art = stages.run(f"quantize {t.name}", lambda t=t: quantize(exported.path, out_dir / t.name, t.quant, bcfg.threads))
+        elif t.quant == "F32" and exported is not None:
+            art = exported
+        else:
+            art = stages.run(f"export {t.name}", lambda t=t: export(merged.path, out_dir / t.name, UNQUANTIZED[t.quant]))
+        artifacts.append((t, art.path / "model.gguf"))
+
+    export_row = None
+    if bcfg.ladder_export and exported is not None:
+        export_row = stages.run(
+            "bench gguf-f32", lambda: bench(exported.path / "model.gguf", ref.path, out_dir / "bench-gguf-f32", bcfg, progress)
+        ).manifest["results"]
+    measured = [
+        (t.name, t.quant, stages.run(f"bench {t.name}", lambda t=t, p=p: bench(p, ref.path, out_dir / f"bench-{t.name}", bcfg, progress)).manifest["results"])
+        for t, p in artifacts
+    ]
+    report = finish_report(
+        measured, ref.path, bcfg, cfg.gates, out_dir,
+        base_results=base.manifest["results"], export_results=export_row, old_report=old, stages=stages.log,
+    )
     return BuildResult(report, out_dir, stages.log)
+
+
+def _read_old_report(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--compare-to {path}: report not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--compare-to {path}: not a readable report.json ({e})") from None
+
+
+def finish_report(
+    measured: list[tuple[str, str, dict[str, Any]]],
+    ref_dir: Path,
+    bcfg: BenchConfig,
+    gates: GatesConfig,
+    out_dir: Path,
+    *,
+    base_results: dict[str, Any] | None = None,
+    export_results: dict[str, Any] | None = None,
+    old_report: dict[str, Any] | None = None,
+    stages: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Targets' measurements + stored reference → judged report, written to ``out_dir``."""
+    from .bench import reference as stored_reference
+    from .bench.gates import evaluate_gates, regressions
+    from .bench.run import reference_row
+    from .report import assemble, ladder_row, target_entry, write_reports
+
+    ref_meta = stored_reference.load(ref_dir).meta
+    base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
+    entries = []
+    for name, quant, results in measured:
+        entry = target_entry(name, quant, results, ref_meta, base_acc, bcfg.golden)
+        entry["gates"] = evaluate_gates(entry, gates)
+        entry["passed"] = all(g["passed"] for g in entry["gates"])
+        entries.append(entry)
+
+    ladder = []
+    if base_results:
+        ladder.append(ladder_row("base (not fine-tuned)", "torch", base_results["fidelity"], None, "fp32"))
+    ladder.append(ladder_row("reference (fine-tuned, merged)", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
+    if export_results:
+        ladder.append(ladder_row("export gguf-f32", "llama.cpp", export_results["fidelity"], export_results["artifact"]["size_bytes"], "F32"))
+    for e in entries:
+        ladder.append(ladder_row(e["target"], "llama.cpp", e["fidelity"], e["artifact"]["size_bytes"], e["artifact"]["quant"]))
+
+    report = assemble(entries, ref_dir, ref_meta, ladder, measured[0][2]["machine"])
+    report["gates"] = entries[0]["gates"]
+    if old_report is not None:
+        report["regressions"] = regressions(report, old_report)
+    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
+    report["stages"] = stages or []
+    write_reports(report, out_dir)
+    return report
+
+
+def bench_artifacts(
+    cfg: BuildConfig,
+    out_dir: Path,
+    *,
+    build_dir: Path | None = None,
+    target_spec: str | None = None,
+    artifacts: list[Path] | None = None,
+    reference_dir: Path | None = None,
+    eval_file: Path | None = None,
+    compare_to: Path | None = None,
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """`edgeft bench`: artifacts of a build (``build_dir`` + targets) or given files, one report.
+
+    With a stored reference folder nothing here imports torch; with an fp32 HF folder as
+    reference, the reference stage runs first (torch) and is stored under ``out_dir/reference``.
+    """
+    from .bench import reference as stored_reference
+    from .bench.run import bench, reference
+    from .quantize.gguf import describe
+    from .stage import read_manifest
+    from .targets import parse_target_list
+
+    old = _read_old_report(compare_to)
+    out_dir = Path(out_dir)
+    stages = _Stages(None)
+    chosen: list[tuple[str, Path]] = []
+    base_results = export_results = None
+    if build_dir is not None:
+        build_dir = Path(build_dir)
+        reference_dir = reference_dir or build_dir / "reference"
+        names = [t.name for t in parse_target_list(target_spec)] if target_spec else sorted(
+            p.parent.name for p in build_dir.glob("*/model.gguf") if p.parent.name != "gguf-f32")
+        for name in names:
+            path = build_dir / name / "model.gguf"
+            if not path.is_file():
+                raise ConfigError(f"--target {name}: {path} not found; run `edgeft build --target {name} --out {build_dir}` first")
+            chosen.append((name, path))
+        base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
+        export_results = (read_manifest(build_dir / "bench-gguf-f32") or {}).get("results")
+    for a in artifacts or []:
+        path = Path(a) / "model.gguf" if Path(a).is_dir() else Path(a)
+        if not path.is_file():
+            raise ConfigError(f"--artifact {a}: no GGUF file there")
+        chosen.append((path.parent.name if path.name == "model.gguf" else path.stem, path))
+    if not chosen:
+        raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
+    if reference_dir is None:
+        raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
+    if not stored_reference.is_stored_reference(reference_dir):
+        from .models import resolve_model
+
+        eval_path = eval_file or cfg.data.eval
+        if eval_path is None:
+            raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
+        hf = resolve_model(str(reference_dir))
+        reference_dir = stages.run("reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)).path
+    measured = []
+    for name, path in chosen:
+        results = stages.run(f"bench {name}", lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress))
+        measured.append((name, describe(path)["file_type"], results.manifest["results"]))
+    return finish_report(measured, Path(reference_dir), cfg.bench, cfg.gates, out_dir, base_results=base_results,
+                         export_results=export_results, old_report=old, stages=stages.log)

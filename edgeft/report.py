@@ -1,16 +1,24 @@
-"""report.json (the contract CI and other tools read) and report.md (for people).
+"""report.json (the contract CI and other tools read), report.md, junit.xml and the plot.
 
-report.json, schema_version 1 — keys other tools may rely on:
+report.json, ``schema_version`` 2 (version 1 keys are all still there, same meaning):
 
-* ``target``; ``passed`` (all gates passed)
-* ``artifact.{path, format, quant, size_bytes, sha256, tensor_types}``
-* ``reference.{path, size_bytes, dtype}``
-* ``fidelity.{perplexity_reference, perplexity_artifact, perplexity_delta_pct, kl_divergence_mean,
-  kl_divergence_p99, top1_agreement, task_accuracy_base, task_accuracy_reference,
-  task_accuracy_artifact}`` (accuracies and agreement as fractions 0–1)
-* ``latency.{threads, decode_tok_s, reference_decode_tok_s, speedup}`` (medians; the spreads are
-  under ``latency.artifact`` and ``latency.reference``)
-* ``gates``: list of ``{name, limit, value, passed}``; ``stages``: wall seconds and cache hits.
+* ``target``, ``artifact``, ``fidelity``, ``latency``, ``memory``, ``roofline``, ``golden``,
+  ``gates`` — the *first* target's entry, so one-target consumers need not look further;
+* ``passed`` — every gate of every target passed (and no ``--compare-to`` regression);
+* ``targets`` — one entry per target, each with the keys above plus ``passed``;
+* ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``,
+  ``reference``, ``export-f32`` and each target;
+* ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
+* ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``.
+
+Per entry: ``artifact.{path, format, quant, size_bytes, sha256, tensor_types}``;
+``fidelity.{kl_divergence_mean, kl_divergence_p99, kl_divergence_se, top1_agreement,
+perplexity_reference(_err), perplexity_artifact(_err), perplexity_delta_pct, task_accuracy_base,
+task_accuracy_reference, task_accuracy_artifact, artifact_stop_rate}`` (fractions 0–1);
+``latency.{threads, decode_tok_s, reference_decode_tok_s, speedup, prefill_tok_s, ttft_ms}``
+(medians) with the full spreads under ``latency.artifact`` / ``latency.reference``;
+``memory.{peak_rss_bytes, load_s, reference_peak_rss_bytes}``;
+``roofline.{read_bandwidth_gb_s, bytes_per_token, decode_tok_s_ceiling_projected, fraction}``.
 """
 
 from __future__ import annotations
@@ -19,6 +27,85 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree as ET
+
+from . import __version__
+
+SCHEMA_VERSION = 2
+
+
+def target_entry(target: str, quant: str, measured: dict[str, Any], ref_meta: dict[str, Any],
+                 base_accuracy: float | None, golden: int) -> dict[str, Any]:
+    """One target's report entry from its bench results and the stored reference."""
+    perf, ref_perf = measured["performance"], ref_meta["performance"]
+    lat, ref_lat = perf["latency"], ref_perf["latency"]
+    fidelity = dict(measured["fidelity"], task_accuracy_base=base_accuracy)
+    examples = ref_meta["examples"]
+    golden_rows = [
+        {
+            "question": ex["messages"][-2]["content"],
+            "expected": ex["messages"][-1]["content"],
+            "reference": ref["reply"],
+            "reference_correct": ref["correct"],
+            "artifact": art["reply"],
+            "artifact_correct": art["correct"],
+            "artifact_stopped": art["stopped"],
+        }
+        for ex, ref, art in list(zip(examples, ref_meta["answers"], measured["answers"]))[:golden]
+    ]
+    return {
+        "target": target,
+        "artifact": dict(measured["artifact"], quant=quant),
+        "fidelity": fidelity,
+        "latency": {
+            "threads": lat["threads"],
+            "decode_tok_s": lat["decode_tok_s"]["median"],
+            "reference_decode_tok_s": ref_lat["decode_tok_s"]["median"],
+            "speedup": lat["decode_tok_s"]["median"] / ref_lat["decode_tok_s"]["median"],
+            "prefill_tok_s": lat["prefill_tok_s"]["median"],
+            "ttft_ms": lat["ttft_ms"]["median"],
+            "artifact": lat,
+            "reference": ref_lat,
+        },
+        "memory": {
+            "peak_rss_bytes": perf["peak_rss_bytes"],
+            "load_s": perf["load_s"],
+            "reference_peak_rss_bytes": ref_perf["peak_rss_bytes"],
+            "reference_load_s": ref_perf["load_s"],
+        },
+        "roofline": measured["roofline"],
+        "golden": golden_rows,
+        "answers": measured["answers"],
+    }
+
+
+def assemble(entries: list[dict[str, Any]], ref_dir: Path, ref_meta: dict[str, Any], ladder: list[dict[str, Any]],
+             machine: dict[str, Any]) -> dict[str, Any]:
+    first = entries[0]
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "edgeft_version": __version__,
+        **{k: first[k] for k in ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")},
+        "reference": {
+            "path": ref_meta["model"], "stored": str(ref_dir), "size_bytes": ref_meta["model_size_bytes"],
+            "dtype": "float32", "top_k": ref_meta["top_k"], "task_accuracy": ref_meta["task_accuracy"],
+            "perplexity": ref_meta["perplexity"], "performance": ref_meta["performance"],
+        },
+        "targets": entries,
+        "ladder": ladder,
+        "eval": {"file": ref_meta["eval_file"], "examples": len(ref_meta["examples"]), "scored_positions": ref_meta["positions"]},
+        "machine": machine,
+    }
+    return report
+
+
+def ladder_row(stage: str, runtime: str, fidelity: dict[str, Any], size_bytes: int | None, quant: str) -> dict[str, Any]:
+    keys = ("kl_divergence_mean", "kl_divergence_p99", "top1_agreement", "perplexity_artifact",
+            "perplexity_artifact_err", "perplexity_delta_pct", "task_accuracy_artifact")
+    return {"stage": stage, "runtime": runtime, "quant": quant, "size_bytes": size_bytes, **{k: fidelity.get(k) for k in keys}}
+
+
+# ---------------------------------------------------------------------------------------------- md
 
 
 def _pct(x: float | None) -> str:
@@ -29,59 +116,74 @@ def _spread(s: dict[str, float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}–{fmt.format(s['max'])}]"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    f, lat, art = report["fidelity"], report["latency"], report["artifact"]
-    types = ", ".join(f"{k}×{v}" for k, v in art.get("tensor_types", {}).items()) or "n/a"
+    ref = report["reference"]
+    ref_lat = ref["performance"]["latency"]
     lines = [
-        f"# edgeft report — {report['target']} ({art['quant']})",
+        f"# edgeft report — {', '.join(t['target'] for t in report['targets'])}",
         "",
-        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · artifact `{art['path']}` · "
-        f"{art['size_bytes'] / 1e6:.1f} MB (reference {report['reference']['size_bytes'] / 1e6:.1f} MB fp32)",
+        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference `{ref['path']}` "
+        f"({ref['size_bytes'] / 1e6:.0f} MB fp32) · {report['eval']['examples']} held-out questions, "
+        f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
         "",
-        f"Tensor types actually written: {types}",
+        "## Fidelity ladder (each stage vs the fine-tuned fp32 reference)",
         "",
-        "## Task accuracy on held-out questions",
-        "",
-        "| model | accuracy |",
-        "|---|---:|",
-        f"| base (not fine-tuned, fp32) | {_pct(f.get('task_accuracy_base'))} |",
-        f"| fine-tuned reference (fp32, torch) | {_pct(f['task_accuracy_reference'])} |",
-        f"| artifact ({art['quant']}, llama.cpp) | {_pct(f['task_accuracy_artifact'])} |",
-        "",
-        f"Artifact answers that ended on a stop token: {_pct(f.get('artifact_stop_rate'))}.",
-        "",
-        f"## Fidelity vs the fine-tuned reference ({f['positions']} reply tokens)",
-        "",
-        "| metric | value |",
-        "|---|---:|",
-        f"| mean KL divergence | {f['kl_divergence_mean']:.5f} |",
-        f"| 99th percentile KL divergence | {f['kl_divergence_p99']:.5f} |",
-        f"| top-1 agreement | {_pct(f['top1_agreement'])} |",
-        f"| perplexity reference | {f['perplexity_reference']:.4f} ± {f['perplexity_reference_err']:.4f} |",
-        f"| perplexity artifact | {f['perplexity_artifact']:.4f} ± {f['perplexity_artifact_err']:.4f} |",
-        f"| perplexity delta | {f['perplexity_delta_pct']:+.2f}% |",
-        "",
-        f"## Speed ({lat['threads']} threads, median [min–max] of {lat['artifact']['repeats']})",
-        "",
-        "| runtime | decode tok/s | time to first token ms |",
-        "|---|---:|---:|",
-        f"| reference ({lat['reference']['runtime_version']}) | {_spread(lat['reference']['decode_tok_s'])} | "
-        f"{_spread(lat['reference']['ttft_ms'], '{:.0f}')} |",
-        f"| artifact ({lat['artifact']['runtime_version']}) | {_spread(lat['artifact']['decode_tok_s'])} | "
-        f"{_spread(lat['artifact']['ttft_ms'], '{:.0f}')} |",
-        "",
-        f"Artifact decode is {lat['speedup']:.1f}× the fp32 reference.",
+        "| stage | runtime | type | MB | mean KLD | p99 KLD | top-1 | perplexity | Δppl | task acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    if report.get("gates"):
-        lines += ["", "## Gates", "", "| gate | limit | value | result |", "|---|---:|---:|---|"]
-        for g in report["gates"]:
-            value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
-            lines.append(f"| {g['description']} ({g['name']}) | {g['limit']:.4g} | {value} | {'pass' if g['passed'] else '**FAIL**'} |")
-    if report.get("samples"):
-        lines += ["", "## Sample answers", "", "| question | expected | reference | artifact |", "|---|---|---|---|"]
-        for s in report["samples"]:
-            cells = [s[k].replace("|", "\\|").replace("\n", " ") for k in ("question", "expected", "reference", "artifact")]
-            lines.append("| " + " | ".join(cells) + " |")
+    for r in report["ladder"]:
+        size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
+        lines.append(
+            f"| {r['stage']} | {r['runtime']} | {r['quant']} | {size} | {r['kl_divergence_mean']:.5f} | "
+            f"{r['kl_divergence_p99']:.4f} | {_pct(r['top1_agreement'])} | {r['perplexity_artifact']:.3f} ± "
+            f"{r['perplexity_artifact_err']:.3f} | {r['perplexity_delta_pct']:+.1f}% | {_pct(r['task_accuracy_artifact'])} |"
+        )
+    lines += [
+        "",
+        f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] of {ref_lat['repeats']} after a warm-up; "
+        f"{ref_lat['prompt_tokens']}-token prompt, {ref_lat['decode_tokens']} decoded tokens)",
+        "",
+        "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| reference fp32 | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
+        f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
+    ]
+    for t in report["targets"]:
+        lat, mem, roof = t["latency"], t["memory"], t["roofline"]
+        a = lat["artifact"]
+        lines.append(
+            f"| {t['target']} ({t['artifact']['quant']}) | llama.cpp {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
+            f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
+        )
+    bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
+    lines += ["", f"Roofline: decode tok/s as a fraction of measured read bandwidth ({_spread(bw)} GB/s) ÷ weight bytes "
+              "read per token (a projected ceiling, not a measurement)."]
+    for t in report["targets"]:
+        types = ", ".join(f"{k}×{v}" for k, v in t["artifact"].get("tensor_types", {}).items())
+        lines += ["", f"## {t['target']} — {'passed' if t.get('passed') else '**FAILED**'}", "",
+                  f"`{t['artifact']['path']}` · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+                  f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}"]
+        if t.get("gates"):
+            lines += ["", "| gate | limit | value | result |", "|---|---:|---:|---|"]
+            for g in t["gates"]:
+                value = "n/a" if g["value"] is None else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
+                lines.append(f"| {g['description']} ({g['name']}) | {g['limit']} | {value} | {'pass' if g['passed'] else '**FAIL**'} |")
+        if t.get("golden"):
+            lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
+            for g in t["golden"]:
+                mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
+                lines.append(f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
+                             f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |")
+    if report.get("regressions"):
+        lines += ["", "## Regressions against the previous report", "", "| target | metric | old | new | allowed |", "|---|---|---:|---:|---:|"]
+        for r in report["regressions"]:
+            lines.append(f"| {r['target']} | {r['metric']} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |")
     if report.get("stages"):
         lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
         for s in report["stages"]:
@@ -89,19 +191,70 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write report.json and report.md; append the markdown to $GITHUB_STEP_SUMMARY when set."""
+# ------------------------------------------------------------------------------------------- junit
+
+
+def render_junit(report: dict[str, Any]) -> str:
+    """One test case per gate per target (and per regression), for CI test-report viewers."""
+    cases = []
+    for t in report["targets"]:
+        for g in t.get("gates", []):
+            cases.append((t["target"], g["name"], g["passed"], f"{g['description']}: value {g['value']}, limit {g['limit']}"))
+    for r in report.get("regressions", []):
+        cases.append((r["target"], f"regression.{r['metric']}", False, f"{r['old']} -> {r['new']} (allowed {r['allowed']})"))
+    suite = ET.Element("testsuite", name="edgeft.gates", tests=str(len(cases)), failures=str(sum(not c[2] for c in cases)))
+    for target, name, ok, message in cases:
+        case = ET.SubElement(suite, "testcase", classname=f"edgeft.{target}", name=name)
+        if not ok:
+            ET.SubElement(case, "failure", message=message).text = message
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- plot
+
+
+def write_plot(report: dict[str, Any], path: Path) -> bool:
+    """Size vs mean KLD per artifact, labelled with decode speed. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in report["targets"]:
+        size, kld = t["artifact"]["size_bytes"] / 1e6, max(t["fidelity"]["kl_divergence_mean"], 1e-7)
+        ax.scatter(size, kld, s=60)
+        ax.annotate(f"{t['target']}\n{t['latency']['decode_tok_s']:.0f} tok/s", (size, kld), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("artifact size (MB)")
+    ax.set_ylabel("mean KL divergence vs fp32 reference")
+    ax.set_yscale("log")
+    ax.set_title(f"size vs fidelity ({report['targets'][0]['latency']['threads']} threads, decode median)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write report.json, report.md, junit.xml and report.png; append the markdown to
+    $GITHUB_STEP_SUMMARY when that is set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = render_markdown(report)
-    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    _atomic_write(json_path, json.dumps(report, indent=2) + "\n")
-    _atomic_write(md_path, md)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
+    _atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(paths["md"], md)
+    _atomic_write(paths["junit"], render_junit(report))
+    if write_plot(report, out_dir / "report.png"):
+        paths["plot"] = out_dir / "report.png"
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a") as fh:
             fh.write(md)
-    return json_path, md_path
+    return paths
 
 
 def _atomic_write(path: Path, text: str) -> None:

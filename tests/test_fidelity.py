@@ -39,14 +39,100 @@ def test_perplexity_error():
     assert math.isclose(ppl, math.e) and err == 0.0
 
 
-def test_gates_pass_and_fail():
-    report = {
-        "fidelity": {"kl_divergence_mean": 0.2, "top1_agreement": 0.8, "perplexity_delta_pct": 5.0,
+def _entry(**over):
+    entry = {
+        "target": "gguf-q4",
+        "fidelity": {"kl_divergence_mean": 0.2, "kl_divergence_se": 0.01, "top1_agreement": 0.8, "perplexity_delta_pct": 5.0,
+                     "perplexity_artifact": 2.0, "perplexity_artifact_err": 0.05,
                      "task_accuracy_artifact": 0.6, "task_accuracy_reference": 0.8},
-        "latency": {"decode_tok_s": 50.0},
+        "latency": {"decode_tok_s": 50.0, "artifact": {"decode_tok_s": {"median": 50.0, "min": 48.0, "max": 52.0}}},
+        "memory": {"peak_rss_bytes": 200e6},
         "artifact": {"size_bytes": 100e6},
+        "golden": [{"artifact_stopped": True, "artifact_correct": False}],
+        "answers": [{}] * 50,
     }
-    gates = evaluate_gates(report, GatesConfig(max_kld=0.1, min_top1=0.5, min_task_accuracy_ratio=0.7, max_size_mb=150))
+    for k, v in over.items():
+        entry[k] = {**entry[k], **v} if isinstance(v, dict) else v
+    return entry
+
+
+def test_gates_pass_and_fail():
+    gates = evaluate_gates(_entry(), GatesConfig(max_kld=0.1, min_top1=0.5, min_task_accuracy_ratio=0.7, max_size_mb=150,
+                                                 max_peak_rss_mb=150, golden_must_stop=True, golden_must_be_correct=True))
     by = {g["name"]: g["passed"] for g in gates}
-    assert by == {"max_kld": False, "min_top1": True, "min_task_accuracy_ratio": True, "max_size_mb": True}
-    assert evaluate_gates(report, GatesConfig()) == []
+    assert by == {"max_kld": False, "min_top1": True, "min_task_accuracy_ratio": True, "max_size_mb": True,
+                  "max_peak_rss_mb": False, "golden_must_stop": True, "golden_must_be_correct": False}
+    assert evaluate_gates(_entry(), GatesConfig()) == []
+
+
+def test_gate_flags_override_config():
+    import pytest
+
+    from edgeft.bench.gates import parse_gate_flags
+    from edgeft.errors import ConfigError
+
+    g = parse_gate_flags(("max_kld=0.05", "golden_must_stop=true"), GatesConfig(min_top1=0.9))
+    assert g.max_kld == 0.05 and g.golden_must_stop is True and g.min_top1 == 0.9
+    with pytest.raises(ConfigError, match="NAME one of"):
+        parse_gate_flags(("max_kdl=1",), GatesConfig())
+    with pytest.raises(ConfigError, match="expected a number"):
+        parse_gate_flags(("max_kld=low",), GatesConfig())
+
+
+def test_regressions_beyond_the_spread_only():
+    from edgeft.bench.gates import regressions
+
+    old = {"targets": [_entry()]}
+    same = {"targets": [_entry(fidelity={"kl_divergence_mean": 0.21})]}  # within 2 SE
+    assert regressions(same, old) == []
+    worse = {"targets": [_entry(fidelity={"kl_divergence_mean": 0.3, "perplexity_artifact": 2.5},
+                                latency={"artifact": {"decode_tok_s": {"median": 30.0, "min": 29.0, "max": 31.0}}})]}
+    assert {r["metric"] for r in regressions(worse, old)} == {"kl_divergence_mean", "perplexity_artifact", "decode_tok_s"}
+
+
+def _stored_vs_exact(k: int, vocab: int = 40, n: int = 12):
+    from edgeft.bench.reference import topk_of
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(scale=3, size=(n, vocab))
+    art = ref + rng.normal(scale=0.5, size=(n, vocab))
+    seq = Sequence(tokens=list(rng.integers(0, vocab, size=n)), targets=list(range(1, n)))
+    pos = [t - 1 for t in seq.targets]
+    exact = FidelityAccumulator()
+    exact.add(seq, ref, art)
+    ids, logp = topk_of(ref, pos, k)
+    target_logp = log_softmax(ref[pos])[np.arange(len(pos)), np.asarray(seq.tokens)[seq.targets]]
+    approx = FidelityAccumulator()
+    approx.add_topk(seq, ids, logp, target_logp, art)
+    return exact.result(), approx.result()
+
+
+def test_topk_kld_with_full_k_is_exact():
+    exact, approx = _stored_vs_exact(k=40)
+    assert math.isclose(approx["kl_divergence_mean"], exact["kl_divergence_mean"], rel_tol=1e-6)
+    assert approx["top1_agreement"] == exact["top1_agreement"]
+    assert math.isclose(approx["perplexity_artifact"], exact["perplexity_artifact"], rel_tol=1e-9)
+    assert math.isclose(approx["perplexity_reference"], exact["perplexity_reference"], rel_tol=1e-9)
+
+
+def test_topk_kld_is_a_close_lower_bound():
+    exact, approx = _stored_vs_exact(k=8)
+    assert approx["kl_divergence_mean"] <= exact["kl_divergence_mean"] + 1e-12
+    assert approx["kl_divergence_mean"] > 0.5 * exact["kl_divergence_mean"]
+    assert approx["top1_agreement"] == exact["top1_agreement"]
+
+
+def test_stored_reference_round_trip(tmp_path):
+    from edgeft.bench.reference import load, save
+
+    arrays = {
+        "tokens": [np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int32)],
+        "targets": [np.array([3, 4], dtype=np.int32), np.array([2], dtype=np.int32)],
+        "topk_ids": [np.zeros((2, 4), np.int32), np.ones((1, 4), np.int32)],
+        "topk_logp": [np.zeros((2, 4), np.float32), np.zeros((1, 4), np.float32)],
+        "target_logp": [np.zeros(2, np.float32), np.zeros(1, np.float32)],
+    }
+    save(tmp_path, arrays, {"top_k": 4, "examples": []})
+    stored = load(tmp_path)
+    assert stored.k == 4 and [s.targets for s in stored.sequences()] == [[3, 4], [2]]
+    assert stored.topk_ids[1].shape == (1, 4)

@@ -52,6 +52,23 @@ class FidelityAccumulator:
         self.nll_ref += (-lr[rows, tgt]).tolist()
         self.nll_art += (-la[rows, tgt]).tolist()
 
+    def add_topk(
+        self, seq: Sequence, topk_ids: np.ndarray, topk_logp: np.ndarray, target_logp: np.ndarray, art_logits: np.ndarray
+    ) -> None:
+        """Like :meth:`add`, with the reference given as stored top-k log-probs (k tokens + a tail bin)."""
+        pos = np.asarray(seq.targets) - 1
+        tgt = np.asarray(seq.tokens)[seq.targets]
+        la = log_softmax(art_logits[pos])
+        p = np.exp(topk_logp.astype(np.float64))
+        qk = np.take_along_axis(la, topk_ids.astype(np.int64), axis=-1)
+        p_rest = np.clip(1.0 - p.sum(-1), 1e-12, 1.0)
+        q_rest = np.clip(1.0 - np.exp(qk).sum(-1), 1e-12, 1.0)
+        kld = (p * (topk_logp - qk)).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+        self.kld += kld.clip(min=0).tolist()
+        self.top1 += (topk_ids[:, 0] == la.argmax(-1)).tolist()
+        self.nll_ref += (-target_logp.astype(np.float64)).tolist()
+        self.nll_art += (-la[np.arange(len(pos)), tgt]).tolist()
+
     def result(self) -> dict[str, float]:
         ppl_ref, err_ref = perplexity(self.nll_ref)
         ppl_art, err_art = perplexity(self.nll_art)
@@ -59,6 +76,7 @@ class FidelityAccumulator:
         return {
             "positions": len(kld),
             "kl_divergence_mean": float(kld.mean()),
+            "kl_divergence_se": float(kld.std(ddof=1) / math.sqrt(len(kld))) if len(kld) > 1 else 0.0,
             "kl_divergence_p99": float(np.percentile(kld, 99)),
             "top1_agreement": float(np.mean(self.top1)),
             "perplexity_reference": ppl_ref,
@@ -82,6 +100,16 @@ def compare(reference, artifact, sequences: list[Sequence], progress=None) -> di
     acc = FidelityAccumulator()
     for seq in sequences:
         acc.add(seq, reference.logits(seq.tokens), artifact.logits(seq.tokens))
+        if progress:
+            progress()
+    return acc.result()
+
+
+def compare_stored(stored, artifact, progress=None) -> dict[str, float]:
+    """Fidelity of ``artifact`` against a :class:`~edgeft.bench.reference.StoredReference`."""
+    acc = FidelityAccumulator()
+    for seq, ids, logp, tlp in zip(stored.sequences(), stored.topk_ids, stored.topk_logp, stored.target_logp):
+        acc.add_topk(seq, ids, logp, tlp, artifact.logits(seq.tokens))
         if progress:
             progress()
     return acc.result()

@@ -1,35 +1,111 @@
-"""Quality gates: limits from ``[gates]`` checked against a report's measurements."""
+"""Quality gates: limits from ``[gates]`` / ``--gate`` checked against one target's measurements,
+and ``--compare-to``: regressions against an older report that exceed the measured spread."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ..config import GatesConfig
+from ..errors import ConfigError
 
-# gate name → (report value getter, "max" or "min", human description)
+
+def _ratio(e: dict) -> float | None:
+    ref = e["fidelity"]["task_accuracy_reference"]
+    return e["fidelity"]["task_accuracy_artifact"] / ref if ref else None
+
+
+# gate name → (value getter on a target entry, "max" | "min" | "true", description)
 GATES: dict[str, tuple[Callable[[dict], Any], str, str]] = {
-    "max_kld": (lambda r: r["fidelity"]["kl_divergence_mean"], "max", "mean KL divergence"),
-    "min_top1": (lambda r: r["fidelity"]["top1_agreement"], "min", "top-1 agreement"),
-    "max_ppl_delta_pct": (lambda r: r["fidelity"]["perplexity_delta_pct"], "max", "perplexity delta %"),
-    "min_task_accuracy_ratio": (
-        lambda r: r["fidelity"]["task_accuracy_artifact"] / r["fidelity"]["task_accuracy_reference"]
-        if r["fidelity"]["task_accuracy_reference"] else None,
-        "min",
-        "task accuracy / reference",
-    ),
-    "min_decode_tok_s": (lambda r: r["latency"]["decode_tok_s"], "min", "decode tokens/s"),
-    "max_size_mb": (lambda r: r["artifact"]["size_bytes"] / 1e6, "max", "size MB"),
+    "max_kld": (lambda e: e["fidelity"]["kl_divergence_mean"], "max", "mean KL divergence"),
+    "min_top1": (lambda e: e["fidelity"]["top1_agreement"], "min", "top-1 agreement"),
+    "max_ppl_delta_pct": (lambda e: e["fidelity"]["perplexity_delta_pct"], "max", "perplexity delta %"),
+    "min_task_accuracy_ratio": (_ratio, "min", "task accuracy / reference"),
+    "min_decode_tok_s": (lambda e: e["latency"]["decode_tok_s"], "min", "decode tokens/s"),
+    "max_peak_rss_mb": (lambda e: e["memory"]["peak_rss_bytes"] / 1e6, "max", "peak RSS MB"),
+    "max_size_mb": (lambda e: e["artifact"]["size_bytes"] / 1e6, "max", "size MB"),
+    "golden_must_stop": (lambda e: all(g["artifact_stopped"] for g in e["golden"]), "true", "golden answers stop"),
+    "golden_must_be_correct": (lambda e: all(g["artifact_correct"] for g in e["golden"]), "true", "golden answers correct"),
 }
 
 
-def evaluate_gates(report: dict[str, Any], gates: GatesConfig) -> list[dict[str, Any]]:
-    """One entry per configured gate: name, limit, measured value, passed."""
+def evaluate_gates(entry: dict[str, Any], gates: GatesConfig) -> list[dict[str, Any]]:
+    """One result per configured gate: name, limit, measured value, passed."""
     out = []
     for name, (get, kind, what) in GATES.items():
         limit = getattr(gates, name)
-        if limit is None:
+        if limit is None or limit is False:
             continue
-        value = get(report)
-        ok = value is not None and (value <= limit if kind == "max" else value >= limit)
+        value = get(entry)
+        if kind == "true":
+            ok = bool(value)
+        else:
+            ok = value is not None and (value <= limit if kind == "max" else value >= limit)
         out.append({"name": name, "description": what, "limit": limit, "value": value, "passed": bool(ok)})
+    return out
+
+
+def parse_gate_flags(flags: tuple[str, ...], gates: GatesConfig) -> GatesConfig:
+    """Apply ``--gate name=value`` flags on top of the config's ``[gates]``."""
+    from dataclasses import replace
+
+    updates: dict[str, Any] = {}
+    for flag in flags:
+        name, sep, raw = flag.partition("=")
+        if not sep or name not in GATES:
+            raise ConfigError(f"--gate {flag!r}: expected NAME=VALUE with NAME one of {', '.join(GATES)}")
+        if GATES[name][1] == "true":
+            if raw.lower() not in ("true", "false"):
+                raise ConfigError(f"--gate {name}: expected true or false, got {raw!r}")
+            updates[name] = raw.lower() == "true"
+        else:
+            try:
+                updates[name] = float(raw)
+            except ValueError:
+                raise ConfigError(f"--gate {name}: expected a number, got {raw!r}") from None
+    return replace(gates, **updates)
+
+
+def _combined(a: float, b: float) -> float:
+    return math.sqrt(a * a + b * b)
+
+
+def regressions(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
+    """Figures of ``new`` worse than ``old`` by more than their measured spread, per shared target.
+
+    Speeds: the new max is below the old min (the repetition ranges do not overlap). Perplexity:
+    the increase exceeds both standard errors combined; KLD: 2 combined standard errors; task
+    accuracy: the drop exceeds 2 combined binomial standard errors; peak RSS: more than 5% higher.
+    """
+    old_targets = {t["target"]: t for t in old.get("targets", [old])}
+    out = []
+    for entry in new.get("targets", [new]):
+        prev = old_targets.get(entry["target"])
+        if prev is None:
+            continue
+
+        def flag(metric: str, before: float, after: float, allowed: float) -> None:
+            out.append({"target": entry["target"], "metric": metric, "old": before, "new": after,
+                        "allowed": allowed, "regressed": True})
+
+        nf, of = entry["fidelity"], prev["fidelity"]
+        d = nf["perplexity_artifact"] - of["perplexity_artifact"]
+        tol = _combined(nf.get("perplexity_artifact_err", 0), of.get("perplexity_artifact_err", 0))
+        if d > tol:
+            flag("perplexity_artifact", of["perplexity_artifact"], nf["perplexity_artifact"], tol)
+        tol = 2 * _combined(nf.get("kl_divergence_se", 0), of.get("kl_divergence_se", 0))
+        if nf["kl_divergence_mean"] - of["kl_divergence_mean"] > tol:
+            flag("kl_divergence_mean", of["kl_divergence_mean"], nf["kl_divergence_mean"], tol)
+        n = max(1, len(entry.get("answers", [])) or 1)
+        p_new, p_old = nf["task_accuracy_artifact"], of["task_accuracy_artifact"]
+        tol = 2 * _combined(math.sqrt(p_new * (1 - p_new) / n), math.sqrt(p_old * (1 - p_old) / n))
+        if p_old - p_new > tol:
+            flag("task_accuracy_artifact", p_old, p_new, tol)
+        for key in ("decode_tok_s", "prefill_tok_s"):
+            a, b = entry["latency"].get("artifact", {}).get(key), prev["latency"].get("artifact", {}).get(key)
+            if a and b and a["max"] < b["min"]:
+                flag(key, b["median"], a["median"], b["min"] - b["median"])
+        a, b = entry.get("memory", {}).get("peak_rss_bytes"), prev.get("memory", {}).get("peak_rss_bytes")
+        if a and b and a > 1.05 * b:
+            flag("peak_rss_bytes", b, a, 0.05 * b)
     return out

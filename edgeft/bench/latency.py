@@ -1,28 +1,108 @@
-"""Decode speed and time to first token, measured the same way for every runtime.
+"""Time to first token, prefill speed and decode speed, measured the same way for every runtime.
 
-One warm-up generation (page-in, allocator and thread-pool start-up), then ``repeats`` timed
-generations of exactly ``decode_tokens`` tokens (end-of-generation ignored) from the same chat
-prompt. Reported as median with min and max: on shared machines single runs vary by ±20%.
+The prompt is a single user message of fixed public-domain text (Python's own pydoc topics),
+trimmed with the runtime's own tokenizer until the rendered chat prompt is ``prompt_tokens``
+tokens long, give or take a few; the exact count is reported. One warm-up generation (page-in,
+allocator and thread-pool start-up), then ``repeats`` timed generations of exactly
+``decode_tokens`` tokens (end-of-generation ignored). Every number is reported as median with
+min and max: on shared machines single runs vary by ±20%.
 """
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .stats import spread
 
-# A fixed prompt so runs are comparable; its answer length does not matter (EOS is ignored).
-LATENCY_PROMPT = [{"role": "user", "content": "Explain how to roast a whole chicken, step by step."}]
+WARMUP_TOKENS = 8  # the warm-up run's decode budget: enough to start every code path
 
 
-def measure_decode(runtime, decode_tokens: int = 64, repeats: int = 3) -> dict:
-    runtime.generate(LATENCY_PROMPT, max_new_tokens=8, ignore_eos=True)
-    runs = [runtime.generate(LATENCY_PROMPT, max_new_tokens=decode_tokens, ignore_eos=True) for _ in range(repeats)]
+def _filler_text() -> str:
+    """~460 KB of deterministic technical English that ships with every CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _prompt_length(runtime, text: str) -> int:
+    return len(runtime.tokenize(runtime.render_chat(_chat(text))))
+
+
+def build_prompt(runtime, prompt_tokens: int) -> tuple[list[dict[str, str]], int]:
+    """A chat whose rendered prompt is at most ``prompt_tokens`` tokens for ``runtime``, and as
+    close to it as whole characters allow; returns the chat and its exact token count.
+
+    Binary search over the length of the filler text, tokenizing the whole rendered chat each
+    time so template tokens and merges at the boundary are counted.
+    """
+    text = _filler_text()
+    overhead = _prompt_length(runtime, "")
+    if prompt_tokens <= overhead:
+        raise ConfigError(f"prompt_tokens={prompt_tokens} is not above the chat template's own {overhead} tokens")
+    # Grow the upper bound from ~4 characters a token so long texts are tokenized rarely.
+    lo, hi = 0, min(len(text), 4 * prompt_tokens)
+    while _prompt_length(runtime, text[:hi]) <= prompt_tokens:
+        if hi == len(text):
+            raise ConfigError(f"prompt_tokens={prompt_tokens} is longer than the built-in filler text")
+        lo, hi = hi, min(len(text), 2 * hi)
+    while hi - lo > 1:  # invariant: text[:lo] fits, text[:hi] does not
+        mid = (lo + hi) // 2
+        if _prompt_length(runtime, text[:mid]) <= prompt_tokens:
+            lo = mid
+        else:
+            hi = mid
+    chat = _chat(text[:lo])
+    return chat, _prompt_length(runtime, text[:lo])
+
+
+def _clear_prompt_cache(runtime, prompt: list[int]) -> None:
+    """Make the next generation process its whole prompt.
+
+    llama-cpp-python keeps the KV cache between calls and reuses the longest common prefix, so a
+    repeated prompt would cost one token and the measured TTFT would be near zero. Scoring one
+    token that differs from the prompt's first token rewinds any such cache to a single entry
+    that the prompt does not share; it costs one token's evaluation and is outside the timing.
+    """
+    runtime.logits([next((t for t in prompt if t != prompt[0]), prompt[0] + 1)])
+
+
+def measure_latency(runtime, *, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 5) -> dict:
+    """TTFT, prefill tokens/s and decode tokens/s of ``runtime`` for a ~``prompt_tokens`` prompt.
+
+    ``decode_tok_s`` excludes the first token (it is part of TTFT). Raises ConfigError when the
+    prompt and the decode budget do not fit in the runtime's context.
+    """
+    if decode_tokens < 2 or repeats < 1:
+        raise ConfigError(f"need decode_tokens >= 2 and repeats >= 1, got {decode_tokens} and {repeats}")
+    n_ctx = getattr(runtime, "n_ctx", None)
+    if n_ctx is not None and prompt_tokens + decode_tokens > n_ctx:
+        raise ConfigError(
+            f"prompt_tokens + decode_tokens = {prompt_tokens + decode_tokens} exceeds the runtime's n_ctx={n_ctx}"
+        )
+    chat, n_prompt = build_prompt(runtime, prompt_tokens)
+    prompt = runtime.tokenize(runtime.render_chat(chat))
+
+    _clear_prompt_cache(runtime, prompt)
+    runtime.generate(chat, max_new_tokens=min(WARMUP_TOKENS, decode_tokens), ignore_eos=True)
+    runs = []
+    for _ in range(repeats):
+        _clear_prompt_cache(runtime, prompt)
+        runs.append(runtime.generate(chat, max_new_tokens=decode_tokens, ignore_eos=True))
+    short = [r.n_tokens for r in runs if r.n_tokens != decode_tokens]
+    if short:
+        raise RuntimeError(f"{runtime.name} generated {short[0]} tokens, expected {decode_tokens}")
     return {
         "runtime": runtime.name,
         "runtime_version": runtime.version,
         "threads": runtime.threads,
-        "prompt_tokens": runs[0].n_prompt,
+        "prompt_tokens": n_prompt,
         "decode_tokens": decode_tokens,
         "repeats": repeats,
-        "decode_tok_s": spread([r.decode_tok_s for r in runs]),
         "ttft_ms": spread([1000 * r.ttft_s for r in runs]),
+        "prefill_tok_s": spread([r.n_prompt / r.ttft_s for r in runs]),
+        "decode_tok_s": spread([r.decode_tok_s for r in runs]),
     }
+

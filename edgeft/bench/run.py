@@ -1,8 +1,13 @@
-"""Stage `bench`: measure one artifact against the full-precision reference; write report.json/md.
+"""Bench stages: the stored reference (torch), each artifact against it (no torch), the base model.
 
-Reads top to bottom: load held-out data → fidelity (same token ids through both runtimes) → task
-accuracy of base, reference and artifact (greedy, chat template, stop tokens) → decode latency of
-reference and artifact at the same thread count. Gates are applied to the stored measurements.
+* ``reference`` — runs the fine-tuned fp32 model once: top-k next-token log-probs on the held-out
+  replies, its greedy answers and task accuracy, and its own latency and memory (in a subprocess).
+  The folder it writes is all a device needs to benchmark an artifact.
+* ``bench`` — one artifact against a stored reference: fidelity, task accuracy, golden prompts,
+  latency and memory in the runtime's own subprocess, and the decode roofline. Imports no torch.
+* ``bench-base`` — the base model's row of the fidelity ladder (torch): how far fine-tuning moved it.
+
+Each is a cached stage (dir + manifest). Gates are applied later, to the stored measurements.
 """
 
 from __future__ import annotations
@@ -13,14 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..config import BenchConfig, GatesConfig
-from ..data import load_jsonl
+from ..config import BenchConfig
+from ..data import is_correct, load_jsonl
 from ..stage import StageOutput, cached, content_hash, read_manifest, sha256_file, stage_key, staged_dir
-from .fidelity import compare, reply_sequences, task_accuracy
-from .gates import evaluate_gates
-from .latency import measure_decode
+from . import reference as stored_reference
+from .fidelity import FidelityAccumulator, compare_stored, reply_sequences, task_accuracy
 
-SCHEMA_VERSION = 1
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
 
 
@@ -28,150 +31,189 @@ def _no_progress(desc: str, total: int) -> Callable[[], None]:
     return lambda: None
 
 
+def _threads(cfg: BenchConfig) -> int:
+    return cfg.threads or os.cpu_count() or 1
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def _probe(runtime: str, model: Path, cfg: BenchConfig) -> dict[str, Any]:
+    from .probe import run_probe
+
+    return run_probe(runtime, model, _threads(cfg), cfg.prompt_tokens, cfg.decode_tokens, cfg.repeats)
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def _artifact_runtime(path: Path, threads: int, scoring: bool):
-    from ..runtimes.llamacpp import LlamaCppRuntime
+def _answers(examples, replies: list[str], stops: list[bool] | None = None) -> list[dict[str, Any]]:
+    return [
+        {"reply": r, "correct": is_correct(r, ex.answers), **({"stopped": s} if stops is not None else {})}
+        for ex, r, s in zip(examples, replies, stops or [None] * len(replies))
+    ]
 
-    return LlamaCppRuntime(path, n_threads=threads, scoring=scoring)
+
+# --------------------------------------------------------------------------------------------
+# reference (torch)
 
 
-def measure(
-    *,
-    target: str,
-    quant: str,
-    artifact: Path,
-    reference_dir: Path,
-    base_dir: Path | None,
-    eval_file: Path,
-    cfg: BenchConfig,
-    tensor_types: dict[str, int] | None = None,
-    progress: Progress = _no_progress,
-) -> dict[str, Any]:
-    """Run every measurement and return the report dict (schema: docs in report.py)."""
+def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, out: Path, progress: Progress) -> dict:
     from ..runtimes.torch import TorchRuntime
 
-    threads = cfg.threads or os.cpu_count() or 1
     examples = load_jsonl(eval_file, need_answers=True)
     if cfg.max_eval:
         examples = examples[: cfg.max_eval]
-    questions = [ex.prompt for ex in examples]
-
-    reference = TorchRuntime(reference_dir, threads=threads)
-    scorer = _artifact_runtime(artifact, threads, scoring=True)
-    sequences = reply_sequences(reference.tokenizer, examples)
-    fidelity = compare(reference, scorer, sequences, progress("fidelity: logits of reference and artifact", len(sequences)))
-    scorer.close()
-    # Generation and timing run as an app would: logits of the last position only.
-    art = _artifact_runtime(artifact, threads, scoring=False)
-
-    step = progress("task accuracy: reference answers", 1)
-    ref_replies = reference.generate_batch(questions, cfg.max_new_tokens)
+    rt = TorchRuntime(reference_dir, threads=_threads(cfg))
+    sequences = reply_sequences(rt.tokenizer, examples)
+    arrays = stored_reference.record(rt, sequences, cfg.top_k, progress("reference: top-k log-probs", len(sequences)))
+    step = progress("reference: answers to held-out questions", 1)
+    replies = rt.generate_batch([ex.prompt for ex in examples], cfg.max_new_tokens)
     step()
-    tick = progress("task accuracy: artifact answers", len(questions))
-    art_gens = []
-    for q in questions:
-        art_gens.append(art.generate(q, cfg.max_new_tokens))
-        tick()
-    fidelity["task_accuracy_reference"] = task_accuracy(ref_replies, examples)
-    fidelity["task_accuracy_artifact"] = task_accuracy([g.text for g in art_gens], examples)
-    fidelity["artifact_stop_rate"] = sum(g.stopped for g in art_gens) / len(art_gens)
-
-    step = progress("latency: reference and artifact", 2)
-    ref_lat = measure_decode(reference, cfg.decode_tokens, cfg.repeats)
+    rt.close()
+    step = progress("reference: latency and memory (subprocess)", 1)
+    perf = _probe("torch", reference_dir, cfg)
     step()
-    art_lat = measure_decode(art, cfg.decode_tokens, cfg.repeats)
-    step()
-    reference.close()
-    art.close()
+    nll = [-float(x) for a in arrays["target_logp"] for x in a]
+    from .fidelity import perplexity
 
-    fidelity["task_accuracy_base"] = None
-    if base_dir is not None:
-        step = progress("task accuracy: base model answers", 1)
-        base = TorchRuntime(base_dir, threads=threads)
-        fidelity["task_accuracy_base"] = task_accuracy(base.generate_batch(questions, cfg.max_new_tokens), examples)
-        base.close()
-        step()
-
-    samples = [
-        {"question": q[-1]["content"], "expected": ex.reply, "reference": r, "artifact": g.text}
-        for q, ex, r, g in list(zip(questions, examples, ref_replies, art_gens))[:5]
-    ]
-    size = Path(artifact).stat().st_size
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "edgeft_version": __version__,
-        "target": target,
-        "artifact": {
-            "path": str(artifact),
-            "format": "gguf",
-            "quant": quant,
-            "size_bytes": size,
-            "sha256": sha256_file(artifact),
-            "tensor_types": tensor_types or {},
-        },
-        "reference": {"path": str(reference_dir), "size_bytes": _dir_size(reference_dir), "dtype": "float32"},
-        "fidelity": fidelity,
-        "latency": {
-            "threads": threads,
-            "decode_tok_s": art_lat["decode_tok_s"]["median"],
-            "reference_decode_tok_s": ref_lat["decode_tok_s"]["median"],
-            "speedup": art_lat["decode_tok_s"]["median"] / ref_lat["decode_tok_s"]["median"],
-            "artifact": art_lat,
-            "reference": ref_lat,
-        },
-        "eval": {"file": str(eval_file), "examples": len(examples), "scored_positions": fidelity["positions"]},
-        "samples": samples,
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()},
+    ppl, err = perplexity(nll)
+    meta = {
+        "top_k": cfg.top_k,
+        "model": str(reference_dir),
+        "model_size_bytes": _dir_size(reference_dir),
+        "eval_file": str(eval_file),
+        "examples": [{"messages": ex.messages, "answers": ex.answers} for ex in examples],
+        "answers": _answers(examples, replies),
+        "task_accuracy": task_accuracy(replies, examples),
+        "perplexity": ppl,
+        "perplexity_err": err,
+        "positions": len(nll),
+        "runtime_version": perf["latency"]["runtime_version"],
+        "performance": perf,
+        "machine": _machine(),
     }
-    return report
+    stored_reference.save(out, arrays, meta)
+    return {"task_accuracy": meta["task_accuracy"], "perplexity": ppl, "positions": len(nll)}
 
 
-def judge(report: dict[str, Any], gates: GatesConfig) -> dict[str, Any]:
-    """Apply the gates to a measured report (in place) and return it."""
-    report["gates"] = evaluate_gates(report, gates)
-    report["passed"] = all(g["passed"] for g in report["gates"])
-    return report
+def reference(reference_dir: Path, eval_file: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+    inputs = {"reference": content_hash(reference_dir), "eval": content_hash(eval_file)}
+    params = _params(cfg)
+    key = stage_key("reference", inputs, params)
+    if hit := cached(out_dir, key):
+        return hit
+    with staged_dir(out_dir, "reference", key, inputs, params) as (tmp, results):
+        results.update(measure_reference(reference_dir, eval_file, cfg, tmp, progress))
+    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
 
 
-def bench(
-    *,
-    target: str,
-    quant: str,
-    artifact: Path,
-    reference_dir: Path,
-    base_dir: Path | None,
-    eval_file: Path,
-    out_dir: Path,
-    cfg: BenchConfig,
-    tensor_types: dict[str, int] | None = None,
-    progress: Progress = _no_progress,
-) -> StageOutput:
-    """Cached stage: the measurements, in ``out_dir/measurements.json`` and the manifest's results.
-
-    Gates are applied afterwards (:func:`judge`), so changing a limit re-judges the stored
-    measurements without measuring again.
-    """
-    import json
+def _params(cfg: BenchConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
-    inputs = {
-        "artifact": content_hash(artifact),
-        "reference": content_hash(reference_dir),
-        "base": content_hash(base_dir) if base_dir else None,
-        "eval": content_hash(eval_file),
+    return asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# one artifact (no torch)
+
+
+def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: Progress) -> dict[str, Any]:
+    from ..quantize.gguf import describe
+    from ..runtimes.llamacpp import LlamaCppRuntime
+    from .bandwidth import decode_roofline, gguf_bytes_per_token, measure_read_bandwidth
+
+    stored = stored_reference.load(ref_dir)
+    threads = _threads(cfg)
+    scorer = LlamaCppRuntime(artifact, n_threads=threads, scoring=True)
+    fidelity = compare_stored(stored, scorer, progress("artifact: logits", len(stored.tokens)))
+    scorer.close()
+
+    # Answers are generated as an app would: last-position logits only, the GGUF's template and stops.
+    gen = LlamaCppRuntime(artifact, n_threads=threads, scoring=False)
+    examples = stored.examples
+    tick = progress("artifact: answers to held-out questions", len(examples))
+    outs = []
+    for ex in examples:
+        outs.append(gen.generate(ex.prompt, cfg.max_new_tokens))
+        tick()
+    gen.close()
+    replies = [g.text for g in outs]
+    fidelity["task_accuracy_artifact"] = task_accuracy(replies, examples)
+    fidelity["task_accuracy_reference"] = stored.meta["task_accuracy"]
+    fidelity["artifact_stop_rate"] = sum(g.stopped for g in outs) / len(outs)
+
+    step = progress("artifact: latency and memory (subprocess)", 1)
+    perf = _probe("llama.cpp", artifact, cfg)
+    step()
+    bandwidth = measure_read_bandwidth(threads)
+    bytes_per_token = gguf_bytes_per_token(artifact)
+    ceiling = decode_roofline(bandwidth["read_gb_s"]["median"], bytes_per_token)
+    decode = perf["latency"]["decode_tok_s"]["median"]
+    info = describe(artifact)
+    return {
+        "artifact": {"path": str(artifact), "format": "gguf", "size_bytes": info["size_bytes"],
+                     "sha256": sha256_file(artifact), "tensor_types": info["tensor_types"]},
+        "fidelity": fidelity,
+        "answers": _answers(examples, replies, [g.stopped for g in outs]),
+        "performance": perf,
+        "roofline": {
+            "read_bandwidth_gb_s": bandwidth["read_gb_s"],
+            "bytes_per_token": bytes_per_token,
+            "decode_tok_s_ceiling_projected": ceiling,
+            "fraction": decode / ceiling if ceiling else None,
+        },
+        "machine": _machine(),
     }
-    params = {"target": target, "quant": quant, **asdict(cfg)}
+
+
+def bench(artifact: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+    """Cached stage: ``out_dir/manifest.json`` results hold the artifact's measurements."""
+    inputs = {"artifact": content_hash(artifact), "reference": content_hash(ref_dir)}
+    params = _params(cfg)
     key = stage_key("bench", inputs, params)
     if hit := cached(out_dir, key):
         return hit
     with staged_dir(out_dir, "bench", key, inputs, params) as (tmp, results):
-        report = measure(
-            target=target, quant=quant, artifact=artifact, reference_dir=reference_dir, base_dir=base_dir,
-            eval_file=eval_file, cfg=cfg, tensor_types=tensor_types, progress=progress,
-        )
-        results["report"] = report
-        (tmp / "measurements.json").write_text(json.dumps(report, indent=2))
+        results.update(measure_artifact(artifact, ref_dir, cfg, progress))
     return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+
+
+# --------------------------------------------------------------------------------------------
+# base model row (torch)
+
+
+def bench_base(base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+    inputs = {"base": content_hash(base_dir), "reference": content_hash(ref_dir)}
+    params = _params(cfg)
+    key = stage_key("bench-base", inputs, params)
+    if hit := cached(out_dir, key):
+        return hit
+    with staged_dir(out_dir, "bench-base", key, inputs, params) as (tmp, results):
+        from ..runtimes.torch import TorchRuntime
+
+        stored = stored_reference.load(ref_dir)
+        rt = TorchRuntime(base_dir, threads=_threads(cfg))
+        fidelity = compare_stored(stored, rt, progress("base: logits", len(stored.tokens)))
+        step = progress("base: answers to held-out questions", 1)
+        replies = rt.generate_batch([ex.prompt for ex in stored.examples], cfg.max_new_tokens)
+        step()
+        rt.close()
+        fidelity["task_accuracy_artifact"] = task_accuracy(replies, stored.examples)
+        results.update({"fidelity": fidelity, "answers": _answers(stored.examples, replies)})
+    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+
+
+def reference_row(ref_dir: Path) -> dict[str, Any]:
+    """The reference's own ladder row, from the stored figures (KLD 0 by definition)."""
+    meta = stored_reference.load(ref_dir).meta
+    return {
+        "kl_divergence_mean": 0.0, "kl_divergence_p99": 0.0, "top1_agreement": 1.0,
+        "perplexity_artifact": meta["perplexity"], "perplexity_artifact_err": meta["perplexity_err"],
+        "perplexity_delta_pct": 0.0, "task_accuracy_artifact": meta["task_accuracy"],
+    }
+
+
+__all__ = ["reference", "bench", "bench_base", "reference_row", "FidelityAccumulator", "__version__"]

@@ -33,8 +33,12 @@ def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``."""
     if quant not in GGUF_QUANT_TYPES:
         raise ConfigError(f"unknown GGUF quant type {quant!r}; expected one of {', '.join(GGUF_QUANT_TYPES)}")
+    import logging
+
     import llama_cpp
 
+    # llama.cpp logs every tensor it converts; llama-cpp-python routes that through this logger.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANT_TYPES[quant]
     params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
@@ -61,4 +65,15 @@ def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> Sta
 
 
 def describe(path: Path) -> dict[str, Any]:
-    return {"size_bytes": Path(path).stat().st_size, "tensor_types": tensor_type_counts(path)}
+    """Size, tensor-type mix and the file type llama.cpp recorded (``general.file_type``)."""
+    from gguf import GGUFReader, Keys
+
+    reader = GGUFReader(path)
+    field = reader.get_field(Keys.General.FILE_TYPE)
+    ftype = int(field.contents()) if field is not None else None
+    names = {v: k for k, v in GGUF_QUANT_TYPES.items()}
+    return {
+        "size_bytes": Path(path).stat().st_size,
+        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
+        "file_type": names.get(ftype, f"ftype {ftype}"),
+    }

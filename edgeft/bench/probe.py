@@ -1,0 +1,150 @@
+"""Load one model in a fresh process, time it, and report that process's own memory.
+
+Peak memory only means something in a process that holds nothing else: the parent of a build has
+torch, a reference model and the eval set in memory. So the launcher, :func:`run_probe`, starts
+
+    python -m edgeft.bench.probe --runtime llama.cpp --model M.gguf --threads 4 \\
+        --prompt-tokens 512 --decode-tokens 128 --repeats 5
+
+which prints one JSON line::
+
+    {"pid", "runtime", "model", "threads", "load_s", "rss_after_load_bytes", "peak_rss_bytes",
+     "torch_imported", "latency": {...measure_latency(...)...}}
+
+``peak_rss_bytes`` is the process's high-water resident set (``getrusage``), interpreter and
+numpy included. Only ``--runtime torch`` imports torch, so a llama.cpp probe runs on a device
+without it (``torch_imported`` says whether it was loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, EdgeftError, ModelError
+
+RUNTIMES = ("llama.cpp", "torch")
+
+
+def _load(runtime: str, model: Path, threads: int):
+    """The runtime named ``runtime`` with ``model`` loaded; imports only that runtime's backend."""
+    if runtime == "llama.cpp":
+        from ..runtimes.llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(model, n_threads=threads, scoring=False)
+    if runtime == "torch":
+        from ..runtimes.torch import TorchRuntime
+
+        return TorchRuntime(model, threads=threads)
+    raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+
+
+def _peak_rss_bytes() -> int:
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
+    """Load, measure and report; meant to run in its own process (see the module docstring)."""
+    import psutil
+
+    from .latency import measure_latency
+
+    model = Path(model)
+    if not model.exists():
+        raise ModelError(f"{model}: no such model file or folder")
+    start = time.perf_counter()
+    rt = _load(runtime, model, threads)
+    load_s = time.perf_counter() - start
+    rss_after_load = psutil.Process().memory_info().rss
+    try:
+        latency = measure_latency(rt, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats)
+    finally:
+        rt.close()
+    return {
+        "pid": os.getpid(),
+        "runtime": runtime,
+        "model": str(model),
+        "threads": latency["threads"],
+        "load_s": load_s,
+        "rss_after_load_bytes": rss_after_load,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "torch_imported": "torch" in sys.modules,
+        "latency": latency,
+    }
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m edgeft.bench.probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime", required=True, choices=RUNTIMES)
+    parser.add_argument("--model", required=True, type=Path, help="a .gguf file (llama.cpp) or HF folder (torch)")
+    parser.add_argument("--threads", required=True, type=int)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the probe process: one JSON line on stdout, or one error line on stderr."""
+    a = _args(argv)
+    try:
+        result = probe(a.runtime, a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.repeats)
+    except EdgeftError as e:
+        if os.environ.get("EDGEFT_RAISE_ERRORS"):
+            raise
+        print(e, file=sys.stderr)
+        return e.exit_code
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def run_probe(
+    runtime: str,
+    model: Path,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    repeats: int,
+    timeout: float = 900,
+) -> dict:
+    """Run :func:`probe` in a child Python process and return its report.
+
+    Raises EdgeftError carrying the probe's last stderr line when it fails or times out.
+    """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    cmd = [
+        sys.executable, "-m", "edgeft.bench.probe",
+        "--runtime", runtime,
+        "--model", str(model),
+        "--threads", str(threads),
+        "--prompt-tokens", str(prompt_tokens),
+        "--decode-tokens", str(decode_tokens),
+        "--repeats", str(repeats),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise EdgeftError(f"{runtime} probe of {model} did not finish in {timeout:g} s") from e
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or not lines:
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        last = errors[-1] if errors else f"exit status {done.returncode}, no output"
+        raise EdgeftError(f"{runtime} probe of {model} failed: {last}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as e:
+        raise EdgeftError(f"{runtime} probe of {model} printed no JSON report: {lines[-1][:200]}") from e
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""edgeft.bench.latency, .probe and .bandwidth on a tiny random llama (hidden 64) with the real
+SmolLM2 tokenizer, exported to GGUF. No timing is asserted beyond being positive and ordered."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import pytest
+
+from edgeft.bench.bandwidth import decode_roofline, gguf_bytes_per_token, measure_read_bandwidth
+from edgeft.bench.latency import measure_latency
+from edgeft.bench.probe import run_probe
+from edgeft.errors import EdgeftError
+
+from .tiny import make_tiny_llama
+
+pytest.importorskip("llama_cpp")
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
+    """HF folders and f32 GGUF files of a tied and an untied tiny llama."""
+    from edgeft.export.gguf import write_gguf
+
+    root = tmp_path_factory.mktemp("tiny-latency")
+    paths: dict[str, Path] = {}
+    for kind in ("tied", "untied"):
+        folder = make_tiny_llama(root / kind, tokenizer, hidden=HIDDEN, tied=kind == "tied")
+        write_gguf(folder, root / f"{kind}.gguf", "f32")
+        paths[kind], paths[f"{kind}.gguf"] = folder, root / f"{kind}.gguf"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny: dict[str, Path]) -> Iterator:
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(tiny["tied.gguf"], n_threads=1, n_ctx=512, scoring=False)
+    yield rt
+    rt.close()
+
+
+def _check_spread(s: dict, n: int) -> None:
+    assert s["n"] == n
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+
+
+def test_measure_latency_hits_prompt_length_and_reports_spreads(runtime) -> None:
+    result = measure_latency(runtime, prompt_tokens=128, decode_tokens=16, repeats=2)
+    assert abs(result["prompt_tokens"] - 128) <= 8
+    assert result["decode_tokens"] == 16 and result["repeats"] == 2
+    assert result["runtime"] == "llama.cpp" and result["runtime_version"] and result["threads"] == 1
+    for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s"):
+        _check_spread(result[key], 2)
+
+
+def test_measure_latency_rejects_prompt_beyond_context(runtime) -> None:
+    with pytest.raises(EdgeftError, match="n_ctx=512"):
+        measure_latency(runtime, prompt_tokens=500, decode_tokens=64, repeats=1)
+
+
+def test_llamacpp_probe_runs_in_own_process_without_torch(tiny: dict[str, Path]) -> None:
+    report = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    assert report["pid"] != os.getpid()
+    assert report["runtime"] == "llama.cpp" and report["torch_imported"] is False
+    assert report["peak_rss_bytes"] >= report["rss_after_load_bytes"] > 0
+    assert report["load_s"] > 0
+    assert abs(report["latency"]["prompt_tokens"] - 64) <= 8
+    _check_spread(report["latency"]["decode_tok_s"], 1)
+
+
+def test_torch_probe(tiny: dict[str, Path]) -> None:
+    report = run_probe("torch", tiny["tied"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    assert report["pid"] != os.getpid() and report["torch_imported"] is True
+    assert report["peak_rss_bytes"] >= report["rss_after_load_bytes"] > 0
+    assert abs(report["latency"]["prompt_tokens"] - 64) <= 8
+    _check_spread(report["latency"]["decode_tok_s"], 1)
+
+
+def test_probe_of_missing_model_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.gguf"
+    with pytest.raises(EdgeftError, match="nowhere.gguf"):
+        run_probe("llama.cpp", missing, 1, prompt_tokens=64, decode_tokens=8, repeats=1, timeout=120)
+
+
+def test_read_bandwidth_is_positive() -> None:
+    result = measure_read_bandwidth(threads=2, size_mb=16, repeats=3)
+    assert result["threads"] == 2 and result["size_mb"] == 16
+    _check_spread(result["read_gb_s"], 3)
+    assert decode_roofline(result["read_gb_s"]["median"], 10**6) > 0
+
+
+def _tensor_bytes(path: Path) -> int:
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+# GGUFReader parses the 49k-token vocabulary in Python (~2 s a file), so each file is read once here.
+@pytest.mark.parametrize("kind", ["tied", "untied"])
+def test_bytes_per_token_counts_embedding_rows_read(tiny: dict[str, Path], tokenizer, kind: str) -> None:
+    """Tied: the embedding is the output layer, read whole. Untied: the lookup reads one row."""
+    path = tiny[f"{kind}.gguf"]
+    unread_rows = 0 if kind == "tied" else len(tokenizer) - 1
+    row = HIDDEN * 4  # one f32 row of token_embd
+    assert gguf_bytes_per_token(path) == _tensor_bytes(path) - unread_rows * row
+
+
+def test_decode_roofline_is_bandwidth_over_bytes() -> None:
+    assert decode_roofline(20.0, 500 * 10**6) == pytest.approx(40.0)
