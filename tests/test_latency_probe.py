@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from edgeft.bench.bandwidth import decode_roofline, gguf_bytes_per_token, measure_read_bandwidth
@@ -79,6 +80,18 @@ def test_llamacpp_probe_runs_in_own_process_without_torch(tiny: dict[str, Path])
     assert report["load_s"] > 0
     assert abs(report["latency"]["prompt_tokens"] - 64) <= 8
     _check_spread(report["latency"]["decode_tok_s"], 1)
+
+
+def test_probe_peak_rss_is_not_the_parents(tiny: dict[str, Path]) -> None:
+    """A large parent must not leak its high-water mark into the probe (ru_maxrss survives exec)."""
+    import psutil
+
+    ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
+    parent_rss = psutil.Process().memory_info().rss
+    report = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    assert parent_rss > 1.4e9
+    assert report["peak_rss_bytes"] < parent_rss / 2
+    del ballast
 
 
 def test_torch_probe(tiny: dict[str, Path]) -> None:

@@ -45,10 +45,22 @@ def _load(runtime: str, model: Path, threads: int):
 
 
 def _peak_rss_bytes() -> int:
-    import resource  # POSIX only
+    """This process's resident-memory high-water mark.
+
+    On Linux this must be VmHWM from /proc: getrusage's ru_maxrss survives execve, so a probe
+    started from a large parent (fork, then exec) would report the *parent's* peak (seen here: a
+    2.6 GB build process made every probe report 2.6 GB). VmHWM belongs to the new address space.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource  # POSIX; macOS reports bytes
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
