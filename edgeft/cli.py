@@ -57,25 +57,42 @@ def cli() -> None:
 
 
 _gate_option = click.option(
-    "--gate", "gate_flags", multiple=True, metavar="NAME=VALUE",
+    "--gate",
+    "gate_flags",
+    multiple=True,
+    metavar="NAME=VALUE",
     help="quality gate on top of [gates], e.g. --gate max_kld=0.1 (repeatable)",
 )
 _compare_option = click.option(
-    "--compare-to", type=click.Path(path_type=Path), help="an older report.json: fail on regressions beyond the measured spread"
+    "--compare-to",
+    type=click.Path(path_type=Path),
+    help="an older report.json: fail on regressions beyond the measured spread",
 )
 
 
 @cli.command()
-@click.option("--target", "target_spec", default="gguf-q4", show_default=True,
-              help="build target(s), comma-separated, e.g. gguf-q8,gguf-q4 (see `edgeft targets`)")
+@click.option(
+    "--target",
+    "target_spec",
+    default="gguf-q4",
+    show_default=True,
+    help="build target(s), comma-separated, e.g. gguf-q8,gguf-q4 (see `edgeft targets`)",
+)
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml build config")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True)
 @click.option("--model", help="override the config's model (builtin name or local HF folder)")
 @_gate_option
 @_compare_option
 @click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
-def build(target_spec: str, config: Path | None, out_dir: Path, model: str | None, gate_flags: tuple[str, ...],
-          compare_to: Path | None, dry_run: bool) -> None:
+def build(
+    target_spec: str,
+    config: Path | None,
+    out_dir: Path,
+    model: str | None,
+    gate_flags: tuple[str, ...],
+    compare_to: Path | None,
+    dry_run: bool,
+) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
     with _user_errors():
         from .bench.gates import parse_gate_flags
@@ -93,16 +110,25 @@ def build(target_spec: str, config: Path | None, out_dir: Path, model: str | Non
         from .progress import rich_progress, stage_printer
 
         with rich_progress() as progress:
-            result = run_build(cfg, targets, out_dir, on_stage=stage_printer(), progress=progress, compare_to=compare_to)
+            result = run_build(
+                cfg, targets, out_dir, on_stage=stage_printer(), progress=progress, compare_to=compare_to
+            )
         _finish(result.report, out_dir)
 
 
 def _finish(report: dict, out_dir: Path) -> None:
     """Print the summary table; exit 1 naming each failed gate or regression."""
     _print_summary(report, out_dir)
-    failed = [f"{t['target']}: {g['name']} (limit {g['limit']}, got {g['value']})"
-              for t in report["targets"] for g in t["gates"] if not g["passed"]]
-    failed += [f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g})" for r in report.get("regressions", [])]
+    failed = [
+        f"{t['target']}: {g['name']} (limit {g['limit']}, got {g['value']})"
+        for t in report["targets"]
+        for g in t["gates"]
+        if not g["passed"]
+    ]
+    failed += [
+        f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g})"
+        for r in report.get("regressions", [])
+    ]
     if failed:
         click.echo(f"edgeft: gate failed: {'; '.join(failed)}", err=True)
         sys.exit(1)
@@ -121,22 +147,41 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     for r in report["ladder"]:
         t = speed.get(r["stage"])
         if t:
-            tok_s, rss = f"{t['latency']['decode_tok_s']:.1f} ({t['latency']['speedup']:.1f}×)", f"{t['memory']['peak_rss_bytes'] / 1e6:.0f}"
+            tok_s, rss = (
+                f"{t['latency']['decode_tok_s']:.1f} ({t['latency']['speedup']:.1f}×)",
+                f"{t['memory']['peak_rss_bytes'] / 1e6:.0f}",
+            )
         elif r["stage"].startswith("reference"):
-            tok_s, rss = f"{ref_perf['latency']['decode_tok_s']['median']:.1f}", f"{ref_perf['peak_rss_bytes'] / 1e6:.0f}"
+            tok_s, rss = (
+                f"{ref_perf['latency']['decode_tok_s']['median']:.1f}",
+                f"{ref_perf['peak_rss_bytes'] / 1e6:.0f}",
+            )
         else:
             tok_s, rss = "", ""
         size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
-        table.add_row(r["stage"], size, f"{r['kl_divergence_mean']:.4f}", pct(r["top1_agreement"]),
-                      f"{r['perplexity_delta_pct']:+.1f}%", pct(r["task_accuracy_artifact"]), tok_s, rss)
-    Console().print(table)
+        table.add_row(
+            r["stage"],
+            size,
+            f"{r['kl_divergence_mean']:.4f}",
+            pct(r["top1_agreement"]),
+            f"{r['perplexity_delta_pct']:+.1f}%",
+            pct(r["task_accuracy_artifact"]),
+            tok_s,
+            rss,
+        )
+    console = Console()
+    if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
+        console = Console(width=120)
+    console.print(table)
     click.echo(f"threads: {report['latency']['threads']} · report: {out_dir / 'report.md'}")
 
 
 @cli.command()
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml build config ([train] and [data])")
 @click.option("--model", help="builtin name or local HF folder (default: the config's)")
-@click.option("--data", "train_file", type=click.Path(path_type=Path), help="chat JSONL (default: the config's [data].train)")
+@click.option(
+    "--data", "train_file", type=click.Path(path_type=Path), help="chat JSONL (default: the config's [data].train)"
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="adapter folder to write")
 def train(config: Path | None, model: str | None, train_file: Path | None, out_dir: Path) -> None:
     """Train a LoRA/QLoRA adapter; writes a standard peft adapter folder + manifest."""
@@ -184,7 +229,9 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 
         target = get_target(target_name)
         if target.needs_quantize:
-            raise ConfigError(f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next")
+            raise ConfigError(
+                f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
+            )
         out = run_export(resolve_model(model), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
@@ -207,20 +254,49 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 
 
 @cli.command()
-@click.option("--build", "build_dir", type=click.Path(path_type=Path), help="an `edgeft build --out` folder: bench its --target artifacts")
+@click.option(
+    "--build",
+    "build_dir",
+    type=click.Path(path_type=Path),
+    help="an `edgeft build --out` folder: bench its --target artifacts",
+)
 @click.option("--target", "target_spec", help="with --build: target(s), comma-separated (default: every built one)")
-@click.option("--artifact", "artifacts", multiple=True, type=click.Path(path_type=Path), help="a .gguf file or a folder with model.gguf (repeatable)")
-@click.option("--reference", "reference_dir", type=click.Path(path_type=Path),
-              help="a stored reference folder (no torch needed) or the fp32 HF folder of the fine-tuned model")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="held-out chat JSONL with answers (with an HF --reference)")
+@click.option(
+    "--artifact",
+    "artifacts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="a .gguf file or a folder with model.gguf (repeatable)",
+)
+@click.option(
+    "--reference",
+    "reference_dir",
+    type=click.Path(path_type=Path),
+    help="a stored reference folder (no torch needed) or the fp32 HF folder of the fine-tuned model",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    type=click.Path(path_type=Path),
+    help="held-out chat JSONL with answers (with an HF --reference)",
+)
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml for [bench], [gates], [data].eval")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
 @click.option("--threads", type=int, help="threads for every runtime (default: [bench].threads or all cores)")
 @_gate_option
 @_compare_option
-def bench(build_dir: Path | None, target_spec: str | None, artifacts: tuple[Path, ...], reference_dir: Path | None,
-          eval_file: Path | None, config: Path | None, out_dir: Path, threads: int | None,
-          gate_flags: tuple[str, ...], compare_to: Path | None) -> None:
+def bench(
+    build_dir: Path | None,
+    target_spec: str | None,
+    artifacts: tuple[Path, ...],
+    reference_dir: Path | None,
+    eval_file: Path | None,
+    config: Path | None,
+    out_dir: Path,
+    threads: int | None,
+    gate_flags: tuple[str, ...],
+    compare_to: Path | None,
+) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
     On a device: copy the build's `reference/` folder and the .gguf files, then
@@ -237,8 +313,17 @@ def bench(build_dir: Path | None, target_spec: str | None, artifacts: tuple[Path
         from .progress import rich_progress
 
         with rich_progress() as progress:
-            report = bench_artifacts(cfg, out_dir, build_dir=build_dir, target_spec=target_spec, artifacts=list(artifacts),
-                                       reference_dir=reference_dir, eval_file=eval_file, compare_to=compare_to, progress=progress)
+            report = bench_artifacts(
+                cfg,
+                out_dir,
+                build_dir=build_dir,
+                target_spec=target_spec,
+                artifacts=list(artifacts),
+                reference_dir=reference_dir,
+                eval_file=eval_file,
+                compare_to=compare_to,
+                progress=progress,
+            )
         _finish(report, out_dir)
 
 

@@ -15,10 +15,11 @@ object, so the file and the flags are two views of one :class:`BuildConfig`.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -42,7 +43,8 @@ class TrainConfig:
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank", 32.0)
     dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: list[str] = _help(
-        "module names to adapt", default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        "module names to adapt",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     epochs: float = _help("passes over the training set", 3.0)
     max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
@@ -54,7 +56,8 @@ class TrainConfig:
     threads: int = _help("torch CPU threads (0: all cores)", 0)
     precision: str = _help(
         "`auto` (bf16 mixed precision where the CPU/GPU computes bf16 natively, else fp32), `bf16` or `fp32`; "
-        "the adapter and the merge stay fp32 either way", "auto"
+        "the adapter and the merge stay fp32 either way",
+        "auto",
     )
 
     def __post_init__(self) -> None:
@@ -81,7 +84,9 @@ class BenchConfig:
     repeats: int = _help("latency repetitions after one warm-up; median and min/max are reported", 5)
     top_k: int = _help("reference log-probs kept per position; KLD uses these k tokens + the tail", 64)
     golden: int = _help("held-out questions shown side by side (reference vs artifact) as golden prompts", 3)
-    ladder_export: bool = _help("also measure the unquantized f32 export (separates conversion from quantization loss)", True)
+    ladder_export: bool = _help(
+        "also measure the unquantized f32 export (separates conversion from quantization loss)", True
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "prompt_tokens", "decode_tokens", "repeats", "top_k"):

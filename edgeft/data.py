@@ -45,9 +45,7 @@ def _check_line(obj: object, where: str) -> Example:
         raise DataError(f"{where}: expected a non-empty 'messages' list")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(
-                f"{where}: messages[{i}]: expected {{'role': one of {'/'.join(ROLES)}, 'content': string}}"
-            )
+            raise DataError(f"{where}: messages[{i}]: expected {{'role': one of {'/'.join(ROLES)}, 'content': string}}")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role 'assistant' (the reply to learn)")
     if not any(m["role"] == "user" for m in messages):

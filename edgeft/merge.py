@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .stage import StageOutput, cached, content_hash, read_manifest, stage_key, staged_dir
+from .stage import StageOutput, content_hash, run_stage
 
 # Tokenizer files travel with the merged model so the folder is self-contained.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -31,7 +31,9 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
     merged = model.merge_and_unload(safe_merge=True)
     bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise ModelError(f"{adapter_dir}: merged weights are not finite in {bad[0]} (and {len(bad) - 1} more); the adapter is broken")
+        raise ModelError(
+            f"{adapter_dir}: merged weights are not finite in {bad[0]} (and {len(bad) - 1} more); the adapter is broken"
+        )
     merged.save_pretrained(out_dir, safe_serialization=True)
     for name in _TOKENIZER_FILES:
         for src_dir in (adapter_dir, model_dir):
@@ -45,9 +47,6 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
 
 def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> StageOutput:
     inputs = {"model": content_hash(model_dir), "adapter": content_hash(adapter_dir)}
-    key = stage_key("merge", inputs, {"dtype": "float32"})
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "merge", key, inputs, {"dtype": "float32"}) as (tmp, results):
-        results.update(merge_adapter(model_dir, adapter_dir, tmp))
-    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+    return run_stage(
+        out_dir, "merge", inputs, {"dtype": "float32"}, lambda tmp: merge_adapter(model_dir, adapter_dir, tmp)
+    )

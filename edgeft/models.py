@@ -66,8 +66,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelError(
-            f"{name}: no such model folder and not a built-in model "
-            f"(built-in: {', '.join(sorted(BUILTIN_MODELS))})"
+            f"{name}: no such model folder and not a built-in model (built-in: {', '.join(sorted(BUILTIN_MODELS))})"
         )
     check_model_dir(path)
     return path
@@ -92,9 +91,7 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     architectures = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
         found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-        raise ModelError(
-            f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ModelError(f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return config
 
 

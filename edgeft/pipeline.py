@@ -105,25 +105,43 @@ def build(
     artifacts: list[tuple[Target, Path]] = []
     for t in targets:
         if t.needs_quantize:
-            art = stages.run(f"quantize {t.name}", lambda t=t: quantize(exported.path, out_dir / t.name, t.quant, bcfg.threads))
+            art = stages.run(
+                f"quantize {t.name}", lambda t=t: quantize(exported.path, out_dir / t.name, t.quant, bcfg.threads)
+            )
         elif t.quant == "F32" and exported is not None:
             art = exported
         else:
-            art = stages.run(f"export {t.name}", lambda t=t: export(merged.path, out_dir / t.name, UNQUANTIZED[t.quant]))
+            art = stages.run(
+                f"export {t.name}", lambda t=t: export(merged.path, out_dir / t.name, UNQUANTIZED[t.quant])
+            )
         artifacts.append((t, art.path / "model.gguf"))
 
     export_row = None
     if bcfg.ladder_export and exported is not None:
         export_row = stages.run(
-            "bench gguf-f32", lambda: bench(exported.path / "model.gguf", ref.path, out_dir / "bench-gguf-f32", bcfg, progress)
+            "bench gguf-f32",
+            lambda: bench(exported.path / "model.gguf", ref.path, out_dir / "bench-gguf-f32", bcfg, progress),
         ).manifest["results"]
     measured = [
-        (t.name, t.quant, stages.run(f"bench {t.name}", lambda t=t, p=p: bench(p, ref.path, out_dir / f"bench-{t.name}", bcfg, progress)).manifest["results"])
+        (
+            t.name,
+            t.quant,
+            stages.run(
+                f"bench {t.name}", lambda t=t, p=p: bench(p, ref.path, out_dir / f"bench-{t.name}", bcfg, progress)
+            ).manifest["results"],
+        )
         for t, p in artifacts
     ]
     report = finish_report(
-        measured, ref.path, bcfg, cfg.gates, out_dir,
-        base_results=base.manifest["results"], export_results=export_row, old_report=old, stages=stages.log,
+        measured,
+        ref.path,
+        bcfg,
+        cfg.gates,
+        out_dir,
+        base_results=base.manifest["results"],
+        export_results=export_row,
+        old_report=old,
+        stages=stages.log,
     )
     return BuildResult(report, out_dir, stages.log)
 
@@ -168,12 +186,22 @@ def finish_report(
 
     ladder = []
     if base_results:
-        ladder.append(ladder_row("base (not fine-tuned)", "torch", base_results["fidelity"], None, "fp32"))
-    ladder.append(ladder_row("reference (fine-tuned, merged)", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
+        ladder.append(ladder_row("base", "torch", base_results["fidelity"], None, "fp32"))
+    ladder.append(ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
     if export_results:
-        ladder.append(ladder_row("export gguf-f32", "llama.cpp", export_results["fidelity"], export_results["artifact"]["size_bytes"], "F32"))
+        ladder.append(
+            ladder_row(
+                "f32 export",
+                "llama.cpp",
+                export_results["fidelity"],
+                export_results["artifact"]["size_bytes"],
+                "F32",
+            )
+        )
     for e in entries:
-        ladder.append(ladder_row(e["target"], "llama.cpp", e["fidelity"], e["artifact"]["size_bytes"], e["artifact"]["quant"]))
+        ladder.append(
+            ladder_row(e["target"], "llama.cpp", e["fidelity"], e["artifact"]["size_bytes"], e["artifact"]["quant"])
+        )
 
     report = assemble(entries, ref_dir, ref_meta, ladder, measured[0][2]["machine"])
     report["gates"] = entries[0]["gates"]
@@ -216,12 +244,17 @@ def bench_artifacts(
     if build_dir is not None:
         build_dir = Path(build_dir)
         reference_dir = reference_dir or build_dir / "reference"
-        names = [t.name for t in parse_target_list(target_spec)] if target_spec else sorted(
-            p.parent.name for p in build_dir.glob("*/model.gguf") if p.parent.name != "gguf-f32")
+        names = (
+            [t.name for t in parse_target_list(target_spec)]
+            if target_spec
+            else sorted(p.parent.name for p in build_dir.glob("*/model.gguf") if p.parent.name != "gguf-f32")
+        )
         for name in names:
             path = build_dir / name / "model.gguf"
             if not path.is_file():
-                raise ConfigError(f"--target {name}: {path} not found; run `edgeft build --target {name} --out {build_dir}` first")
+                raise ConfigError(
+                    f"--target {name}: {path} not found; run `edgeft build --target {name} --out {build_dir}` first"
+                )
             chosen.append((name, path))
         base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
         export_results = (read_manifest(build_dir / "bench-gguf-f32") or {}).get("results")
@@ -241,10 +274,23 @@ def bench_artifacts(
         if eval_path is None:
             raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
         hf = resolve_model(str(reference_dir))
-        reference_dir = stages.run("reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)).path
+        reference_dir = stages.run(
+            "reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)
+        ).path
     measured = []
     for name, path in chosen:
-        results = stages.run(f"bench {name}", lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress))
+        results = stages.run(
+            f"bench {name}", lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress)
+        )
         measured.append((name, describe(path)["file_type"], results.manifest["results"]))
-    return finish_report(measured, Path(reference_dir), cfg.bench, cfg.gates, out_dir, base_results=base_results,
-                         export_results=export_results, old_report=old, stages=stages.log)
+    return finish_report(
+        measured,
+        Path(reference_dir),
+        cfg.bench,
+        cfg.gates,
+        out_dir,
+        base_results=base_results,
+        export_results=export_results,
+        old_report=old,
+        stages=stages.log,
+    )

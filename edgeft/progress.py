@@ -20,7 +20,9 @@ def stage_printer() -> Callable[[str, str], None]:
             click.echo(f"[{stage}] running…", err=True)
         else:
             secs = time.perf_counter() - started.get(stage, time.perf_counter())
-            click.echo(f"[{stage}] {'cached, nothing to do' if status == 'cached' else f'done in {secs:.1f}s'}", err=True)
+            click.echo(
+                f"[{stage}] {'cached, nothing to do' if status == 'cached' else f'done in {secs:.1f}s'}", err=True
+            )
 
     return on_stage
 
@@ -33,8 +35,13 @@ def rich_progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
 
     console = Console(stderr=True)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=not console.is_terminal, disable=not sys.stderr.isatty(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+        disable=not sys.stderr.isatty(),
     ) as bar:
 
         def factory(description: str, total: int) -> Callable[[], None]:

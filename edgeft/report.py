@@ -34,8 +34,14 @@ from . import __version__
 SCHEMA_VERSION = 2
 
 
-def target_entry(target: str, quant: str, measured: dict[str, Any], ref_meta: dict[str, Any],
-                 base_accuracy: float | None, golden: int) -> dict[str, Any]:
+def target_entry(
+    target: str,
+    quant: str,
+    measured: dict[str, Any],
+    ref_meta: dict[str, Any],
+    base_accuracy: float | None,
+    golden: int,
+) -> dict[str, Any]:
     """One target's report entry from its bench results and the stored reference."""
     perf, ref_perf = measured["performance"], ref_meta["performance"]
     lat, ref_lat = perf["latency"], ref_perf["latency"]
@@ -79,30 +85,59 @@ def target_entry(target: str, quant: str, measured: dict[str, Any], ref_meta: di
     }
 
 
-def assemble(entries: list[dict[str, Any]], ref_dir: Path, ref_meta: dict[str, Any], ladder: list[dict[str, Any]],
-             machine: dict[str, Any]) -> dict[str, Any]:
+def assemble(
+    entries: list[dict[str, Any]],
+    ref_dir: Path,
+    ref_meta: dict[str, Any],
+    ladder: list[dict[str, Any]],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
     first = entries[0]
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "edgeft_version": __version__,
         **{k: first[k] for k in ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")},
         "reference": {
-            "path": ref_meta["model"], "stored": str(ref_dir), "size_bytes": ref_meta["model_size_bytes"],
-            "dtype": "float32", "top_k": ref_meta["top_k"], "task_accuracy": ref_meta["task_accuracy"],
-            "perplexity": ref_meta["perplexity"], "performance": ref_meta["performance"],
+            "path": ref_meta["model"],
+            "stored": str(ref_dir),
+            "size_bytes": ref_meta["model_size_bytes"],
+            "dtype": "float32",
+            "top_k": ref_meta["top_k"],
+            "task_accuracy": ref_meta["task_accuracy"],
+            "perplexity": ref_meta["perplexity"],
+            "performance": ref_meta["performance"],
         },
         "targets": entries,
         "ladder": ladder,
-        "eval": {"file": ref_meta["eval_file"], "examples": len(ref_meta["examples"]), "scored_positions": ref_meta["positions"]},
+        "eval": {
+            "file": ref_meta["eval_file"],
+            "examples": len(ref_meta["examples"]),
+            "scored_positions": ref_meta["positions"],
+        },
         "machine": machine,
     }
     return report
 
 
-def ladder_row(stage: str, runtime: str, fidelity: dict[str, Any], size_bytes: int | None, quant: str) -> dict[str, Any]:
-    keys = ("kl_divergence_mean", "kl_divergence_p99", "top1_agreement", "perplexity_artifact",
-            "perplexity_artifact_err", "perplexity_delta_pct", "task_accuracy_artifact")
-    return {"stage": stage, "runtime": runtime, "quant": quant, "size_bytes": size_bytes, **{k: fidelity.get(k) for k in keys}}
+def ladder_row(
+    stage: str, runtime: str, fidelity: dict[str, Any], size_bytes: int | None, quant: str
+) -> dict[str, Any]:
+    keys = (
+        "kl_divergence_mean",
+        "kl_divergence_p99",
+        "top1_agreement",
+        "perplexity_artifact",
+        "perplexity_artifact_err",
+        "perplexity_delta_pct",
+        "task_accuracy_artifact",
+    )
+    return {
+        "stage": stage,
+        "runtime": runtime,
+        "quant": quant,
+        "size_bytes": size_bytes,
+        **{k: fidelity.get(k) for k in keys},
+    }
 
 
 # ---------------------------------------------------------------------------------------------- md
@@ -130,7 +165,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({ref['size_bytes'] / 1e6:.0f} MB fp32) · {report['eval']['examples']} held-out questions, "
         f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
         "",
-        "## Fidelity ladder (each stage vs the fine-tuned fp32 reference)",
+        "## Fidelity ladder (each stage vs the fine-tuned fp32 reference; base = before fine-tuning)",
         "",
         "| stage | runtime | type | MB | mean KLD | p99 KLD | top-1 | perplexity | Δppl | task acc |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -162,26 +197,47 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
-    lines += ["", f"Roofline: decode tok/s as a fraction of measured read bandwidth ({_spread(bw)} GB/s) ÷ weight bytes "
-              "read per token (a projected ceiling, not a measurement)."]
+    lines += [
+        "",
+        f"Roofline: decode tok/s as a fraction of measured read bandwidth ({_spread(bw)} GB/s) ÷ weight bytes "
+        "read per token (a projected ceiling, not a measurement).",
+    ]
     for t in report["targets"]:
         types = ", ".join(f"{k}×{v}" for k, v in t["artifact"].get("tensor_types", {}).items())
-        lines += ["", f"## {t['target']} — {'passed' if t.get('passed') else '**FAILED**'}", "",
-                  f"`{t['artifact']['path']}` · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
-                  f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}"]
+        lines += [
+            "",
+            f"## {t['target']} — {'passed' if t.get('passed') else '**FAILED**'}",
+            "",
+            f"`{t['artifact']['path']}` · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+            f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
+        ]
         if t.get("gates"):
             lines += ["", "| gate | limit | value | result |", "|---|---:|---:|---|"]
             for g in t["gates"]:
-                value = "n/a" if g["value"] is None else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
-                lines.append(f"| {g['description']} ({g['name']}) | {g['limit']} | {value} | {'pass' if g['passed'] else '**FAIL**'} |")
+                value = (
+                    "n/a"
+                    if g["value"] is None
+                    else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
+                )
+                lines.append(
+                    f"| {g['description']} ({g['name']}) | {g['limit']} | {value} | {'pass' if g['passed'] else '**FAIL**'} |"
+                )
         if t.get("golden"):
             lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
             for g in t["golden"]:
                 mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
-                lines.append(f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
-                             f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |")
+                lines.append(
+                    f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
+                    f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |"
+                )
     if report.get("regressions"):
-        lines += ["", "## Regressions against the previous report", "", "| target | metric | old | new | allowed |", "|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Regressions against the previous report",
+            "",
+            "| target | metric | old | new | allowed |",
+            "|---|---|---:|---:|---:|",
+        ]
         for r in report["regressions"]:
             lines.append(f"| {r['target']} | {r['metric']} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |")
     if report.get("stages"):
@@ -199,10 +255,16 @@ def render_junit(report: dict[str, Any]) -> str:
     cases = []
     for t in report["targets"]:
         for g in t.get("gates", []):
-            cases.append((t["target"], g["name"], g["passed"], f"{g['description']}: value {g['value']}, limit {g['limit']}"))
+            cases.append(
+                (t["target"], g["name"], g["passed"], f"{g['description']}: value {g['value']}, limit {g['limit']}")
+            )
     for r in report.get("regressions", []):
-        cases.append((r["target"], f"regression.{r['metric']}", False, f"{r['old']} -> {r['new']} (allowed {r['allowed']})"))
-    suite = ET.Element("testsuite", name="edgeft.gates", tests=str(len(cases)), failures=str(sum(not c[2] for c in cases)))
+        cases.append(
+            (r["target"], f"regression.{r['metric']}", False, f"{r['old']} -> {r['new']} (allowed {r['allowed']})")
+        )
+    suite = ET.Element(
+        "testsuite", name="edgeft.gates", tests=str(len(cases)), failures=str(sum(not c[2] for c in cases))
+    )
     for target, name, ok, message in cases:
         case = ET.SubElement(suite, "testcase", classname=f"edgeft.{target}", name=name)
         if not ok:
@@ -226,7 +288,13 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     for t in report["targets"]:
         size, kld = t["artifact"]["size_bytes"] / 1e6, max(t["fidelity"]["kl_divergence_mean"], 1e-7)
         ax.scatter(size, kld, s=60)
-        ax.annotate(f"{t['target']}\n{t['latency']['decode_tok_s']:.0f} tok/s", (size, kld), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            f"{t['target']}\n{t['latency']['decode_tok_s']:.0f} tok/s",
+            (size, kld),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("artifact size (MB)")
     ax.set_ylabel("mean KL divergence vs fp32 reference")
     ax.set_yscale("log")

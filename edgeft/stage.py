@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import __version__
 
@@ -129,6 +129,26 @@ def staged_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def run_stage(
+    final: Path,
+    stage: str,
+    inputs: dict[str, Any],
+    params: dict[str, Any],
+    work: Callable[[Path], dict[str, Any] | None],
+) -> StageOutput:
+    """The whole protocol: reuse ``final`` when its key matches, else ``work(tmp_dir)`` and rename.
+
+    ``work`` writes its payload into the temporary directory it is given and may return results
+    worth recording in the manifest.
+    """
+    key = stage_key(stage, inputs, params)
+    if hit := cached(final, key):
+        return hit
+    with staged_dir(final, stage, key, inputs, params) as (tmp, results):
+        results.update(work(tmp) or {})
+    return StageOutput(Path(final), False, read_manifest(final) or {})
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from .errors import ConfigError
 from .quantize.gguf_types import GGUF_QUANT_TYPES, UNQUANTIZED

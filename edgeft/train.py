@@ -7,13 +7,14 @@ only) → set up the peft model → transformers ``Trainer`` → save a standard
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
 from .data import Example, load_jsonl
 from .errors import ConfigError
-from .stage import StageOutput, cached, content_hash, stage_key, staged_dir
+from .stage import StageOutput, content_hash, run_stage
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
 
@@ -183,22 +184,10 @@ def train(model_dir: Path, train_file: Path, out_dir: Path, cfg: TrainConfig) ->
 
     inputs = {"model": content_hash(model_dir), "train_data": content_hash(train_file)}
     params = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # threads do not change results
-    key = stage_key("train", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "train", key, inputs, params) as (tmp, results):
-        results.update(train_adapter(model_dir, train_file, tmp, cfg))
-        _rm_tree(tmp / "_trainer")
-    return StageOutput(Path(out_dir), False, _read(out_dir))
 
+    def work(tmp: Path) -> dict[str, Any]:
+        stats = train_adapter(model_dir, train_file, tmp, cfg)
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)  # Trainer scratch, not part of the adapter
+        return stats
 
-def _rm_tree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def _read(out_dir: Path) -> dict[str, Any]:
-    from .stage import read_manifest
-
-    return read_manifest(out_dir) or {}
+    return run_stage(out_dir, "train", inputs, params, work)

@@ -17,9 +17,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def edgeft_cache(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
+def edgeft_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The edgeft cache for this session: ``$EDGEFT_CACHE`` if set, else one kept in pytest's cache.
 
     Materialising the default model takes tens of seconds; keeping it in pytest's cache folder

@@ -19,8 +19,16 @@ TARGETS = "gguf-q8,gguf-q4,gguf-q4_0"
 CONTRACT = {
     "artifact": {"path", "format", "quant", "size_bytes", "sha256"},
     "reference": {"path", "size_bytes"},
-    "fidelity": {"perplexity_reference", "perplexity_artifact", "perplexity_delta_pct", "kl_divergence_mean",
-                 "top1_agreement", "task_accuracy_base", "task_accuracy_reference", "task_accuracy_artifact"},
+    "fidelity": {
+        "perplexity_reference",
+        "perplexity_artifact",
+        "perplexity_delta_pct",
+        "kl_divergence_mean",
+        "top1_agreement",
+        "task_accuracy_base",
+        "task_accuracy_reference",
+        "task_accuracy_artifact",
+    },
     "latency": {"threads", "decode_tok_s", "reference_decode_tok_s"},
 }
 
@@ -41,8 +49,13 @@ def config(tmp_path_factory) -> Path:
 
 def edgeft(*args: str, env: dict | None = None, prelude: str = "") -> subprocess.CompletedProcess:
     code = prelude + "import sys; from edgeft.cli import main; sys.argv[0] = 'edgeft'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def report(out: Path) -> dict:
@@ -70,7 +83,10 @@ def test_report_keeps_the_contract(built):
     for t in r["targets"]:
         art = t["artifact"]
         assert Path(art["path"]).is_file() and art["size_bytes"] == Path(art["path"]).stat().st_size
-        assert all(0 <= t["fidelity"][k] <= 1 for k in ("task_accuracy_base", "task_accuracy_reference", "task_accuracy_artifact"))
+        assert all(
+            0 <= t["fidelity"][k] <= 1
+            for k in ("task_accuracy_base", "task_accuracy_reference", "task_accuracy_artifact")
+        )
         lat = t["latency"]["artifact"]
         assert lat["threads"] == 2 and lat["repeats"] == 2 and abs(lat["prompt_tokens"] - 64) <= 8
         for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s"):
@@ -87,12 +103,12 @@ def test_report_keeps_the_contract(built):
 
 def test_fidelity_ladder_tells_stages_apart(built):
     ladder = {row["stage"]: row for row in report(built)["ladder"]}
-    export = ladder["export gguf-f32"]
+    export = ladder["f32 export"]
     assert export["kl_divergence_mean"] < 1e-3 and export["top1_agreement"] > 0.99  # conversion is lossless
-    assert ladder["reference (fine-tuned, merged)"]["kl_divergence_mean"] == 0
+    assert ladder["reference"]["kl_divergence_mean"] == 0
     kld = [ladder[t]["kl_divergence_mean"] for t in TARGETS.split(",")]
     assert export["kl_divergence_mean"] < kld[0] < kld[1] < kld[2], kld  # Q8_0 < Q4_K_M < Q4_0
-    assert ladder["base (not fine-tuned)"]["kl_divergence_mean"] > export["kl_divergence_mean"]
+    assert ladder["base"]["kl_divergence_mean"] > export["kl_divergence_mean"]
 
 
 def test_memory_is_the_runtimes_own(built):
@@ -119,7 +135,9 @@ def test_new_target_runs_only_its_own_stages(config, built):
 
 
 def test_failing_gate_exits_1_with_junit_failure(config, built):
-    proc = edgeft("build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--gate", "max_size_mb=1")
+    proc = edgeft(
+        "build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--gate", "max_size_mb=1"
+    )
     assert proc.returncode == 1
     assert "gate failed: gguf-q4: max_size_mb" in proc.stderr
     assert report(built)["passed"] is False
@@ -130,13 +148,26 @@ def test_failing_gate_exits_1_with_junit_failure(config, built):
 
 def test_bench_runs_without_torch(built, tmp_path):
     # Make torch and transformers unimportable, as on a Raspberry Pi with only the runtimes.
-    block = ("import sys, importlib.abc\n"
-             "class _Block(importlib.abc.MetaPathFinder):\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('torch', 'transformers', 'peft'): raise ImportError('blocked: ' + name)\n"
-             "sys.meta_path.insert(0, _Block())\n")
+    block = (
+        "import sys, importlib.abc\n"
+        "class _Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'peft'): raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
     out = tmp_path / "bench"
-    proc = edgeft("bench", "--build", str(built), "--target", "gguf-q8,gguf-q4_0", "--out", str(out), "--threads", "2", prelude=block)
+    proc = edgeft(
+        "bench",
+        "--build",
+        str(built),
+        "--target",
+        "gguf-q8,gguf-q4_0",
+        "--out",
+        str(out),
+        "--threads",
+        "2",
+        prelude=block,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = report(out)
     assert [t["target"] for t in r["targets"]] == ["gguf-q8", "gguf-q4_0"]
@@ -146,3 +177,27 @@ def test_bench_runs_without_torch(built, tmp_path):
         assert t["fidelity"]["kl_divergence_mean"] == pytest.approx(before["kl_divergence_mean"], rel=1e-3)
     assert [s["stage"] for s in r["stages"]] == ["bench gguf-q8", "bench gguf-q4_0"]
     assert not any(s["cached"] for s in r["stages"])
+
+
+def test_topk_kld_is_within_the_measured_bound_of_exact(built):
+    """Stored top-k + tail KLD vs the exact KLD from full logits, on the real model and a 4-bit file.
+
+    Merging the tail into one bin can only lower KL, so top-k is a lower bound; on SmolLM2 the gap
+    measured 0.3% of the KLD for Q4_0 at k=32 (see the issue notes), bounded here at 2%.
+    """
+    from edgeft.bench import reference as stored_reference
+    from edgeft.bench.fidelity import compare, compare_stored
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+    from edgeft.runtimes.torch import TorchRuntime
+
+    stored = stored_reference.load(built / "reference")
+    art = LlamaCppRuntime(built / "gguf-q4_0" / "model.gguf", n_threads=2)
+    ref = TorchRuntime(built / "merged", threads=2)
+    exact = compare(ref, art, stored.sequences())
+    approx = compare_stored(stored, art)
+    art.close()
+    assert stored.k == 32
+    assert approx["kl_divergence_mean"] <= exact["kl_divergence_mean"] * (1 + 1e-4)
+    assert exact["kl_divergence_mean"] - approx["kl_divergence_mean"] <= 0.02 * exact["kl_divergence_mean"]
+    assert approx["top1_agreement"] == exact["top1_agreement"]
+    assert approx["perplexity_artifact"] == pytest.approx(exact["perplexity_artifact"], rel=1e-4)

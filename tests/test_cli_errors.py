@@ -13,7 +13,9 @@ COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 
 
 def edgeft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeft.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgeft.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -56,7 +58,9 @@ def test_malformed_dataset_line(tmp_path):
 
 
 def test_missing_model_folder(tmp_path):
-    proc = edgeft("build", "--config", str(write_config(tmp_path, model="./no-such-model")), "--out", "out", cwd=tmp_path)
+    proc = edgeft(
+        "build", "--config", str(write_config(tmp_path, model="./no-such-model")), "--out", "out", cwd=tmp_path
+    )
     assert_user_error(proc, "no-such-model")
     assert not (tmp_path / "out").exists()
 
@@ -79,7 +83,9 @@ def test_train_with_bad_data_leaves_no_adapter(tmp_path):
 
 
 def test_bench_missing_artifact(tmp_path):
-    proc = edgeft("bench", "--artifact", "nope.gguf", "--reference", "ref", "--eval", str(COOKING / "eval.jsonl"), cwd=tmp_path)
+    proc = edgeft(
+        "bench", "--artifact", "nope.gguf", "--reference", "ref", "--eval", str(COOKING / "eval.jsonl"), cwd=tmp_path
+    )
     assert_user_error(proc, "nope.gguf")
 
 

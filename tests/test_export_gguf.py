@@ -118,10 +118,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str
 def tiny_tokens(tokenizer) -> list[list[int]]:
     chat = [{"role": "user", "content": "Scale 3 eggs and 250 g flour to 7 servings."}]
     rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return [
-        tokenizer(text, add_special_tokens=False)["input_ids"][:200]
-        for text in (rendered, _pydoc_text()[:800])
-    ]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"][:200] for text in (rendered, _pydoc_text()[:800])]
 
 
 def _expected_tensors(n_layers: int, tied: bool) -> set[str]:
@@ -151,13 +148,9 @@ def test_f32_export_gives_transformers_logits(
     reader = gguf.GGUFReader(out)
     assert {t.name for t in reader.tensors} == _expected_tensors(2, tied=kind == "tied")
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
-    assert info["n_tensors"] == len(reader.tensors) and info["tensor_types"] == {
-        "F32": len(reader.tensors)
-    }
+    assert info["n_tensors"] == len(reader.tensors) and info["tensor_types"] == {"F32": len(reader.tensors)}
 
-    _assert_within(
-        _compare(_hf_logits(tiny_models[kind], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f32"
-    )
+    _assert_within(_compare(_hf_logits(tiny_models[kind], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f32")
 
 
 def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
@@ -173,9 +166,7 @@ def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
     assert reader.fields[gguf.Keys.General.FILE_TYPE].contents() == gguf.LlamaFileType.MOSTLY_F16
     assert info["tensor_types"] == {"F16": 15, "F32": 5}
 
-    _assert_within(
-        _compare(_hf_logits(tiny_models["tied"], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f16"
-    )
+    _assert_within(_compare(_hf_logits(tiny_models["tied"], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f16")
 
 
 def test_without_rotary_permutation_logits_diverge(
@@ -188,9 +179,7 @@ def test_without_rotary_permutation_logits_diverge(
     monkeypatch.setattr(export_gguf, "permute_rotary", lambda weights, n_head: weights)
     out = tmp_path / "model.gguf"
     export_gguf.write_gguf(tiny_models["tied"], out, "f32")
-    measured = _compare(
-        _hf_logits(tiny_models["tied"], tiny_tokens[:1]), _gguf_logits(out, tiny_tokens[:1])
-    )
+    measured = _compare(_hf_logits(tiny_models["tied"], tiny_tokens[:1]), _gguf_logits(out, tiny_tokens[:1]))
     assert measured["max_abs"] > 100 * TOLERANCES["export", "f32"]["max_abs"]
 
 
@@ -239,9 +228,7 @@ def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tm
         "use_regex": True,
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(
-        ModelError, match="unrecognised pre-tokenizer .*known llama.cpp pre-tokenizers: smollm"
-    ):
+    with pytest.raises(ModelError, match="unrecognised pre-tokenizer .*known llama.cpp pre-tokenizers: smollm"):
         export_gguf.write_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
@@ -266,9 +253,7 @@ def smollm2_runtime(smollm2_gguf: Path) -> Iterator[LlamaCppRuntime]:
 def chat_texts(tokenizer) -> list[str]:
     """Eval conversations rendered with the chat template (or a few built-in ones if absent)."""
     if EVAL_SET.is_file():
-        conversations = [
-            json.loads(line)["messages"] for line in EVAL_SET.read_text().splitlines() if line.strip()
-        ]
+        conversations = [json.loads(line)["messages"] for line in EVAL_SET.read_text().splitlines() if line.strip()]
     else:
         conversations = [
             [
@@ -337,13 +322,9 @@ def test_smollm2_tokenization_matches_transformers(
 ) -> None:
     texts = [*chat_texts, STRESS_TEXT, _pydoc_text()]
     mismatched = [
-        t
-        for t in texts
-        if smollm2_runtime.tokenize(t) != tokenizer(t, add_special_tokens=False)["input_ids"]
+        t for t in texts if smollm2_runtime.tokenize(t) != tokenizer(t, add_special_tokens=False)["input_ids"]
     ]
-    assert not mismatched, (
-        f"{len(mismatched)}/{len(texts)} texts tokenized differently, first: {mismatched[0][:200]!r}"
-    )
+    assert not mismatched, f"{len(mismatched)}/{len(texts)} texts tokenized differently, first: {mismatched[0][:200]!r}"
     # Chat-template special tokens are single control tokens in both.
     for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert smollm2_runtime.tokenize(token) == [tokenizer.convert_tokens_to_ids(token)]
@@ -354,8 +335,6 @@ def test_smollm2_f32_gguf_matches_transformers(
     smollm2_dir: Path, tokenizer, smollm2_runtime: LlamaCppRuntime, chat_texts: list[str]
 ) -> None:
     token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chat_texts[::KLD_EVERY]]
-    measured = _compare(
-        _hf_logits(smollm2_dir, token_lists), [smollm2_runtime.logits(ids) for ids in token_lists]
-    )
+    measured = _compare(_hf_logits(smollm2_dir, token_lists), [smollm2_runtime.logits(ids) for ids in token_lists])
     _assert_within(measured, "f32")
     assert measured["top1"] >= 0.99, measured

@@ -42,9 +42,16 @@ def test_perplexity_error():
 def _entry(**over):
     entry = {
         "target": "gguf-q4",
-        "fidelity": {"kl_divergence_mean": 0.2, "kl_divergence_se": 0.01, "top1_agreement": 0.8, "perplexity_delta_pct": 5.0,
-                     "perplexity_artifact": 2.0, "perplexity_artifact_err": 0.05,
-                     "task_accuracy_artifact": 0.6, "task_accuracy_reference": 0.8},
+        "fidelity": {
+            "kl_divergence_mean": 0.2,
+            "kl_divergence_se": 0.01,
+            "top1_agreement": 0.8,
+            "perplexity_delta_pct": 5.0,
+            "perplexity_artifact": 2.0,
+            "perplexity_artifact_err": 0.05,
+            "task_accuracy_artifact": 0.6,
+            "task_accuracy_reference": 0.8,
+        },
         "latency": {"decode_tok_s": 50.0, "artifact": {"decode_tok_s": {"median": 50.0, "min": 48.0, "max": 52.0}}},
         "memory": {"peak_rss_bytes": 200e6},
         "artifact": {"size_bytes": 100e6},
@@ -57,11 +64,28 @@ def _entry(**over):
 
 
 def test_gates_pass_and_fail():
-    gates = evaluate_gates(_entry(), GatesConfig(max_kld=0.1, min_top1=0.5, min_task_accuracy_ratio=0.7, max_size_mb=150,
-                                                 max_peak_rss_mb=150, golden_must_stop=True, golden_must_be_correct=True))
+    gates = evaluate_gates(
+        _entry(),
+        GatesConfig(
+            max_kld=0.1,
+            min_top1=0.5,
+            min_task_accuracy_ratio=0.7,
+            max_size_mb=150,
+            max_peak_rss_mb=150,
+            golden_must_stop=True,
+            golden_must_be_correct=True,
+        ),
+    )
     by = {g["name"]: g["passed"] for g in gates}
-    assert by == {"max_kld": False, "min_top1": True, "min_task_accuracy_ratio": True, "max_size_mb": True,
-                  "max_peak_rss_mb": False, "golden_must_stop": True, "golden_must_be_correct": False}
+    assert by == {
+        "max_kld": False,
+        "min_top1": True,
+        "min_task_accuracy_ratio": True,
+        "max_size_mb": True,
+        "max_peak_rss_mb": False,
+        "golden_must_stop": True,
+        "golden_must_be_correct": False,
+    }
     assert evaluate_gates(_entry(), GatesConfig()) == []
 
 
@@ -85,9 +109,19 @@ def test_regressions_beyond_the_spread_only():
     old = {"targets": [_entry()]}
     same = {"targets": [_entry(fidelity={"kl_divergence_mean": 0.21})]}  # within 2 SE
     assert regressions(same, old) == []
-    worse = {"targets": [_entry(fidelity={"kl_divergence_mean": 0.3, "perplexity_artifact": 2.5},
-                                latency={"artifact": {"decode_tok_s": {"median": 30.0, "min": 29.0, "max": 31.0}}})]}
-    assert {r["metric"] for r in regressions(worse, old)} == {"kl_divergence_mean", "perplexity_artifact", "decode_tok_s"}
+    worse = {
+        "targets": [
+            _entry(
+                fidelity={"kl_divergence_mean": 0.3, "perplexity_artifact": 2.5},
+                latency={"artifact": {"decode_tok_s": {"median": 30.0, "min": 29.0, "max": 31.0}}},
+            )
+        ]
+    }
+    assert {r["metric"] for r in regressions(worse, old)} == {
+        "kl_divergence_mean",
+        "perplexity_artifact",
+        "decode_tok_s",
+    }
 
 
 def _stored_vs_exact(k: int, vocab: int = 40, n: int = 12):

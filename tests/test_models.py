@@ -29,9 +29,7 @@ BAD_FOLDERS = {
     "no-config": (_no_config, "no config.json"),
     "bad-json": (lambda tmp: _write_config(tmp / "bad", "{"), "config.json: not valid JSON"),
     "gpt2": (
-        lambda tmp: _write_config(
-            tmp / "gpt2", '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}'
-        ),
+        lambda tmp: _write_config(tmp / "gpt2", '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}'),
         "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM",
     ),
     "gpt2-no-architectures": (
@@ -91,9 +89,7 @@ def test_materialised_tokenizer_is_repaired_and_complete(smollm2_dir: Path) -> N
     # Digits are split one by one, as in the original SmolLM2 tokenizer and llama.cpp's "smollm".
     assert len(tok("2024", add_special_tokens=False)["input_ids"]) == 4
     assert tok("hi", add_special_tokens=True)["input_ids"][0] != tok.bos_token_id  # no BOS added
-    rendered = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert GenerationConfig.from_pretrained(smollm2_dir).eos_token_id == specials["<|im_end|>"]
 

@@ -90,7 +90,9 @@ def test_merged_model_matches_base_plus_adapter(tiny, small_train, tmp_path, tok
     adapter = train(tiny, small_train, tmp_path / "adapter", TrainConfig(**FAST)).path
     merged = merge(tiny, adapter, tmp_path / "merged")
     assert (merged.path / "model.safetensors").is_file() and (merged.path / "tokenizer.json").is_file()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Safe temp for pork?"}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Safe temp for pork?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)

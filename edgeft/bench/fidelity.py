@@ -53,7 +53,12 @@ class FidelityAccumulator:
         self.nll_art += (-la[rows, tgt]).tolist()
 
     def add_topk(
-        self, seq: Sequence, topk_ids: np.ndarray, topk_logp: np.ndarray, target_logp: np.ndarray, art_logits: np.ndarray
+        self,
+        seq: Sequence,
+        topk_ids: np.ndarray,
+        topk_logp: np.ndarray,
+        target_logp: np.ndarray,
+        art_logits: np.ndarray,
     ) -> None:
         """Like :meth:`add`, with the reference given as stored top-k log-probs (k tokens + a tail bin)."""
         pos = np.asarray(seq.targets) - 1

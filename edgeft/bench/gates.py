@@ -25,7 +25,11 @@ GATES: dict[str, tuple[Callable[[dict], Any], str, str]] = {
     "max_peak_rss_mb": (lambda e: e["memory"]["peak_rss_bytes"] / 1e6, "max", "peak RSS MB"),
     "max_size_mb": (lambda e: e["artifact"]["size_bytes"] / 1e6, "max", "size MB"),
     "golden_must_stop": (lambda e: all(g["artifact_stopped"] for g in e["golden"]), "true", "golden answers stop"),
-    "golden_must_be_correct": (lambda e: all(g["artifact_correct"] for g in e["golden"]), "true", "golden answers correct"),
+    "golden_must_be_correct": (
+        lambda e: all(g["artifact_correct"] for g in e["golden"]),
+        "true",
+        "golden answers correct",
+    ),
 }
 
 
@@ -84,9 +88,17 @@ def regressions(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]
         if prev is None:
             continue
 
-        def flag(metric: str, before: float, after: float, allowed: float) -> None:
-            out.append({"target": entry["target"], "metric": metric, "old": before, "new": after,
-                        "allowed": allowed, "regressed": True})
+        def flag(metric: str, before: float, after: float, allowed: float, target: str = entry["target"]) -> None:
+            out.append(
+                {
+                    "target": target,
+                    "metric": metric,
+                    "old": before,
+                    "new": after,
+                    "allowed": allowed,
+                    "regressed": True,
+                }
+            )
 
         nf, of = entry["fidelity"], prev["fidelity"]
         d = nf["perplexity_artifact"] - of["perplexity_artifact"]

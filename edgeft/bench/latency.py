@@ -105,4 +105,3 @@ def measure_latency(runtime, *, prompt_tokens: int = 512, decode_tokens: int = 1
         "prefill_tok_s": spread([r.n_prompt / r.ttft_s for r in runs]),
         "decode_tok_s": spread([r.decode_tok_s for r in runs]),
     }
-

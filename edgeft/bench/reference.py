@@ -92,7 +92,9 @@ def load(folder: Path) -> StoredReference:
     if not (folder / ARRAYS).is_file() or not (folder / META).is_file():
         from ..errors import ModelError
 
-        raise ModelError(f"{folder}: not a stored reference (expected {ARRAYS} and {META}); create one with `edgeft build` or `edgeft bench --reference HF_FOLDER`")
+        raise ModelError(
+            f"{folder}: not a stored reference (expected {ARRAYS} and {META}); create one with `edgeft build` or `edgeft bench --reference HF_FOLDER`"
+        )
     data = np.load(folder / ARRAYS)
     parts = {}
     for name in ("tokens", "targets", "topk_ids", "topk_logp", "target_logp"):

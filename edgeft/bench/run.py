@@ -17,12 +17,11 @@ import platform
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
 from ..config import BenchConfig
 from ..data import is_correct, load_jsonl
-from ..stage import StageOutput, cached, content_hash, read_manifest, sha256_file, stage_key, staged_dir
+from ..stage import StageOutput, content_hash, run_stage, sha256_file
 from . import reference as stored_reference
-from .fidelity import FidelityAccumulator, compare_stored, reply_sequences, task_accuracy
+from .fidelity import compare_stored, reply_sequences, task_accuracy
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
 
@@ -99,15 +98,18 @@ def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, ou
     return {"task_accuracy": meta["task_accuracy"], "perplexity": ppl, "positions": len(nll)}
 
 
-def reference(reference_dir: Path, eval_file: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+def reference(
+    reference_dir: Path, eval_file: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
+) -> StageOutput:
     inputs = {"reference": content_hash(reference_dir), "eval": content_hash(eval_file)}
     params = _params(cfg)
-    key = stage_key("reference", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "reference", key, inputs, params) as (tmp, results):
-        results.update(measure_reference(reference_dir, eval_file, cfg, tmp, progress))
-    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+    return run_stage(
+        out_dir,
+        "reference",
+        inputs,
+        params,
+        lambda tmp: measure_reference(reference_dir, eval_file, cfg, tmp, progress),
+    )
 
 
 def _params(cfg: BenchConfig) -> dict[str, Any]:
@@ -154,8 +156,13 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     decode = perf["latency"]["decode_tok_s"]["median"]
     info = describe(artifact)
     return {
-        "artifact": {"path": str(artifact), "format": "gguf", "size_bytes": info["size_bytes"],
-                     "sha256": sha256_file(artifact), "tensor_types": info["tensor_types"]},
+        "artifact": {
+            "path": str(artifact),
+            "format": "gguf",
+            "size_bytes": info["size_bytes"],
+            "sha256": sha256_file(artifact),
+            "tensor_types": info["tensor_types"],
+        },
         "fidelity": fidelity,
         "answers": _answers(examples, replies, [g.stopped for g in outs]),
         "performance": perf,
@@ -169,29 +176,25 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     }
 
 
-def bench(artifact: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+def bench(
+    artifact: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
+) -> StageOutput:
     """Cached stage: ``out_dir/manifest.json`` results hold the artifact's measurements."""
     inputs = {"artifact": content_hash(artifact), "reference": content_hash(ref_dir)}
     params = _params(cfg)
-    key = stage_key("bench", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "bench", key, inputs, params) as (tmp, results):
-        results.update(measure_artifact(artifact, ref_dir, cfg, progress))
-    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+    return run_stage(out_dir, "bench", inputs, params, lambda tmp: measure_artifact(artifact, ref_dir, cfg, progress))
 
 
 # --------------------------------------------------------------------------------------------
 # base model row (torch)
 
 
-def bench_base(base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress) -> StageOutput:
+def bench_base(
+    base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
+) -> StageOutput:
     inputs = {"base": content_hash(base_dir), "reference": content_hash(ref_dir)}
-    params = _params(cfg)
-    key = stage_key("bench-base", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "bench-base", key, inputs, params) as (tmp, results):
+
+    def work(tmp: Path) -> dict[str, Any]:
         from ..runtimes.torch import TorchRuntime
 
         stored = stored_reference.load(ref_dir)
@@ -202,18 +205,20 @@ def bench_base(base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, p
         step()
         rt.close()
         fidelity["task_accuracy_artifact"] = task_accuracy(replies, stored.examples)
-        results.update({"fidelity": fidelity, "answers": _answers(stored.examples, replies)})
-    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+        return {"fidelity": fidelity, "answers": _answers(stored.examples, replies)}
+
+    return run_stage(out_dir, "bench-base", inputs, _params(cfg), work)
 
 
 def reference_row(ref_dir: Path) -> dict[str, Any]:
     """The reference's own ladder row, from the stored figures (KLD 0 by definition)."""
     meta = stored_reference.load(ref_dir).meta
     return {
-        "kl_divergence_mean": 0.0, "kl_divergence_p99": 0.0, "top1_agreement": 1.0,
-        "perplexity_artifact": meta["perplexity"], "perplexity_artifact_err": meta["perplexity_err"],
-        "perplexity_delta_pct": 0.0, "task_accuracy_artifact": meta["task_accuracy"],
+        "kl_divergence_mean": 0.0,
+        "kl_divergence_p99": 0.0,
+        "top1_agreement": 1.0,
+        "perplexity_artifact": meta["perplexity"],
+        "perplexity_artifact_err": meta["perplexity_err"],
+        "perplexity_delta_pct": 0.0,
+        "task_accuracy_artifact": meta["task_accuracy"],
     }
-
-
-__all__ = ["reference", "bench", "bench_base", "reference_row", "FidelityAccumulator", "__version__"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import ConfigError, ModelError
 from ..models import check_model_dir
-from ..stage import StageOutput, cached, content_hash, read_manifest, stage_key, staged_dir
+from ..stage import StageOutput, content_hash, run_stage
 
 GGUF_FILE = "model.gguf"
 
@@ -81,13 +81,7 @@ def export(model_dir: Path, out_dir: Path, outtype: str = "f32") -> StageOutput:
     _check_outtype(outtype)
     inputs = {"model": content_hash(model_dir)}
     params = {"outtype": outtype}
-    key = stage_key("export", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "export", key, inputs, params) as (tmp, results):
-        results.update(write_gguf(model_dir, tmp / GGUF_FILE, outtype))
-    manifest = read_manifest(out_dir) or {}
-    return StageOutput(Path(out_dir), False, manifest, manifest.get("seconds", 0.0))
+    return run_stage(out_dir, "export", inputs, params, lambda tmp: write_gguf(model_dir, tmp / GGUF_FILE, outtype))
 
 
 def write_gguf(model_dir: Path, out_file: Path, outtype: str = "f32") -> dict[str, Any]:
@@ -158,9 +152,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(
-            f"{path}: missing; GGUF export needs a fast (tokenizer.json) tokenizer"
-        ) from None
+        raise ModelError(f"{path}: missing; GGUF export needs a fast (tokenizer.json) tokenizer") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: cannot read ({e})") from None
 
@@ -175,9 +167,7 @@ def _rope_theta(model_dir: Path, config: dict[str, Any]) -> float:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ModelError(
-            f"{model_dir}/config.json: rope_type {rope_type!r} is not supported; expected 'default'"
-        )
+        raise ModelError(f"{model_dir}/config.json: rope_type {rope_type!r} is not supported; expected 'default'")
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
@@ -209,9 +199,7 @@ def _pre_tokenizer_signature(node: dict[str, Any] | None) -> tuple[tuple[Any, ..
     if node is None:
         return ()
     if node.get("type") == "Sequence":
-        return tuple(
-            s for child in node.get("pretokenizers", []) for s in _pre_tokenizer_signature(child)
-        )
+        return tuple(s for child in node.get("pretokenizers", []) for s in _pre_tokenizer_signature(child))
     if node.get("type") == "Digits":
         return (("Digits", node.get("individual_digits")),)
     if node.get("type") == "ByteLevel":
@@ -254,8 +242,7 @@ def _add_tokenizer(
     id_to_token.update({i: a["content"] for i, a in added.items()})
     if max(id_to_token) >= vocab_size:
         raise ModelError(
-            f"{model_dir}/tokenizer.json: token id {max(id_to_token)} does not fit "
-            f"config.json vocab_size {vocab_size}"
+            f"{model_dir}/tokenizer.json: token id {max(id_to_token)} does not fit config.json vocab_size {vocab_size}"
         )
 
     tokens: list[str] = []
@@ -267,9 +254,7 @@ def _add_tokenizer(
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(token)
-            types.append(
-                gguf.TokenType.CONTROL if _is_control(added[i]) else gguf.TokenType.USER_DEFINED
-            )
+            types.append(gguf.TokenType.CONTROL if _is_control(added[i]) else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
@@ -323,9 +308,7 @@ def _plan_tensors(
                     continue
                 mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if mapped is None:
-                    raise ModelError(
-                        f"{path}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}"
-                    )
+                    raise ModelError(f"{path}: tensor {hf_name} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}")
                 kind, name = mapped
                 # Tied head: llama.cpp reuses token_embd when output.weight is absent.
                 if kind == gguf.MODEL_TENSOR.OUTPUT and tied:
@@ -344,9 +327,7 @@ def _plan_tensors(
     names = {t.name for t in plan}
     output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     if not tied and output not in names:
-        raise ModelError(
-            f"{model_dir}: no lm_head.weight and tie_word_embeddings is false in config.json"
-        )
+        raise ModelError(f"{model_dir}: no lm_head.weight and tie_word_embeddings is false in config.json")
     return plan
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelError
-from ..stage import StageOutput, cached, content_hash, read_manifest, stage_key, staged_dir
+from ..stage import StageOutput, content_hash, run_stage
 from .gguf_types import GGUF_QUANT_TYPES
 
 OUTPUT_NAME = "model.gguf"
@@ -54,14 +54,12 @@ def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> Sta
         raise ModelError(f"{gguf_dir}: expected an exported {OUTPUT_NAME} there")
     inputs = {"gguf": content_hash(gguf_dir)}
     params = {"quant": quant}
-    key = stage_key("quantize", inputs, params)
-    if hit := cached(out_dir, key):
-        return hit
-    with staged_dir(out_dir, "quantize", key, inputs, params) as (tmp, results):
+
+    def work(tmp: Path) -> dict[str, Any]:
         quantize_file(src, tmp / OUTPUT_NAME, quant, threads)
-        results["tensor_types"] = tensor_type_counts(tmp / OUTPUT_NAME)
-        results["size_bytes"] = (tmp / OUTPUT_NAME).stat().st_size
-    return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
+        return {"tensor_types": tensor_type_counts(tmp / OUTPUT_NAME), "size_bytes": (tmp / OUTPUT_NAME).stat().st_size}
+
+    return run_stage(out_dir, "quantize", inputs, params, work)
 
 
 def describe(path: Path) -> dict[str, Any]:

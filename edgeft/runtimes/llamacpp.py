@@ -46,9 +46,7 @@ class LlamaCppRuntime:
         if not gguf_path.is_file():
             raise ModelError(f"{gguf_path}: no such GGUF file")
         if kv_cache_type not in KV_CACHE_TYPES:
-            raise ConfigError(
-                f"kv_cache_type {kv_cache_type!r}: expected one of {', '.join(KV_CACHE_TYPES)}"
-            )
+            raise ConfigError(f"kv_cache_type {kv_cache_type!r}: expected one of {', '.join(KV_CACHE_TYPES)}")
         ggml_type = getattr(llama_cpp, KV_CACHE_TYPES[kv_cache_type])
         self.version: str = llama_cpp.__version__
         self.gguf_path = gguf_path

@@ -86,7 +86,9 @@ class TorchRuntime:
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Generation(text, len(prompt), len(new), stopped, ttft, total)
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    def generate_batch(
+        self, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16
+    ) -> list[str]:
         """Greedy answers for many chats at once (left-padded batches): for task accuracy, not timing."""
         tok = self.tokenizer
         tok.padding_side = "left"
