@@ -182,8 +182,11 @@ def test_bench_runs_without_torch(built, tmp_path):
 def test_topk_kld_is_within_the_measured_bound_of_exact(built):
     """Stored top-k + tail KLD vs the exact KLD from full logits, on the real model and a 4-bit file.
 
-    Merging the tail into one bin can only lower KL, so top-k is a lower bound; on SmolLM2 the gap
-    measured 0.3% of the KLD for Q4_0 at k=32 (see the issue notes), bounded here at 2%.
+    Merging the tail into one bin can only lower KL, so top-k is a lower bound, and the gap grows
+    with the tail mass the reference leaves outside its top k. Measured on the cooking fine-tune
+    (78 questions, 1798 positions), relative gap at k=64 / k=16: Q8_0 1.3% / 3.8%, Q4_K_M 0.7% /
+    2.2%, Q4_0 0.4% / 1.2%. On the barely trained model of this test (2 steps: flatter
+    distributions) it measured 11% for Q4_0 at k=32; bounded here at 15%.
     """
     from edgeft.bench import reference as stored_reference
     from edgeft.bench.fidelity import compare, compare_stored
@@ -198,6 +201,6 @@ def test_topk_kld_is_within_the_measured_bound_of_exact(built):
     art.close()
     assert stored.k == 32
     assert approx["kl_divergence_mean"] <= exact["kl_divergence_mean"] * (1 + 1e-4)
-    assert exact["kl_divergence_mean"] - approx["kl_divergence_mean"] <= 0.02 * exact["kl_divergence_mean"]
+    assert exact["kl_divergence_mean"] - approx["kl_divergence_mean"] <= 0.15 * exact["kl_divergence_mean"]
     assert approx["top1_agreement"] == exact["top1_agreement"]
     assert approx["perplexity_artifact"] == pytest.approx(exact["perplexity_artifact"], rel=1e-4)
