@@ -87,7 +87,7 @@ def load_jsonl(path: Path, *, need_answers: bool = False) -> list[Example]:
 
 
 def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.replace("\u00b0", "°")).strip().casefold()
+    return re.sub(r"\s+", " ", text).strip().casefold()
 
 
 def is_correct(reply: str, answers: list[str]) -> bool:
