@@ -36,6 +36,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: no code may fetch from a hub
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' per-load "Loading weights" bars; the training progress bar is unaffected.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # bitsandbytes warns on import that an optional hub-fetched CPU kernel is missing; we never fetch.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
