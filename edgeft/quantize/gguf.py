@@ -37,8 +37,11 @@ def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
 
     import llama_cpp
 
-    # llama.cpp logs every tensor it converts; llama-cpp-python routes that through this logger.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    # llama.cpp logs every tensor it converts and each K-quant fallback; llama-cpp-python routes
+    # that through this logger, mapping ggml's WARN to logging.ERROR (its table predates ggml's
+    # current enum), so only CRITICAL silences the fallback lines. The report lists the types
+    # actually written instead, and a failure still raises below.
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANT_TYPES[quant]
     params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
