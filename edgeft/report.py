@@ -199,8 +199,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
     lines += [
         "",
-        f"Roofline: decode tok/s as a fraction of measured read bandwidth ({_spread(bw)} GB/s) ÷ weight bytes "
-        "read per token (a projected ceiling, not a measurement).",
+        f"Roofline: decode tok/s as a fraction of the best measured read bandwidth ({bw['max']:.1f} GB/s; median "
+        f"[min–max] {_spread(bw)}) ÷ weight bytes read per token (a projected ceiling, not a measurement).",
     ]
     for t in report["targets"]:
         types = ", ".join(f"{k}×{v}" for k, v in t["artifact"].get("tensor_types", {}).items())
