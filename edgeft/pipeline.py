@@ -171,15 +171,19 @@ def finish_report(
 ) -> dict[str, Any]:
     """Targets' measurements + stored reference → judged report, written to ``out_dir``."""
     from .bench import reference as stored_reference
+    from .bench.bandwidth import measure_read_bandwidth
     from .bench.gates import evaluate_gates, regressions
     from .bench.run import reference_row
     from .report import assemble, ladder_row, target_entry, write_reports
 
     ref_meta = stored_reference.load(ref_dir).meta
     base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
+    # One bandwidth measurement for the whole table, so every artifact's roofline shares a ceiling.
+    threads = measured[0][2]["performance"]["latency"]["threads"]
+    bandwidth = measure_read_bandwidth(threads)["read_gb_s"]
     entries = []
     for name, quant, results in measured:
-        entry = target_entry(name, quant, results, ref_meta, base_acc, bcfg.golden)
+        entry = target_entry(name, quant, results, ref_meta, base_acc, bcfg.golden, bandwidth)
         entry["gates"] = evaluate_gates(entry, gates)
         entry["passed"] = all(g["passed"] for g in entry["gates"])
         entries.append(entry)

@@ -34,6 +34,20 @@ from . import __version__
 SCHEMA_VERSION = 2
 
 
+def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
+    """Decode speed against bandwidth ÷ bytes per token, with the best-of-N bandwidth (as STREAM
+    reports the achievable figure: the median moved between 33 and 62 GB/s here with other load)."""
+    from .bench.bandwidth import decode_roofline
+
+    ceiling = decode_roofline(bandwidth["max"], bytes_per_token)
+    return {
+        "read_bandwidth_gb_s": bandwidth,
+        "bytes_per_token": bytes_per_token,
+        "decode_tok_s_ceiling_projected": ceiling,
+        "fraction": decode_tok_s / ceiling if ceiling else None,
+    }
+
+
 def target_entry(
     target: str,
     quant: str,
@@ -41,6 +55,7 @@ def target_entry(
     ref_meta: dict[str, Any],
     base_accuracy: float | None,
     golden: int,
+    bandwidth: dict[str, Any],
 ) -> dict[str, Any]:
     """One target's report entry from its bench results and the stored reference."""
     perf, ref_perf = measured["performance"], ref_meta["performance"]
@@ -79,7 +94,7 @@ def target_entry(
             "reference_peak_rss_bytes": ref_perf["peak_rss_bytes"],
             "reference_load_s": ref_perf["load_s"],
         },
-        "roofline": measured["roofline"],
+        "roofline": roofline(measured["roofline"]["bytes_per_token"], lat["decode_tok_s"]["median"], bandwidth),
         "golden": golden_rows,
         "answers": measured["answers"],
     }
@@ -179,7 +194,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] of {ref_lat['repeats']} after a warm-up; "
+        f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
+        f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
         f"{ref_lat['prompt_tokens']}-token prompt, {ref_lat['decode_tokens']} decoded tokens)",
         "",
         "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",

@@ -4,7 +4,7 @@
   replies, its greedy answers and task accuracy, and its own latency and memory (in a subprocess).
   The folder it writes is all a device needs to benchmark an artifact.
 * ``bench`` — one artifact against a stored reference: fidelity, task accuracy, golden prompts,
-  latency and memory in the runtime's own subprocess, and the decode roofline. Imports no torch.
+  latency and memory in the runtime's own subprocess, weight bytes per token. Imports no torch.
 * ``bench-base`` — the base model's row of the fidelity ladder (torch): how far fine-tuning moved it.
 
 Each is a cached stage (dir + manifest). Gates are applied later, to the stored measurements.
@@ -125,7 +125,8 @@ def _params(cfg: BenchConfig) -> dict[str, Any]:
 def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: Progress) -> dict[str, Any]:
     from ..quantize.gguf import describe
     from ..runtimes.llamacpp import LlamaCppRuntime
-    from .bandwidth import decode_roofline, gguf_bytes_per_token, measure_read_bandwidth
+    from .bandwidth import gguf_bytes_per_token
+    from .probe import run_probe
 
     stored = stored_reference.load(ref_dir)
     threads = _threads(cfg)
@@ -148,14 +149,10 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     fidelity["artifact_stop_rate"] = sum(g.stopped for g in outs) / len(outs)
 
     step = progress("artifact: latency and memory (subprocess)", 1)
-    perf = _probe("llama.cpp", artifact, cfg)
+    # Same prompt and decode lengths as the stored reference was timed with, so speeds compare.
+    ref_lat = stored.meta["performance"]["latency"]
+    perf = run_probe("llama.cpp", artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
     step()
-    bandwidth = measure_read_bandwidth(threads)
-    bytes_per_token = gguf_bytes_per_token(artifact)
-    # Best of N, as STREAM reports: the achievable bandwidth. Measured 33-62 GB/s on this 2-core
-    # machine depending on what else ran, so a median would make the roofline follow the load.
-    ceiling = decode_roofline(bandwidth["read_gb_s"]["max"], bytes_per_token)
-    decode = perf["latency"]["decode_tok_s"]["median"]
     info = describe(artifact)
     return {
         "artifact": {
@@ -168,12 +165,8 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
         "fidelity": fidelity,
         "answers": _answers(examples, replies, [g.stopped for g in outs]),
         "performance": perf,
-        "roofline": {
-            "read_bandwidth_gb_s": bandwidth["read_gb_s"],
-            "bytes_per_token": bytes_per_token,
-            "decode_tok_s_ceiling_projected": ceiling,
-            "fraction": decode / ceiling if ceiling else None,
-        },
+        # The bandwidth side of the roofline is measured once per report (see pipeline.finish_report).
+        "roofline": {"bytes_per_token": gguf_bytes_per_token(artifact)},
         "machine": _machine(),
     }
 
