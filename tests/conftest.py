@@ -41,3 +41,11 @@ def smollm2_dir(edgeft_cache: Path) -> Path:
     from edgeft.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir: Path):
+    """The real SmolLM2 tokenizer (repaired), shared by the tiny-model tests."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -102,13 +102,6 @@ def _gguf_logits(gguf_file: Path, token_lists: list[list[int]]) -> list[np.ndarr
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {kind: make_tiny_llama(root / kind, tokenizer, tied=kind == "tied") for kind in ("tied", "untied")}

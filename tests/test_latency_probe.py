@@ -24,13 +24,6 @@ HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     """HF folders and f32 GGUF files of a tied and an untied tiny llama."""
     from edgeft.export.gguf import write_gguf

@@ -18,13 +18,6 @@ COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", tokenizer)
 
