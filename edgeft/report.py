@@ -121,6 +121,7 @@ def assemble(
             "task_accuracy": ref_meta["task_accuracy"],
             "perplexity": ref_meta["perplexity"],
             "performance": ref_meta["performance"],
+            "machine": ref_meta.get("machine"),
         },
         "targets": entries,
         "ladder": ladder,
@@ -212,6 +213,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
+    if report["reference"].get("machine") and report["reference"]["machine"] != report["machine"]:
+        lines += [
+            "",
+            f"**The reference was timed on another machine** ({report['reference']['machine']['platform']}): "
+            "the × fp32 column compares across machines.",
+        ]
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
     lines += [
         "",
