@@ -153,7 +153,10 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     ref_lat = stored.meta["performance"]["latency"]
     perf = run_probe("llama.cpp", artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
     step()
-    info = describe(artifact)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(artifact)  # parsed once: it walks the whole vocabulary in Python
+    info = describe(artifact, reader)
     return {
         "artifact": {
             "path": str(artifact),
@@ -166,7 +169,7 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
         "answers": _answers(examples, replies, [g.stopped for g in outs]),
         "performance": perf,
         # The bandwidth side of the roofline is measured once per report (see pipeline.finish_report).
-        "roofline": {"bytes_per_token": gguf_bytes_per_token(artifact)},
+        "roofline": {"bytes_per_token": gguf_bytes_per_token(artifact, reader)},
         "machine": _machine(),
     }
 

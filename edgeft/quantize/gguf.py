@@ -65,11 +65,11 @@ def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> Sta
     return run_stage(out_dir, "quantize", inputs, params, work)
 
 
-def describe(path: Path) -> dict[str, Any]:
+def describe(path: Path, reader=None) -> dict[str, Any]:
     """Size, tensor-type mix and the file type llama.cpp recorded (``general.file_type``)."""
     from gguf import GGUFReader, Keys
 
-    reader = GGUFReader(path)
+    reader = reader or GGUFReader(path)
     field = reader.get_field(Keys.General.FILE_TYPE)
     ftype = int(field.contents()) if field is not None else None
     names = {v: k for k, v in GGUF_QUANT_TYPES.items()}
