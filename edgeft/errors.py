@@ -1,7 +1,9 @@
 """Errors whose message is written for the person running edgeft.
 
-The CLI prints an :class:`EdgeftError` as one line and exits with status 2; anything else is our bug
-and keeps its traceback. Set ``EDGEFT_RAISE_ERRORS=1`` to get the traceback for user errors too.
+The CLI prints an :class:`EdgeftError` as one line and exits with its ``exit_code``: 2 for bad input,
+1 for a failed gate, 3 for :class:`InternalError` (something broke that the user's input does not
+explain). Any other exception is our bug and keeps its traceback. Set ``EDGEFT_RAISE_ERRORS=1`` to get
+the traceback for these errors too.
 """
 
 
@@ -20,10 +22,27 @@ class DataError(EdgeftError):
 
 
 class ModelError(EdgeftError):
-    """A model folder is missing, unreadable or of an unsupported architecture."""
+    """A model, adapter, artifact or reference folder is missing, unreadable, broken or unsupported."""
+
+
+class OutputError(EdgeftError):
+    """An output path edgeft may not write to (a file, or a folder edgeft did not create)."""
 
 
 class GateFailure(EdgeftError):
     """A quality gate failed; the build ran but its artifact must not ship."""
 
     exit_code = 1
+
+
+class InternalError(EdgeftError):
+    """A measurement subprocess crashed or hung: not the user's input, so not exit status 2."""
+
+    exit_code = 3
+
+
+def first_line(error: BaseException, limit: int = 240) -> str:
+    """A third-party exception's message as one short line (peft's size mismatches run to dozens)."""
+    text = str(error).strip() or type(error).__name__
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
