@@ -188,16 +188,16 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 def train(config: Path | None, model: str | None, train_file: Path | None, out_dir: Path) -> None:
     """Train a LoRA/QLoRA adapter; writes a standard peft adapter folder + manifest."""
     with _user_errors():
-        from .data import load_jsonl
         from .errors import ConfigError
         from .models import resolve_model
+        from .preflight import check_train
         from .train import train as run_train
 
         cfg = _load_cfg(config, model)
         data = train_file or cfg.data.train
         if data is None:
             raise ConfigError("--data: a training JSONL is required (or [data].train in --config)")
-        load_jsonl(data)  # fail on bad data before materialising a model
+        check_train(cfg, data, out_dir)  # fail on bad input before materialising a model
         out = run_train(resolve_model(cfg.model), data, out_dir, cfg.train)
         click.echo(f"adapter: {out.path}{' (cached)' if out.cached else ''}")
 
@@ -211,7 +211,9 @@ def merge(model: str, adapter: Path, out_dir: Path) -> None:
     with _user_errors():
         from .merge import merge as run_merge
         from .models import resolve_model
+        from .preflight import check_merge
 
+        check_merge(model, adapter, out_dir)
         out = run_merge(resolve_model(model), adapter, out_dir)
         click.echo(f"merged model: {out.path}{' (cached)' if out.cached else ''}")
 
@@ -227,6 +229,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
         from .export.gguf import export as run_export
         from .models import resolve_model
         from .quantize.gguf_types import UNQUANTIZED
+        from .stage import check_output_dir
         from .targets import get_target
 
         target = get_target(target_name)
@@ -234,6 +237,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
             raise ConfigError(
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
+        check_output_dir(out_dir)
         out = run_export(resolve_model(model), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
@@ -242,14 +246,16 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 @click.option("--gguf", "gguf_dir", type=click.Path(path_type=Path), required=True, help="folder from `edgeft export`")
 @click.option("--target", "target_name", default="gguf-q4", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--threads", type=int, default=0, help="quantizer threads (0: all cores)")
+@click.option("--threads", type=click.IntRange(0, 4096), default=0, help="quantizer threads (0: all cores)")
 def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
     """Quantize an exported GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
     with _user_errors():
         from .quantize.gguf import quantize as run_quantize
+        from .stage import check_output_dir
         from .targets import get_target
 
         target = get_target(target_name)
+        check_output_dir(out_dir)
         out = run_quantize(gguf_dir, out_dir, target.quant, threads)
         types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"]["tensor_types"].items())
         click.echo(f"gguf: {out.path / 'model.gguf'} [{types}]{' (cached)' if out.cached else ''}")
@@ -284,7 +290,9 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 )
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml for [bench], [gates], [data].eval")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
-@click.option("--threads", type=int, help="threads for every runtime (default: [bench].threads or all cores)")
+@click.option(
+    "--threads", type=click.IntRange(0, 4096), help="threads for every runtime (default: [bench].threads or all cores)"
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -340,7 +348,17 @@ def targets() -> None:
 
 
 def main() -> None:
-    cli()
+    """Run the CLI; click's usage errors become one ``edgeft: error:`` line like ours (exit 2)."""
+    try:
+        code = cli.main(prog_name="edgeft", standalone_mode=False)
+    except click.ClickException as e:
+        message = " ".join(e.format_message().split())
+        click.echo(f"edgeft: error: {message}", err=True)
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("edgeft: aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ object, so the file and the flags are two views of one :class:`BuildConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -22,6 +23,27 @@ from typing import Any, get_type_hints
 import tomllib
 
 from .errors import ConfigError
+
+# The llama.cpp context edgeft's benchmarks run with (prompt + generated tokens must fit in it).
+BENCH_CONTEXT = 2048
+
+
+def _check(
+    table: str, name: str, value: Any, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False
+) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in [lo, hi] (``(lo, hi]`` with open_lo)."""
+    if value is None:
+        return
+    where = f"[{table}].{name}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if lo is not None and (value <= lo if open_lo else value < lo):
+        if open_lo and lo == 0 and hi is None:
+            raise ConfigError(f"{where}: expected a positive number, got {value!r}")
+        rng = f"> {lo:g}" if open_lo else f">= {lo:g}"
+        raise ConfigError(f"{where}: expected a number {rng}{'' if hi is None else f' and <= {hi:g}'}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: expected a number <= {hi:g}, got {value!r}")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -66,12 +88,25 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"[train].precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("rank", "batch_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"[train].{name}: expected a positive number, got {getattr(self, name)!r}")
+            _check("train", name, getattr(self, name), 0, open_lo=True)
+        _check("train", "learning_rate", self.learning_rate, 0, 1, open_lo=True)
+        _check("train", "alpha", self.alpha, 0, open_lo=True)
+        _check("train", "dropout", self.dropout, 0, 0.99)
+        _check("train", "warmup_ratio", self.warmup_ratio, 0, 1)
+        _check("train", "epochs", self.epochs, 0, 10_000)
+        _check("train", "max_steps", self.max_steps, -1)
+        _check("train", "seed", self.seed, 0, 2**32 - 1)
+        _check("train", "threads", self.threads, 0, 4096)
+        if self.max_steps == 0:
+            raise ConfigError("[train].max_steps: expected -1 (train for `epochs`) or a positive number, got 0")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("[train]: set epochs > 0 or max_steps > 0")
         if not self.target_modules:
             raise ConfigError("[train].target_modules: expected at least one module name")
+        if any(not m.strip() for m in self.target_modules):
+            raise ConfigError(
+                f"[train].target_modules: expected module names, got an empty one in {self.target_modules!r}"
+            )
 
 
 @dataclass
@@ -90,8 +125,20 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "prompt_tokens", "decode_tokens", "repeats", "top_k"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"[bench].{name}: expected a positive number, got {getattr(self, name)!r}")
+            _check("bench", name, getattr(self, name), 0, open_lo=True)
+        for name in ("threads", "max_eval", "golden"):
+            _check("bench", name, getattr(self, name), 0)
+        _check("bench", "threads", self.threads, 0, 4096)
+        _check("bench", "repeats", self.repeats, 1, 1000)
+        _check("bench", "top_k", self.top_k, 1, 4096)
+        for name in ("max_new_tokens", "prompt_tokens", "decode_tokens"):
+            _check("bench", name, getattr(self, name), 1, BENCH_CONTEXT)
+        _check("bench", "decode_tokens", self.decode_tokens, 2)  # the first token is timed as TTFT
+        if self.prompt_tokens + self.decode_tokens > BENCH_CONTEXT:
+            raise ConfigError(
+                f"[bench]: prompt_tokens + decode_tokens = {self.prompt_tokens + self.decode_tokens} exceeds the "
+                f"benchmark context of {BENCH_CONTEXT} tokens"
+            )
 
 
 @dataclass
@@ -107,6 +154,15 @@ class GatesConfig:
     max_size_mb: float | None = _help("max artifact size in MB (10^6 bytes)", None)
     golden_must_stop: bool | None = _help("every golden prompt's answer must end on a stop token", None)
     golden_must_be_correct: bool | None = _help("every golden prompt's answer must be correct", None)
+
+    def __post_init__(self) -> None:
+        _check("gates", "max_kld", self.max_kld, 0)
+        _check("gates", "min_top1", self.min_top1, 0, 1)
+        _check("gates", "max_ppl_delta_pct", self.max_ppl_delta_pct)
+        _check("gates", "min_task_accuracy_ratio", self.min_task_accuracy_ratio, 0)
+        _check("gates", "min_decode_tok_s", self.min_decode_tok_s, 0)
+        _check("gates", "max_peak_rss_mb", self.max_peak_rss_mb, 0, open_lo=True)
+        _check("gates", "max_size_mb", self.max_size_mb, 0, open_lo=True)
 
 
 @dataclass

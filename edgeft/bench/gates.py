@@ -67,7 +67,10 @@ def parse_gate_flags(flags: tuple[str, ...], gates: GatesConfig) -> GatesConfig:
                 updates[name] = float(raw)
             except ValueError:
                 raise ConfigError(f"--gate {name}: expected a number, got {raw!r}") from None
-    return replace(gates, **updates)
+    try:
+        return replace(gates, **updates)
+    except ConfigError as e:
+        raise ConfigError(f"--gate: {e}") from None
 
 
 def _combined(a: float, b: float) -> float:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, EdgeftError, ModelError
+from ..errors import ConfigError, EdgeftError, InternalError, ModelError
 
 RUNTIMES = ("llama.cpp", "torch")
 
@@ -129,7 +129,9 @@ def run_probe(
 ) -> dict:
     """Run :func:`probe` in a child Python process and return its report.
 
-    Raises EdgeftError carrying the probe's last stderr line when it fails or times out.
+    The probe exits 2 when the user's input is at fault (it could not load the model): that is
+    raised as ModelError with the probe's message. A crash, any other failure or a time-out is not
+    the user's fault and raises InternalError (exit status 3).
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
@@ -146,16 +148,21 @@ def run_probe(
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
-        raise EdgeftError(f"{runtime} probe of {model} did not finish in {timeout:g} s") from e
+        raise InternalError(f"internal error: the {runtime} probe of {model} did not finish in {timeout:g} s") from e
     lines = [line for line in done.stdout.splitlines() if line.strip()]
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == EdgeftError.exit_code and errors:
+        raise ModelError(errors[-1])  # the probe's own one-line message about the input
     if done.returncode != 0 or not lines:
-        errors = [line for line in done.stderr.splitlines() if line.strip()]
-        last = errors[-1] if errors else f"exit status {done.returncode}, no output"
-        raise EdgeftError(f"{runtime} probe of {model} failed: {last}")
+        last = errors[-1] if errors else "no output"
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+        raise InternalError(f"internal error: the {runtime} probe of {model} crashed ({how}): {last[:200]}")
     try:
         return json.loads(lines[-1])
     except json.JSONDecodeError as e:
-        raise EdgeftError(f"{runtime} probe of {model} printed no JSON report: {lines[-1][:200]}") from e
+        raise InternalError(
+            f"internal error: the {runtime} probe of {model} printed no JSON report: {lines[-1][:200]}"
+        ) from e
 
 
 if __name__ == "__main__":

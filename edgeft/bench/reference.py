@@ -87,20 +87,32 @@ def save(folder: Path, arrays: dict[str, list[np.ndarray]], meta: dict[str, Any]
     (Path(folder) / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
 
+_ARRAY_NAMES = ("tokens", "targets", "topk_ids", "topk_logp", "target_logp")
+_META_KEYS = ("top_k", "examples")  # what reading the arrays back needs; a build's reference has more
+
+
 def load(folder: Path) -> StoredReference:
+    """Read a stored reference; a missing, truncated or foreign file is a ModelError naming it."""
+    from ..errors import ModelError
+    from ..loading import loading
+
     folder = Path(folder)
     if not (folder / ARRAYS).is_file() or not (folder / META).is_file():
-        from ..errors import ModelError
-
         raise ModelError(
             f"{folder}: not a stored reference (expected {ARRAYS} and {META}); create one with `edgeft build` or `edgeft bench --reference HF_FOLDER`"
         )
-    data = np.load(folder / ARRAYS)
+    with loading(folder / META, "the stored reference"):
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
+        missing = next((k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta), "?")
+        raise ModelError(f"{folder / META}: not a stored reference ({missing!r} missing)")
     parts = {}
-    for name in ("tokens", "targets", "topk_ids", "topk_logp", "target_logp"):
-        cuts = np.cumsum(data[f"{name}_lengths"])[:-1]
-        parts[name] = np.split(data[name], cuts)
-    return StoredReference(meta=json.loads((folder / META).read_text()), **parts)
+    with loading(folder / ARRAYS, "the stored reference arrays"):
+        with np.load(folder / ARRAYS) as data:
+            for name in _ARRAY_NAMES:
+                cuts = np.cumsum(data[f"{name}_lengths"])[:-1]
+                parts[name] = np.split(data[name], cuts)
+    return StoredReference(meta=meta, **parts)
 
 
 def is_stored_reference(folder: Path) -> bool:

@@ -153,9 +153,9 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     ref_lat = stored.meta["performance"]["latency"]
     perf = run_probe("llama.cpp", artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
     step()
-    from gguf import GGUFReader
+    from ..quantize.gguf import read_gguf
 
-    reader = GGUFReader(artifact)  # parsed once: it walks the whole vocabulary in Python
+    reader = read_gguf(artifact)  # parsed once: it walks the whole vocabulary in Python
     info = describe(artifact, reader)
     return {
         "artifact": {

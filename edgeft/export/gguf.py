@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError
+from ..loading import loading
 from ..models import check_model_dir
 from ..stage import StageOutput, content_hash, run_stage
 
@@ -302,7 +303,7 @@ def _plan_tensors(
     }
     plan: list[_Tensor] = []
     for path in _safetensors_files(model_dir):
-        with safe_open(path, framework="pt") as f:
+        with loading(path, "safetensors weights"), safe_open(path, framework="pt") as f:
             for hf_name in f.keys():
                 if hf_name.endswith(_SKIPPED_TENSORS):
                     continue
@@ -335,8 +336,10 @@ def _load_tensor(t: _Tensor) -> np.ndarray:
     """Read one tensor as fp32 (any stored dtype, bf16 included), permute, cast to its GGUF type."""
     from safetensors import safe_open
 
-    with safe_open(t.source, framework="pt") as f:
+    with loading(t.source, f"tensor {t.hf_name}"), safe_open(t.source, framework="pt") as f:
         data = f.get_tensor(t.hf_name).float().numpy()
+    if not np.isfinite(data).all():  # a broken model must not become a shippable artifact
+        raise ModelError(f"{t.source}: tensor {t.hf_name} holds NaN or Inf values; refusing to export it")
     if t.rotary_heads:
         data = permute_rotary(data, t.rotary_heads)
     return np.ascontiguousarray(data.astype(t.dtype, copy=False))

@@ -23,10 +23,45 @@ OUTPUT_NAME = "model.gguf"
 
 def tensor_type_counts(path: Path) -> dict[str, int]:
     """How many tensors of each ggml type a GGUF file holds, e.g. ``{"Q5_0": 166, "F32": 61}``."""
+    reader = read_gguf(path)
+    return dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
+
+
+def read_gguf(path: Path):
+    """gguf-py's reader over ``path``; a file it cannot parse is a ModelError naming it."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
-    return dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items()))
+    from ..loading import loading
+
+    check_gguf_header(path)
+    with loading(path, "GGUF"):
+        return GGUFReader(path)
+
+
+# GGUF files start with the magic "GGUF" and a little-endian uint32 version (llama.cpp reads 2 and 3).
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse, in microseconds, a path that is not a GGUF file (folder, empty, other format, old version)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: expected a .gguf file, found a folder")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such GGUF file") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    if head[:4] != _GGUF_MAGIC:
+        raise ModelError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {_GGUF_MAGIC!r})")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in _GGUF_VERSIONS:
+        raise ModelError(
+            f"{path}: GGUF version {version} is not supported (expected {' or '.join(map(str, _GGUF_VERSIONS))})"
+        )
 
 
 def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
@@ -55,6 +90,7 @@ def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> Sta
     src = Path(gguf_dir) / OUTPUT_NAME
     if not src.is_file():
         raise ModelError(f"{gguf_dir}: expected an exported {OUTPUT_NAME} there")
+    check_gguf_header(src)
     inputs = {"gguf": content_hash(gguf_dir)}
     params = {"quant": quant}
 
@@ -67,9 +103,9 @@ def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> Sta
 
 def describe(path: Path, reader=None) -> dict[str, Any]:
     """Size, tensor-type mix and the file type llama.cpp recorded (``general.file_type``)."""
-    from gguf import GGUFReader, Keys
+    from gguf import Keys
 
-    reader = reader or GGUFReader(path)
+    reader = reader or read_gguf(path)
     field = reader.get_field(Keys.General.FILE_TYPE)
     ftype = int(field.contents()) if field is not None else None
     names = {v: k for k, v in GGUF_QUANT_TYPES.items()}

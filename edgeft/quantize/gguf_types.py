@@ -28,8 +28,9 @@ GGUF_QUANT_TYPES: dict[str, int] = {
     "BF16": 32,
 }
 
-# Types the exporter writes directly; the rest are produced by llama.cpp's quantizer from F32.
-UNQUANTIZED: dict[str, str] = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+# Types the exporter writes directly (→ its outtype); the rest, BF16 included (numpy has no bf16),
+# are produced by llama.cpp's quantizer from the F32 export.
+UNQUANTIZED: dict[str, str] = {"F32": "f32", "F16": "f16"}
 
 # Types whose blocks span 256 values: rows of other widths make llama.cpp fall back to another type.
 K_QUANTS = frozenset(n for n in GGUF_QUANT_TYPES if "_K" in n)

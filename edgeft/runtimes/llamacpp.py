@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import BENCH_CONTEXT
 from ..errors import ConfigError, ModelError
+from ..loading import loading
 from .base import Generation
 
 # KV-cache element type, by the name llama.cpp's CLI uses (--cache-type-k/-v) → llama_cpp constant.
@@ -32,7 +34,7 @@ class LlamaCppRuntime:
         self,
         gguf_path: Path,
         n_threads: int | None = None,
-        n_ctx: int = 2048,
+        n_ctx: int = BENCH_CONTEXT,
         kv_cache_type: str = "f16",
         scoring: bool = True,
     ) -> None:
@@ -54,16 +56,21 @@ class LlamaCppRuntime:
         # logits_all: llama.cpp keeps the logits of every position, which scoring needs; by
         # default it keeps only the last one (enough for sampling). n_threads_batch (prompt and
         # scoring) would otherwise default to all cores while n_threads (decode) defaults to half.
-        self._llm: Any = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            logits_all=scoring,
-            type_k=ggml_type,
-            type_v=ggml_type,
-            verbose=False,
-        )
+        # llama-cpp-python raises a bare ValueError("Failed to load model from file") on a file
+        # llama.cpp cannot read; say which file, and that it is the file's fault.
+        with loading(
+            gguf_path, "GGUF (llama.cpp could not read it: truncated, not GGUF, or an unsupported architecture)"
+        ):
+            self._llm: Any = llama_cpp.Llama(
+                model_path=str(gguf_path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                logits_all=scoring,
+                type_k=ggml_type,
+                type_v=ggml_type,
+                verbose=False,
+            )
         self.n_threads: int = self._llm.n_threads  # the effective count, for reports
         self.threads = self.n_threads
         self._llama_cpp = llama_cpp

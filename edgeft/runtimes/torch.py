@@ -39,8 +39,11 @@ class TorchRuntime:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self.version = f"torch {torch.__version__}"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        from ..loading import loading
+
+        with loading(model_dir, "the model with transformers"):
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
         self._torch = torch

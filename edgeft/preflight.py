@@ -1,0 +1,133 @@
+"""Check every input of a command before any stage runs, so a build that must fail fails at once.
+
+The config's own values are checked when it is read (:mod:`edgeft.config`); what needs more than
+one value or a look at the inputs is checked here: the model folder (config, safetensors headers,
+NaN/Inf), the datasets, adapter ↔ base shapes, ``[train].target_modules`` against the architecture,
+``[bench]`` lengths against the model's context, the targets' formats, and output paths that would
+destroy something edgeft did not write. Nothing here imports torch; nothing here writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import BenchConfig, BuildConfig
+from .errors import ConfigError, ModelError
+from .stage import check_output_dir
+from .targets import Target
+
+
+def check_model(name: str) -> tuple[str, dict[str, Any] | None]:
+    """(architecture, config or None for a not-yet-materialised built-in); local weights scanned."""
+    from .models import BUILTIN_MODELS, model_facts, resolve_model
+
+    if name not in BUILTIN_MODELS:
+        resolve_model(name)  # config, safetensors headers, NaN/Inf scan
+    return model_facts(name)
+
+
+def check_bench_fits(bench: BenchConfig, model_config: dict[str, Any] | None, where: str) -> None:
+    """The benchmark's token budgets fit the model's context and vocabulary."""
+    if model_config is None:
+        return
+    context = model_config.get("max_position_embeddings")
+    need = bench.prompt_tokens + bench.decode_tokens
+    if isinstance(context, int) and need > context:
+        raise ConfigError(
+            f"{where}: [bench] prompt_tokens + decode_tokens = {need} exceeds the model's context of {context} tokens"
+        )
+    if bench.top_k > model_config["vocab_size"]:
+        raise ConfigError(
+            f"{where}: [bench].top_k = {bench.top_k} exceeds the model's vocabulary of {model_config['vocab_size']}"
+        )
+
+
+def check_targets(targets: list[Target]) -> None:
+    """Every target can be produced by this edgeft (its format and type have a writer)."""
+    from .quantize.gguf_types import GGUF_QUANT_TYPES
+
+    for t in targets:
+        if t.format == "gguf" and t.quant not in GGUF_QUANT_TYPES:
+            raise ConfigError(f"target {t.name}: quant {t.quant!r} cannot be written")
+
+
+def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
+    """Everything `edgeft build` will read or write, in well under a second for a built-in model."""
+    from .data import load_jsonl
+    from .train import check_target_modules
+
+    where = str(cfg.source or "config")
+    check_output_dir(out_dir)
+    check_targets(targets)
+    if cfg.data.train is None:
+        raise ConfigError(f"{where}: [data].train: a training dataset is required")
+    if cfg.data.eval is None:
+        raise ConfigError(f"{where}: [data].eval: a held-out dataset is required for bench")
+    arch, model_config = check_model(cfg.model)
+    check_target_modules(arch, cfg.train.target_modules)
+    check_bench_fits(cfg.bench, model_config, where)
+    load_jsonl(cfg.data.train)
+    load_jsonl(cfg.data.eval, need_answers=True)
+
+
+def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
+    from .data import load_jsonl
+    from .train import check_target_modules
+
+    check_output_dir(out_dir)
+    arch, _ = check_model(cfg.model)
+    check_target_modules(arch, cfg.train.target_modules)
+    load_jsonl(data)
+
+
+def check_merge(model: str, adapter: Path, out_dir: Path) -> None:
+    """Adapter folder and output first; shapes against the base once its config is known."""
+    from .adapters import check_adapter, read_adapter_config
+
+    check_output_dir(out_dir)
+    read_adapter_config(adapter)
+    arch, config = check_model(model)
+    if config is not None:
+        check_adapter(adapter, config, arch)  # a built-in base is checked after it materialises
+
+
+def check_artifact(path: Path, option: str = "--artifact") -> Path:
+    """The GGUF file an ``--artifact`` names (a file, or a folder holding model.gguf), header checked."""
+    from .quantize.gguf import OUTPUT_NAME, check_gguf_header
+
+    path = Path(path)
+    if path.is_dir():
+        inner = path / OUTPUT_NAME
+        if not inner.is_file():
+            raise ModelError(f"{option} {path}: folder has no {OUTPUT_NAME}")
+        path = inner
+    elif not path.exists():
+        raise ModelError(f"{option} {path}: no such file")
+    check_gguf_header(path)
+    return path
+
+
+def check_reference(path: Path) -> bool:
+    """True for a stored reference folder (fully readable), False for an HF model folder."""
+    from .bench import reference as stored_reference
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"--reference {path}: no such folder")
+    if not path.is_dir():
+        raise ModelError(f"--reference {path}: expected a reference folder or an HF model folder, found a file")
+    if stored_reference.is_stored_reference(path):
+        stored_reference.load(path)
+        return True
+    if (path / stored_reference.ARRAYS).exists() or (path / stored_reference.META).exists():
+        stored_reference.load(path)  # half a reference: raises naming what is missing
+    from .models import check_model_dir
+
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"--reference {path}: neither a stored reference ({stored_reference.ARRAYS} + {stored_reference.META}) "
+            "nor a Hugging Face model folder (config.json)"
+        )
+    check_model_dir(path)
+    return False
