@@ -18,6 +18,14 @@ from .stage import check_output_dir
 from .targets import Target
 
 
+def _in_config(where: str, check, *args: Any) -> None:
+    """Run ``check``; its ConfigError names the config file it came from."""
+    try:
+        check(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def check_model(name: str) -> tuple[str, dict[str, Any] | None]:
     """(architecture, config or None for a not-yet-materialised built-in); local weights scanned."""
     from .models import BUILTIN_MODELS, model_facts, resolve_model
@@ -65,7 +73,7 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     if cfg.data.eval is None:
         raise ConfigError(f"{where}: [data].eval: a held-out dataset is required for bench")
     arch, model_config = check_model(cfg.model)
-    check_target_modules(arch, cfg.train.target_modules)
+    _in_config(where, check_target_modules, arch, cfg.train.target_modules)
     check_bench_fits(cfg.bench, model_config, where)
     load_jsonl(cfg.data.train)
     load_jsonl(cfg.data.eval, need_answers=True)
@@ -77,7 +85,7 @@ def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
 
     check_output_dir(out_dir)
     arch, _ = check_model(cfg.model)
-    check_target_modules(arch, cfg.train.target_modules)
+    _in_config(str(cfg.source or "config"), check_target_modules, arch, cfg.train.target_modules)
     load_jsonl(data)
 
 
