@@ -226,14 +226,15 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
     """Convert a Hugging Face llama-family model to an unquantized GGUF (OUT/model.gguf)."""
     with _user_errors():
         from .errors import ConfigError
-        from .export.gguf import export as run_export
+        from .formats.gguf import needs_quantize
+        from .formats.gguf.export import export as run_export
+        from .formats.gguf.types import UNQUANTIZED
         from .models import resolve_model
-        from .quantize.gguf_types import UNQUANTIZED
         from .stage import check_output_dir
         from .targets import get_target
 
         target = get_target(target_name)
-        if target.needs_quantize:
+        if target.format != "gguf" or needs_quantize(target.quant):
             raise ConfigError(
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
@@ -250,11 +251,14 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
     """Quantize an exported GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
     with _user_errors():
-        from .quantize.gguf import quantize as run_quantize
+        from .errors import ConfigError
+        from .formats.gguf.quantize import quantize as run_quantize
         from .stage import check_output_dir
         from .targets import get_target
 
         target = get_target(target_name)
+        if target.format != "gguf":
+            raise ConfigError(f"--target {target_name}: `edgeft quantize` quantizes GGUF files; use `edgeft build`")
         check_output_dir(out_dir)
         out = run_quantize(gguf_dir, out_dir, target.quant, threads)
         types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"]["tensor_types"].items())

@@ -7,7 +7,7 @@ Two kinds of input are accepted:
   folder under ``cache_root()/models/`` and reused afterwards;
 * a **local folder** holding a llama-family Hugging Face checkpoint (``config.json`` and weights).
 
-Pre-tokenizer decision (read by :mod:`edgeft.export.gguf`): the materialised folder stores no
+Pre-tokenizer decision (read by :mod:`edgeft.formats.gguf.export`): the materialised folder stores no
 extra sidecar. Its ``tokenizer.json`` carries the repaired pre-tokenizer (individual digits, then
 byte-level), and the GGUF exporter recognises that structure as llama.cpp's ``smollm``
 pre-tokenizer. A fine-tuned or merged copy of the folder keeps ``tokenizer.json``, so the exporter

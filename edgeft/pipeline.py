@@ -44,14 +44,19 @@ class _Stages:
     def __init__(self, on_stage: StageCallback | None):
         self.on_stage = on_stage or (lambda stage, status: None)
         self.log: list[dict[str, Any]] = []
+        self._done: dict[str, Any] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run stage ``name`` once per build: formats ask for shared stages (the export) per target."""
+        if name in self._done:
+            return self._done[name]
         self.on_stage(name, "start")
         start = time.perf_counter()
         out = fn()
         hit = isinstance(out, StageOutput) and out.cached
         self.log.append({"stage": name, "seconds": round(time.perf_counter() - start, 2), "cached": hit})
         self.on_stage(name, "cached" if hit else "done")
+        self._done[name] = out
         return out
 
 
@@ -90,11 +95,9 @@ def _build_stages(
     old: dict[str, Any] | None,
 ) -> BuildResult:
     from .bench.run import bench, bench_base, reference
-    from .export.gguf import export
+    from .formats import get_format
     from .merge import merge
     from .models import model_stage
-    from .quantize.gguf import quantize
-    from .quantize.gguf_types import UNQUANTIZED
     from .train import train
 
     stages = _Stages(on_stage)
@@ -106,29 +109,18 @@ def _build_stages(
     ref = stages.run("reference", lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress))
     base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
 
-    exported = None
-    if bcfg.ladder_export or any(t.needs_quantize for t in targets):
-        exported = stages.run("export", lambda: export(merged.path, out_dir / "gguf-f32", "f32"))
-    artifacts: list[tuple[Target, Path]] = []
-    for t in targets:
-        if t.needs_quantize:
-            art = stages.run(
-                f"quantize {t.name}", lambda t=t: quantize(exported.path, out_dir / t.name, t.quant, bcfg.threads)
-            )
-        elif t.quant == "F32" and exported is not None:
-            art = exported
-        else:
-            art = stages.run(
-                f"export {t.name}", lambda t=t: export(merged.path, out_dir / t.name, UNQUANTIZED[t.quant])
-            )
-        artifacts.append((t, art.path / "model.gguf"))
+    # Each target's artifact through its format's cached stages (export, quantize, ...).
+    artifacts = [(t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads)) for t in targets]
 
-    export_row = None
-    if bcfg.ladder_export and exported is not None:
-        export_row = stages.run(
-            "bench gguf-f32",
-            lambda: bench(exported.path / "model.gguf", ref.path, out_dir / "bench-gguf-f32", bcfg, progress),
-        ).manifest["results"]
+    # The unquantized export of every format in use: its row separates conversion from quantization loss.
+    conversions = []
+    if bcfg.ladder_export:
+        for fmt in dict.fromkeys(get_format(t.format) for t in targets):
+            label, path = fmt.conversion(merged.path, out_dir, stages.run)
+            results = stages.run(
+                f"bench {label}", lambda p=path, n=label: bench(p, ref.path, out_dir / f"bench-{n}", bcfg, progress)
+            ).manifest["results"]
+            conversions.append((label, results))
     measured = [
         (
             t.name,
@@ -146,7 +138,7 @@ def _build_stages(
         cfg.gates,
         out_dir,
         base_results=base.manifest["results"],
-        export_results=export_row,
+        conversions=conversions,
         old_report=old,
         stages=stages.log,
     )
@@ -175,11 +167,14 @@ def finish_report(
     out_dir: Path,
     *,
     base_results: dict[str, Any] | None = None,
-    export_results: dict[str, Any] | None = None,
+    conversions: list[tuple[str, dict[str, Any]]] = (),
     old_report: dict[str, Any] | None = None,
     stages: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Targets' measurements + stored reference → judged report, written to ``out_dir``."""
+    """Targets' measurements + stored reference → judged report, written to ``out_dir``.
+
+    ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets.
+    """
     from .bench import reference as stored_reference
     from .bench.bandwidth import measure_read_bandwidth
     from .bench.gates import evaluate_gates, regressions
@@ -202,20 +197,14 @@ def finish_report(
     if base_results:
         ladder.append(ladder_row("base", "torch", base_results["fidelity"], None, "fp32"))
     ladder.append(ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
-    if export_results:
+    for label, results in conversions:
+        art = results["artifact"]
         ladder.append(
-            ladder_row(
-                "f32 export",
-                "llama.cpp",
-                export_results["fidelity"],
-                export_results["artifact"]["size_bytes"],
-                "F32",
-            )
+            ladder_row(f"{label} export", art["runtime"], results["fidelity"], art["size_bytes"], art["file_type"])
         )
     for e in entries:
-        ladder.append(
-            ladder_row(e["target"], "llama.cpp", e["fidelity"], e["artifact"]["size_bytes"], e["artifact"]["quant"])
-        )
+        art = e["artifact"]
+        ladder.append(ladder_row(e["target"], art["runtime"], e["fidelity"], art["size_bytes"], art["quant"]))
 
     report = assemble(entries, ref_dir, ref_meta, ladder, measured[0][2]["machine"])
     report["gates"] = entries[0]["gates"]
@@ -245,8 +234,8 @@ def bench_artifacts(
     reference, the reference stage runs first (torch) and is stored under ``out_dir/reference``.
     """
     from .bench.run import bench, reference
-    from .preflight import check_artifact, check_reference
-    from .quantize.gguf import describe
+    from .formats import FORMATS, detect_artifact, get_format
+    from .preflight import check_reference
     from .stage import check_output_dir, output_dir, read_manifest
     from .targets import parse_target_list
 
@@ -255,29 +244,38 @@ def bench_artifacts(
     old = _read_old_report(compare_to)
     stages = _Stages(None)
     chosen: list[tuple[str, Path]] = []
-    base_results = export_results = None
+    base_results = None
+    conversions: list[tuple[str, dict[str, Any]]] = []
     if build_dir is not None:
         build_dir = Path(build_dir)
         if not build_dir.is_dir():
             raise ConfigError(f"--build {build_dir}: no such build folder")
         reference_dir = reference_dir or build_dir / "reference"
+        formats = [get_format(f) for f in FORMATS]
         names = (
             [t.name for t in parse_target_list(target_spec)]
             if target_spec
-            else sorted(p.parent.name for p in build_dir.glob("*/model.gguf") if p.parent.name != "gguf-f32")
+            else sorted(
+                p.name
+                for p in build_dir.iterdir()
+                if (read_manifest(p) or {}).get("stage") in ("export", "quantize")
+                and p.name not in {f.CONVERSION for f in formats}
+            )
         )
         for name in names:
-            path = build_dir / name / "model.gguf"
-            if not path.is_file():
+            if not (build_dir / name).is_dir():
                 raise ConfigError(
-                    f"--target {name}: {path} not found; run `edgeft build --target {name} --out {build_dir}` first"
+                    f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
                 )
-            chosen.append((name, check_artifact(path, f"--target {name}:")))
+            chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
         base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
-        export_results = (read_manifest(build_dir / "bench-gguf-f32") or {}).get("results")
+        for f in formats:
+            results = (read_manifest(build_dir / f"bench-{f.CONVERSION}") or {}).get("results")
+            if results:
+                conversions.append((f.CONVERSION, results))
     for a in artifacts or []:
-        path = check_artifact(Path(a))
-        chosen.append((path.parent.name if path.name == "model.gguf" else path.stem, path))
+        path = detect_artifact(Path(a))[1]
+        chosen.append((path.parent.name if Path(a).is_dir() else path.stem, path))
     if not chosen:
         raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
     names = [n for n, _ in chosen]
@@ -308,7 +306,7 @@ def bench_artifacts(
                 f"bench {name}",
                 lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress),
             )
-            measured.append((name, describe(path)["file_type"], results.manifest["results"]))
+            measured.append((name, results.manifest["results"]["artifact"]["file_type"], results.manifest["results"]))
         return finish_report(
             measured,
             Path(reference_dir),
@@ -316,7 +314,7 @@ def bench_artifacts(
             cfg.gates,
             out_dir,
             base_results=base_results,
-            export_results=export_results,
+            conversions=conversions,
             old_report=old,
             stages=stages.log,
         )

@@ -51,15 +51,6 @@ def check_bench_fits(bench: BenchConfig, model_config: dict[str, Any] | None, wh
         )
 
 
-def check_targets(targets: list[Target]) -> None:
-    """Every target can be produced by this edgeft (its format and type have a writer)."""
-    from .quantize.gguf_types import GGUF_QUANT_TYPES
-
-    for t in targets:
-        if t.format == "gguf" and t.quant not in GGUF_QUANT_TYPES:
-            raise ConfigError(f"target {t.name}: quant {t.quant!r} cannot be written")
-
-
 def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     """Everything `edgeft build` will read or write, in well under a second for a built-in model."""
     from .data import load_jsonl
@@ -67,7 +58,6 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
 
     where = str(cfg.source or "config")
     check_output_dir(out_dir)
-    check_targets(targets)
     if cfg.data.train is None:
         raise ConfigError(f"{where}: [data].train: a training dataset is required")
     if cfg.data.eval is None:
@@ -98,22 +88,6 @@ def check_merge(model: str, adapter: Path, out_dir: Path) -> None:
     arch, config = check_model(model)
     if config is not None:
         check_adapter(adapter, config, arch)  # a built-in base is checked after it materialises
-
-
-def check_artifact(path: Path, option: str = "--artifact") -> Path:
-    """The GGUF file an ``--artifact`` names (a file, or a folder holding model.gguf), header checked."""
-    from .quantize.gguf import OUTPUT_NAME, check_gguf_header
-
-    path = Path(path)
-    if path.is_dir():
-        inner = path / OUTPUT_NAME
-        if not inner.is_file():
-            raise ModelError(f"{option} {path}: folder has no {OUTPUT_NAME}")
-        path = inner
-    elif not path.exists():
-        raise ModelError(f"{option} {path}: no such file")
-    check_gguf_header(path)
-    return path
 
 
 def check_reference(path: Path) -> bool:

@@ -7,11 +7,11 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
 * ``passed`` — every gate of every target passed (and no ``--compare-to`` regression);
 * ``targets`` — one entry per target, each with the keys above plus ``passed``;
 * ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``,
-  ``reference``, ``export-f32`` and each target;
+  ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
 * ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
 * ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``.
 
-Per entry: ``artifact.{path, format, quant, size_bytes, sha256, tensor_types}``;
+Per entry: ``artifact.{path, format, runtime, quant, file_type, size_bytes, sha256, tensor_types}``;
 ``fidelity.{kl_divergence_mean, kl_divergence_p99, kl_divergence_se, top1_agreement,
 perplexity_reference(_err), perplexity_artifact(_err), perplexity_delta_pct, task_accuracy_base,
 task_accuracy_reference, task_accuracy_artifact, artifact_stop_rate}`` (fractions 0–1);
@@ -209,7 +209,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {t['target']} ({t['artifact']['quant']}) | llama.cpp {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {t['target']} ({t['artifact']['quant']}) | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )

@@ -1,23 +1,25 @@
 """Build targets are data: one TOML file per target under ``targets/``.
 
-A target names an output format and a quantization type. Adding ``targets/gguf-q3.toml`` with
-``format = "gguf"`` and ``quant = "Q3_K_M"`` needs no code; a new *format* does.
+A target names an output format, a quantization type and the format's own options (see each
+format's ``TARGET_KEYS``). Adding ``targets/gguf-q3.toml`` with ``format = "gguf"`` and
+``quant = "Q3_K_M"`` needs no code; a new *format* is a package under :mod:`edgeft.formats`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomllib
 
 from .errors import ConfigError
-from .quantize.gguf_types import GGUF_QUANT_TYPES, UNQUANTIZED
+from .formats import FORMATS, get_format
 
-FORMATS = ("gguf",)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_COMMON_KEYS = ("format", "quant", "description")
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,7 @@ class Target:
     format: str
     quant: str
     description: str = ""
-
-    @property
-    def needs_quantize(self) -> bool:
-        """F32/F16 come straight out of the exporter; everything else goes through llama.cpp."""
-        return self.quant not in UNQUANTIZED
+    options: dict[str, Any] = field(default_factory=dict, compare=False)  # the format's own knobs
 
 
 def targets_dir() -> Path:
@@ -46,15 +44,22 @@ def _load(path: Path) -> Target:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    unknown = set(raw) - {"format", "quant", "description"}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read target file ({e})") from None
+    fmt_name = raw.get("format")
+    if fmt_name not in FORMATS:
+        raise ConfigError(f"{path}: format: expected one of {', '.join(FORMATS)}, got {fmt_name!r}")
+    fmt = get_format(fmt_name)
+    known = (*_COMMON_KEYS, *fmt.TARGET_KEYS)
+    unknown = set(raw) - set(known)
     if unknown:
-        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected format, quant, description")
-    fmt, quant = raw.get("format"), raw.get("quant")
-    if fmt not in FORMATS:
-        raise ConfigError(f"{path}: format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    if quant not in GGUF_QUANT_TYPES:
-        raise ConfigError(f"{path}: quant: expected one of {', '.join(GGUF_QUANT_TYPES)}, got {quant!r}")
-    return Target(name=name, format=fmt, quant=quant, description=raw.get("description", ""))
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected {', '.join(known)}")
+    quant, description = raw.get("quant"), raw.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{path}: description: expected a string, got {description!r}")
+    options = {k: v for k, v in raw.items() if k not in _COMMON_KEYS}
+    fmt.check_target(name, quant, options, str(path))
+    return Target(name=name, format=fmt_name, quant=quant, description=description, options=options)
 
 
 def available_targets() -> dict[str, Target]:

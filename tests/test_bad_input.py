@@ -47,7 +47,7 @@ def inputs(tmp_path_factory, tokenizer, edgeft_cache) -> Inputs:
 
     from edgeft.bench.run import reference
     from edgeft.config import BenchConfig
-    from edgeft.export.gguf import export
+    from edgeft.formats.gguf.export import export
 
     root = tmp_path_factory.mktemp("inputs")
     model = make_tiny_llama(root / "model", tokenizer)
@@ -449,7 +449,7 @@ def _(t, i):
 @case("gguf-folder-without-model")
 def _(t, i):
     (t / "art").mkdir()
-    return bench(i, t / "art"), ["has no model.gguf"]
+    return bench(i, t / "art"), ["not an artifact edgeft can bench"]
 
 
 @case("gguf-future-version")

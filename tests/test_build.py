@@ -103,7 +103,7 @@ def test_report_keeps_the_contract(built):
 
 def test_fidelity_ladder_tells_stages_apart(built):
     ladder = {row["stage"]: row for row in report(built)["ladder"]}
-    export = ladder["f32 export"]
+    export = ladder["gguf-f32 export"]
     assert export["kl_divergence_mean"] < 1e-3 and export["top1_agreement"] > 0.99  # conversion is lossless
     assert ladder["reference"]["kl_divergence_mean"] == 0
     kld = [ladder[t]["kl_divergence_mean"] for t in TARGETS.split(",")]

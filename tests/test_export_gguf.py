@@ -1,4 +1,4 @@
-"""edgeft.export.gguf: our GGUF read by llama.cpp must give transformers' logits and tokens.
+"""edgeft.formats.gguf.export: our GGUF read by llama.cpp must give transformers' logits and tokens.
 
 Unit tests use a tiny random llama (hidden 64) with the real SmolLM2 tokenizer; integration tests
 use the real SmolLM2-135M-Instruct and compare against the GGUF it ships in.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgeft.errors import ConfigError, ModelError
-from edgeft.export import gguf as export_gguf
+from edgeft.formats.gguf import export as export_gguf
 from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
 from edgeft.runtimes.llamacpp import LlamaCppRuntime
 

@@ -11,10 +11,11 @@ import gguf
 import numpy as np
 import pytest
 
-from edgeft.bench.bandwidth import decode_roofline, gguf_bytes_per_token, measure_read_bandwidth
+from edgeft.bench.bandwidth import decode_roofline, measure_read_bandwidth
 from edgeft.bench.latency import measure_latency
 from edgeft.bench.probe import run_probe
 from edgeft.errors import EdgeftError
+from edgeft.formats.gguf.inspect import bytes_per_token as gguf_bytes_per_token
 
 from .tiny import make_tiny_llama
 
@@ -26,7 +27,7 @@ HIDDEN = 64
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     """HF folders and f32 GGUF files of a tied and an untied tiny llama."""
-    from edgeft.export.gguf import write_gguf
+    from edgeft.formats.gguf.export import write_gguf
 
     root = tmp_path_factory.mktemp("tiny-latency")
     paths: dict[str, Path] = {}

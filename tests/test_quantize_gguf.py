@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeft.quantize.gguf_types import GGUF_QUANT_TYPES
+from edgeft.formats.gguf.types import GGUF_QUANT_TYPES
 
 from .tiny import make_tiny_llama
 
@@ -23,7 +23,7 @@ def test_quant_table_mirrors_llama_h():
 def tiny_f32(tmp_path_factory, smollm2_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from edgeft.export.gguf import export
+    from edgeft.formats.gguf.export import export
 
     root = tmp_path_factory.mktemp("q")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -46,7 +46,7 @@ MIN_CORRELATION = {"Q8_0": 0.99, "Q6_K": 0.97, "Q4_K_M": 0.9, "Q4_0": 0.8}
 
 @pytest.mark.parametrize("quant", list(EXPECTED))
 def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
-    from edgeft.quantize.gguf import quantize
+    from edgeft.formats.gguf.quantize import quantize
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
     out = quantize(tiny_f32, tmp_path / quant, quant, threads=2)
@@ -67,7 +67,7 @@ def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
 
 
 def test_quantize_is_cached_and_smaller(tiny_f32, tmp_path):
-    from edgeft.quantize.gguf import quantize
+    from edgeft.formats.gguf.quantize import quantize
 
     a = quantize(tiny_f32, tmp_path / "q8", "Q8_0")
     assert not a.cached and quantize(tiny_f32, tmp_path / "q8", "Q8_0").cached
@@ -76,7 +76,7 @@ def test_quantize_is_cached_and_smaller(tiny_f32, tmp_path):
 
 def test_quantize_missing_input_is_a_model_error(tmp_path):
     from edgeft.errors import ModelError
-    from edgeft.quantize.gguf import quantize
+    from edgeft.formats.gguf.quantize import quantize
 
     with pytest.raises(ModelError, match="expected an exported model.gguf"):
         quantize(tmp_path, tmp_path / "out", "Q8_0")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from .stats import spread
 
 
@@ -46,27 +45,3 @@ def decode_roofline(bandwidth_gb_s: float, bytes_per_token: int) -> float:
     if bytes_per_token <= 0:
         raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
     return bandwidth_gb_s * 1e9 / bytes_per_token
-
-
-def gguf_bytes_per_token(path: Path, reader=None) -> int:
-    """Weight bytes read to decode one token from the GGUF file at ``path`` (an upper-bound input:
-    every tensor once; KV cache and activations not counted).
-
-    The embedding lookup reads one row of ``token_embd.weight``; when the file has no
-    ``output.weight`` the embedding is also the output layer and is read whole.
-    """
-    import gguf
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such GGUF file")
-    tensors = (reader or gguf.GGUFReader(path)).tensors  # pass a reader to skip a ~2.5 s re-parse
-    tied = not any(t.name == "output.weight" for t in tensors)
-    total = 0
-    for t in tensors:
-        n_bytes = int(t.n_bytes)
-        if t.name == "token_embd.weight" and not tied:
-            rows = int(t.n_elements) // int(t.shape[0])  # shape[0] is the row length (ggml's ne0)
-            n_bytes //= rows
-        total += n_bytes
-    return total

@@ -27,21 +27,14 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, EdgeftError, InternalError, ModelError
-
-RUNTIMES = ("llama.cpp", "torch")
+from ..runtimes import RUNTIMES
 
 
 def _load(runtime: str, model: Path, threads: int):
     """The runtime named ``runtime`` with ``model`` loaded; imports only that runtime's backend."""
-    if runtime == "llama.cpp":
-        from ..runtimes.llamacpp import LlamaCppRuntime
+    from ..runtimes import load_runtime
 
-        return LlamaCppRuntime(model, n_threads=threads, scoring=False)
-    if runtime == "torch":
-        from ..runtimes.torch import TorchRuntime
-
-        return TorchRuntime(model, threads=threads)
-    raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    return load_runtime(runtime, model, threads=threads, scoring=False)
 
 
 def _peak_rss_bytes() -> int:
@@ -95,7 +88,7 @@ def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_to
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m edgeft.bench.probe", description=__doc__.split("\n")[0])
-    parser.add_argument("--runtime", required=True, choices=RUNTIMES)
+    parser.add_argument("--runtime", required=True, choices=list(RUNTIMES))
     parser.add_argument("--model", required=True, type=Path, help="a .gguf file (llama.cpp) or HF folder (torch)")
     parser.add_argument("--threads", required=True, type=int)
     parser.add_argument("--prompt-tokens", type=int, default=512)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..config import BenchConfig
 from ..data import is_correct, load_jsonl
-from ..stage import StageOutput, content_hash, run_stage, sha256_file
+from ..stage import StageOutput, content_hash, run_stage
 from . import reference as stored_reference
 from .fidelity import compare_stored, reply_sequences, task_accuracy
 
@@ -123,19 +123,19 @@ def _params(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: Progress) -> dict[str, Any]:
-    from ..quantize.gguf import describe
-    from ..runtimes.llamacpp import LlamaCppRuntime
-    from .bandwidth import gguf_bytes_per_token
+    from ..formats import detect_artifact
+    from ..runtimes import load_runtime
     from .probe import run_probe
 
+    fmt, artifact = detect_artifact(artifact)
     stored = stored_reference.load(ref_dir)
     threads = _threads(cfg)
-    scorer = LlamaCppRuntime(artifact, n_threads=threads, scoring=True)
+    scorer = load_runtime(fmt.RUNTIME, artifact, threads=threads, scoring=True)
     fidelity = compare_stored(stored, scorer, progress("artifact: logits", len(stored.tokens)))
     scorer.close()
 
-    # Answers are generated as an app would: last-position logits only, the GGUF's template and stops.
-    gen = LlamaCppRuntime(artifact, n_threads=threads, scoring=False)
+    # Answers are generated as an app would: last-position logits only, the artifact's template and stops.
+    gen = load_runtime(fmt.RUNTIME, artifact, threads=threads, scoring=False)
     examples = stored.examples
     tick = progress("artifact: answers to held-out questions", len(examples))
     outs = []
@@ -151,25 +151,24 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     step = progress("artifact: latency and memory (subprocess)", 1)
     # Same prompt and decode lengths as the stored reference was timed with, so speeds compare.
     ref_lat = stored.meta["performance"]["latency"]
-    perf = run_probe("llama.cpp", artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
+    perf = run_probe(fmt.RUNTIME, artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
     step()
-    from ..quantize.gguf import read_gguf
-
-    reader = read_gguf(artifact)  # parsed once: it walks the whole vocabulary in Python
-    info = describe(artifact, reader)
+    info = fmt.describe(artifact)
     return {
         "artifact": {
             "path": str(artifact),
-            "format": "gguf",
+            "format": fmt.NAME,
+            "runtime": fmt.RUNTIME,
+            "file_type": info["file_type"],
             "size_bytes": info["size_bytes"],
-            "sha256": sha256_file(artifact),
+            "sha256": content_hash(artifact),
             "tensor_types": info["tensor_types"],
         },
         "fidelity": fidelity,
         "answers": _answers(examples, replies, [g.stopped for g in outs]),
         "performance": perf,
         # The bandwidth side of the roofline is measured once per report (see pipeline.finish_report).
-        "roofline": {"bytes_per_token": gguf_bytes_per_token(artifact, reader)},
+        "roofline": {"bytes_per_token": info["bytes_per_token"]},
         "machine": _machine(),
     }
 

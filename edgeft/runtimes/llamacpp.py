@@ -133,3 +133,7 @@ class LlamaCppRuntime:
     def close(self) -> None:
         """Free the model and context now rather than at garbage collection."""
         self._llm.close()
+
+
+def load(model: Path, threads: int, scoring: bool) -> LlamaCppRuntime:
+    return LlamaCppRuntime(model, n_threads=threads, scoring=scoring)

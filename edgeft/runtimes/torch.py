@@ -111,3 +111,8 @@ class TorchRuntime:
 
     def close(self) -> None:
         del self.model
+
+
+def load(model: Path, threads: int, scoring: bool) -> TorchRuntime:
+    del scoring  # torch always returns every position's logits
+    return TorchRuntime(model, threads=threads)

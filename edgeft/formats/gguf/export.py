@@ -25,12 +25,11 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..errors import ConfigError, ModelError
-from ..loading import loading
-from ..models import check_model_dir
-from ..stage import StageOutput, content_hash, run_stage
-
-GGUF_FILE = "model.gguf"
+from ...errors import ConfigError, ModelError
+from ...loading import loading
+from ...models import check_model_dir
+from ...stage import StageOutput, content_hash, run_stage
+from .inspect import GGUF_FILE
 
 # outtype → (general.file_type, numpy dtype of 2-D tensors). 1-D tensors (norms, biases) stay f32
 # whatever the outtype, as in llama.cpp: they are tiny and ggml's norm kernels expect f32.

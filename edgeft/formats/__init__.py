@@ -1,0 +1,52 @@
+"""Artifact formats, looked up by name. Each is one package with the same surface, so the pipeline,
+the bench and the report dispatch on ``target.format`` and know nothing of any one format.
+
+A format package (``formats/gguf/``: ``types.py`` facts as tables, ``export.py``, ``quantize.py``,
+``inspect.py``) exposes in its ``__init__``:
+
+* ``NAME``, ``RUNTIME`` (a name in :data:`edgeft.runtimes.RUNTIMES`), ``TARGET_KEYS`` (the keys a
+  target file of this format may set besides format/quant/description);
+* ``check_target(name, quant, options, where)`` — raise ConfigError for a target this edgeft cannot
+  produce (called when target files are read, so a bad one fails before any work);
+* ``build(target, merged_dir, out_dir, run, threads)`` → the artifact path, through cached stages
+  (``run(stage_name, fn)`` runs and logs one stage);
+* ``conversion(merged_dir, out_dir, run)`` → ``(label, artifact)``: the unquantized export, whose
+  fidelity row separates conversion loss from quantization loss;
+* ``find_artifact(path)`` → the artifact a user's path names, or None if it is not this format's;
+  ``check_artifact(path)`` — a cheap validity check; ``describe(path)`` → size, tensor types, file
+  type; ``bytes_per_token(path)`` → weight bytes read per decoded token (the roofline's input).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import ConfigError, ModelError
+
+# format name → its package
+FORMATS: dict[str, str] = {
+    "gguf": "edgeft.formats.gguf",
+}
+
+
+def get_format(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise ConfigError(f"format {name!r}: expected one of {', '.join(FORMATS)}")
+    return importlib.import_module(FORMATS[name])
+
+
+def detect_artifact(path: Path, option: str = "--artifact") -> tuple[ModuleType, Path]:
+    """(format, artifact) for a user's path: a file, or a stage folder holding one; checked cheaply."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{option} {path}: no such file or folder")
+    for name in FORMATS:
+        fmt = get_format(name)
+        artifact = fmt.find_artifact(path)
+        if artifact is not None:
+            fmt.check_artifact(artifact)
+            return fmt, artifact
+    kinds = "a .gguf file or a folder holding model.gguf"
+    raise ModelError(f"{option} {path}: not an artifact edgeft can bench (expected {kinds})")
