@@ -278,7 +278,7 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
     "artifacts",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="a .gguf file or a folder with model.gguf (repeatable)",
+    help="a .gguf file, a folder with model.gguf, or an ONNX folder with genai_config.json (repeatable)",
 )
 @click.option(
     "--reference",
@@ -313,8 +313,8 @@ def bench(
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
-    On a device: copy the build's `reference/` folder and the .gguf files, then
-    `edgeft bench --artifact model.gguf --reference reference/` (needs no torch).
+    On a device: copy the build's `reference/` folder and the artifacts (.gguf files, ONNX folders),
+    then `edgeft bench --artifact model.gguf --reference reference/` (needs no torch).
     """
     with _user_errors():
         from .bench.gates import parse_gate_flags

@@ -2,7 +2,7 @@
 
 transformers, peft, safetensors, llama.cpp and numpy report a broken input as whatever exception
 their code happened to hit (``ValueError``, ``RuntimeError`` with a 40-line size-mismatch table,
-safetensors' own ``SafetensorError``, ...). Wrapped in :func:`loading`, such a failure becomes one
+safetensors' ``SafetensorError``, protobuf's ``DecodeError``, ...). Wrapped in :func:`loading`, such a failure becomes one
 :class:`ModelError` line that names the file. The block should hold the third-party call only:
 exceptions that mean *we* called it wrongly (``TypeError``, ``AttributeError``, ``NameError``,
 ``ImportError``) are not translated, so our bugs keep their traceback.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -33,12 +34,14 @@ _INPUT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _safetensors_error() -> tuple[type[BaseException], ...]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # the torch-free device install has no safetensors
-        return ()
-    return (SafetensorError,)
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Loaders' own exception types, from the libraries already imported (none is imported here)."""
+    found: list[type[BaseException]] = []
+    if "safetensors" in sys.modules:
+        found.append(sys.modules["safetensors"].SafetensorError)  # truncated or garbage weight files
+    if "google.protobuf.message" in sys.modules:
+        found.append(sys.modules["google.protobuf.message"].Error)  # an ONNX graph that does not parse
+    return tuple(found)
 
 
 @contextlib.contextmanager
@@ -48,5 +51,5 @@ def loading(path: Path | str, what: str) -> Iterator[None]:
         yield
     except EdgeftError:
         raise
-    except _INPUT_ERRORS + _safetensors_error() as e:
+    except _INPUT_ERRORS + _library_errors() as e:
         raise ModelError(f"{path}: cannot load {what}: {first_line(e)}") from e

@@ -38,6 +38,7 @@ class Inputs:
     other_adapter: Path  # a LoRA adapter for a wider model
     gguf: Path  # ``model`` exported to GGUF
     reference: Path  # a stored reference of ``model`` on a few held-out questions
+    onnx: Path  # ``model`` exported to an onnxruntime-genai folder (int4)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,10 @@ def inputs(tmp_path_factory, tokenizer, edgeft_cache) -> Inputs:
     eval_small.write_text("".join(EVAL.read_text().splitlines(keepends=True)[:2]))
     bench = BenchConfig(threads=1, max_new_tokens=4, prompt_tokens=64, decode_tokens=4, repeats=1, top_k=8)
     ref = reference(model, eval_small, root / "reference", bench).path
-    return Inputs(model, adapters[0], adapters[1], gguf, ref)
+    from edgeft.formats.onnx.export import export as export_onnx
+
+    onnx = export_onnx(model, root / "onnx", "int4", {}).path
+    return Inputs(model, adapters[0], adapters[1], gguf, ref, onnx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +473,44 @@ def _(t, i):
     return ["quantize", "--gguf", str(d), "--target", "gguf-q8", "--out", "out"], ["model.gguf"]
 
 
+@case("onnx-missing-genai-config")
+def _(t, i):
+    o = copy(i.onnx, t / "onnx")
+    (o / "genai_config.json").unlink()
+    return bench(i, o), ["genai_config.json missing"]
+
+
+@case("onnx-missing-external-data")
+def _(t, i):
+    o = copy(i.onnx, t / "onnx")
+    (o / "model.onnx.data").unlink()
+    return bench(i, o), ["external data file model.onnx.data missing"]
+
+
+@case("onnx-graph-garbage")
+def _(t, i):
+    o = copy(i.onnx, t / "onnx")
+    (o / "model.onnx").write_bytes(b"\x00garbage" * 10)
+    return bench(i, o), ["model.onnx", "cannot load the ONNX graph"]
+
+
+@case("onnx-target-unknown-builder-option")
+def _(t, i):
+    (t / "mine.toml").write_text('format = "onnx"\nquant = "int4"\nblocksize = 32\n')
+    return ["build", "--config", str(config(t)), "--target", str(t / "mine.toml"), "--out", "out"], [
+        "unknown key 'blocksize'",
+        "block_size",
+    ]
+
+
+@case("onnx-target-bad-accuracy-level")
+def _(t, i):
+    (t / "mine.toml").write_text('format = "onnx"\nquant = "int4"\naccuracy_level = 7\n')
+    return ["build", "--config", str(config(t)), "--target", str(t / "mine.toml"), "--out", "out"], [
+        "accuracy_level: expected one of 0, 1, 2, 3, 4"
+    ]
+
+
 # reference folders -----------------------------------------------------------------------------
 
 
@@ -611,7 +653,21 @@ def run_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, fl
 def test_the_corpus_covers_every_class():
     prefixes = {name.split("-")[0] for name in CASES}
     assert len(CASES) >= 40
-    for cls in ("config", "train", "bench", "data", "model", "weights", "adapter", "gguf", "reference", "flag", "out"):
+    classes = (
+        "config",
+        "train",
+        "bench",
+        "data",
+        "model",
+        "weights",
+        "adapter",
+        "gguf",
+        "onnx",
+        "reference",
+        "flag",
+        "out",
+    )
+    for cls in classes:
         assert cls in prefixes
 
 

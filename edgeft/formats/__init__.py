@@ -28,6 +28,7 @@ from ..errors import ConfigError, ModelError
 # format name → its package
 FORMATS: dict[str, str] = {
     "gguf": "edgeft.formats.gguf",
+    "onnx": "edgeft.formats.onnx",
 }
 
 
@@ -48,5 +49,5 @@ def detect_artifact(path: Path, option: str = "--artifact") -> tuple[ModuleType,
         if artifact is not None:
             fmt.check_artifact(artifact)
             return fmt, artifact
-    kinds = "a .gguf file or a folder holding model.gguf"
+    kinds = "; or ".join(get_format(name).ARTIFACT_HINT for name in FORMATS)
     raise ModelError(f"{option} {path}: not an artifact edgeft can bench (expected {kinds})")

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 RUNTIMES: dict[str, str] = {
     "torch": "edgeft.runtimes.torch",
     "llama.cpp": "edgeft.runtimes.llamacpp",
+    "onnxruntime-genai": "edgeft.runtimes.onnxruntime_genai",
 }
 
 

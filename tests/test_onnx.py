@@ -1,0 +1,177 @@
+"""ONNX targets: the builder's folders read by onnxruntime-genai give torch's logits and tokens.
+
+Tiny llama (real SmolLM2 tokenizer) for the mechanics; the real SmolLM2 behind the integration marker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.errors import ConfigError, ModelError
+
+from .tiny import make_tiny_llama
+
+pytest.importorskip("onnxruntime_genai")
+
+COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+# Digits, whitespace runs and a list; not a whitespace run right before a digit, which onnxruntime-genai
+# splits differently from transformers (see the ONNX notes in the README).
+CHAT = [{"role": "user", "content": "Roast at 425°F for 25 minutes,  then   rest 10?\n\n- Yes"}]
+
+
+def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    from edgeft.bench.fidelity import log_softmax
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("onnx") / "tiny", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny, tmp_path_factory) -> dict[str, Path]:
+    from edgeft.formats.onnx.export import export
+
+    root = tmp_path_factory.mktemp("onnx-out")
+    return {q: export(tiny, root / q, q, {}).path for q in ("fp32", "int4")}
+
+
+def test_fp32_export_gives_torch_logits(tiny, tiny_onnx):
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+    from edgeft.runtimes.torch import TorchRuntime
+
+    ref, art = TorchRuntime(tiny, threads=1), OnnxGenaiRuntime(tiny_onnx["fp32"], threads=1)
+    ids = ref.tokenize(ref.render_chat(CHAT))
+    assert art.tokenize(art.render_chat(CHAT)) == ids  # the folder's tokenizer and template
+    assert kld(ref.logits(ids), art.logits(ids)) < 1e-6
+
+
+def test_int4_folder_is_what_an_app_loads(tiny_onnx):
+    from edgeft.formats.onnx import describe
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+
+    folder = tiny_onnx["int4"]
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()
+    }
+    info = describe(folder)
+    assert info["file_type"] == "int4" and info["tensor_types"]["MatMulNBits int4"] > 0
+    assert info["bytes_per_token"] < describe(tiny_onnx["fp32"])["bytes_per_token"] / 3
+    rt = OnnxGenaiRuntime(folder, threads=1)
+    long = rt.generate(CHAT, 6, ignore_eos=True)
+    assert long.n_tokens == 6 and not long.stopped
+
+
+def test_export_is_cached_by_model_and_options(tiny, tmp_path):
+    from edgeft.formats.onnx.export import export
+
+    first = export(tiny, tmp_path / "o", "int8", {"block_size": 64})
+    assert not first.cached and first.manifest["results"]["builder_options"] == ["hf_token=false", "block_size=64"]
+    assert export(tiny, tmp_path / "o", "int8", {"block_size": 64}).cached
+    assert not export(tiny, tmp_path / "o", "int8", {"block_size": 128}).cached
+
+
+def test_broken_folders_are_named(tiny_onnx, tmp_path):
+    from edgeft.formats import detect_artifact
+
+    no_config = shutil.copytree(tiny_onnx["int4"], tmp_path / "a")
+    (no_config / "genai_config.json").unlink()
+    with pytest.raises(ModelError, match="genai_config.json missing"):
+        detect_artifact(no_config)
+    no_data = shutil.copytree(tiny_onnx["int4"], tmp_path / "b")
+    (no_data / "model.onnx.data").unlink()
+    with pytest.raises(ModelError, match="external data file model.onnx.data missing"):
+        detect_artifact(no_data)
+    short = shutil.copytree(tiny_onnx["int4"], tmp_path / "c")
+    data = (short / "model.onnx.data").read_bytes()
+    (short / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated"):
+        detect_artifact(short)
+
+
+def test_a_model_the_builder_cannot_export_is_one_line(tiny, tmp_path):
+    from edgeft.formats.onnx.export import write_onnx
+
+    broken = shutil.copytree(tiny, tmp_path / "no-tokenizer")
+    (broken / "tokenizer.json").unlink()
+    (broken / "tokenizer_config.json").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelError, match="builder cannot export it") as e:
+        write_onnx(broken, out, "int4", {})
+    assert "\n" not in str(e.value)
+
+
+def test_target_files_check_builder_options(tmp_path):
+    from edgeft.targets import get_target
+
+    path = tmp_path / "mine.toml"
+    path.write_text('format = "onnx"\nquant = "int4"\nblocksize = 32\n')
+    with pytest.raises(ConfigError, match="unknown key 'blocksize'.*block_size"):
+        get_target(str(path))
+    path.write_text('format = "onnx"\nquant = "int4"\nalgo_config = "gptq_magic"\n')
+    with pytest.raises(ConfigError, match="algo_config: expected one of"):
+        get_target(str(path))
+    path.write_text('format = "onnx"\nquant = "int4"\nblock_size = 64\naccuracy_level = 1\n')
+    assert get_target(str(path)).options == {"block_size": 64, "accuracy_level": 1}
+
+
+# ------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx(smollm2_dir, edgeft_cache) -> dict[str, Path]:
+    from edgeft.formats.onnx.export import export
+
+    root = edgeft_cache / "onnx-exports"
+    return {q: export(smollm2_dir, root / f"{smollm2_dir.name}-{q}", q, {}).path for q in ("fp32", "int8", "int4")}
+
+
+@pytest.mark.integration
+def test_smollm2_fp32_onnx_matches_torch_on_held_out_replies(smollm2_dir, smollm2_onnx):
+    from edgeft.bench.fidelity import reply_sequences
+    from edgeft.data import load_jsonl
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+    from edgeft.runtimes.torch import TorchRuntime
+
+    ref, art = TorchRuntime(smollm2_dir, threads=2), OnnxGenaiRuntime(smollm2_onnx["fp32"], threads=2)
+    examples = load_jsonl(COOKING / "eval.jsonl")[:6]
+    for seq in reply_sequences(ref.tokenizer, examples):
+        assert kld(ref.logits(seq.tokens), art.logits(seq.tokens)) <= 1e-5
+
+
+@pytest.mark.integration
+def test_smollm2_tokenization_and_template_match_transformers(smollm2_dir, smollm2_onnx):
+    from transformers import AutoTokenizer
+
+    from edgeft.data import load_jsonl
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
+    art = OnnxGenaiRuntime(smollm2_onnx["int4"], threads=2)
+    for ex in load_jsonl(COOKING / "eval.jsonl"):
+        rendered = hf.apply_chat_template(ex.messages, tokenize=False)
+        assert art.tokenizer.apply_chat_template(json.dumps(ex.messages), add_generation_prompt=False) == rendered
+        assert art.tokenize(rendered) == hf(rendered, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_smollm2_quantized_onnx_answers_and_stops(smollm2_onnx, quant):
+    from edgeft.data import load_jsonl
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+
+    rt = OnnxGenaiRuntime(smollm2_onnx[quant], threads=2)
+    examples = load_jsonl(COOKING / "eval.jsonl")[:4]
+    outs = [rt.generate(ex.prompt, 128) for ex in examples]
+    # ends on <|im_end|> (not the token budget) and never prints it
+    assert sum(o.stopped for o in outs) >= 3, [o.text for o in outs]
+    assert all(o.text.strip() and "<|im_end|>" not in o.text for o in outs)
