@@ -204,3 +204,42 @@ def test_topk_kld_is_within_the_measured_bound_of_exact(built):
     assert exact["kl_divergence_mean"] - approx["kl_divergence_mean"] <= 0.15 * exact["kl_divergence_mean"]
     assert approx["top1_agreement"] == exact["top1_agreement"]
     assert approx["perplexity_artifact"] == pytest.approx(exact["perplexity_artifact"], rel=1e-4)
+
+
+TORCH_BLOCK = (
+    "import sys, importlib.abc\n"
+    "class _Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('torch', 'transformers', 'peft'): raise ImportError('blocked: ' + name)\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+
+
+def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    proc = edgeft("build", "--config", str(config), "--target", "gguf-q8,onnx-int4", "--out", str(built))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = report(built)
+    assert [(t["target"], t["artifact"]["runtime"]) for t in r["targets"]] == [
+        ("gguf-q8", "llama.cpp"),
+        ("onnx-int4", "onnxruntime-genai"),
+    ]
+    onnx = r["targets"][1]
+    assert onnx["artifact"]["quant"] == "int4" and onnx["artifact"]["tensor_types"]["MatMulNBits int4"] > 100
+    assert Path(onnx["artifact"]["path"], "genai_config.json").is_file()
+    assert onnx["latency"]["artifact"]["threads"] == 2 and onnx["memory"]["peak_rss_bytes"] > 0
+    ladder = {row["stage"]: row for row in r["ladder"]}
+    conversion = ladder["onnx-fp32 export"]
+    assert conversion["runtime"] == "onnxruntime-genai" and conversion["kl_divergence_mean"] < 1e-4
+    assert conversion["kl_divergence_mean"] < ladder["onnx-int4"]["kl_divergence_mean"]
+    stages = cached_stages(built)
+    assert stages["quantize gguf-q8"] and stages["bench gguf-q8"]  # the GGUF side was cached
+    assert not stages["export onnx-int4"]
+
+    # On a device: the ONNX folder benches against the stored reference without torch.
+    out = tmp_path / "bench"
+    args = ("bench", "--build", str(built), "--target", "onnx-int4", "--out", str(out), "--threads", "2")
+    proc = edgeft(*args, prelude=TORCH_BLOCK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = report(out)["targets"][0]
+    assert again["fidelity"]["kl_divergence_mean"] == pytest.approx(onnx["fidelity"]["kl_divergence_mean"], rel=1e-3)
