@@ -163,15 +163,23 @@ def test_smollm2_tokenization_and_template_match_transformers(smollm2_dir, smoll
         assert art.tokenize(rendered) == hf(rendered, add_special_tokens=False)["input_ids"]
 
 
+# Short-answer chats: the base (not fine-tuned) SmolLM2 rambles past any budget on open cooking questions.
+GOLDEN = [
+    ("What is 2 + 2? Reply with the number only.", "4"),
+    ("What is the capital of France? One word.", "Paris"),
+    ("Say hello to me in one short sentence.", ""),
+    ("Is water wet? Answer yes or no.", ""),
+]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_smollm2_quantized_onnx_answers_and_stops(smollm2_onnx, quant):
-    from edgeft.data import load_jsonl
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
     rt = OnnxGenaiRuntime(smollm2_onnx[quant], threads=2)
-    examples = load_jsonl(COOKING / "eval.jsonl")[:4]
-    outs = [rt.generate(ex.prompt, 128) for ex in examples]
-    # ends on <|im_end|> (not the token budget) and never prints it
-    assert sum(o.stopped for o in outs) >= 3, [o.text for o in outs]
-    assert all(o.text.strip() and "<|im_end|>" not in o.text for o in outs)
+    for question, expected in GOLDEN:
+        out = rt.generate([{"role": "user", "content": question}], 96)
+        # ends on <|im_end|> from genai_config's eos ids, not on the budget, and never prints it
+        assert out.stopped and 0 < out.n_tokens < 96, (question, out.text)
+        assert "<|im_end|>" not in out.text and expected in out.text, (question, out.text)
