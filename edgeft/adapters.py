@@ -9,12 +9,12 @@ have ``lora_A`` = [r, in_features] and ``lora_B`` = [out_features, r] for that m
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .loading import read_json_object
 from .weights import first_nonfinite, tensor_shapes
 
 CONFIG = "adapter_config.json"
@@ -34,14 +34,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     if not adapter_dir.is_dir():
         raise ModelError(f"{adapter_dir}: expected a peft adapter folder, found a file")
     path = adapter_dir / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{adapter_dir}: not a peft adapter folder ({CONFIG} missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+    config = read_json_object(path, f"{adapter_dir}: not a peft adapter folder ({CONFIG} missing)")
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{path}: peft_type: expected 'LORA', got {config.get('peft_type')!r}")
     r = config.get("r")

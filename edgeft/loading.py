@@ -11,6 +11,7 @@ exceptions that mean *we* called it wrongly (``TypeError``, ``AttributeError``, 
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
 import sys
 import zipfile
@@ -53,3 +54,19 @@ def loading(path: Path | str, what: str) -> Iterator[None]:
         raise
     except _INPUT_ERRORS + _library_errors() as e:
         raise ModelError(f"{path}: cannot load {what}: {first_line(e)}") from e
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON object from a user's file; ``missing`` is the message when the file is absent."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(missing) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return obj

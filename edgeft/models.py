@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .loading import read_json_object
 from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
 from .weights import check_finite_weights, weight_files
 
@@ -129,16 +130,7 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ModelError(f"{path}: expected a model folder, found a file")
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no config.json; expected a Hugging Face model folder") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"{config_file}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_file}: expected a JSON object")
+    config = read_json_object(config_file, f"{path}: no config.json; expected a Hugging Face model folder")
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
         found = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else None

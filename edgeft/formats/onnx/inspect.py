@@ -8,7 +8,6 @@ The artifact is the folder an onnxruntime-genai app loads: ``genai_config.json``
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,10 @@ def find_artifact(path: Path) -> Path | None:
 
 
 def genai_config(folder: Path) -> dict[str, Any]:
+    from ...loading import read_json_object
+
     path = Path(folder) / GENAI_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{folder}: {GENAI_CONFIG} missing; not an onnxruntime-genai model folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    config = read_json_object(path, f"{folder}: {GENAI_CONFIG} missing; not an onnxruntime-genai model folder")
     try:
         config["model"]["decoder"]["filename"]
     except (KeyError, TypeError):
