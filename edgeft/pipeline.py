@@ -60,13 +60,6 @@ class _Stages:
         return out
 
 
-def check_inputs(cfg: BuildConfig, targets: list[Target] | None = None, out_dir: Path | None = None) -> None:
-    """Fail before any work when the config cannot produce a build (see :mod:`edgeft.preflight`)."""
-    from .preflight import check_build
-
-    check_build(cfg, targets or [], Path(out_dir) if out_dir is not None else Path(".edgeft-no-out"))
-
-
 def build(
     cfg: BuildConfig,
     targets: list[Target],
@@ -77,10 +70,11 @@ def build(
     compare_to: Path | None = None,
 ) -> BuildResult:
     """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report."""
+    from .preflight import check_build
     from .stage import output_dir
 
     out_dir = Path(out_dir)
-    check_inputs(cfg, targets, out_dir)
+    check_build(cfg, targets, out_dir)  # every input, before any work
     old = _read_old_report(compare_to)
     with output_dir(out_dir, "build", {"targets": [t.name for t in targets], "config": str(cfg.source or "")}):
         return _build_stages(cfg, targets, out_dir, on_stage, progress, old)

@@ -9,6 +9,7 @@ the data for NaN/Inf through a memory map (no copy of the model in memory, no to
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -138,9 +139,20 @@ def first_nonfinite(path: Path) -> str | None:
     return None
 
 
+@functools.cache
+def _first_nonfinite_cached(path: Path, size: int, mtime_ns: int) -> str | None:
+    del size, mtime_ns  # only part of the cache key: a replaced file is scanned again
+    return first_nonfinite(path)
+
+
 def check_finite_weights(model_dir: Path) -> None:
-    """Raise ModelError naming the first tensor (and file) of a model folder that holds NaN/Inf."""
+    """Raise ModelError naming the first tensor (and file) of a model folder that holds NaN/Inf.
+
+    A command checks its inputs up front and its stages resolve the same folder again; each file
+    is scanned once per process (keyed by path, size and mtime).
+    """
     for f in weight_files(model_dir):
-        bad = first_nonfinite(f)
+        st = f.stat()
+        bad = _first_nonfinite_cached(f.resolve(), st.st_size, st.st_mtime_ns)
         if bad is not None:
             raise ModelError(f"{f}: tensor {bad} holds NaN or Inf values; the model is broken")

@@ -42,8 +42,12 @@ def find_artifact(path: Path) -> Path | None:
     path = Path(path)
     if path.is_dir():
         return path / GGUF_FILE if (path / GGUF_FILE).is_file() else None
-    if path.suffix == ".gguf" or path.is_file() and path.read_bytes()[:4] == _GGUF_MAGIC:
+    if path.suffix == ".gguf":
         return path
+    if path.is_file():
+        with open(path, "rb") as f:  # sniff the magic; never read a whole model to look at 4 bytes
+            if f.read(4) == _GGUF_MAGIC:
+                return path
     return None
 
 
