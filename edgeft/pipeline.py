@@ -172,10 +172,13 @@ def finish_report(
     from .bench import reference as stored_reference
     from .bench.bandwidth import measure_read_bandwidth
     from .bench.gates import evaluate_gates, regressions
+    from .bench.probe import RUN_ID
     from .bench.run import reference_row
+    from .machine import same_machine, summary
     from .report import assemble, ladder_row, target_entry, write_reports
 
     ref_meta = stored_reference.load(ref_dir).meta
+    ref_meta, timing_notes = _same_run_reference(ref_meta, measured, bcfg)
     base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
     # One bandwidth measurement for the whole table, so every artifact's roofline shares a ceiling.
     threads = measured[0][2]["performance"]["latency"]["threads"]
@@ -200,14 +203,58 @@ def finish_report(
         art = e["artifact"]
         ladder.append(ladder_row(e["target"], art["runtime"], e["fidelity"], art["size_bytes"], art["quant"]))
 
-    report = assemble(entries, ref_dir, ref_meta, ladder, measured[0][2]["machine"])
+    report = assemble(entries, ref_dir, ref_meta, ladder, this_machine(measured, ref_meta))
+    report["run_id"] = RUN_ID
     report["gates"] = entries[0]["gates"]
+    report["warnings"] = list(timing_notes)
     if old_report is not None:
-        report["regressions"] = regressions(report, old_report)
+        same = same_machine(report["machine"], old_report.get("machine"))
+        if not same:
+            report["warnings"].append(
+                "--compare-to: the old report was measured on another machine "
+                f"({summary(old_report.get('machine') or {})}); speed and memory are not compared, only fidelity"
+            )
+        report["regressions"] = regressions(report, old_report, compare_speed=same)
     report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
     report["stages"] = stages or []
     write_reports(report, out_dir)
     return report
+
+
+def _same_run_reference(
+    ref_meta: dict[str, Any], measured: list[tuple[str, str, dict[str, Any]]], bcfg: BenchConfig
+) -> tuple[dict[str, Any], list[str]]:
+    """Speed ratios only mean something between timings of one run: when an artifact was timed now
+    and the (cached) reference earlier, time the reference again now. Where that cannot be done,
+    say so; the report marks every row timed in another run."""
+    from .bench.probe import RUN_ID
+    from .bench.run import retime_reference
+
+    timed_now = [name for name, _, r in measured if r["performance"].get("run_id") == RUN_ID]
+    if not timed_now or ref_meta["performance"].get("run_id") == RUN_ID:
+        return ref_meta, []
+    fresh = retime_reference(ref_meta, bcfg)
+    if fresh is None:
+        when = ref_meta["performance"].get("timed_at", "an earlier run")
+        return ref_meta, [
+            f"the fp32 reference was timed in another run ({when}) and its model is not here to time again: "
+            "the × fp32 column compares timings from two runs"
+        ]
+    return {**ref_meta, "performance": fresh}, []
+
+
+def this_machine(measured: list[tuple[str, str, dict[str, Any]]], ref_meta: dict[str, Any]) -> dict[str, Any]:
+    """This machine, with each runtime's build (llama.cpp's instruction sets, torch's kernels)."""
+    from .machine import describe
+
+    builds = {}
+    for perf in [ref_meta["performance"], *(r["performance"] for _, _, r in measured)]:
+        lat = perf["latency"]
+        if lat.get("runtime_build"):
+            builds[
+                lat["runtime_version"] if lat["runtime"] == "torch" else f"{lat['runtime']} {lat['runtime_version']}"
+            ] = lat["runtime_build"]
+    return {**describe(), "runtime_builds": builds}
 
 
 def bench_artifacts(

@@ -9,7 +9,11 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
 * ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``,
   ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
 * ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
-* ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``.
+* ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
+* ``machine`` — CPU model, cores, ISA features (AVX2, AVX-512, VNNI, AMX, NEON, dotprod, i8mm), RAM
+  and each runtime's build (``runtime_builds``: llama.cpp's system info, torch's CPU kernels);
+* ``run_id`` and ``warnings``: every speed row has ``timed.{run_id, timed_at, machine}``; rows timed
+  in another run than this report's are marked in report.md.
 
 Per entry: ``artifact.{path, format, runtime, quant, file_type, size_bytes, sha256, tensor_types}``;
 ``fidelity.{kl_divergence_mean, kl_divergence_p99, kl_divergence_se, top1_agreement,
@@ -46,6 +50,11 @@ def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any
         "decode_tok_s_ceiling_projected": ceiling,
         "fraction": decode_tok_s / ceiling if ceiling else None,
     }
+
+
+def timed(perf: dict[str, Any]) -> dict[str, Any]:
+    """Which run and machine a timing comes from (absent in stages cached before edgeft 0.4)."""
+    return {"run_id": perf.get("run_id"), "timed_at": perf.get("timed_at"), "machine": perf.get("machine")}
 
 
 def target_entry(
@@ -87,6 +96,7 @@ def target_entry(
             "ttft_ms": lat["ttft_ms"]["median"],
             "artifact": lat,
             "reference": ref_lat,
+            "timed": timed(perf),
         },
         "memory": {
             "peak_rss_bytes": perf["peak_rss_bytes"],
@@ -122,6 +132,7 @@ def assemble(
             "perplexity": ref_meta["perplexity"],
             "performance": ref_meta["performance"],
             "machine": ref_meta.get("machine"),
+            "timed": timed(ref_meta["performance"]),
         },
         "targets": entries,
         "ladder": ladder,
@@ -172,14 +183,35 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    from .machine import same_machine, summary
+
     ref = report["reference"]
     ref_lat = ref["performance"]["latency"]
+    run_id = report.get("run_id")
+    earlier: list[dict[str, Any]] = []
+
+    def mark(t: dict[str, Any]) -> str:
+        """A dagger on rows timed in another run than this report's, numbered in a footnote."""
+        if run_id is None or t.get("run_id") == run_id:
+            return ""
+        if t not in earlier:
+            earlier.append(t)
+        return " †" + str(earlier.index(t) + 1)
+
     lines = [
         f"# edgeft report — {', '.join(t['target'] for t in report['targets'])}",
         "",
         f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference `{ref['path']}` "
         f"({ref['size_bytes'] / 1e6:.0f} MB fp32) · {report['eval']['examples']} held-out questions, "
         f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
+        "",
+        *[f"**Warning:** {w}" for w in report.get("warnings", [])],
+        *([""] if report.get("warnings") else []),
+        f"Machine: {summary(report['machine'])}"
+        if report.get("machine", {}).get("cpu_model")
+        else f"Machine: {report.get('machine', {}).get('platform', 'unknown')}",
+        "",
+        *[f"- {name}: `{build}`" for name, build in report.get("machine", {}).get("runtime_builds", {}).items()],
         "",
         "## Fidelity ladder (each stage vs the fine-tuned fp32 reference; base = before fine-tuning)",
         "",
@@ -201,7 +233,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference fp32 | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference fp32{mark(ref.get('timed', {}))} | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -209,16 +241,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {t['target']} ({t['artifact']['quant']}) | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {t['target']} ({t['artifact']['quant']}){mark(lat.get('timed', {}))} | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
-    if report["reference"].get("machine") and report["reference"]["machine"] != report["machine"]:
+    for i, t in enumerate(earlier, 1):
+        where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
+        other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
         lines += [
             "",
-            f"**The reference was timed on another machine** ({report['reference']['machine']['platform']}): "
-            "the × fp32 column compares across machines.",
+            f"†{i} timed in an earlier run ({t.get('timed_at') or 'before runs were recorded'}; {where}){other}.",
         ]
+    if earlier:
+        lines += ["", "Speeds of rows from different runs compare with care: load on the machine differs between runs."]
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
     lines += [
         "",

@@ -101,6 +101,24 @@ def test_report_keeps_the_contract(built):
         assert (built / name).stat().st_size > 0
 
 
+def test_report_names_the_machine_and_times_every_row_in_one_run(built):
+    from edgeft.machine import describe
+
+    r = report(built)
+    m = r["machine"]
+    assert {k: m[k] for k in ("cpu_model", "arch", "cores", "isa")} == {
+        k: describe()[k] for k in ("cpu_model", "arch", "cores", "isa")
+    }
+    llama = next(v for k, v in m["runtime_builds"].items() if k.startswith("llama.cpp"))
+    assert "AVX2 = 1" in llama or "NEON = 1" in llama, llama
+    assert any(k.startswith("torch") for k in m["runtime_builds"])
+    # A fresh build times the reference and every artifact in this one run.
+    runs = {r["reference"]["timed"]["run_id"], *(t["latency"]["timed"]["run_id"] for t in r["targets"])}
+    assert runs == {r["run_id"]} and r["warnings"] == []
+    md = (built / "report.md").read_text()
+    assert "Machine: " + m["cpu_model"] in md and "†" not in md
+
+
 def test_fidelity_ladder_tells_stages_apart(built):
     ladder = {row["stage"]: row for row in report(built)["ladder"]}
     export = ladder["gguf-f32 export"]
@@ -126,12 +144,25 @@ def test_second_build_is_a_cache_hit(config, built):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(cached_stages(built).values()), cached_stages(built)
     assert before == {p: p.stat().st_mtime_ns for p in built.rglob("model.gguf")}
+    # Nothing was timed now: every speed row is from the first run, and report.md says so.
+    r = report(built)
+    first = r["reference"]["timed"]["run_id"]
+    assert first != r["run_id"] and {t["latency"]["timed"]["run_id"] for t in r["targets"]} == {first}
+    md = (built / "report.md").read_text()
+    assert md.count("†1") == 1 + len(r["targets"]) and "†1 timed in an earlier run" in md
 
 
 def test_new_target_runs_only_its_own_stages(config, built):
     proc = edgeft("build", "--config", str(config), "--target", "gguf-q6", "--out", str(built))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, hit in cached_stages(built).items() if not hit] == ["quantize gguf-q6", "bench gguf-q6"]
+    # The new artifact was timed now, so the cached reference was timed again in this run.
+    r = report(built)
+    assert r["reference"]["timed"]["run_id"] == r["targets"][0]["latency"]["timed"]["run_id"] == r["run_id"]
+    assert (
+        r["targets"][0]["latency"]["reference_decode_tok_s"]
+        == r["reference"]["performance"]["latency"]["decode_tok_s"]["median"]
+    )
 
 
 def test_failing_gate_exits_1_with_junit_failure(config, built):
@@ -177,6 +208,27 @@ def test_bench_runs_without_torch(built, tmp_path):
         assert t["fidelity"]["kl_divergence_mean"] == pytest.approx(before["kl_divergence_mean"], rel=1e-3)
     assert [s["stage"] for s in r["stages"]] == ["bench gguf-q8", "bench gguf-q4_0"]
     assert not any(s["cached"] for s in r["stages"])
+    # Without torch the reference cannot be timed again here: the report says its speed is another run's.
+    assert r["reference"]["timed"]["run_id"] != r["run_id"]
+    assert len(r["warnings"]) == 1 and "timed in another run" in r["warnings"][0]
+    assert "timed in another run" in proc.stderr
+
+
+def test_compare_to_a_report_from_another_machine_warns_and_skips_speed(built, tmp_path):
+    old = report(built)
+    old["machine"] = dict(old["machine"], cpu_model="Some Other CPU", cores=64)
+    for t in old["targets"]:  # far faster than anything here: a speed regression on the same machine
+        t["latency"]["artifact"]["decode_tok_s"] = {"median": 1e6, "min": 1e6, "max": 1e6}
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    out = tmp_path / "bench"
+    proc = edgeft(
+        "bench", "--build", str(built), "--target", "gguf-q4_0", "--out", str(out), "--compare-to", str(old_path)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "measured on another machine (Some Other CPU" in proc.stderr
+    r = report(out)
+    assert r["regressions"] == [] and any("another machine" in w for w in r["warnings"])
 
 
 def test_topk_kld_is_within_the_measured_bound_of_exact(built):

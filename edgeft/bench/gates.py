@@ -77,12 +77,13 @@ def _combined(a: float, b: float) -> float:
     return math.sqrt(a * a + b * b)
 
 
-def regressions(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]]:
+def regressions(new: dict[str, Any], old: dict[str, Any], compare_speed: bool = True) -> list[dict[str, Any]]:
     """Figures of ``new`` worse than ``old`` by more than their measured spread, per shared target.
 
     Speeds: the new max is below the old min (the repetition ranges do not overlap). Perplexity:
     the increase exceeds both standard errors combined; KLD: 2 combined standard errors; task
     accuracy: the drop exceeds 2 combined binomial standard errors; peak RSS: more than 5% higher.
+    ``compare_speed=False`` (reports from two different machines) compares fidelity only.
     """
     old_targets = {t["target"]: t for t in old.get("targets", [old])}
     out = []
@@ -116,6 +117,8 @@ def regressions(new: dict[str, Any], old: dict[str, Any]) -> list[dict[str, Any]
         tol = 2 * _combined(math.sqrt(p_new * (1 - p_new) / n), math.sqrt(p_old * (1 - p_old) / n))
         if p_old - p_new > tol:
             flag("task_accuracy_artifact", p_old, p_new, tol)
+        if not compare_speed:
+            continue
         for key in ("decode_tok_s", "prefill_tok_s"):
             a, b = entry["latency"].get("artifact", {}).get(key), prev["latency"].get("artifact", {}).get(key)
             if a and b and a["max"] < b["min"]:

@@ -97,6 +97,7 @@ def measure_latency(runtime, *, prompt_tokens: int = 512, decode_tokens: int = 1
     return {
         "runtime": runtime.name,
         "runtime_version": runtime.version,
+        "runtime_build": getattr(runtime, "build_info", ""),
         "threads": runtime.threads,
         "prompt_tokens": n_prompt,
         "decode_tokens": decode_tokens,

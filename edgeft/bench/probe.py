@@ -9,7 +9,10 @@ torch, a reference model and the eval set in memory. So the launcher, :func:`run
 which prints one JSON line::
 
     {"pid", "runtime", "model", "threads", "load_s", "rss_after_load_bytes", "peak_rss_bytes",
-     "torch_imported", "latency": {...measure_latency(...)...}}
+     "torch_imported", "run_id", "timed_at", "machine", "latency": {...measure_latency(...)...}}
+
+``run_id`` names the edgeft process that asked for the timing (:data:`RUN_ID`): a report compares
+speeds only between rows timed in the same run, and says which rows were timed in another.
 
 ``peak_rss_bytes`` is the process's high-water resident set (``getrusage``), interpreter and
 numpy included. Only ``--runtime torch`` imports torch, so a llama.cpp probe runs on a device
@@ -28,6 +31,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, EdgeftError, InternalError, ModelError
 from ..runtimes import RUNTIMES
+
+# One id per edgeft command (inherited by its probe processes through the environment).
+RUN_ID = os.environ.get("EDGEFT_RUN_ID") or f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
 def _load(runtime: str, model: Path, threads: int):
@@ -60,6 +66,7 @@ def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_to
     """Load, measure and report; meant to run in its own process (see the module docstring)."""
     import psutil
 
+    from ..machine import describe
     from .latency import measure_latency
 
     model = Path(model)
@@ -82,6 +89,9 @@ def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_to
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": _peak_rss_bytes(),
         "torch_imported": "torch" in sys.modules,
+        "run_id": RUN_ID,
+        "timed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": describe(),
         "latency": latency,
     }
 
@@ -137,7 +147,7 @@ def run_probe(
         "--decode-tokens", str(decode_tokens),
         "--repeats", str(repeats),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGEFT_RUN_ID": RUN_ID}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:

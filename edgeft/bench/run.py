@@ -13,7 +13,6 @@ Each is a cached stage (dir + manifest). Gates are applied later, to the stored 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +34,9 @@ def _threads(cfg: BenchConfig) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count()}
+    from ..machine import describe
+
+    return describe()
 
 
 def _probe(runtime: str, model: Path, cfg: BenchConfig) -> dict[str, Any]:
@@ -96,6 +97,33 @@ def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, ou
     }
     stored_reference.save(out, arrays, meta)
     return {"task_accuracy": meta["task_accuracy"], "perplexity": ppl, "positions": len(nll)}
+
+
+def retime_reference(ref_meta: dict[str, Any], cfg: BenchConfig) -> dict[str, Any] | None:
+    """The reference's speed and memory timed again, now, with the stored prompt and decode lengths.
+
+    The reference stage is cached, so without this a build that benches a new artifact would
+    divide today's artifact speed by a reference speed from an earlier run (perhaps another
+    machine, or the same one under other load). None when the fp32 model is not on this machine
+    (``edgeft bench`` on a device with only the stored reference folder) or torch is missing.
+    """
+    from importlib.util import find_spec
+
+    model = Path(ref_meta["model"])
+    try:
+        has_torch = find_spec("torch") is not None
+    except (ImportError, ValueError):  # an import hook that forbids it, a half-removed install
+        has_torch = False
+    if not (model / "config.json").is_file() or not has_torch:
+        return None
+    lat = ref_meta["performance"]["latency"]
+    return _probe_lengths("torch", model, cfg, lat["prompt_tokens"], lat["decode_tokens"])
+
+
+def _probe_lengths(runtime: str, model: Path, cfg: BenchConfig, prompt_tokens: int, decode_tokens: int) -> dict:
+    from .probe import run_probe
+
+    return run_probe(runtime, model, _threads(cfg), prompt_tokens, decode_tokens, cfg.repeats)
 
 
 def reference(

@@ -37,6 +37,7 @@ class Generation:
 class Runtime(Protocol):
     name: str
     version: str
+    build_info: str  # what the backend was compiled for / dispatches to on this CPU, for reports
     threads: int
 
     def tokenize(self, text: str, special: bool = True) -> list[int]: ...

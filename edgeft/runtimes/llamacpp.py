@@ -51,6 +51,9 @@ class LlamaCppRuntime:
             raise ConfigError(f"kv_cache_type {kv_cache_type!r}: expected one of {', '.join(KV_CACHE_TYPES)}")
         ggml_type = getattr(llama_cpp, KV_CACHE_TYPES[kv_cache_type])
         self.version: str = llama_cpp.__version__
+        # Which instruction sets this llama.cpp was compiled for ("AVX512 = 1 | ..."): reports
+        # carry it, since the same GGUF decodes 0-50% faster with an AVX-512 build.
+        self.build_info: str = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
         self.gguf_path = gguf_path
         self.n_ctx = n_ctx
         # logits_all: llama.cpp keeps the logits of every position, which scoring needs; by

@@ -47,6 +47,7 @@ class OnnxGenaiRuntime:
             self.tokenizer = og.Tokenizer(self._model)
         self.threads = int(threads) if threads else _physical_cores()
         self.version = og.__version__
+        self.build_info = f"onnxruntime-genai {og.__version__}, CPU execution provider, {self.threads} threads"
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         """Token ids as the app's tokenizer gives them (special tokens parsed, no BOS added)."""

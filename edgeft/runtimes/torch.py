@@ -39,6 +39,8 @@ class TorchRuntime:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self.version = f"torch {torch.__version__}"
+        # The kernels torch dispatches to on this CPU (e.g. AVX512): why fp32 speed differs ~2x by machine.
+        self.build_info = f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {self.threads} threads"
         from ..loading import loading
 
         with loading(model_dir, "the model with transformers"):
