@@ -188,15 +188,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     ref = report["reference"]
     ref_lat = ref["performance"]["latency"]
     run_id = report.get("run_id")
-    earlier: list[dict[str, Any]] = []
+    earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
 
-    def mark(t: dict[str, Any]) -> str:
-        """A dagger on rows timed in another run than this report's, numbered in a footnote."""
+    def run_mark(t: dict[str, Any]) -> str:
+        """A dagger on rows timed in another run than this report's, one number per run."""
         if run_id is None or t.get("run_id") == run_id:
             return ""
-        if t not in earlier:
-            earlier.append(t)
-        return " †" + str(earlier.index(t) + 1)
+        earlier.setdefault(t.get("run_id"), t)
+        return " †" + str(list(earlier).index(t.get("run_id")) + 1)
 
     lines = [
         f"# edgeft report — {', '.join(t['target'] for t in report['targets'])}",
@@ -233,7 +232,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference fp32{mark(ref.get('timed', {}))} | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference fp32{run_mark(ref.get('timed', {}))} | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -241,11 +240,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {t['target']} ({t['artifact']['quant']}){mark(lat.get('timed', {}))} | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {t['target']} ({t['artifact']['quant']}){run_mark(lat.get('timed', {}))} | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
-    for i, t in enumerate(earlier, 1):
+    for i, t in enumerate(earlier.values(), 1):
         where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
         other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
         lines += [
