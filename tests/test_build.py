@@ -149,7 +149,8 @@ def test_second_build_is_a_cache_hit(config, built):
     first = r["reference"]["timed"]["run_id"]
     assert first != r["run_id"] and {t["latency"]["timed"]["run_id"] for t in r["targets"]} == {first}
     md = (built / "report.md").read_text()
-    assert md.count("†1") == 1 + len(r["targets"]) and "†1 timed in an earlier run" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "†1 |" in line]
+    assert len(rows) == 1 + len(r["targets"]) and "†1 timed in an earlier run" in md
 
 
 def test_new_target_runs_only_its_own_stages(config, built):
@@ -295,3 +296,61 @@ def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = report(out)["targets"][0]
     assert again["fidelity"]["kl_divergence_mean"] == pytest.approx(onnx["fidelity"]["kl_divergence_mean"], rel=1e-3)
+
+
+def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
+    import shutil
+
+    from edgeft.runtimes import load_runtime
+
+    targets = ["gguf-q4"] + (["onnx-int4"] if (built / "onnx-int4").is_dir() else [])
+    for target in targets:
+        bundle = tmp_path / f"app-{target}"
+        proc = edgeft("package", "--build", str(built), "--target", target, "--out", str(bundle))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads((bundle / "manifest.json").read_text())
+        assert m["target"] == target and m["license"] == "Apache-2.0" and m["base_model"] == "smollm2-135m"
+        assert m["stop_tokens"] == [{"id": 2, "text": "<|im_end|>"}]
+        bench = json.loads((built / f"bench-{target}" / "manifest.json").read_text())["results"]
+        assert m["memory"]["min_ram_bytes"] == bench["performance"]["peak_rss_bytes"]
+        assert m["fidelity"]["kl_divergence_mean"] == bench["fidelity"]["kl_divergence_mean"]
+        assert {"tokenizer.json", "chat_template.jinja"} <= set(m["files"])
+        for path in (bundle, bundle.with_name(bundle.name + ".zip")):
+            ok = edgeft("verify", str(path))
+            assert ok.returncode == 0 and "files match" in ok.stdout, ok.stderr
+        # What an app does with it: load the bundle's artifact and answer, stopping on <|im_end|>.
+        artifact = bundle / "model.gguf" if target.startswith("gguf") else bundle
+        rt = load_runtime(m["runtime"], artifact, threads=2, scoring=False)
+        out = rt.generate([{"role": "user", "content": "Say hi."}], 48)
+        rt.close()
+        assert out.text.strip()
+
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "app-gguf-q4" / "Modelfile").read_text()
+    bundle = tmp_path / "app-gguf-q4"
+    for tamper, expect in [
+        (
+            lambda d: (d / "tokenizer.json").write_bytes((d / "tokenizer.json").read_bytes()[:-1] + b" "),
+            "contents changed",
+        ),
+        (lambda d: (d / "notes.txt").write_text("x"), "not listed"),
+        (lambda d: (d / "chat_template.jinja").unlink(), "is missing"),
+    ]:
+        copy = tmp_path / "tampered"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(bundle, copy)
+        tamper(copy)
+        bad = edgeft("verify", str(copy))
+        assert bad.returncode == 2 and expect in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # A zip with one byte changed inside the model fails too (zip CRC or sha256).
+    z = tmp_path / "app-gguf-q4.zip"
+    data = bytearray(z.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    z.write_bytes(bytes(data))
+    assert edgeft("verify", str(z)).returncode == 2
+    # --out over a folder of the user's is refused, nothing written.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    proc = edgeft("package", "--build", str(built), "--target", "gguf-q4", "--out", str(mine))
+    assert proc.returncode == 2 and "not an edgeft bundle" in proc.stderr
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"] and not (tmp_path / "mine.zip").exists()
