@@ -182,6 +182,14 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
     for w in report.get("warnings", []):
         click.echo(f"edgeft: warning: {w}", err=True)
+    if report.get("device"):
+        d = report["device"]
+        for name, t in d["targets"].items():
+            tok_s = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.0f} tok/s decode"
+            click.echo(
+                f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
+                f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
+            )
 
 
 @cli.command()
@@ -337,6 +345,18 @@ def verify(bundle: Path) -> None:
 @click.option(
     "--threads", type=click.IntRange(0, 4096), help="threads for every runtime (default: [bench].threads or all cores)"
 )
+@click.option(
+    "--device",
+    help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: run with its thread count "
+    "and add a projected fit and decode speed for it",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(1, 1 << 20),
+    default=2048,
+    show_default=True,
+    help="with --device: the context length the app will use (KV cache in the RAM fit)",
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -348,6 +368,8 @@ def bench(
     config: Path | None,
     out_dir: Path,
     threads: int | None,
+    device: str | None,
+    context: int,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
 ) -> None:
@@ -361,6 +383,12 @@ def bench(
         from .pipeline import bench_artifacts
 
         cfg = _load_cfg(config, None)
+        profile = None
+        if device is not None:
+            from .devices import get_device
+
+            profile = get_device(device)
+            cfg.bench.threads = profile.threads
         if threads is not None:
             cfg.bench.threads = threads
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
@@ -377,8 +405,66 @@ def bench(
                 eval_file=eval_file,
                 compare_to=compare_to,
                 progress=progress,
+                device=profile,
+                context=context,
             )
         _finish(report, out_dir)
+
+
+@cli.command()
+@click.option(
+    "--build", "build_dir", type=click.Path(path_type=Path), required=True, help="an `edgeft build --out` folder"
+)
+@click.option("--device", required=True, help="a device profile name (`edgeft devices`) or .toml path")
+@click.option("--max-kld", type=click.FloatRange(0, None), help="largest mean KL divergence allowed (measured)")
+@click.option("--min-tok-s", type=click.FloatRange(0, None), help="slowest decode allowed on the device (projected)")
+@click.option(
+    "--context", type=click.IntRange(1, 1 << 20), default=2048, show_default=True, help="context the app will use"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the table as JSON")
+def recommend(
+    build_dir: Path, device: str, max_kld: float | None, min_tok_s: float | None, context: int, as_json: bool
+) -> None:
+    """The smallest built target that fits a device and meets a fidelity and speed budget, with the table behind it.
+
+    Exit 1 when no built target meets the budget."""
+    with _user_errors():
+        from .devices import get_device
+        from .devices import recommend as choose
+
+        result = choose(build_dir, get_device(device), max_kld, min_tok_s, context)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(
+                f"{'target':16} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
+            )
+            for r in result["rows"]:
+                acc = "n/a" if r["task_accuracy"] is None else f"{100 * r['task_accuracy']:.1f}%"
+                proj = "n/a" if r["decode_tok_s_projected"] is None else f"{r['decode_tok_s_projected']:.1f}"
+                click.echo(
+                    f"{r['target']:16} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
+                    f"{r['decode_tok_s_measured_here']:10.1f} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
+                    f"{'ok' if r['meets'] else r['why_not']}"
+                )
+            click.echo(
+                f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are projected)"
+            )
+        if result["choice"] is None:
+            sys.exit(1)
+
+
+@cli.command()
+def devices() -> None:
+    """List the device profiles (`edgeft bench --device NAME`)."""
+    with _user_errors():
+        from .devices import available_devices
+
+        for key, d in available_devices().items():
+            click.echo(
+                f"{key:17} {d.threads} threads · app RAM {d.app_ram_gb:g} GB · decode bandwidth "
+                f"{d.effective_bandwidth_gb_s:g} GB/s effective · {d.name}"
+            )
 
 
 @cli.command()

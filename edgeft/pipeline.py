@@ -164,6 +164,8 @@ def finish_report(
     conversions: list[tuple[str, dict[str, Any]]] = (),
     old_report: dict[str, Any] | None = None,
     stages: list[dict[str, Any]] | None = None,
+    device: Any = None,
+    context: int = 2048,
 ) -> dict[str, Any]:
     """Targets' measurements + stored reference → judged report, written to ``out_dir``.
 
@@ -216,6 +218,10 @@ def finish_report(
             )
         report["regressions"] = regressions(report, old_report, compare_speed=same)
     report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
+    if device is not None:
+        from .devices import device_projection
+
+        report["device"] = device_projection(device, measured, context)
     report["stages"] = stages or []
     write_reports(report, out_dir)
     return report
@@ -268,6 +274,8 @@ def bench_artifacts(
     eval_file: Path | None = None,
     compare_to: Path | None = None,
     progress: Progress = _no_progress,
+    device: Any = None,
+    context: int = 2048,
 ) -> dict[str, Any]:
     """`edgeft bench`: artifacts of a build (``build_dir`` + targets) or given files, one report.
 
@@ -358,4 +366,6 @@ def bench_artifacts(
             conversions=conversions,
             old_report=old,
             stages=stages.log,
+            device=device,
+            context=context,
         )

@@ -12,6 +12,10 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
 * ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
 * ``machine`` — CPU model, cores, ISA features (AVX2, AVX-512, VNNI, AMX, NEON, dotprod, i8mm), RAM
   and each runtime's build (``runtime_builds``: llama.cpp's system info, torch's CPU kernels);
+* ``device`` (with ``edgeft bench --device``): ``profile`` (the profile file's fields, sources
+  included), ``projected: true``, ``context_tokens`` and per target ``{fits, format_supported,
+  ram_needed_bytes, app_ram_bytes, decode_tok_s, prefill_tok_s: null, method}`` — projections,
+  never mixed into the measured sections;
 * ``run_id`` and ``warnings``: every speed row has ``timed.{run_id, timed_at, machine}``; rows timed
   in another run than this report's are marked in report.md.
 
@@ -244,6 +248,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
+    if report.get("device"):
+        lines += _device_section(report["device"])
     for i, t in enumerate(earlier.values(), 1):
         where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
         other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
@@ -302,6 +308,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         for s in report["stages"]:
             lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def _device_section(device: dict[str, Any]) -> list[str]:
+    p = device["profile"]
+    lines = [
+        "",
+        f"## Projected on {p['name']} — projections from the device profile, not measurements",
+        "",
+        f"Profile `{p['key']}`: {p['cores']}, {p['threads']} threads, ISA {' '.join(p['isa'])}; app RAM "
+        f"{p['app_ram_gb']:g} GB ({p['app_ram_source']}); decode bandwidth {p['effective_bandwidth_gb_s']:g} GB/s "
+        f"effective ({p['effective_bandwidth_source']}). Speeds and memory above were measured on this machine "
+        f"with the device's thread count. Context for the RAM fit: {device['context_tokens']} tokens.",
+        "",
+        "| artifact | RAM needed MB (projected) | app RAM MB | fits (projected) | decode tok/s (projected) | decode tok/s measured here |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for name, t in device["targets"].items():
+        fits = "yes" if t["fits"] else ("**no**" if t["format_supported"] else "**no** (format not supported)")
+        tok_s = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.1f}"
+        lines.append(
+            f"| {name} | {t['ram_needed_bytes'] / 1e6:.0f} | {t['app_ram_bytes'] / 1e6:.0f} | {fits} | {tok_s} | "
+            f"{t['measured_decode_tok_s_here']:.1f} |"
+        )
+    lines += [
+        "",
+        "Method: decode = effective bandwidth ÷ weight bytes read per token, a ceiling: the effective figures "
+        "come from 0.5B+ models, where decode is memory-bound; a model this small spends more of each token on "
+        "fixed overheads (compare the roofline column above). RAM = peak RSS measured here + KV cache for "
+        "context beyond the measured one. Prefill is compute-bound and not projected.",
+    ]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- junit

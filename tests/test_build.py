@@ -354,3 +354,47 @@ def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
     proc = edgeft("package", "--build", str(built), "--target", "gguf-q4", "--out", str(mine))
     assert proc.returncode == 2 and "not an edgeft bundle" in proc.stderr
     assert [p.name for p in mine.iterdir()] == ["keep.txt"] and not (tmp_path / "mine.zip").exists()
+
+
+def test_bench_on_a_device_profile_projects_fit_and_speed_apart_from_measurements(built, tmp_path):
+    from edgeft.devices import devices_dir
+
+    # An app budget of 100 MB: too small for any artifact; 1 thread: the run uses the profile's count.
+    text = (devices_dir() / "rpi5.toml").read_text()
+    text = text.replace("app_ram_gb = 7.5", "app_ram_gb = 0.1").replace("threads = 4", "threads = 1")
+    profile = tmp_path / "tiny-board.toml"
+    profile.write_text(text)
+    out = tmp_path / "bench"
+    proc = edgeft("bench", "--build", str(built), "--target", "gguf-q4", "--out", str(out), "--device", str(profile))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny-board (projected): gguf-q4 does NOT fit" in proc.stdout
+    r = report(out)
+    t = r["targets"][0]
+    assert t["latency"]["artifact"]["threads"] == 1
+    d = r["device"]
+    assert d["projected"] is True and d["profile"]["key"] == "tiny-board"
+    p = d["targets"]["gguf-q4"]
+    assert p["fits"] is False and p["ram_needed_bytes"] == t["memory"]["peak_rss_bytes"] > p["app_ram_bytes"]
+    assert p["decode_tok_s"] == pytest.approx(10e9 / t["roofline"]["bytes_per_token"])
+    assert p["kv_bytes_per_token"] == 30 * 3 * 128 * 2  # SmolLM2: 30 layers, 3 KV heads of 64+64, f16
+    # Measured sections hold no projected figure; the projection has its own labelled section.
+    assert t["latency"]["decode_tok_s"] == t["latency"]["artifact"]["decode_tok_s"]["median"]
+    md = (out / "report.md").read_text()
+    assert "## Projected on Raspberry Pi 5 (8 GB) — projections from the device profile, not measurements" in md
+
+
+def test_recommend_picks_the_smallest_target_within_budget(built):
+    proc = edgeft("recommend", "--build", str(built), "--device", "rpi5", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    rows = {row["target"]: row for row in r["rows"]}
+    assert {"gguf-q8", "gguf-q4", "gguf-q4_0"} <= set(rows) and r["projected"] is True
+    assert r["choice"] == min(rows.values(), key=lambda row: row["size_bytes"])["target"]  # no budget: smallest
+    q8 = rows["gguf-q8"]["kl_divergence_mean"]
+    proc = edgeft("recommend", "--build", str(built), "--device", "rpi5", "--max-kld", str(q8), "--json")
+    r = json.loads(proc.stdout)
+    within = [row for row in r["rows"] if row["kl_divergence_mean"] <= q8]
+    assert r["choice"] == min(within, key=lambda row: row["size_bytes"])["target"]
+    assert all(not row["meets"] and "KLD" in row["why_not"] for row in r["rows"] if row["kl_divergence_mean"] > q8)
+    none = edgeft("recommend", "--build", str(built), "--device", "rpi4", "--min-tok-s", "1e9")
+    assert none.returncode == 1 and "none meets the budget" in none.stdout

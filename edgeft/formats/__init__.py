@@ -14,7 +14,8 @@ A format package (``formats/gguf/``: ``types.py`` facts as tables, ``export.py``
   fidelity row separates conversion loss from quantization loss;
 * ``find_artifact(path)`` → the artifact a user's path names, or None if it is not this format's;
   ``check_artifact(path)`` — a cheap validity check; ``describe(path)`` → size, tensor types, file
-  type; ``bytes_per_token(path)`` → weight bytes read per decoded token (the roofline's input).
+  type; ``bytes_per_token(path)`` → weight bytes read per decoded token (the roofline's input);
+  ``kv_bytes_per_token(path)`` → KV-cache bytes per context token in the runtime's cache (or None).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import ConfigError
-from .inspect import GGUF_FILE, bytes_per_token, check_gguf_header, describe, find_artifact
+from .inspect import GGUF_FILE, bytes_per_token, check_gguf_header, describe, find_artifact, kv_bytes_per_token
 from .types import GGUF_QUANT_TYPES, UNQUANTIZED
 
 NAME = "gguf"
@@ -18,7 +18,7 @@ TARGET_KEYS: tuple[str, ...] = ()
 ARTIFACT_HINT = "a .gguf file or a folder holding model.gguf"
 CONVERSION = "gguf-f32"  # the unquantized export every quantized type is made from
 
-__all__ = ["bytes_per_token", "describe", "find_artifact", "GGUF_FILE"]
+__all__ = ["bytes_per_token", "describe", "find_artifact", "kv_bytes_per_token", "GGUF_FILE"]
 
 Run = Callable[[str, Callable[[], Any]], Any]
 

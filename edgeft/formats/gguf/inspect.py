@@ -102,3 +102,25 @@ def bytes_per_token(path: Path, reader=None) -> int:
             n_bytes //= rows
         total += n_bytes
     return total
+
+
+def kv_bytes_per_token(path: Path, reader=None) -> int | None:
+    """KV-cache bytes one context token costs in llama.cpp's default f16 cache (K and V, every layer);
+    None when the file does not say (an architecture without these keys)."""
+    reader = reader or read_gguf(path)
+
+    def value(key: str) -> int | None:
+        field = reader.get_field(key)
+        return int(field.contents()) if field is not None else None
+
+    arch_field = reader.get_field("general.architecture")
+    if arch_field is None:
+        return None
+    arch = arch_field.contents()
+    layers, heads = value(f"{arch}.block_count"), value(f"{arch}.attention.head_count")
+    kv_heads, width = value(f"{arch}.attention.head_count_kv") or heads, value(f"{arch}.embedding_length")
+    if not (layers and heads and kv_heads and width):
+        return None
+    k_len = value(f"{arch}.attention.key_length") or width // heads
+    v_len = value(f"{arch}.attention.value_length") or width // heads
+    return layers * kv_heads * (k_len + v_len) * 2

@@ -41,6 +41,17 @@ def bytes_per_token(folder: Path) -> int:
     return describe(folder)["bytes_per_token"]
 
 
+def kv_bytes_per_token(folder: Path) -> int | None:
+    """KV-cache bytes per context token: the builder's CPU graphs keep past keys/values in fp32."""
+    from .inspect import genai_config
+
+    d = genai_config(folder)["model"]["decoder"]
+    try:
+        return int(d["num_hidden_layers"]) * int(d["num_key_value_heads"]) * int(d["head_size"]) * 2 * 4
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
     from .export import export
 

@@ -1,0 +1,223 @@
+"""Device profiles (``targets/devices/*.toml``, data only) and what an artifact would do on one.
+
+A profile records a device's cores and the thread count to use, its instruction sets, total RAM and
+the RAM one app may use, and memory bandwidth: theoretical, measured read (where published) and
+the *effective* bandwidth decode reaches. Every figure carries its source in the file; figures that
+are assumptions say so.
+
+``edgeft bench --device NAME`` measures on this machine with the device's thread count, then adds a
+**projection** for the device, kept apart from the measurements everywhere it appears:
+
+* fits — RAM needed (the peak RSS measured here at the bench context, plus the KV cache for any
+  longer context) against the app's usable RAM;
+* decode tok/s — effective bandwidth ÷ weight bytes read per token (decode on these devices is
+  memory-bound: the Raspberry Pi 5 reaches 84–91% of its measured read bandwidth on every
+  quantization). Prefill is compute-bound and is not projected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+from .targets import targets_dir
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    key: str
+    name: str
+    kind: str
+    cores: str
+    threads: int
+    isa: tuple[str, ...]
+    ram_gb: float
+    app_ram_gb: float
+    app_ram_source: str
+    bandwidth_theoretical_gb_s: float
+    bandwidth_theoretical_source: str
+    effective_bandwidth_gb_s: float
+    effective_bandwidth_source: str
+    formats: tuple[str, ...]
+    bandwidth_measured_gb_s: float | None = None
+    bandwidth_measured_source: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+_OPTIONAL = {"bandwidth_measured_gb_s", "bandwidth_measured_source"}
+
+
+def devices_dir() -> Path:
+    return targets_dir() / "devices"
+
+
+def _load(path: Path) -> DeviceProfile:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read device profile ({e})") from None
+    known = {f.name for f in fields(DeviceProfile)} - {"key"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected {', '.join(sorted(known))}")
+    missing = known - _OPTIONAL - set(raw)
+    if missing:
+        raise ConfigError(f"{path}: missing key {sorted(missing)[0]!r}")
+    values: dict[str, Any] = {"key": path.stem}
+    for f in fields(DeviceProfile):
+        if f.name == "key" or f.name not in raw:
+            continue
+        v = raw[f.name]
+        if f.name in ("isa", "formats"):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{path}: {f.name}: expected a list of strings, got {v!r}")
+            v = tuple(v)
+        elif f.name == "threads":
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{path}: threads: expected a positive integer, got {v!r}")
+        elif f.name.endswith(("_gb", "_gb_s")):
+            if not isinstance(v, int | float) or isinstance(v, bool) or not v > 0:
+                raise ConfigError(f"{path}: {f.name}: expected a positive number, got {v!r}")
+            v = float(v)
+        elif not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{path}: {f.name}: expected a non-empty string, got {v!r}")
+        values[f.name] = v
+    profile = DeviceProfile(**values)
+    if profile.app_ram_gb > profile.ram_gb:
+        raise ConfigError(f"{path}: app_ram_gb: {profile.app_ram_gb} is more than ram_gb {profile.ram_gb}")
+    return profile
+
+
+def available_devices() -> dict[str, DeviceProfile]:
+    return {p.stem: _load(p) for p in sorted(devices_dir().glob("*.toml"))}
+
+
+def get_device(name: str) -> DeviceProfile:
+    """A profile by short name (``rpi5``) or by the path of a profile TOML file."""
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--device {name}: profile file not found")
+        return _load(path)
+    devices = available_devices()
+    if name not in devices:
+        raise ConfigError(f"--device {name!r}: unknown device; known: {', '.join(devices)} (or a .toml path)")
+    return devices[name]
+
+
+def project(
+    profile: DeviceProfile,
+    fmt: str,
+    bytes_per_token: int,
+    peak_rss_bytes: int,
+    kv_bytes_per_token: int | None,
+    measured_context: int,
+    context: int,
+) -> dict[str, Any]:
+    """What one artifact would need and do on ``profile`` (every number here is a projection)."""
+    extra_kv = max(0, context - measured_context) * (kv_bytes_per_token or 0)
+    need = peak_rss_bytes + extra_kv
+    app_ram = int(profile.app_ram_gb * 1e9)
+    supported = fmt in profile.formats
+    return {
+        "projected": True,
+        "format_supported": supported,
+        "context_tokens": context,
+        "ram_needed_bytes": need,
+        "app_ram_bytes": app_ram,
+        "fits": supported and need <= app_ram,
+        "decode_tok_s": profile.effective_bandwidth_gb_s * 1e9 / bytes_per_token if bytes_per_token else None,
+        "prefill_tok_s": None,  # compute-bound: not projected from bandwidth
+        "method": f"decode = {profile.effective_bandwidth_gb_s:g} GB/s effective ÷ {bytes_per_token / 1e6:.1f} MB read per token; "
+        "RAM = peak RSS measured here + KV cache beyond the measured context",
+    }
+
+
+def device_projection(
+    device: DeviceProfile, measured: list[tuple[str, str, dict[str, Any]]], context: int
+) -> dict[str, Any]:
+    """Each artifact on a device profile: fit and decode speed, projected (never a measurement)."""
+    from .config import BENCH_CONTEXT
+    from .errors import EdgeftError
+    from .formats import get_format
+
+    rows = {}
+    for name, _, results in measured:
+        art, perf = results["artifact"], results["performance"]
+        try:
+            kv = get_format(art["format"]).kv_bytes_per_token(Path(art["path"]))
+        except EdgeftError:
+            kv = None
+        lat = perf["latency"]
+        # llama.cpp allocates its cache for the bench context; onnxruntime-genai for each request.
+        measured_ctx = BENCH_CONTEXT if art["format"] == "gguf" else lat["prompt_tokens"] + lat["decode_tokens"]
+        rows[name] = project(
+            device,
+            art["format"],
+            results["roofline"]["bytes_per_token"],
+            perf["peak_rss_bytes"],
+            kv,
+            measured_ctx,
+            context,
+        ) | {"kv_bytes_per_token": kv, "measured_decode_tok_s_here": lat["decode_tok_s"]["median"]}
+    return {"profile": device.as_dict(), "projected": True, "context_tokens": context, "targets": rows}
+
+
+def recommend(
+    build_dir: Path, device: DeviceProfile, max_kld: float | None, min_tok_s: float | None, context: int
+) -> dict[str, Any]:
+    """Among a build's benchmarked targets, the smallest that the device runs, that fits, is within
+    ``max_kld`` (measured here) and reaches ``min_tok_s`` decode (projected); ties go to the faster."""
+    from .stage import read_manifest
+
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        raise ConfigError(f"--build {build_dir}: no such build folder")
+    measured = []
+    for bench_dir in sorted(build_dir.glob("bench-*")):
+        results = (read_manifest(bench_dir) or {}).get("results")
+        if results and read_manifest(bench_dir).get("stage") == "bench" and "roofline" in results:
+            measured.append((bench_dir.name.removeprefix("bench-"), results["artifact"]["file_type"], results))
+    if not measured:
+        raise ConfigError(f"--build {build_dir}: no benchmarked targets; run `edgeft build --target ...` first")
+    projection = device_projection(device, measured, context)
+    rows = []
+    for name, quant, results in measured:
+        p = projection["targets"][name]
+        kld = results["fidelity"]["kl_divergence_mean"]
+        reasons = []
+        if not p["format_supported"]:
+            reasons.append(f"{results['artifact']['format']} not supported")
+        elif not p["fits"]:
+            reasons.append("does not fit")
+        if max_kld is not None and kld > max_kld:
+            reasons.append(f"KLD {kld:.4f} > {max_kld:g}")
+        if min_tok_s is not None and (p["decode_tok_s"] or 0) < min_tok_s:
+            reasons.append(f"decode {p['decode_tok_s'] or 0:.1f} < {min_tok_s:g} tok/s (projected)")
+        rows.append(
+            {
+                "target": name,
+                "quant": quant,
+                "size_bytes": results["artifact"]["size_bytes"],
+                "kl_divergence_mean": kld,
+                "task_accuracy": results["fidelity"].get("task_accuracy_artifact"),
+                "decode_tok_s_measured_here": results["performance"]["latency"]["decode_tok_s"]["median"],
+                "decode_tok_s_projected": p["decode_tok_s"],
+                "ram_needed_bytes_projected": p["ram_needed_bytes"],
+                "fits_projected": p["fits"],
+                "meets": not reasons,
+                "why_not": "; ".join(reasons),
+            }
+        )
+    ok = [r for r in rows if r["meets"]]
+    choice = min(ok, key=lambda r: (r["size_bytes"], -(r["decode_tok_s_projected"] or 0)))["target"] if ok else None
+    rows.sort(key=lambda r: r["size_bytes"])
+    return {"device": device.key, "projected": True, "context_tokens": context, "choice": choice, "rows": rows}
