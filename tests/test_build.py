@@ -215,6 +215,45 @@ def test_bench_runs_without_torch(built, tmp_path):
     assert "timed in another run" in proc.stderr
 
 
+def test_bench_in_a_torch_free_virtualenv(built, tmp_path):
+    """What `pip install "edgeft[device]"` gives a Raspberry Pi: the base dependencies and a runtime,
+    in a fresh virtualenv with no torch, transformers or peft, benchmarking against the stored reference."""
+    import shutil
+
+    from edgeft.machine import build_key
+
+    cache = Path(os.environ.get("WHEEL_CACHE") or Path.home() / ".cache" / "edgeft" / "wheels")
+    wheel = next((cache / f"llama-cpp-python-{build_key('0.3.36')}").glob("llama_cpp_python-*.whl"), None)
+    if wheel is None:
+        pytest.skip("no llama.cpp wheel built by `make` for this CPU (run `make llama-cpp`)")
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"  # install a copy: a non-editable build would leave build/ in the checkout
+    shutil.copytree(repo / "edgeft", src / "edgeft", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    for args in ([str(wheel)], [str(src)]):  # llama.cpp built for this CPU, then edgeft's base dependencies
+        done = subprocess.run([py, "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for module in ("torch", "transformers", "peft"):
+        assert subprocess.run([py, "-c", f"import {module}"], capture_output=True).returncode != 0, module
+    out = tmp_path / "bench"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run(
+        [str(venv / "bin" / "edgeft"), "bench", "--artifact", str(built / "gguf-q4"), "--reference",
+         str(built / "reference"), "--out", str(out), "--threads", "2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "bench-gguf-q4" / "manifest.json").read_text())["results"]
+    assert results["performance"]["torch_imported"] is False
+    before = json.loads((built / "bench-gguf-q4" / "manifest.json").read_text())["results"]["fidelity"]
+    assert results["fidelity"]["kl_divergence_mean"] == pytest.approx(before["kl_divergence_mean"], rel=1e-3)
+    assert "timed in another run" in done.stderr  # no torch here to time the reference again
+
+
 def test_compare_to_a_report_from_another_machine_warns_and_skips_speed(built, tmp_path):
     old = report(built)
     old["machine"] = dict(old["machine"], cpu_model="Some Other CPU", cores=64)
