@@ -86,11 +86,8 @@ def _stop_tokens(merged: Path) -> list[dict[str, Any]]:
     """End-of-turn tokens the app must stop on: generation_config's eos ids, with their text."""
     from .loading import read_json_object
 
-    gen = (
-        read_json_object(merged / "generation_config.json", "generation config")
-        if (merged / "generation_config.json").is_file()
-        else {}
-    )
+    gen_path = merged / "generation_config.json"
+    gen = read_json_object(gen_path, "generation config") if gen_path.is_file() else {}
     cfg = read_json_object(merged / "config.json", "model config")
     ids = gen.get("eos_token_id", cfg.get("eos_token_id"))
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -198,6 +195,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "files": {},
     }
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    zip_tmp = out.with_name(f".{out.name}.zip.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -209,7 +207,6 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
             digest, size = _sha256_stream(_file_chunks(p))
             manifest["files"][p.name] = {"sha256": digest, "size": size}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        zip_tmp = out.with_name(f".{out.name}.zip.tmp-{os.getpid()}")
         with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_STORED) as z:  # weights do not compress
             for p in sorted(tmp.iterdir()):
                 z.write(p, f"{out.name}/{p.name}")
@@ -218,7 +215,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         os.replace(zip_tmp, out.with_name(out.name + ".zip"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        Path(out.with_name(f".{out.name}.zip.tmp-{os.getpid()}")).unlink(missing_ok=True)
+        zip_tmp.unlink(missing_ok=True)
         raise
     return manifest
 

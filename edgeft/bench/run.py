@@ -39,10 +39,20 @@ def _machine() -> dict[str, Any]:
     return describe()
 
 
-def _probe(runtime: str, model: Path, cfg: BenchConfig) -> dict[str, Any]:
+def _probe(
+    runtime: str, model: Path, cfg: BenchConfig, prompt_tokens: int | None = None, decode_tokens: int | None = None
+) -> dict[str, Any]:
+    """Time ``model`` in its runtime's own process; lengths default to the config's."""
     from .probe import run_probe
 
-    return run_probe(runtime, model, _threads(cfg), cfg.prompt_tokens, cfg.decode_tokens, cfg.repeats)
+    return run_probe(
+        runtime,
+        model,
+        _threads(cfg),
+        prompt_tokens or cfg.prompt_tokens,
+        decode_tokens or cfg.decode_tokens,
+        cfg.repeats,
+    )
 
 
 def _dir_size(path: Path) -> int:
@@ -117,13 +127,7 @@ def retime_reference(ref_meta: dict[str, Any], cfg: BenchConfig) -> dict[str, An
     if not (model / "config.json").is_file() or not has_torch:
         return None
     lat = ref_meta["performance"]["latency"]
-    return _probe_lengths("torch", model, cfg, lat["prompt_tokens"], lat["decode_tokens"])
-
-
-def _probe_lengths(runtime: str, model: Path, cfg: BenchConfig, prompt_tokens: int, decode_tokens: int) -> dict:
-    from .probe import run_probe
-
-    return run_probe(runtime, model, _threads(cfg), prompt_tokens, decode_tokens, cfg.repeats)
+    return _probe("torch", model, cfg, lat["prompt_tokens"], lat["decode_tokens"])
 
 
 def reference(
