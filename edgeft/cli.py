@@ -51,6 +51,24 @@ def _load_cfg(config: Path | None, model: str | None):
     return cfg
 
 
+def _train_device(cfg, device: str | None, flag: str) -> None:
+    """Apply a training-device flag; CUDA asked for without a GPU fails here, naming the flag."""
+    if device is None:
+        return
+    cfg.train.device = device
+    if device == "cuda":
+        from .errors import ConfigError
+        from .train import resolve_device
+
+        try:
+            resolve_device("cuda")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("[train].device = 'cuda'", f"{flag} cuda")) from None
+
+
+_DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
 @click.group()
 @click.version_option(__version__, prog_name="edgeft")
 def cli() -> None:
@@ -83,6 +101,9 @@ _compare_option = click.option(
 @click.option("--config", type=click.Path(path_type=Path), help="edgeft.toml build config")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/build"), show_default=True)
 @click.option("--model", help="override the config's model (builtin name or local HF folder)")
+@click.option(
+    "--train-device", type=_DEVICES, help="where training runs (overrides [train].device; default auto: a GPU if any)"
+)
 @_gate_option
 @_compare_option
 @click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
@@ -91,6 +112,7 @@ def build(
     config: Path | None,
     out_dir: Path,
     model: str | None,
+    train_device: str | None,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
     dry_run: bool,
@@ -103,6 +125,7 @@ def build(
         from .targets import parse_target_list
 
         cfg = _load_cfg(config, model)
+        _train_device(cfg, train_device, "--train-device")
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         targets = parse_target_list(target_spec)
         if dry_run:
@@ -199,8 +222,15 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     "--data", "train_file", type=click.Path(path_type=Path), help="chat JSONL (default: the config's [data].train)"
 )
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="adapter folder to write")
-def train(config: Path | None, model: str | None, train_file: Path | None, out_dir: Path) -> None:
-    """Train a LoRA/QLoRA adapter; writes a standard peft adapter folder + manifest."""
+@click.option(
+    "--device", type=_DEVICES, help="where training runs (overrides [train].device; default auto: a GPU if any)"
+)
+def train(config: Path | None, model: str | None, train_file: Path | None, out_dir: Path, device: str | None) -> None:
+    """Train a LoRA/QLoRA adapter; writes a standard peft adapter folder + manifest.
+
+    Resumes from its last checkpoint when a killed run is started again. Under
+    `torchrun --nproc_per_node N -m edgeft train ...` every process trains and the first writes the adapter.
+    """
     with _user_errors():
         from .errors import ConfigError
         from .models import resolve_model
@@ -208,6 +238,7 @@ def train(config: Path | None, model: str | None, train_file: Path | None, out_d
         from .train import train as run_train
 
         cfg = _load_cfg(config, model)
+        _train_device(cfg, device, "--device")
         data = train_file or cfg.data.train
         if data is None:
             raise ConfigError("--data: a training JSONL is required (or [data].train in --config)")

@@ -58,14 +58,23 @@ class DataConfig:
     eval: Path | None = _help("held-out chat JSONL with `answers` for task accuracy", None)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+MERGE_STRATEGIES = ("fp", "dequant", "auto")
+
+
 @dataclass
 class TrainConfig:
-    method: str = _help("`lora` (fp32 base, CPU or GPU) or `qlora` (4-bit NF4 base, needs bitsandbytes)", "lora")
+    method: str = _help(
+        "`lora` (full-precision base) or `qlora` (base loaded in 4-bit NF4 with double quantization through "
+        "bitsandbytes; bf16 compute on a GPU; runs on CPU too, slowly)",
+        "lora",
+    )
+    device: str = _help("`auto` (a CUDA GPU when torch sees one, else the CPU), `cpu` or `cuda`", "auto")
     rank: int = _help("LoRA rank r; higher adapts more and trains slower", 16)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / rank", 32.0)
     dropout: float = _help("dropout on the LoRA input", 0.0)
     target_modules: list[str] = _help(
-        "module names to adapt",
+        "module names to adapt; the default is every linear layer of a decoder block",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     epochs: float = _help("passes over the training set", 3.0)
@@ -75,6 +84,11 @@ class TrainConfig:
     batch_size: int = _help("examples per optimizer step", 8)
     max_seq_len: int = _help("longer examples are truncated to this many tokens", 256)
     seed: int = _help("seed for weights init, shuffling and dropout", 0)
+    save_steps: int = _help(
+        "checkpoint every N optimizer steps, so a killed run resumes there when run again (0: no checkpoints); "
+        "lower loses less work, costs a write of the adapter and optimizer state each time",
+        25,
+    )
     threads: int = _help("torch CPU threads (0: all cores)", 0)
     precision: str = _help(
         "`auto` (bf16 mixed precision where the CPU/GPU computes bf16 natively, else fp32), `bf16` or `fp32`; "
@@ -85,6 +99,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("lora", "qlora"):
             raise ConfigError(f"[train].method: expected 'lora' or 'qlora', got {self.method!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"[train].device: expected one of {', '.join(map(repr, DEVICES))}, got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"[train].precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("rank", "batch_size", "max_seq_len"):
@@ -97,6 +113,7 @@ class TrainConfig:
         _check("train", "max_steps", self.max_steps, -1)
         _check("train", "seed", self.seed, 0, 2**32 - 1)
         _check("train", "threads", self.threads, 0, 4096)
+        _check("train", "save_steps", self.save_steps, 0)
         if self.max_steps == 0:
             raise ConfigError("[train].max_steps: expected -1 (train for `epochs`) or a positive number, got 0")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -106,6 +123,23 @@ class TrainConfig:
         if any(not m.strip() for m in self.target_modules):
             raise ConfigError(
                 f"[train].target_modules: expected module names, got an empty one in {self.target_modules!r}"
+            )
+
+
+@dataclass
+class MergeConfig:
+    strategy: str = _help(
+        "which base a QLoRA adapter is folded into: `fp` (the original full-precision weights), `dequant` "
+        "(the NF4-dequantized weights it was trained against) or `auto` (both, measured by mean KL divergence "
+        "against the adapter on the 4-bit base over the held-out conversations; the closer one is kept and "
+        "both figures recorded). A `lora` adapter was trained on the full-precision base: `auto` means `fp`",
+        "auto",
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in MERGE_STRATEGIES:
+            raise ConfigError(
+                f"[merge].strategy: expected one of {', '.join(map(repr, MERGE_STRATEGIES))}, got {self.strategy!r}"
             )
 
 
@@ -170,12 +204,13 @@ class BuildConfig:
     model: str = _help("builtin model name (smollm2-135m) or a local Hugging Face folder", "smollm2-135m")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     source: Path | None = None  # the file this config came from, for messages
 
 
-_TABLES = {"data": DataConfig, "train": TrainConfig, "bench": BenchConfig, "gates": GatesConfig}
+_TABLES = {"data": DataConfig, "train": TrainConfig, "merge": MergeConfig, "bench": BenchConfig, "gates": GatesConfig}
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:

@@ -4,7 +4,8 @@ The config's own values are checked when it is read (:mod:`edgeft.config`); what
 one value or a look at the inputs is checked here: the model folder (config, safetensors headers,
 NaN/Inf), the datasets, adapter ↔ base shapes, ``[train].target_modules`` against the architecture,
 ``[bench]`` lengths against the model's context, the targets' formats, and output paths that would
-destroy something edgeft did not write. Nothing here imports torch; nothing here writes.
+destroy something edgeft did not write. Nothing here imports torch (except to ask it for a GPU that
+``[train].device = 'cuda'`` requires); nothing here writes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,26 @@ def check_bench_fits(bench: BenchConfig, model_config: dict[str, Any] | None, wh
         )
 
 
+def check_training(cfg: BuildConfig, where: str) -> None:
+    """What training needs beyond its own values: a GPU when one is asked for, bitsandbytes for QLoRA.
+
+    torch is imported only when ``[train].device = 'cuda'`` (to ask it for a GPU).
+    """
+    import importlib.util
+
+    if cfg.train.device == "cuda":
+        from .train import resolve_device
+
+        _in_config(where, resolve_device, "cuda")
+    if cfg.train.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{where}: [train].method = 'qlora' needs bitsandbytes: pip install 'edgeft[train]'")
+    if cfg.train.method == "lora" and cfg.merge.strategy == "dequant":
+        raise ConfigError(
+            f"{where}: [merge].strategy = 'dequant' needs [train].method = 'qlora'; a 'lora' adapter is trained "
+            "on the full-precision base, so only 'fp' (or 'auto', which means 'fp' for it) applies"
+        )
+
+
 def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     """Everything `edgeft build` will read or write, in well under a second for a built-in model."""
     from .data import load_jsonl
@@ -64,6 +85,7 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
         raise ConfigError(f"{where}: [data].eval: a held-out dataset is required for bench")
     arch, model_config = check_model(cfg.model)
     _in_config(where, check_target_modules, arch, cfg.train.target_modules)
+    check_training(cfg, where)
     check_bench_fits(cfg.bench, model_config, where)
     load_jsonl(cfg.data.train)
     load_jsonl(cfg.data.eval, need_answers=True)
@@ -73,9 +95,11 @@ def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
     from .data import load_jsonl
     from .train import check_target_modules
 
+    where = str(cfg.source or "config")
     check_output_dir(out_dir)
     arch, _ = check_model(cfg.model)
-    _in_config(str(cfg.source or "config"), check_target_modules, arch, cfg.train.target_modules)
+    _in_config(where, check_target_modules, arch, cfg.train.target_modules)
+    check_training(cfg, where)
     load_jsonl(data)
 
 

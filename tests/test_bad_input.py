@@ -225,7 +225,34 @@ def _(t, i):
     return build(config(t, "[gates]\nmax_size_mb = -5\n")), ["[gates].max_size_mb", "positive number"]
 
 
+@case("train-device-cuda-without-gpu")
+def _(t, i):
+    return build(config(t, '[train]\ndevice = "cuda"\n')), ["[train].device = 'cuda'", "no GPU"]
+
+
+@case("train-device-unknown")
+def _(t, i):
+    return build(config(t, '[train]\ndevice = "gpu"\n')), ["[train].device", "'cuda'", "'gpu'"]
+
+
+@case("train-merge-dequant-of-a-lora-adapter")
+def _(t, i):
+    return build(config(t, '[merge]\nstrategy = "dequant"\n')), ["[merge].strategy = 'dequant'", "'qlora'"]
+
+
+@case("config-merge-strategy-unknown")
+def _(t, i):
+    return build(config(t, '[merge]\nstrategy = "best"\n')), ["[merge].strategy", "'dequant'", "'best'"]
+
+
 # datasets --------------------------------------------------------------------------------------
+
+
+@case("data-no-assistant-turn")
+def _(t, i):
+    line = {"messages": [{"role": "user", "content": "How long do I boil an egg?"}]}
+    (t / "d.jsonl").write_text(TRAIN.read_text().splitlines()[0] + "\n" + json.dumps(line) + "\n")
+    return build(config(t, train=t / "d.jsonl")), ["d.jsonl:2:", "role 'assistant'"]
 
 
 @case("data-missing")
@@ -552,6 +579,17 @@ def _(t, i):
 @case("flag-negative-threads")
 def _(t, i):
     return bench(i, i.gguf, "--threads", "-1"), ["--threads", "-1"]
+
+
+@case("flag-train-device-cuda-without-gpu")
+def _(t, i):
+    return build(config(t), "--train-device", "cuda"), ["--train-device cuda", "no GPU"]
+
+
+@case("flag-device-cuda-without-gpu-train")
+def _(t, i):
+    args = ["train", "--model", str(i.model), "--data", str(TRAIN), "--out", "out", "--device", "cuda"]
+    return args, ["--device cuda", "no GPU"]
 
 
 @case("flag-gate-not-a-number")

@@ -105,3 +105,27 @@ def test_merge_rejects_a_folder_that_is_not_an_adapter(tiny, tmp_path):
     with pytest.raises(ModelError, match="adapter_config.json missing"):
         merge(tiny, tmp_path / "empty", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_qlora_loads_the_base_in_nf4_with_double_quantization(tiny):
+    import bitsandbytes as bnb
+
+    from edgeft.nf4 import load_nf4
+
+    model = load_nf4(tiny, "float32")
+    linears = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert set(linears) == set(TrainConfig().target_modules)  # every decoder linear; lm_head stays full precision
+    state = linears["q_proj"].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested and state.blocksize == 64  # nested: double quantization
+
+
+def test_qlora_trains_on_cpu_and_lowers_the_loss(tiny, small_train, tmp_path):
+    from edgeft.train import train_adapter
+
+    (tmp_path / "a").mkdir()
+    cfg = TrainConfig(**{**FAST, "method": "qlora", "max_steps": 12, "batch_size": 16, "precision": "fp32"})
+    stats = train_adapter(tiny, small_train, tmp_path / "a", cfg)
+    assert stats["method"] == "qlora" and stats["device"] == "cpu" and stats["compute_dtype"] == "float32"
+    assert stats["steps"] == 12
+    assert stats["last_logged_loss"] < stats["first_logged_loss"]
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
