@@ -251,15 +251,29 @@ def train(config: Path | None, model: str | None, train_file: Path | None, out_d
 @click.option("--model", default="smollm2-135m", show_default=True, help="base: builtin name or local HF folder")
 @click.option("--adapter", type=click.Path(path_type=Path), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
-def merge(model: str, adapter: Path, out_dir: Path) -> None:
-    """Merge a LoRA adapter into its fp32 base; writes a safetensors Hugging Face folder."""
+@click.option(
+    "--strategy",
+    type=click.Choice(["fp", "dequant", "auto"]),
+    default="fp",
+    show_default=True,
+    help="QLoRA adapters: fold into the full-precision base (fp), the NF4-dequantized base (dequant), "
+    "or measure both against the adapter on the 4-bit base and keep the closer (auto, needs --eval)",
+)
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="held-out chat JSONL for --strategy auto")
+def merge(model: str, adapter: Path, out_dir: Path, strategy: str, eval_file: Path | None) -> None:
+    """Merge a LoRA adapter into a full-precision base; writes a safetensors Hugging Face folder."""
     with _user_errors():
         from .merge import merge as run_merge
         from .models import resolve_model
         from .preflight import check_merge
 
-        check_merge(model, adapter, out_dir)
-        out = run_merge(resolve_model(model), adapter, out_dir)
+        strategy = check_merge(model, adapter, out_dir, strategy, eval_file)
+        out = run_merge(resolve_model(model), adapter, out_dir, strategy, eval_file)
+        results = out.manifest.get("results", {})
+        kld = results.get("kld_vs_adapter_on_nf4_base")
+        if kld:
+            figures = ", ".join(f"{k} {v:.3g}" for k, v in kld.items())
+            click.echo(f"merge strategy: {results['strategy']} (mean KLD vs the adapter on the NF4 base: {figures})")
         click.echo(f"merged model: {out.path}{' (cached)' if out.cached else ''}")
 
 

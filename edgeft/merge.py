@@ -1,4 +1,14 @@
-"""Stage `merge`: fold a LoRA adapter into its fp32 base and write a plain Hugging Face folder.
+"""Stage `merge`: fold a LoRA adapter into a full-precision base and write a plain Hugging Face folder.
+
+Which base, for a QLoRA adapter (``strategy``):
+
+- ``fp``: the original full-precision weights (what a LoRA adapter was trained against);
+- ``dequant``: the NF4-dequantized weights, the ones a QLoRA adapter was trained against, so the
+  merged model computes what the trained model computed;
+- ``auto``: both, each measured by mean KL divergence against the adapter on the 4-bit base (the
+  model as trained) over the held-out conversations; the closer one is written and the choice and
+  both figures go into the manifest. For an adapter edgeft trained with ``method = 'lora'``, ``auto``
+  is ``fp`` (there is no 4-bit base to compare with) and ``dequant`` is refused.
 
 The delta is computed and applied in fp32 by peft (``safe_merge`` checks it is finite before the
 weights are changed); we check the merged weights once more before writing, because a broken adapter
@@ -11,22 +21,48 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .loading import loading
-from .stage import StageOutput, content_hash, run_stage
+from .stage import StageOutput, content_hash, read_manifest, run_stage
+
+STRATEGIES = ("fp", "dequant", "auto")
+MAX_KLD_TOKENS = 512  # per held-out conversation
 
 # Tokenizer files travel with the merged model so the folder is self-contained.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Write base + adapter as one fp32 safetensors model into ``out_dir``. Does not touch inputs."""
+def trained_on(adapter_dir: Path) -> tuple[str | None, str]:
+    """(method, compute dtype) an adapter was trained with, from the manifest edgeft's train stage
+    wrote into it; (None, "float32") for an adapter trained elsewhere."""
+    manifest = read_manifest(adapter_dir) or {}
+    if manifest.get("stage") != "train":
+        return None, "float32"
+    return manifest.get("params", {}).get("method"), manifest.get("results", {}).get("compute_dtype", "float32")
+
+
+def check_strategy(strategy: str, adapter_dir: Path, eval_file: Path | None, option: str = "[merge].strategy") -> str:
+    """The strategy that will run: ``auto`` of a LoRA adapter is ``fp``; ``dequant`` of one is an error."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{option}: expected one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    method, _ = trained_on(adapter_dir)
+    if method == "lora":
+        if strategy == "dequant":
+            raise ConfigError(
+                f"{option} = 'dequant': {adapter_dir} was trained with method = 'lora' on the full-precision base; "
+                "only 'fp' applies to it"
+            )
+        return "fp"
+    if strategy == "auto" and eval_file is None:
+        raise ConfigError(f"{option} = 'auto' measures on held-out conversations: give --eval (or [data].eval)")
+    return strategy
+
+
+def _fold(base: Any, adapter_dir: Path) -> Any:
+    """base + adapter as one model (mutates ``base``); refuses non-finite merged weights."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    with loading(model_dir, "the base model"):
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with loading(adapter_dir, "the adapter"):
         model = PeftModel.from_pretrained(base, adapter_dir)
     with loading(adapter_dir, "the adapter (merge failed)"):
@@ -36,6 +72,85 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
         raise ModelError(
             f"{adapter_dir}: merged weights are not finite in {bad[0]} (and {len(bad) - 1} more); the adapter is broken"
         )
+    return merged
+
+
+def _fp_base(model_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with loading(model_dir, "the base model"):
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def held_out_sequences(tokenizer: Any, eval_file: Path) -> list[list[int]]:
+    """Token ids of each held-out conversation (chat template, answer included), at most MAX_KLD_TOKENS."""
+    from .data import load_jsonl
+
+    out = []
+    for ex in load_jsonl(eval_file):
+        ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        out.append(ids[:MAX_KLD_TOKENS])
+    return out
+
+
+def mean_kld(teacher: Any, candidates: dict[str, Any], sequences: list[list[int]]) -> dict[str, float]:
+    """Mean over all token positions of KL(teacher ‖ candidate) of the next-token distributions, in fp32."""
+    import torch
+
+    total = dict.fromkeys(candidates, 0.0)
+    n = 0
+    with torch.no_grad():
+        for ids in sequences:
+            x = torch.tensor([ids])
+            p = torch.log_softmax(teacher(x).logits[0].float(), -1)
+            for name, model in candidates.items():
+                q = torch.log_softmax(model(x).logits[0].float(), -1)
+                total[name] += float((p.exp() * (p - q)).sum(-1).clamp_min(0).sum())
+            n += len(ids)
+    return {name: t / n for name, t in total.items()}
+
+
+def merge_adapter(
+    model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None
+) -> dict[str, Any]:
+    """Write base + adapter as one fp32 safetensors model into ``out_dir``. Does not touch inputs."""
+    from .nf4 import load_dequantized
+
+    _, dtype = trained_on(adapter_dir)
+    results: dict[str, Any] = {"strategy": strategy}
+    if strategy == "fp":
+        merged = _fold(_fp_base(model_dir), adapter_dir)
+    elif strategy == "dequant":
+        merged = _fold(load_dequantized(model_dir, dtype), adapter_dir)
+    else:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from .nf4 import load_nf4, without_cpu_bf16_kernel
+
+        candidates = {
+            "fp": _fold(_fp_base(model_dir), adapter_dir),
+            "dequant": _fold(load_dequantized(model_dir, dtype), adapter_dir),
+        }
+        with loading(adapter_dir, "the adapter"):
+            teacher = PeftModel.from_pretrained(without_cpu_bf16_kernel(load_nf4(model_dir, dtype)), adapter_dir)
+        with loading(model_dir, "the tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        sequences = held_out_sequences(tokenizer, eval_file)
+        kld = mean_kld(teacher.eval(), {k: m.eval() for k, m in candidates.items()}, sequences)
+        chosen = min(kld, key=kld.get)
+        merged = candidates[chosen]
+        results.update(
+            strategy=chosen,
+            requested="auto",
+            kld_vs_adapter_on_nf4_base={k: round(v, 8) for k, v in kld.items()},
+            kld_tokens=sum(map(len, sequences)),
+            kld_conversations=len(sequences),
+        )
+        del teacher, candidates
+    results["compute_dtype"] = dtype if strategy != "fp" else None
     merged.save_pretrained(out_dir, safe_serialization=True)
     for name in _TOKENIZER_FILES:
         for src_dir in (adapter_dir, model_dir):
@@ -44,17 +159,27 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str
                 break
     if (Path(model_dir) / "generation_config.json").is_file():
         shutil.copy2(Path(model_dir) / "generation_config.json", Path(out_dir) / "generation_config.json")
-    return {"parameters": sum(p.numel() for p in merged.parameters())}
+    results["parameters"] = sum(p.numel() for p in merged.parameters())
+    return results
 
 
-def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> StageOutput:
+def merge(
+    model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None
+) -> StageOutput:
     """Cached stage; the adapter is checked against the base model's shapes before anything loads."""
     from .adapters import check_adapter
     from .models import architecture_of, check_model_dir
 
     config = check_model_dir(model_dir)
     check_adapter(adapter_dir, config, architecture_of(config))
+    strategy = check_strategy(strategy, adapter_dir, eval_file)
     inputs = {"model": content_hash(model_dir), "adapter": content_hash(adapter_dir)}
+    if strategy == "auto":
+        inputs["eval"] = content_hash(eval_file)
     return run_stage(
-        out_dir, "merge", inputs, {"dtype": "float32"}, lambda tmp: merge_adapter(model_dir, adapter_dir, tmp)
+        out_dir,
+        "merge",
+        inputs,
+        {"dtype": "float32", "strategy": strategy},
+        lambda tmp: merge_adapter(model_dir, adapter_dir, tmp, strategy, eval_file),
     )

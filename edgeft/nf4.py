@@ -55,6 +55,25 @@ def load_nf4(model_dir: Path, compute_dtype: str, device: str = "cpu") -> Any:
         )
 
 
+def without_cpu_bf16_kernel(model: Any) -> Any:
+    """Make the 4-bit linears compute as they did in training (mutates and returns ``model``).
+
+    In inference mode on a CPU with AVX512-BF16, bitsandbytes 0.50 repacks each 4-bit weight for a
+    kernel that rounds its scales to bf16 (``Linear4bit.support_avx512bf16_for_cpu``); training runs the
+    plain dequantize-then-matmul path in the compute dtype. On the tiny test llama the repacked model
+    was 3.7e-4 (mean KLD) away from the same model computed the training way. Merges are measured
+    against the model as it was trained, so the repacking is switched off here.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                break  # another bitsandbytes: no such kernel switch
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def dequantized_weights(model: Any) -> dict[str, Any]:
     """``{parameter name: fp32 tensor}`` of every 4-bit linear's weight, dequantized. Does not mutate."""
     import bitsandbytes as bnb

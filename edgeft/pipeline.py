@@ -99,7 +99,9 @@ def _build_stages(
 
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
     adapter = stages.run("train", lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train))
-    merged = stages.run("merge", lambda: merge(base_dir, adapter.path, out_dir / "merged"))
+    merged = stages.run(
+        "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
+    )
     ref = stages.run("reference", lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress))
     base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
 

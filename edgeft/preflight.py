@@ -103,15 +103,23 @@ def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
     load_jsonl(data)
 
 
-def check_merge(model: str, adapter: Path, out_dir: Path) -> None:
-    """Adapter folder and output first; shapes against the base once its config is known."""
+def check_merge(model: str, adapter: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None) -> str:
+    """Adapter folder and output first; shapes against the base once its config is known.
+
+    Returns the strategy that will run (``auto`` of a LoRA adapter is ``fp``)."""
     from .adapters import check_adapter, read_adapter_config
+    from .data import load_jsonl
+    from .merge import check_strategy
 
     check_output_dir(out_dir)
     read_adapter_config(adapter)
+    strategy = check_strategy(strategy, adapter, eval_file, "--strategy")
+    if strategy == "auto":
+        load_jsonl(eval_file)
     arch, config = check_model(model)
     if config is not None:
         check_adapter(adapter, config, arch)  # a built-in base is checked after it materialises
+    return strategy
 
 
 def check_reference(path: Path) -> bool:

@@ -129,3 +129,86 @@ def test_qlora_trains_on_cpu_and_lowers_the_loss(tiny, small_train, tmp_path):
     assert stats["steps"] == 12
     assert stats["last_logged_loss"] < stats["first_logged_loss"]
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(tiny, small_train, tmp_path_factory) -> Path:
+    from edgeft.train import train
+
+    cfg = TrainConfig(**{**FAST, "method": "qlora", "precision": "fp32", "max_steps": 6})
+    return train(tiny, small_train, tmp_path_factory.mktemp("qlora") / "adapter", cfg).path
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:6]))
+    return path
+
+
+def test_dequant_merge_is_the_nf4_weights_plus_the_adapter_delta(tiny, qlora_adapter, tmp_path):
+    import bitsandbytes.functional as F
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.merge import merge
+
+    out = merge(tiny, qlora_adapter, tmp_path / "merged", "dequant")
+    assert out.manifest["results"]["strategy"] == "dequant"
+    merged = load_file(out.path / "model.safetensors")
+    base = load_file(tiny / "model.safetensors")
+    lora = load_file(qlora_adapter / "adapter_model.safetensors")
+    scale = FAST["alpha"] / FAST["rank"]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        packed, state = F.quantize_4bit(base[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+        nf4 = F.dequantize_4bit(packed, state)
+        stem = "base_model.model." + name.removesuffix(".weight")
+        delta = lora[f"{stem}.lora_B.weight"] @ lora[f"{stem}.lora_A.weight"] * scale
+        assert not torch.equal(nf4, base[name]) and delta.abs().max() > 0
+        torch.testing.assert_close(merged[name], nf4 + delta, rtol=0, atol=1e-6)
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):  # never quantized: the base's own
+        assert torch.equal(merged[name], base[name])
+
+
+def test_auto_merge_keeps_the_strategy_with_the_lower_kld_and_records_both(tiny, qlora_adapter, small_eval, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.merge import held_out_sequences, mean_kld, merge
+    from edgeft.nf4 import load_nf4, without_cpu_bf16_kernel
+
+    out = merge(tiny, qlora_adapter, tmp_path / "auto", "auto", small_eval)
+    results = out.manifest["results"]
+    kld = results["kld_vs_adapter_on_nf4_base"]
+    assert set(kld) == {"fp", "dequant"} and results["requested"] == "auto"
+    assert results["strategy"] == min(kld, key=kld.get)
+    # The dequant merge computes what the adapter on the 4-bit base computes; the fp merge does not.
+    assert kld["dequant"] < 1e-6 < kld["fp"]
+    assert results["kld_conversations"] == 6 and out.manifest["inputs"]["eval"]
+
+    chosen = merge(tiny, qlora_adapter, tmp_path / results["strategy"], results["strategy"])
+    a, b = load_file(out.path / "model.safetensors"), load_file(chosen.path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # what was written is the chosen merge
+
+    # The recorded figure is the KLD of the written model against the adapter on the NF4 base, measured again.
+    from transformers import AutoTokenizer
+
+    teacher = PeftModel.from_pretrained(without_cpu_bf16_kernel(load_nf4(tiny, "float32")), qlora_adapter).eval()
+    written = AutoModelForCausalLM.from_pretrained(out.path, dtype=torch.float32).eval()
+    seqs = held_out_sequences(AutoTokenizer.from_pretrained(tiny), small_eval)
+    again = mean_kld(teacher, {"written": written}, seqs)["written"]
+    assert again == pytest.approx(kld[results["strategy"]], abs=1e-7)
+
+
+def test_a_lora_adapter_merges_into_the_fp_base_only(tiny, small_train, small_eval, tmp_path):
+    from edgeft.errors import ConfigError
+    from edgeft.merge import merge
+    from edgeft.train import train
+
+    adapter = train(tiny, small_train, tmp_path / "adapter", TrainConfig(**FAST)).path
+    with pytest.raises(ConfigError, match="'dequant'.*method = 'lora'"):
+        merge(tiny, adapter, tmp_path / "merged", "dequant")
+    auto = merge(tiny, adapter, tmp_path / "merged", "auto", small_eval)  # nothing to compare: fp
+    assert auto.manifest["params"]["strategy"] == "fp" and "kld_vs_adapter_on_nf4_base" not in auto.manifest["results"]
