@@ -235,6 +235,7 @@ def train(config: Path | None, model: str | None, train_file: Path | None, out_d
         from .errors import ConfigError
         from .models import resolve_model
         from .preflight import check_train
+        from .train import distributed
         from .train import train as run_train
 
         cfg = _load_cfg(config, model)
@@ -244,7 +245,9 @@ def train(config: Path | None, model: str | None, train_file: Path | None, out_d
             raise ConfigError("--data: a training JSONL is required (or [data].train in --config)")
         check_train(cfg, data, out_dir)  # fail on bad input before materialising a model
         out = run_train(resolve_model(cfg.model), data, out_dir, cfg.train)
-        click.echo(f"adapter: {out.path}{' (cached)' if out.cached else ''}")
+        rank, world = distributed()
+        ranks = "" if world == 1 else f" (rank {rank} of {world}{'' if rank == 0 else ': trained; rank 0 wrote it'})"
+        click.echo(f"adapter: {out.path}{' (cached)' if out.cached else ''}{ranks}")
 
 
 @cli.command()
