@@ -127,3 +127,13 @@ def _readable_state(path: Path) -> bool:
 
 def step_of(checkpoint: Path | None) -> int:
     return int(_STEP.match(checkpoint.name)[1]) if checkpoint is not None else 0
+
+
+def tokens_seen(checkpoint: Path | None) -> int:
+    """Input tokens Trainer had counted when it wrote ``checkpoint`` (0 without one)."""
+    if checkpoint is None:
+        return 0
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
+    except (OSError, ValueError, TypeError):
+        return 0

@@ -112,6 +112,32 @@ def mean_kld(teacher: Any, candidates: dict[str, Any], sequences: list[list[int]
     return {name: t / n for name, t in total.items()}
 
 
+def compare_merges(
+    model_dir: Path, adapter_dir: Path, eval_file: Path
+) -> tuple[dict[str, float], dict[str, Any], list[list[int]]]:
+    """Both merges of a QLoRA adapter and their mean KLD against the adapter on the NF4 base.
+
+    Returns ({strategy: mean KLD}, {strategy: merged fp32 model}, the token sequences measured on).
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .nf4 import load_dequantized, load_nf4, without_cpu_bf16_kernel
+
+    _, dtype = trained_on(adapter_dir)
+    candidates = {
+        "fp": _fold(_fp_base(model_dir), adapter_dir),
+        "dequant": _fold(load_dequantized(model_dir, dtype), adapter_dir),
+    }
+    with loading(adapter_dir, "the adapter"):
+        teacher = PeftModel.from_pretrained(without_cpu_bf16_kernel(load_nf4(model_dir, dtype)), adapter_dir)
+    with loading(model_dir, "the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sequences = held_out_sequences(tokenizer, eval_file)
+    kld = mean_kld(teacher.eval(), {k: m.eval() for k, m in candidates.items()}, sequences)
+    return kld, candidates, sequences
+
+
 def merge_adapter(
     model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None
 ) -> dict[str, Any]:
@@ -125,23 +151,9 @@ def merge_adapter(
     elif strategy == "dequant":
         merged = _fold(load_dequantized(model_dir, dtype), adapter_dir)
     else:
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        from .nf4 import load_nf4, without_cpu_bf16_kernel
-
-        candidates = {
-            "fp": _fold(_fp_base(model_dir), adapter_dir),
-            "dequant": _fold(load_dequantized(model_dir, dtype), adapter_dir),
-        }
-        with loading(adapter_dir, "the adapter"):
-            teacher = PeftModel.from_pretrained(without_cpu_bf16_kernel(load_nf4(model_dir, dtype)), adapter_dir)
-        with loading(model_dir, "the tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        sequences = held_out_sequences(tokenizer, eval_file)
-        kld = mean_kld(teacher.eval(), {k: m.eval() for k, m in candidates.items()}, sequences)
+        kld, candidates, sequences = compare_merges(model_dir, adapter_dir, eval_file)
         chosen = min(kld, key=kld.get)
-        merged = candidates[chosen]
+        merged = candidates.pop(chosen)
         results.update(
             strategy=chosen,
             requested="auto",
@@ -149,8 +161,15 @@ def merge_adapter(
             kld_tokens=sum(map(len, sequences)),
             kld_conversations=len(sequences),
         )
-        del teacher, candidates
+        del candidates
     results["compute_dtype"] = dtype if strategy != "fp" else None
+    save_merged(merged, model_dir, adapter_dir, out_dir)
+    results["parameters"] = sum(p.numel() for p in merged.parameters())
+    return results
+
+
+def save_merged(merged: Any, model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """A self-contained HF folder: safetensors weights, tokenizer files, generation config."""
     merged.save_pretrained(out_dir, safe_serialization=True)
     for name in _TOKENIZER_FILES:
         for src_dir in (adapter_dir, model_dir):
@@ -159,8 +178,6 @@ def merge_adapter(
                 break
     if (Path(model_dir) / "generation_config.json").is_file():
         shutil.copy2(Path(model_dir) / "generation_config.json", Path(out_dir) / "generation_config.json")
-    results["parameters"] = sum(p.numel() for p in merged.parameters())
-    return results
 
 
 def merge(

@@ -201,6 +201,7 @@ def train_adapter(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",  # for tokens/s
     )
     trainer = Trainer(
         model=model,
@@ -210,7 +211,10 @@ def train_adapter(
         callbacks=list(callbacks),
     )
     resume = ckpt.latest(checkpoints) if save else None
+    tokens_before = ckpt.tokens_seen(resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = result.metrics["train_runtime"]
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
     if out_dir is not None:
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
@@ -224,6 +228,8 @@ def train_adapter(
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,  # this run's, all processes
         "device": device,
         "world_size": args.world_size,
         "compute_dtype": dtype,
