@@ -137,6 +137,7 @@ def _build_stages(
         conversions=conversions,
         old_report=old,
         stages=stages.log,
+        merge=merged.manifest.get("results"),
     )
     return BuildResult(report, out_dir, stages.log)
 
@@ -168,6 +169,7 @@ def finish_report(
     stages: list[dict[str, Any]] | None = None,
     device: Any = None,
     context: int = 2048,
+    merge: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Targets' measurements + stored reference → judged report, written to ``out_dir``.
 
@@ -225,6 +227,8 @@ def finish_report(
 
         report["device"] = device_projection(device, measured, context)
     report["stages"] = stages or []
+    if merge:
+        report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
     write_reports(report, out_dir)
     return report
 

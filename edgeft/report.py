@@ -10,6 +10,8 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
   ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
 * ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
 * ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
+* ``merge`` (builds): the merge stage's results: ``strategy`` (``fp`` / ``dequant``), and where it was
+  chosen by ``auto``, ``kld_vs_adapter_on_nf4_base.{fp, dequant}``, ``kld_tokens``, ``kld_conversations``;
 * ``machine`` — CPU model, cores, ISA features (AVX2, AVX-512, VNNI, AMX, NEON, dotprod, i8mm), RAM
   and each runtime's build (``runtime_builds``: llama.cpp's system info, torch's CPU kernels);
 * ``device`` (with ``edgeft bench --device``): ``profile`` (the profile file's fields, sources
@@ -228,6 +230,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{r['kl_divergence_p99']:.4f} | {_pct(r['top1_agreement'])} | {r['perplexity_artifact']:.3f} ± "
             f"{r['perplexity_artifact_err']:.3f} | {r['perplexity_delta_pct']:+.1f}% | {_pct(r['task_accuracy_artifact'])} |"
         )
+    if kld := report.get("merge", {}).get("kld_vs_adapter_on_nf4_base"):
+        figures = ", ".join(f"`{k}` {v:.4g}" for k, v in kld.items())
+        lines += [
+            "",
+            f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
+        ]
     lines += [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
