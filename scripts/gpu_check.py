@@ -27,6 +27,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per method (cooking: ~49 an epoch)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-eval", type=int, default=0, help="held-out questions for accuracy and KLD (0: all 78)")
+    ap.add_argument("--methods", default="qlora,lora-bf16", help="which of qlora, lora-bf16 to train")
     ap.add_argument("--out", type=Path, help="keep adapters and merged models here (default: a temp folder)")
     return ap.parse_args()
 
@@ -99,7 +100,10 @@ def main() -> int:
     _log(start, f"model: {base}")
 
     runs = {}
+    chosen = args.methods.split(",")
     for name, method, precision in (("qlora", "qlora", "bf16"), ("lora-bf16", "lora", "bf16")):
+        if name not in chosen:
+            continue
         runs[name] = _train(method, precision, base, work / f"adapter-{name}", args)
         r = runs[name]
         _log(
@@ -109,6 +113,9 @@ def main() -> int:
             f"{r['last_logged_loss']} (mean {r['train_loss']}), compute {r['compute_dtype']}",
         )
 
+    if "qlora" not in runs:
+        print(json.dumps({"train": runs}, indent=2))
+        return 0
     kld, merged, sequences = compare_merges(base, work / "adapter-qlora", eval_file)
     for strategy, model in merged.items():
         save_merged(model, base, work / "adapter-qlora", work / f"merged-qlora-{strategy}")
@@ -119,11 +126,13 @@ def main() -> int:
         f"({sum(map(len, sequences))} tokens of {len(sequences)} held-out conversations): "
         + ", ".join(f"{k} {v:.3g}" for k, v in kld.items()),
     )
-    merge(base, work / "adapter-lora-bf16", work / "merged-lora-bf16", "fp")
+    if "lora-bf16" in runs:
+        merge(base, work / "adapter-lora-bf16", work / "merged-lora-bf16", "fp")
 
     accuracy = {"base": _accuracy(base, eval_file)}
     for name in ("qlora-fp", "qlora-dequant", "lora-bf16"):
-        accuracy[name] = _accuracy(work / f"merged-{name}", eval_file)
+        if (work / f"merged-{name}").is_dir():
+            accuracy[name] = _accuracy(work / f"merged-{name}", eval_file)
     _log(start, "task accuracy (held-out cooking questions): " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
 
     summary = {
