@@ -85,10 +85,11 @@ def distributed() -> tuple[int, int]:
 
 
 def compute_dtype(cfg: TrainConfig, device: str) -> str:
-    """The dtype layers compute in: bf16 on a GPU that has it (QLoRA's usual setting), else per ``precision``."""
+    """The dtype layers compute in: for QLoRA on a GPU bf16 where it has it (QLoRA's usual setting) unless
+    ``precision = 'fp32'``; otherwise per ``precision``."""
     import torch
 
-    if device == "cuda" and cfg.method == "qlora":
+    if device == "cuda" and cfg.method == "qlora" and cfg.precision != "fp32":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if use_bf16(cfg.precision, device) else "float32"
 
