@@ -297,7 +297,7 @@ def train(
             return stats
 
         out = run_stage(out_dir, "train", inputs, params, work)
-    _barrier()
+        _barrier()  # the other ranks have written their last RNG states before the checkpoints go
     return out
 
 
