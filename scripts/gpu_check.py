@@ -27,6 +27,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per method (cooking: ~49 an epoch)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-eval", type=int, default=0, help="held-out questions for accuracy and KLD (0: all 78)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for training (0: all cores)")
     ap.add_argument("--methods", default="qlora,lora-bf16", help="which of qlora, lora-bf16 to train")
     ap.add_argument("--out", type=Path, help="keep adapters and merged models here (default: a temp folder)")
     return ap.parse_args()
@@ -54,6 +55,7 @@ def _train(method: str, precision: str, model_dir: Path, out: Path, args: argpar
         learning_rate=1e-3,
         save_steps=0,
         seed=0,
+        threads=args.threads,
     )
     if args.device == "cuda":
         torch.cuda.empty_cache()
