@@ -85,6 +85,18 @@ _compare_option = click.option(
 @click.option("--model", help="override the config's model (builtin name or local HF folder)")
 @_gate_option
 @_compare_option
+@click.option(
+    "--device",
+    help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: bench with its thread count "
+    "and add a projected fit and decode speed for it to the report",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(1, 1 << 20),
+    default=2048,
+    show_default=True,
+    help="with --device: the context length the app will use (KV cache in the RAM fit)",
+)
 @click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
 def build(
     target_spec: str,
@@ -93,6 +105,8 @@ def build(
     model: str | None,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
+    device: str | None,
+    context: int,
     dry_run: bool,
 ) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
@@ -105,6 +119,12 @@ def build(
         cfg = _load_cfg(config, model)
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         targets = parse_target_list(target_spec)
+        profile = None
+        if device is not None:
+            from .devices import get_device
+
+            profile = get_device(device)
+            cfg.bench.threads = profile.threads
         if dry_run:
             shown = {"targets": [t.__dict__ for t in targets], "out": str(out_dir), "config": config_as_dict(cfg)}
             click.echo(json.dumps(shown, indent=2))
@@ -113,7 +133,14 @@ def build(
 
         with rich_progress() as progress:
             result = run_build(
-                cfg, targets, out_dir, on_stage=stage_printer(), progress=progress, compare_to=compare_to
+                cfg,
+                targets,
+                out_dir,
+                on_stage=stage_printer(),
+                progress=progress,
+                compare_to=compare_to,
+                device=profile,
+                context=context,
             )
         _finish(result.report, out_dir)
 
@@ -179,6 +206,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
     machine = report.get("machine", {})
     where = summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
+    if report.get("remote"):
+        where = f"measured on {report['remote']['host']} over SSH: {where}"
     click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
     for w in report.get("warnings", []):
         click.echo(f"edgeft: warning: {w}", err=True)
@@ -357,6 +386,30 @@ def verify(bundle: Path) -> None:
     show_default=True,
     help="with --device: the context length the app will use (KV cache in the RAM fit)",
 )
+@click.option(
+    "--remote",
+    metavar="[USER@]HOST",
+    help="measure on that device over SSH (it needs `pip install 'edgeft[device]'`); the report comes back to --out",
+)
+@click.option(
+    "--remote-ssh",
+    default="ssh",
+    show_default=True,
+    help="with --remote: the ssh command line, e.g. 'ssh -p 2222 -i ~/.ssh/pi'",
+)
+@click.option("--remote-edgeft", default="edgeft", show_default=True, help="with --remote: edgeft's command there")
+@click.option(
+    "--remote-dir",
+    default=".cache/edgeft/remote",
+    show_default=True,
+    help="with --remote: where files are kept there (relative to the login folder); uploads are reused",
+)
+@click.option(
+    "--llama-bench",
+    "llama_bench_file",
+    type=click.Path(path_type=Path),
+    help="with --build: import llama-bench's `-o json`/`-o jsonl` output as a measured device run (runs nothing)",
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -372,22 +425,39 @@ def bench(
     context: int,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
+    remote: str | None,
+    remote_ssh: str,
+    remote_edgeft: str,
+    remote_dir: str,
+    llama_bench_file: Path | None,
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
-    On a device: copy the build's `reference/` folder and the artifacts (.gguf files, ONNX folders),
-    then `edgeft bench --artifact model.gguf --reference reference/` (needs no torch).
+    On a device: `--remote user@host` does it over SSH, or copy the build's `reference/` folder and
+    the artifacts (.gguf files, ONNX folders) and run `edgeft bench --artifact model.gguf
+    --reference reference/` there (needs no torch). Runs on other machines (--remote with --build,
+    --llama-bench) are kept in the build and listed in its report.
     """
     with _user_errors():
         from .bench.gates import parse_gate_flags
         from .pipeline import bench_artifacts
 
+        if llama_bench_file is not None:
+            if build_dir is None or artifacts or remote:
+                from .errors import ConfigError
+
+                raise ConfigError("--llama-bench: give it with --build DIR only (it imports, it measures nothing)")
+            _import_llama_bench(build_dir, llama_bench_file)
+            return
         cfg = _load_cfg(config, None)
         profile = None
+        device_file = None
         if device is not None:
+            from .devices import device_file as profile_file
             from .devices import get_device
 
             profile = get_device(device)
+            device_file = profile_file(device)
             cfg.bench.threads = profile.threads
         if threads is not None:
             cfg.bench.threads = threads
@@ -407,8 +477,43 @@ def bench(
                 progress=progress,
                 device=profile,
                 context=context,
+                remote=_remote(remote, remote_ssh, remote_edgeft, remote_dir) if remote else None,
+                device_file=device_file,
             )
         _finish(report, out_dir)
+
+
+def _remote(host: str, ssh: str, edgeft: str, workdir: str):
+    import shlex
+
+    from .errors import ConfigError
+    from .remote import Remote
+
+    try:
+        argv = tuple(shlex.split(ssh))
+    except ValueError as e:
+        raise ConfigError(f"--remote-ssh {ssh!r}: {e}") from None
+    return Remote(host, argv, edgeft, workdir)
+
+
+def _import_llama_bench(build_dir: Path, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench.device_runs import import_llama_bench
+
+    record, stored = import_llama_bench(build_dir, path)
+    table = Table(title=f"llama-bench on {record['machine']['cpu_model'] or 'an unnamed CPU'} (measured there)")
+    for col in ("artifact", "threads", "prefill tok/s", "decode tok/s"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in record["rows"]:
+        cells = []
+        for kind in ("prefill", "decode"):
+            s = (r[kind] or {}).get("tok_s")
+            cells.append("" if not s else f"{s.get('median', s['mean']):.1f} ({(r[kind] or {}).get('tokens')} tok)")
+        table.add_row(r["target"] or f"{r['model']} (not in this build)", str(r["threads"] or ""), *cells)
+    Console(stderr=False).print(table)
+    click.echo(f"stored as {stored}; {build_dir / 'report.md'} lists it under 'Measured on other machines'")
 
 
 @cli.command()

@@ -113,6 +113,11 @@ def get_device(name: str) -> DeviceProfile:
     return devices[name]
 
 
+def device_file(name: str) -> Path:
+    """The TOML file a profile name (or path) given to :func:`get_device` comes from."""
+    return Path(name) if name.endswith(".toml") else devices_dir() / f"{name}.toml"
+
+
 def project(
     profile: DeviceProfile,
     fmt: str,
