@@ -544,14 +544,27 @@ def recommend(
             click.echo(
                 f"{'target':16} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
             )
+            # Rows timed in different runs compare with care (load differs): one mark per run when mixed.
+            runs = list(dict.fromkeys(r["timed"]["run_id"] for r in result["rows"]))
             for r in result["rows"]:
                 acc = "n/a" if r["task_accuracy"] is None else f"{100 * r['task_accuracy']:.1f}%"
                 proj = "n/a" if r["decode_tok_s_projected"] is None else f"{r['decode_tok_s_projected']:.1f}"
+                here = f"{r['decode_tok_s_measured_here']:.1f}"
+                if len(runs) > 1:
+                    here += f" †{runs.index(r['timed']['run_id']) + 1}"
                 click.echo(
                     f"{r['target']:16} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
-                    f"{r['decode_tok_s_measured_here']:10.1f} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
+                    f"{here:>10} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
                     f"{'ok' if r['meets'] else r['why_not']}"
                 )
+            if len(runs) > 1:
+                from .machine import summary
+
+                for i, run in enumerate(runs, 1):
+                    t = next(r["timed"] for r in result["rows"] if r["timed"]["run_id"] == run)
+                    where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
+                    click.echo(f"†{i} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
+                click.echo("tok/s here comes from different runs: compare those rows with care")
             click.echo(
                 f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are projected)"
             )

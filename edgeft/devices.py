@@ -215,6 +215,7 @@ def recommend(
                 "kl_divergence_mean": kld,
                 "task_accuracy": results["fidelity"].get("task_accuracy_artifact"),
                 "decode_tok_s_measured_here": results["performance"]["latency"]["decode_tok_s"]["median"],
+                "timed": {k: results["performance"].get(k) for k in ("run_id", "timed_at", "machine")},
                 "decode_tok_s_projected": p["decode_tok_s"],
                 "ram_needed_bytes_projected": p["ram_needed_bytes"],
                 "fits_projected": p["fits"],

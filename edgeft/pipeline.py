@@ -110,7 +110,10 @@ def _build_stages(
     base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
-    artifacts = [(t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads)) for t in targets]
+    calibration = _calibration_sets(cfg, merged.path)
+    artifacts = [
+        (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration)) for t in targets
+    ]
 
     # The unquantized export of every format in use: its row separates conversion from quantization loss.
     conversions = []
@@ -145,6 +148,29 @@ def _build_stages(
         context=context,
     )
     return BuildResult(report, out_dir, stages.log)
+
+
+def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any]:
+    """``source`` → its calibration set for this build, tokenised with the merged model's tokenizer
+    once per source (only targets with an ``imatrix`` ask)."""
+    made: dict[str, Any] = {}
+
+    def get(source: str) -> Any:
+        if source not in made:
+            from transformers import AutoTokenizer
+
+            from .calibration import build_set
+            from .loading import loading
+
+            with loading(merged_dir, "the merged model's tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+            c = cfg.calibration
+            made[source] = build_set(
+                source, tokenizer, cfg.data.train, tokens=c.tokens, chunk_tokens=c.chunk_tokens, task_share=c.task_share
+            )
+        return made[source]
+
+    return get
 
 
 def _read_old_report(path: Path | None) -> dict[str, Any] | None:

@@ -448,6 +448,11 @@ def test_recommend_picks_the_smallest_target_within_budget(built):
     assert all(not row["meets"] and "KLD" in row["why_not"] for row in r["rows"] if row["kl_divergence_mean"] > q8)
     none = edgeft("recommend", "--build", str(built), "--device", "rpi4", "--min-tok-s", "1e9")
     assert none.returncode == 1 and "none meets the budget" in none.stdout
+    # targets added by later builds were timed in other runs: the text marks each run once
+    runs = {row["timed"]["run_id"] for row in r["rows"]}
+    assert all(run is not None for run in runs)
+    assert ("compare those rows with care" in none.stdout) == (len(runs) > 1)
+    assert sum(line.startswith("†") for line in none.stdout.splitlines()) == (len(runs) if len(runs) > 1 else 0)
 
 
 def _forget_device_runs(build: Path) -> None:
