@@ -43,6 +43,7 @@ def config(tmp_path_factory) -> Path:
         "[bench]\nthreads = 2\nmax_eval = 8\nmax_new_tokens = 24\nprompt_tokens = 64\ndecode_tokens = 16\n"
         "repeats = 2\ntop_k = 32\ngolden = 2\n"
         "[gates]\nmax_size_mb = 500\n"
+        "[calibration]\ntokens = 2048\nchunk_tokens = 256\n"
     )
     return cfg
 
@@ -557,3 +558,22 @@ def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(
         assert "two-core-board (projected): gguf-q4 fits" in proc.stdout
     finally:  # the other tests expect the build's report without a device section
         assert edgeft("build", "--config", str(config), "--target", TARGETS, "--out", str(built)).returncode == 0
+
+
+def test_imatrix_target_builds_from_the_training_data_and_records_it(config, built):
+    from edgeft.formats.gguf.inspect import read_gguf
+    from edgeft.stage import read_manifest
+
+    proc = edgeft("build", "--config", str(config), "--target", "gguf-q4_0,gguf-q4_0-imat", "--out", str(built))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = cached_stages(built)
+    assert stages["imatrix task"] is False and stages["quantize gguf-q4_0"] is True  # only the new path ran
+    made = read_manifest(built / "imatrix-task")["results"]
+    assert made["calibration"]["tokens"] == 2048 and made["entries"] == 30 * 7  # every linear of SmolLM2's 30 layers
+    header = read_gguf(built / "gguf-q4_0-imat" / "model.gguf")
+    assert header.get_field("edgeft.calibration.sha256").contents() == made["calibration"]["sha256"]
+    assert header.get_field("edgeft.imatrix.sha256").contents() == made["imatrix_sha256"]
+    rows = {r["stage"]: r for r in report(built)["ladder"]}
+    assert {"gguf-q4_0", "gguf-q4_0-imat"} <= set(rows)
+    # the report measures both on the held-out set; the matrix is not allowed to make it much worse
+    assert rows["gguf-q4_0-imat"]["kl_divergence_mean"] < 1.5 * rows["gguf-q4_0"]["kl_divergence_mean"]

@@ -201,3 +201,21 @@ def test_imatrix_target_field_is_checked(tmp_path, monkeypatch, body, message):
     (tmp_path / "x.toml").write_text('format = "gguf"\n' + body)
     with pytest.raises(ConfigError, match=message):
         get_target("x")
+
+
+def test_k_quant_mixes_weigh_only_their_k_quant_rows(tokenizer, tmp_path):
+    """Rows narrower than a 256-value K-quant block fall back to a legacy type in a K-quant mix; on
+    SmolLM2 the matrix made those worse (see imatrix.scope), so they get none. Legacy types get it all."""
+    from edgeft.formats.gguf import imatrix as im
+    from edgeft.formats.gguf.export import export
+    from edgeft.formats.gguf.inspect import read_gguf
+
+    hf = make_tiny_llama(tmp_path / "hf", tokenizer, hidden=64, intermediate=256)
+    f32 = export(hf, tmp_path / "f32", "f32").path / "model.gguf"
+    linear = {
+        t.name: int(t.shape[0]) for t in read_gguf(f32).tensors if t.name.startswith("blk.") and len(t.shape) == 2
+    }
+    matrix = {name: np.ones(width, dtype=np.float32) for name, width in linear.items()}
+    kept, rule = im.scope(matrix, f32, "Q4_K_M")
+    assert set(kept) == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"} and "256" in rule
+    assert im.scope(matrix, f32, "Q4_0") == (matrix, "all")

@@ -99,9 +99,12 @@ def quantize(
         inputs["imatrix"] = content_hash(imatrix_dir)
         matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
         im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
+        matrix, scope = im.scope(matrix, src, quant)
+        params["imatrix_tensors"] = scope
         made = (read_manifest(imatrix_dir) or {}).get("results", {})
         calib = made.get("calibration") or {}
         provenance = {
+            "imatrix_tensors": {"rule": scope, "count": len(matrix)},
             "imatrix_sha256": made.get("imatrix_sha256"),
             "calibration_sha256": calib.get("sha256"),
             "calibration_source": calib.get("source"),
