@@ -28,8 +28,16 @@ from .loading import read_json_object
 from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
 from .weights import check_finite_weights, weight_files
 
-# Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle;
+# edgeft.formats.gguf.families has one row for each.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+)
 
 
 def _llama_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -48,9 +56,24 @@ def _llama_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
+def _phi3_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj."""
+    llama = _llama_linears(c)
+    qkv = sum(llama[name][1] for name in ("q_proj", "k_proj", "v_proj"))
+    return {
+        "qkv_proj": (c["hidden_size"], qkv),
+        "o_proj": llama["o_proj"],
+        "gate_up_proj": (c["hidden_size"], 2 * c["intermediate_size"]),
+        "down_proj": llama["down_proj"],
+    }
+
+
 # architecture → config.json → {per-layer linear module name: (in_features, out_features)}. What LoRA
 # may adapt (with lm_head) and the shapes an adapter's lora_A [r, in] / lora_B [out, r] must have.
-LAYER_LINEARS: dict[str, Any] = {"LlamaForCausalLM": _llama_linears}
+LAYER_LINEARS: dict[str, Any] = {
+    **{name: _llama_linears for name in SUPPORTED_ARCHITECTURES},
+    "Phi3ForCausalLM": _phi3_linears,
+}
 # Modules outside the decoder layers that peft can also adapt.
 OTHER_ADAPTABLE = ("lm_head", "embed_tokens")
 
@@ -127,7 +150,7 @@ def adaptable_modules(architecture: str) -> tuple[str, ...]:
 
 
 def check_model_dir(path: Path) -> dict[str, Any]:
-    """Check that ``path`` is a readable llama-family HF model folder; return its config."""
+    """Check that ``path`` is a readable HF model folder of a supported family; return its config."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: expected a model folder, found a file")

@@ -20,7 +20,7 @@ from edgeft.formats.gguf import export as export_gguf
 from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
 from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-from .tiny import make_tiny_llama
+from .tiny import FAMILIES, make_tiny_llama, make_tiny_model
 
 pytest.importorskip("llama_cpp")
 
@@ -33,8 +33,11 @@ KLD_EVERY = 5
 # mean_kld: mean KL(transformers || llama.cpp) per position, in nats. llama.cpp runs with an f32
 # KV cache here so that only the export is measured: its default f16 cache alone moves logits by
 # up to ~0.08 on SmolLM2 (mean KLD ~1e-6), which would hide small export errors.
+# GELU families (gemma3): ggml's CPU GELU looks its input up in an f16 table, which alone moves
+# logits by a few 1e-3; the mean KLD bound stays the f32 one.
 TOLERANCES = {
     ("export", "f32"): {"max_abs": 1e-3, "mean_kld": 1e-6},
+    ("export", "f32-gelu"): {"max_abs": 2e-2, "mean_kld": 1e-6},
     ("export", "f16"): {"max_abs": 5e-2, "mean_kld": 1e-4},
 }
 
@@ -146,6 +149,47 @@ def test_f32_export_gives_transformers_logits(
     _assert_within(_compare(_hf_logits(tiny_models[kind], tiny_tokens), _gguf_logits(out, tiny_tokens)), "f32")
 
 
+# family → (llama.cpp architecture, tensors of block 0 besides the llama ones, tensors it lacks).
+FAMILY_TENSORS = {
+    "llama": ("llama", set(), set()),
+    "mistral": ("llama", set(), set()),
+    "qwen2": ("qwen2", {"attn_q.bias", "attn_k.bias", "attn_v.bias"}, set()),
+    "qwen3": ("qwen3", {"attn_q_norm.weight", "attn_k_norm.weight"}, set()),
+    "gemma3": (
+        "gemma3",
+        {"attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight", "post_ffw_norm.weight"},
+        set(),
+    ),
+    "phi3": ("phi3", {"attn_qkv.weight"}, {"attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight"}),
+}
+
+
+# llama.cpp 0.3.36 will not load a phi3 GGUF with a byte-level BPE vocabulary ("error loading model
+# vocabulary: unordered_map::at"), whether written by us or by llama.cpp's own converter; Phi-3.5's
+# own SentencePiece vocabulary is not available offline to test with.
+_PHI3_XFAIL = pytest.mark.xfail(strict=True, raises=ModelError, reason="llama.cpp rejects phi3 + BPE vocab")
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=_PHI3_XFAIL) if f == "phi3" else f for f in sorted(FAMILIES)])
+def test_every_family_exports_to_f32_gguf_with_transformers_logits(
+    tokenizer, tiny_tokens: list[list[int]], tmp_path: Path, family: str
+) -> None:
+    model_dir = make_tiny_model(tmp_path / family, tokenizer, family, tied=family == "gemma3")
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(model_dir, out, "f32")
+
+    arch, extra, missing = FAMILY_TENSORS[family]
+    reader = gguf.GGUFReader(out)
+    assert info["architecture"] == arch == reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    block0 = {t.name.removeprefix("blk.0.") for t in reader.tensors if t.name.startswith("blk.0.")}
+    assert extra <= block0 and not (missing & block0), block0
+    assert ("output.weight" in {t.name for t in reader.tensors}) == (family != "gemma3")
+
+    measured = _compare(_hf_logits(model_dir, tiny_tokens), _gguf_logits(out, tiny_tokens))
+    print(f"{family}: {measured}")
+    _assert_within(measured, "f32-gelu" if family == "gemma3" else "f32")
+
+
 def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
     tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path
 ) -> None:
@@ -202,26 +246,33 @@ def test_export_supports_what_models_accepts() -> None:
 
 
 def test_unsupported_architecture_is_a_model_error(tmp_path: Path) -> None:
-    folder = tmp_path / "mistral"
+    folder = tmp_path / "foo"
     folder.mkdir()
-    (folder / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')
-    with pytest.raises(ModelError, match=f"{folder}: unsupported architecture MistralForCausalLM"):
+    (folder / "config.json").write_text('{"architectures": ["FooForCausalLM"]}')
+    with pytest.raises(ModelError, match=f"{folder}: unsupported architecture FooForCausalLM"):
         export_gguf.write_gguf(folder, tmp_path / "x.gguf")
 
 
-def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    # The unrepaired tokenizer transformers rebuilds from a GGUF: plain byte-level, no digit split.
-    folder = tmp_path / "plain"
-    shutil.copytree(tiny_models["tied"], folder)
+def _with_pre_tokenizer(source: Path, folder: Path, pre_tokenizer: dict) -> Path:
+    shutil.copytree(source, folder)
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"] = {
-        "type": "ByteLevel",
-        "add_prefix_space": False,
-        "trim_offsets": True,
-        "use_regex": True,
-    }
+    tokenizer_json["pre_tokenizer"] = pre_tokenizer
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(ModelError, match="unrecognised pre-tokenizer .*known llama.cpp pre-tokenizers: smollm"):
+    return folder
+
+
+def test_plain_byte_level_is_gpt2(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    # The unrepaired tokenizer transformers rebuilds from a GGUF: plain byte-level, no digit split.
+    plain = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    folder = _with_pre_tokenizer(tiny_models["tied"], tmp_path / "plain", plain)
+    assert export_gguf.write_gguf(folder, tmp_path / "x.gguf")["tokenizer_pre"] == "gpt-2"
+
+
+def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    folder = _with_pre_tokenizer(tiny_models["tied"], tmp_path / "ws", {"type": "WhitespaceSplit"})
+    with pytest.raises(
+        ModelError, match="unrecognised pre-tokenizer .*WhitespaceSplit.*known llama.cpp pre-tokenizers: smollm"
+    ):
         export_gguf.write_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 

@@ -1,0 +1,140 @@
+"""tokenizer.json → llama.cpp tokenizer metadata, written the way llama.cpp's converter writes it.
+
+The pre-tokenizer name (``tokenizer.ggml.pre``) is read off the structure of ``tokenizer.json`` (see
+:data:`PRE_TOKENIZERS`), not off a hash of sample tokenizations as llama.cpp's converter does; a
+structure not in the table raises :class:`ModelError` rather than letting llama.cpp fall back to a
+default that tokenizes differently from transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from ...errors import ModelError
+
+# The regexes of Split pre-tokenizers, as tokenizer.json spells them.
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# llama.cpp pre-tokenizer name → (normalizer type or None, the tokenizer.json pre-tokenizer that
+# splits text the same way, reduced by _pre_tokenizer_signature to the fields that change the split).
+# "smollm" is llama.cpp's \p{N} split followed by the GPT-2 regex, i.e. Digits(individual) then
+# ByteLevel(use_regex). llama.cpp's starcoder/refact/... types split identically; "smollm" is the
+# one llama.cpp's converter writes for SmolLM2 and it also keeps clean_spaces off, which matches
+# transformers' decoding of these byte-level tokenizers. "gpt-2" is ByteLevel's own regex alone.
+# "qwen2": llama.cpp does not apply Qwen's NFC normalizer; text already in NFC (most text) splits
+# the same.
+PRE_TOKENIZERS: dict[str, tuple[str | None, tuple[tuple[Any, ...], ...]]] = {
+    "smollm": (None, (("Digits", True), ("ByteLevel", False, True))),
+    "gpt-2": (None, (("ByteLevel", False, True),)),
+    "llama-bpe": (None, (("Split", LLAMA3_REGEX, "Isolated", False), ("ByteLevel", False, False))),
+    "qwen2": ("NFC", (("Split", QWEN2_REGEX, "Isolated", False), ("ByteLevel", False, False))),
+}
+
+
+def read_tokenizer_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "tokenizer.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; GGUF export needs a fast (tokenizer.json) tokenizer") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: cannot read ({e})") from None
+
+
+def _pre_tokenizer_signature(node: dict[str, Any] | None) -> tuple[tuple[Any, ...], ...]:
+    """The fields of a tokenizer.json pre-tokenizer that change how text is split."""
+    if node is None:
+        return ()
+    if node.get("type") == "Sequence":
+        return tuple(s for child in node.get("pretokenizers", []) for s in _pre_tokenizer_signature(child))
+    if node.get("type") == "Digits":
+        return (("Digits", node.get("individual_digits")),)
+    if node.get("type") == "ByteLevel":
+        return (("ByteLevel", node.get("add_prefix_space"), node.get("use_regex")),)
+    if node.get("type") == "Split" and set(node.get("pattern") or {}) == {"Regex"}:
+        return (("Split", node["pattern"]["Regex"], node.get("behavior"), node.get("invert")),)
+    return ((node.get("type"), json.dumps(node, sort_keys=True)),)
+
+
+def pre_tokenizer_name(model_dir: Path, tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for this byte-level BPE tokenizer, or ModelError."""
+    model_type = (tokenizer_json.get("model") or {}).get("type")
+    decoder_type = (tokenizer_json.get("decoder") or {}).get("type")
+    if model_type != "BPE" or decoder_type != "ByteLevel":
+        raise ModelError(
+            f"{model_dir}/tokenizer.json: tokenizer model {model_type}/{decoder_type} is not supported; "
+            "expected byte-level BPE (gpt2)"
+        )
+    signature = _pre_tokenizer_signature(tokenizer_json.get("pre_tokenizer"))
+    normalizer = tokenizer_json.get("normalizer")
+    normalizer_type = normalizer.get("type") if isinstance(normalizer, dict) else None
+    for name, (known_normalizer, known) in PRE_TOKENIZERS.items():
+        if signature == known and normalizer_type == known_normalizer:
+            return name
+    raise ModelError(
+        f"{model_dir}/tokenizer.json: unrecognised pre-tokenizer {signature} "
+        f"(normalizer {normalizer}); known llama.cpp pre-tokenizers: {', '.join(PRE_TOKENIZERS)}"
+    )
+
+
+def add_tokenizer(
+    writer: gguf.GGUFWriter,
+    model_dir: Path,
+    config: dict[str, Any],
+    tokenizer_json: dict[str, Any],
+    pre: str,
+) -> None:
+    """Write gpt2-BPE tokenizer metadata the way llama.cpp's converter does."""
+    vocab_size = config["vocab_size"]
+    id_to_token = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tokenizer_json.get("added_tokens", [])}
+    id_to_token.update({i: a["content"] for i, a in added.items()})
+    if max(id_to_token) >= vocab_size:
+        raise ModelError(
+            f"{model_dir}/tokenizer.json: token id {max(id_to_token)} does not fit config.json vocab_size {vocab_size}"
+        )
+
+    tokens: list[str] = []
+    types: list[gguf.TokenType] = []
+    for i in range(vocab_size):
+        token = id_to_token.get(i)
+        if token is None:  # embedding rows with no token (vocab padded for speed)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if _is_control(added[i]) else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    # SpecialVocab only learns add_bos from a post-processor that prepends BOS; when there is none,
+    # transformers adds no BOS, so say so explicitly instead of leaving llama.cpp to guess.
+    special.add_special_token.setdefault("bos", False)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _is_control(added_token: dict[str, Any]) -> bool:
+    """Added tokens that llama.cpp must treat as control tokens (never produced from plain text).
+
+    Besides tokens flagged special, llama.cpp's converter also treats ``<|...|>`` tokens as control
+    because some tokenizers forget the flag.
+    """
+    content = added_token["content"]
+    return bool(added_token.get("special")) or (content.startswith("<|") and content.endswith("|>"))
