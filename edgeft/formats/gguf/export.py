@@ -23,6 +23,7 @@ from ...errors import ConfigError, ModelError
 from ...loading import loading
 from ...models import check_model_dir
 from ...stage import StageOutput, content_hash, run_stage
+from . import fallback
 from .families import FAMILIES, Family, family_of, is_tied, permute_rotary, rotary_heads
 from .inspect import GGUF_FILE
 from .tokenizer import add_tokenizer, pre_tokenizer_name, read_tokenizer_json
@@ -73,13 +74,18 @@ def export(model_dir: Path, out_dir: Path, outtype: str = "f32") -> StageOutput:
 def write_gguf(model_dir: Path, out_file: Path, outtype: str = "f32") -> dict[str, Any]:
     """Convert the HF model in ``model_dir`` to a GGUF file; return what was written.
 
-    Raises ModelError for a folder it cannot convert faithfully (architecture, rope scaling,
-    tokenizer), ConfigError for an unknown ``outtype``.
+    A family of :mod:`.families` is written here; any other architecture goes to llama.cpp's own
+    converter (:mod:`.fallback`), and ``converter`` in the result says which one wrote the file.
+    Raises ModelError for a folder it cannot convert faithfully (rope scaling, tokenizer, an
+    architecture neither knows), ConfigError for an unknown ``outtype``.
     """
     _check_outtype(outtype)
     model_dir = Path(model_dir)
-    config = check_model_dir(model_dir)
-    hf_arch, family = _family(model_dir, config)
+    config = check_model_dir(model_dir, any_architecture=True)
+    found = family_of(config)
+    if found is None:
+        return {"hf_architecture": config["architectures"][0], **fallback.convert(model_dir, Path(out_file), outtype)}
+    hf_arch, family = found
     file_type, dtype = OUTTYPES[outtype]
     tokenizer_json = read_tokenizer_json(model_dir)
     pre = pre_tokenizer_name(model_dir, tokenizer_json)
@@ -124,16 +130,6 @@ def write_gguf(model_dir: Path, out_file: Path, outtype: str = "f32") -> dict[st
 def _check_outtype(outtype: str) -> None:
     if outtype not in OUTTYPES:
         raise ConfigError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
-
-
-def _family(model_dir: Path, config: dict[str, Any]) -> tuple[str, Family]:
-    found = family_of(config)
-    if found is None:
-        raise ModelError(
-            f"{model_dir}/config.json: architectures {config.get('architectures')}: "
-            f"expected one of {', '.join(FAMILIES)}"
-        )
-    return found
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
