@@ -7,6 +7,7 @@ use the real SmolLM2-135M-Instruct and compare against the GGUF it ships in.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -489,3 +490,75 @@ def test_llama3_tokenizer_exports_as_llama_bpe_and_tokenizes_like_transformers(
     reader = gguf.GGUFReader(out)
     assert reader.fields[gguf.Keys.Tokenizer.ADD_BOS].contents() is True  # its post-processor adds BOS
     assert reader.fields[gguf.Keys.Tokenizer.BOS_ID].contents() == llama3_tokenizer.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """Mistral 7B v0.1's SentencePiece model (shipped in mistral-common), converted by transformers."""
+    pytest.importorskip("sentencepiece")
+    from transformers import LlamaTokenizer
+
+    source = _packaged_tokenizer_dir("mistral_common", "data") / "tokenizer.model.v1"
+    folder = tmp_path_factory.mktemp("mistral-tokenizer")
+    shutil.copy(source, folder / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(folder)
+
+
+def _sentencepiece_prefix_rule(tokenizer, text: str) -> list[int]:
+    """transformers' ids for ``text`` with SentencePiece's dummy prefix, as llama.cpp applies it.
+
+    SentencePiece (and llama.cpp's add_space_prefix) put ``▁`` before every piece of text between
+    special tokens; transformers 5's Metaspace(prepend_scheme="first") only before the first one
+    and never before text that already starts with a space. Each segment is tokenized on its own,
+    with one more space where transformers would skip the prefix.
+    """
+    special = sorted(tokenizer.all_special_tokens, key=len, reverse=True)
+    pattern = "(" + "|".join(map(re.escape, special)) + ")"
+    ids: list[int] = []
+    for segment in filter(None, re.split(pattern, text)):
+        if segment in special:
+            ids.append(tokenizer.convert_tokens_to_ids(segment))
+        else:
+            ids += tokenizer((" " + segment) if segment[:1] == " " else segment, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def test_sentencepiece_vocab_exports_as_llama_model_and_matches_transformers_up_to_the_prefix_rule(
+    mistral_tokenizer, tmp_path: Path
+) -> None:
+    model_dir = make_tiny_model(tmp_path / "mistral", mistral_tokenizer, "mistral", tied=False)
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(model_dir, out, "f32")
+    assert info["tokenizer_pre"] == "default"
+    reader = gguf.GGUFReader(out)
+    assert reader.fields[gguf.Keys.Tokenizer.MODEL].contents() == "llama"
+    assert reader.fields[gguf.Keys.Tokenizer.ADD_PREFIX].contents() is True
+    token_types = reader.fields[gguf.Keys.Tokenizer.TOKEN_TYPE].contents()
+    assert token_types[mistral_tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
+
+    conversations = _eval_conversations()
+    # Mistral's instruct layout, written out: the v0.1 SentencePiece file has no chat template.
+    chats = [
+        "<s>" + "".join(f"[INST] {c[0]['content']} [/INST]{c[1]['content']}</s>" for _ in range(2))
+        for c in conversations
+        if len(c) >= 2
+    ]
+    texts = [*chats, *(m["content"] for c in conversations for m in c), STRESS_TEXT]
+    texts += _pydoc_text()[:60_000].split("\n\n")
+    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    try:
+        mismatched = [t for t in texts if runtime.tokenize(t) != _sentencepiece_prefix_rule(mistral_tokenizer, t)]
+        assert not mismatched, f"{len(mismatched)}/{len(texts)} differ, first: {mismatched[0][:200]!r}"
+        # Without the prefix rule the two differ exactly on texts that start with a space.
+        plain = [
+            t
+            for t in texts[len(chats) :]
+            if runtime.tokenize(t) != mistral_tokenizer(t, add_special_tokens=False)["input_ids"]
+        ]
+        assert plain and all(t[:1] == " " for t in plain)
+        tokens = [mistral_tokenizer(t, add_special_tokens=False)["input_ids"][:200] for t in chats[:3]]
+        measured = _compare(_hf_logits(model_dir, tokens), [runtime.logits(ids) for ids in tokens])
+    finally:
+        runtime.close()
+    print(f"mistral sentencepiece tokenizer: {measured}")
+    _assert_within(measured, "f32")

@@ -1,5 +1,15 @@
 """tokenizer.json → llama.cpp tokenizer metadata, written the way llama.cpp's converter writes it.
 
+Two vocabulary kinds, told apart by tokenizer.json's structure (:func:`vocab_kind`):
+
+* ``gpt2``: byte-level BPE (SmolLM2, Llama 3, Qwen 2/3): tokens, types, merges and a pre-tokenizer
+  name;
+* ``llama``: SentencePiece-style BPE over ``▁``-escaped text with byte fallback (Llama 2, Mistral,
+  Gemma, Phi-3): tokens, types (``<0xNN>`` bytes, control, user-defined) and scores. llama.cpp merges
+  the adjacent pair whose result has the highest score; HF merges the pair of lowest merge rank,
+  so a token's score is minus the rank of the first merge that produces it, and llama.cpp follows
+  the tokenizer.json it was exported from.
+
 The pre-tokenizer name (``tokenizer.ggml.pre``) is read off the structure of ``tokenizer.json`` (see
 :data:`PRE_TOKENIZERS`), not off a hash of sample tokenizations as llama.cpp's converter does; a
 structure not in the table raises :class:`ModelError` rather than letting llama.cpp fall back to a
@@ -67,15 +77,69 @@ def _pre_tokenizer_signature(node: dict[str, Any] | None) -> tuple[tuple[Any, ..
     return ((node.get("type"), json.dumps(node, sort_keys=True)),)
 
 
+SPACE = "\u2581"  # "▁", SentencePiece's escaped space
+
+
+def _steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """A normalizer/pre-tokenizer/decoder node as the flat list of its steps."""
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [step for child in node.get(key, []) for step in _steps(child, key)]
+    return [node]
+
+
+def vocab_kind(model_dir: Path, tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's ``tokenizer.ggml.model`` for this tokenizer: "gpt2" or "llama", else ModelError."""
+    model = tokenizer_json.get("model") or {}
+    decoders = {step.get("type") for step in _steps(tokenizer_json.get("decoder"), "decoders")}
+    if model.get("type") == "BPE" and decoders == {"ByteLevel"}:
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and "ByteFallback" in decoders:
+        return "llama"
+    raise ModelError(
+        f"{model_dir}/tokenizer.json: tokenizer model {model.get('type')} with decoders {sorted(map(str, decoders))} "
+        "is not supported; expected byte-level BPE (gpt2) or SentencePiece-style BPE with byte fallback (llama)"
+    )
+
+
+def add_space_prefix(model_dir: Path, tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer puts ``▁`` before the text (llama.cpp's add_space_prefix).
+
+    Llama 2 and Mistral do (a ``Metaspace`` pre-tokenizer that prepends, or a ``Prepend`` normalizer);
+    Gemma does not (its normalizer only replaces spaces). Anything else is not recognised.
+    """
+    normalizers = _steps(tokenizer_json.get("normalizer"), "normalizers")
+    pre = _steps(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
+    replaces_spaces = any(
+        n.get("type") == "Replace" and n.get("pattern") == {"String": " "} and n.get("content") == SPACE
+        for n in normalizers
+    )
+    prepends = any(n.get("type") == "Prepend" and n.get("prepend") == SPACE for n in normalizers)
+    if not pre and replaces_spaces and len(normalizers) == 1 + prepends:
+        return prepends
+    if (
+        not normalizers
+        and len(pre) == 1
+        and pre[0].get("type") == "Metaspace"
+        and pre[0].get("replacement") == SPACE
+        and pre[0].get("prepend_scheme") in ("first", "always")
+        and not pre[0].get("split", True)
+    ):
+        return True
+    raise ModelError(
+        f"{model_dir}/tokenizer.json: unrecognised SentencePiece-style whitespace handling "
+        f"(normalizer {tokenizer_json.get('normalizer')}, pre_tokenizer {tokenizer_json.get('pre_tokenizer')}); "
+        "expected a Metaspace pre-tokenizer or a Replace(' ', '▁') normalizer"
+    )
+
+
 def pre_tokenizer_name(model_dir: Path, tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for this byte-level BPE tokenizer, or ModelError."""
-    model_type = (tokenizer_json.get("model") or {}).get("type")
-    decoder_type = (tokenizer_json.get("decoder") or {}).get("type")
-    if model_type != "BPE" or decoder_type != "ByteLevel":
-        raise ModelError(
-            f"{model_dir}/tokenizer.json: tokenizer model {model_type}/{decoder_type} is not supported; "
-            "expected byte-level BPE (gpt2)"
-        )
+    """llama.cpp's ``tokenizer.ggml.pre``: "default" for SentencePiece-style tokenizers, the
+    matching :data:`PRE_TOKENIZERS` name for byte-level BPE, or ModelError."""
+    if vocab_kind(model_dir, tokenizer_json) == "llama":
+        add_space_prefix(model_dir, tokenizer_json)  # refuses whitespace handling it cannot express
+        return "default"
     signature = _pre_tokenizer_signature(tokenizer_json.get("pre_tokenizer"))
     normalizer = tokenizer_json.get("normalizer")
     normalizer_type = normalizer.get("type") if isinstance(normalizer, dict) else None
@@ -95,8 +159,9 @@ def add_tokenizer(
     tokenizer_json: dict[str, Any],
     pre: str,
 ) -> None:
-    """Write gpt2-BPE tokenizer metadata the way llama.cpp's converter does."""
+    """Write tokenizer metadata the way llama.cpp's converter does (see the module docstring)."""
     vocab_size = config["vocab_size"]
+    kind = vocab_kind(model_dir, tokenizer_json)
     id_to_token = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
     added = {a["id"]: a for a in tokenizer_json.get("added_tokens", [])}
     id_to_token.update({i: a["content"] for i, a in added.items()})
@@ -104,6 +169,7 @@ def add_tokenizer(
         raise ModelError(
             f"{model_dir}/tokenizer.json: token id {max(id_to_token)} does not fit config.json vocab_size {vocab_size}"
         )
+    unk = tokenizer_json["model"].get("unk_token")
 
     tokens: list[str] = []
     types: list[gguf.TokenType] = []
@@ -112,22 +178,42 @@ def add_tokenizer(
         if token is None:  # embedding rows with no token (vocab padded for speed)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if kind == "llama" and token == unk:
+            types.append(gguf.TokenType.UNKNOWN)
         elif i in added:
-            tokens.append(token)
             types.append(gguf.TokenType.CONTROL if _is_control(added[i]) else gguf.TokenType.USER_DEFINED)
+        elif kind == "llama" and _is_byte_token(token):
+            types.append(gguf.TokenType.BYTE)
         else:
-            tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
 
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if kind == "llama":
+        writer.add_token_scores(_merge_scores(tokenizer_json, tokens))
+        writer.add_add_space_prefix(add_space_prefix(model_dir, tokenizer_json))
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    special = gguf.SpecialVocab(model_dir, load_merges=kind == "gpt2", n_vocab=vocab_size)
     # SpecialVocab only learns add_bos from a post-processor that prepends BOS; when there is none,
     # transformers adds no BOS, so say so explicitly instead of leaving llama.cpp to guess.
     special.add_special_token.setdefault("bos", False)
     special.add_to_gguf(writer, quiet=True)
+
+
+def _is_byte_token(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _merge_scores(tokenizer_json: dict[str, Any], tokens: list[str]) -> list[float]:
+    """Minus the rank of the first merge that makes each token (0 for tokens no merge makes)."""
+    rank_of: dict[str, int] = {}
+    for rank, merge in enumerate(tokenizer_json["model"].get("merges", [])):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank_of.setdefault(left + right, rank)
+    return [-float(rank_of.get(token, 0)) for token in tokens]
 
 
 def _is_control(added_token: dict[str, Any]) -> bool:
