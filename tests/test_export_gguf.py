@@ -36,10 +36,11 @@ KLD_EVERY = 5
 # KV cache here so that only the export is measured: its default f16 cache alone moves logits by
 # up to ~0.08 on SmolLM2 (mean KLD ~1e-6), which would hide small export errors.
 # GELU families (gemma3): ggml's CPU GELU looks its input up in an f16 table, which alone moves
-# logits by a few 1e-3; the mean KLD bound stays the f32 one.
+# logits by a few 1e-3 on a 2-layer model and up to 0.04 on the 18 layers of Gemma 3 270M; the
+# mean KLD bound stays the f32 one.
 TOLERANCES = {
     ("export", "f32"): {"max_abs": 1e-3, "mean_kld": 1e-6},
-    ("export", "f32-gelu"): {"max_abs": 2e-2, "mean_kld": 1e-6},
+    ("export", "f32-gelu"): {"max_abs": 1e-1, "mean_kld": 1e-6},
     ("export", "f16"): {"max_abs": 5e-2, "mean_kld": 1e-4},
 }
 
@@ -562,3 +563,68 @@ def test_sentencepiece_vocab_exports_as_llama_model_and_matches_transformers_up_
         runtime.close()
     print(f"mistral sentencepiece tokenizer: {measured}")
     _assert_within(measured, "f32")
+
+
+def _gemma_chat(conversation: list[dict[str, str]]) -> str:
+    """Gemma 3's instruct layout; the base model's GGUF carries no chat template, so it is written out."""
+    roles = {"assistant": "model"}
+    turns = "".join(
+        f"<start_of_turn>{roles.get(m['role'], m['role'])}\n{m['content']}<end_of_turn>\n" for m in conversation
+    )
+    return f"<bos>{turns}"
+
+
+def test_gemma_tokenizer_matches_llama_cpp_and_the_original_gguf(gemma3_dir: Path, tmp_path: Path) -> None:
+    """The materialised Gemma tokenizer (whitespace runs restored as user-defined pieces) tokenizes like
+    llama.cpp on our export and on the GGUF converted from Google's own tokenizer."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    model_dir = make_tiny_model(tmp_path / "gemma3", tokenizer, "gemma3")
+    out = tmp_path / "model.gguf"
+    assert export_gguf.write_gguf(model_dir, out, "f32")["tokenizer_pre"] == "default"
+    reader = gguf.GGUFReader(out)
+    assert reader.fields[gguf.Keys.Tokenizer.ADD_PREFIX].contents() is False
+    assert reader.fields[gguf.Keys.Tokenizer.ADD_BOS].contents() is True
+
+    conversations = _eval_conversations()
+    texts = [*map(_gemma_chat, conversations), *(m["content"] for c in conversations for m in c), STRESS_TEXT]
+    texts += _pydoc_text().split("\n\n")  # 11 of its paragraphs have runs of 32+ spaces
+    original = llama_cpp.Llama(str(builtin_gguf_path("gemma3-270m")), vocab_only=True, verbose=False)
+    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    try:
+        for name, tokenize in (("our export", runtime.tokenize), ("original", _vocab_tokenize(original))):
+            mismatched = [t for t in texts if tokenize(t) != tokenizer(t, add_special_tokens=False)["input_ids"]]
+            assert not mismatched, f"{name}: {len(mismatched)}/{len(texts)} differ, first: {mismatched[0][:200]!r}"
+        tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][:200] for t in texts[:3]]
+        measured = _compare(_hf_logits(model_dir, tokens), [runtime.logits(ids) for ids in tokens])
+    finally:
+        runtime.close()
+        original.close()
+    print(f"gemma tokenizer, tiny gemma3: {measured}")
+    _assert_within(measured, "f32-gelu")
+
+
+def _vocab_tokenize(llm):
+    return lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+@pytest.mark.integration
+def test_gemma3_270m_f32_gguf_matches_transformers(gemma3_dir: Path, edgeft_cache: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    out = export_gguf.export(gemma3_dir, edgeft_cache / "exports" / f"{gemma3_dir.name}-f32", "f32")
+    assert out.manifest["results"]["converter"] == "edgeft"
+    shipped = {t.name: list(t.shape) for t in gguf.GGUFReader(builtin_gguf_path("gemma3-270m")).tensors}
+    assert {t.name: list(t.shape) for t in gguf.GGUFReader(out.path / export_gguf.GGUF_FILE).tensors} == shipped
+
+    texts = [_gemma_chat(c) for c in _eval_conversations()[::KLD_EVERY]]
+    token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    measured = _compare(
+        _hf_logits(gemma3_dir, token_lists), _gguf_logits(out.path / export_gguf.GGUF_FILE, token_lists)
+    )
+    print(f"gemma3-270m f32: {measured}")
+    _assert_within(measured, "f32-gelu")
+    assert measured["top1"] >= 0.99, measured

@@ -111,12 +111,9 @@ def add_space_prefix(model_dir: Path, tokenizer_json: dict[str, Any]) -> bool:
     """
     normalizers = _steps(tokenizer_json.get("normalizer"), "normalizers")
     pre = _steps(tokenizer_json.get("pre_tokenizer"), "pretokenizers")
-    replaces_spaces = any(
-        n.get("type") == "Replace" and n.get("pattern") == {"String": " "} and n.get("content") == SPACE
-        for n in normalizers
-    )
+    replaces_spaces = escapes_spaces_first(tokenizer_json)
     prepends = any(n.get("type") == "Prepend" and n.get("prepend") == SPACE for n in normalizers)
-    if not pre and replaces_spaces and len(normalizers) == 1 + prepends:
+    if replaces_spaces and len(normalizers) == 1 + prepends and all(map(_splits_on_space, pre)):
         return prepends
     if (
         not normalizers
@@ -131,6 +128,20 @@ def add_space_prefix(model_dir: Path, tokenizer_json: dict[str, Any]) -> bool:
         f"{model_dir}/tokenizer.json: unrecognised SentencePiece-style whitespace handling "
         f"(normalizer {tokenizer_json.get('normalizer')}, pre_tokenizer {tokenizer_json.get('pre_tokenizer')}); "
         "expected a Metaspace pre-tokenizer or a Replace(' ', '▁') normalizer"
+    )
+
+
+def _splits_on_space(step: dict[str, Any]) -> bool:
+    """Gemma's Split(" ") pre-tokenizer: a no-op once the normalizer has turned spaces into ``▁``."""
+    return step.get("type") == "Split" and step.get("pattern") == {"String": " "}
+
+
+def escapes_spaces_first(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the normalizer turns spaces into ``▁`` (Gemma, legacy Llama 2): added tokens marked
+    ``normalized`` are then matched against ``▁``-escaped text."""
+    return any(
+        n.get("type") == "Replace" and n.get("pattern") == {"String": " "} and n.get("content") == SPACE
+        for n in _steps(tokenizer_json.get("normalizer"), "normalizers")
     )
 
 
@@ -170,6 +181,12 @@ def add_tokenizer(
             f"{model_dir}/tokenizer.json: token id {max(id_to_token)} does not fit config.json vocab_size {vocab_size}"
         )
     unk = tokenizer_json["model"].get("unk_token")
+    # llama.cpp matches user-defined tokens in the raw text; transformers matches a "normalized"
+    # added token in the normalized text, where spaces are already "▁". Unescape those.
+    unescape = kind == "llama" and escapes_spaces_first(tokenizer_json)
+    for i, a in added.items():
+        if unescape and a.get("normalized") and not _is_control(a):
+            id_to_token[i] = a["content"].replace(SPACE, " ")
 
     tokens: list[str] = []
     types: list[gguf.TokenType] = []
