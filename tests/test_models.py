@@ -50,7 +50,7 @@ def test_bad_model_folder_names_the_path(tmp_path: Path, case: str) -> None:
 
 
 def test_unknown_name_lists_builtin_models() -> None:
-    with pytest.raises(ModelError, match="built-in: smollm2-135m"):
+    with pytest.raises(ModelError, match="built-in: gemma3-270m, smollm2-135m"):
         resolve_model("smollm3-9000b")
 
 
