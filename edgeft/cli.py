@@ -266,7 +266,9 @@ def merge(model: str, adapter: Path, out_dir: Path) -> None:
 @click.option("--target", "target_name", default="gguf-f32", show_default=True, help="gguf-f32 or gguf-f16")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 def export(model: str, target_name: str, out_dir: Path) -> None:
-    """Convert a Hugging Face llama-family model to an unquantized GGUF (OUT/model.gguf)."""
+    """Convert a Hugging Face model to an unquantized GGUF (OUT/model.gguf).
+
+    Families edgeft knows are written natively; other architectures go through llama.cpp's converter."""
     with _user_errors():
         from .errors import ConfigError
         from .formats.gguf import needs_quantize
@@ -282,7 +284,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
         check_output_dir(out_dir)
-        out = run_export(resolve_model(model), out_dir, UNQUANTIZED[target.quant])
+        out = run_export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
 
