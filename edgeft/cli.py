@@ -543,8 +543,9 @@ def recommend(
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
+            w = max(16, *(len(r["target"]) + 1 for r in result["rows"]))
             click.echo(
-                f"{'target':16} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
+                f"{'target':{w}} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
             )
             # Rows timed in different runs compare with care (load differs): one mark per run when mixed.
             runs = list(dict.fromkeys(r["timed"]["run_id"] for r in result["rows"]))
@@ -555,7 +556,7 @@ def recommend(
                 if len(runs) > 1:
                     here += f" †{runs.index(r['timed']['run_id']) + 1}"
                 click.echo(
-                    f"{r['target']:16} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
+                    f"{r['target']:{w}} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
                     f"{here:>10} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
                     f"{'ok' if r['meets'] else r['why_not']}"
                 )
