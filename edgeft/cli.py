@@ -106,6 +106,18 @@ _compare_option = click.option(
 )
 @_gate_option
 @_compare_option
+@click.option(
+    "--device",
+    help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: bench with its thread count "
+    "and add a projected fit and decode speed for it to the report",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(1, 1 << 20),
+    default=2048,
+    show_default=True,
+    help="with --device: the context length the app will use (KV cache in the RAM fit)",
+)
 @click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
 def build(
     target_spec: str,
@@ -115,6 +127,8 @@ def build(
     train_device: str | None,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
+    device: str | None,
+    context: int,
     dry_run: bool,
 ) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
@@ -128,6 +142,12 @@ def build(
         _train_device(cfg, train_device, "--train-device")
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         targets = parse_target_list(target_spec)
+        profile = None
+        if device is not None:
+            from .devices import get_device
+
+            profile = get_device(device)
+            cfg.bench.threads = profile.threads
         if dry_run:
             shown = {"targets": [t.__dict__ for t in targets], "out": str(out_dir), "config": config_as_dict(cfg)}
             click.echo(json.dumps(shown, indent=2))
@@ -136,7 +156,14 @@ def build(
 
         with rich_progress() as progress:
             result = run_build(
-                cfg, targets, out_dir, on_stage=stage_printer(), progress=progress, compare_to=compare_to
+                cfg,
+                targets,
+                out_dir,
+                on_stage=stage_printer(),
+                progress=progress,
+                compare_to=compare_to,
+                device=profile,
+                context=context,
             )
         _finish(result.report, out_dir)
 
@@ -202,6 +229,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
     machine = report.get("machine", {})
     where = summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
+    if report.get("remote"):
+        where = f"measured on {report['remote']['host']} over SSH: {where}"
     click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
     for w in report.get("warnings", []):
         click.echo(f"edgeft: warning: {w}", err=True)
@@ -285,7 +314,9 @@ def merge(model: str, adapter: Path, out_dir: Path, strategy: str, eval_file: Pa
 @click.option("--target", "target_name", default="gguf-f32", show_default=True, help="gguf-f32 or gguf-f16")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 def export(model: str, target_name: str, out_dir: Path) -> None:
-    """Convert a Hugging Face llama-family model to an unquantized GGUF (OUT/model.gguf)."""
+    """Convert a Hugging Face model to an unquantized GGUF (OUT/model.gguf).
+
+    Families edgeft knows are written natively; other architectures go through llama.cpp's converter."""
     with _user_errors():
         from .errors import ConfigError
         from .formats.gguf import needs_quantize
@@ -301,7 +332,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
         check_output_dir(out_dir)
-        out = run_export(resolve_model(model), out_dir, UNQUANTIZED[target.quant])
+        out = run_export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
 
@@ -405,6 +436,30 @@ def verify(bundle: Path) -> None:
     show_default=True,
     help="with --device: the context length the app will use (KV cache in the RAM fit)",
 )
+@click.option(
+    "--remote",
+    metavar="[USER@]HOST",
+    help="measure on that device over SSH (it needs `pip install 'edgeft[device]'`); the report comes back to --out",
+)
+@click.option(
+    "--remote-ssh",
+    default="ssh",
+    show_default=True,
+    help="with --remote: the ssh command line, e.g. 'ssh -p 2222 -i ~/.ssh/pi'",
+)
+@click.option("--remote-edgeft", default="edgeft", show_default=True, help="with --remote: edgeft's command there")
+@click.option(
+    "--remote-dir",
+    default=".cache/edgeft/remote",
+    show_default=True,
+    help="with --remote: where files are kept there (relative to the login folder); uploads are reused",
+)
+@click.option(
+    "--llama-bench",
+    "llama_bench_file",
+    type=click.Path(path_type=Path),
+    help="with --build: import llama-bench's `-o json`/`-o jsonl` output as a measured device run (runs nothing)",
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -420,22 +475,39 @@ def bench(
     context: int,
     gate_flags: tuple[str, ...],
     compare_to: Path | None,
+    remote: str | None,
+    remote_ssh: str,
+    remote_edgeft: str,
+    remote_dir: str,
+    llama_bench_file: Path | None,
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
-    On a device: copy the build's `reference/` folder and the artifacts (.gguf files, ONNX folders),
-    then `edgeft bench --artifact model.gguf --reference reference/` (needs no torch).
+    On a device: `--remote user@host` does it over SSH, or copy the build's `reference/` folder and
+    the artifacts (.gguf files, ONNX folders) and run `edgeft bench --artifact model.gguf
+    --reference reference/` there (needs no torch). Runs on other machines (--remote with --build,
+    --llama-bench) are kept in the build and listed in its report.
     """
     with _user_errors():
         from .bench.gates import parse_gate_flags
         from .pipeline import bench_artifacts
 
+        if llama_bench_file is not None:
+            if build_dir is None or artifacts or remote:
+                from .errors import ConfigError
+
+                raise ConfigError("--llama-bench: give it with --build DIR only (it imports, it measures nothing)")
+            _import_llama_bench(build_dir, llama_bench_file)
+            return
         cfg = _load_cfg(config, None)
         profile = None
+        device_file = None
         if device is not None:
+            from .devices import device_file as profile_file
             from .devices import get_device
 
             profile = get_device(device)
+            device_file = profile_file(device)
             cfg.bench.threads = profile.threads
         if threads is not None:
             cfg.bench.threads = threads
@@ -455,8 +527,43 @@ def bench(
                 progress=progress,
                 device=profile,
                 context=context,
+                remote=_remote(remote, remote_ssh, remote_edgeft, remote_dir) if remote else None,
+                device_file=device_file,
             )
         _finish(report, out_dir)
+
+
+def _remote(host: str, ssh: str, edgeft: str, workdir: str):
+    import shlex
+
+    from .errors import ConfigError
+    from .remote import Remote
+
+    try:
+        argv = tuple(shlex.split(ssh))
+    except ValueError as e:
+        raise ConfigError(f"--remote-ssh {ssh!r}: {e}") from None
+    return Remote(host, argv, edgeft, workdir)
+
+
+def _import_llama_bench(build_dir: Path, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench.device_runs import import_llama_bench
+
+    record, stored = import_llama_bench(build_dir, path)
+    table = Table(title=f"llama-bench on {record['machine']['cpu_model'] or 'an unnamed CPU'} (measured there)")
+    for col in ("artifact", "threads", "prefill tok/s", "decode tok/s"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in record["rows"]:
+        cells = []
+        for kind in ("prefill", "decode"):
+            s = (r[kind] or {}).get("tok_s")
+            cells.append("" if not s else f"{s.get('median', s['mean']):.1f} ({(r[kind] or {}).get('tokens')} tok)")
+        table.add_row(r["target"] or f"{r['model']} (not in this build)", str(r["threads"] or ""), *cells)
+    Console(stderr=False).print(table)
+    click.echo(f"stored as {stored}; {build_dir / 'report.md'} lists it under 'Measured on other machines'")
 
 
 @cli.command()
@@ -484,17 +591,31 @@ def recommend(
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
+            w = max(16, *(len(r["target"]) + 1 for r in result["rows"]))
             click.echo(
-                f"{'target':16} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
+                f"{'target':{w}} {'MB':>7} {'KLD':>8} {'task acc':>8} {'tok/s here':>10} {'tok/s ' + device + ' (proj.)':>22} {'RAM MB (proj.)':>15}  verdict"
             )
+            # Rows timed in different runs compare with care (load differs): one mark per run when mixed.
+            runs = list(dict.fromkeys(r["timed"]["run_id"] for r in result["rows"]))
             for r in result["rows"]:
                 acc = "n/a" if r["task_accuracy"] is None else f"{100 * r['task_accuracy']:.1f}%"
                 proj = "n/a" if r["decode_tok_s_projected"] is None else f"{r['decode_tok_s_projected']:.1f}"
+                here = f"{r['decode_tok_s_measured_here']:.1f}"
+                if len(runs) > 1:
+                    here += f" †{runs.index(r['timed']['run_id']) + 1}"
                 click.echo(
-                    f"{r['target']:16} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
-                    f"{r['decode_tok_s_measured_here']:10.1f} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
+                    f"{r['target']:{w}} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
+                    f"{here:>10} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
                     f"{'ok' if r['meets'] else r['why_not']}"
                 )
+            if len(runs) > 1:
+                from .machine import summary
+
+                for i, run in enumerate(runs, 1):
+                    t = next(r["timed"] for r in result["rows"] if r["timed"]["run_id"] == run)
+                    where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
+                    click.echo(f"†{i} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
+                click.echo("tok/s here comes from different runs: compare those rows with care")
             click.echo(
                 f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are projected)"
             )

@@ -200,6 +200,24 @@ class GatesConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The calibration set importance matrices are measured on (targets with ``imatrix = ...``)."""
+
+    tokens: int = _help("token budget of the calibration set", 16384)
+    chunk_tokens: int = _help("tokens per calibration chunk (one forward pass each)", 512)
+    task_share: float = _help("with imatrix = 'mix': the share of the budget taken from the training data", 0.5)
+
+    def __post_init__(self) -> None:
+        _check("calibration", "tokens", self.tokens, 1)
+        _check("calibration", "chunk_tokens", self.chunk_tokens, 16, BENCH_CONTEXT)
+        _check("calibration", "task_share", self.task_share, 0, 1)
+        if self.tokens < self.chunk_tokens:
+            raise ConfigError(
+                f"[calibration].tokens: {self.tokens} is less than one chunk ([calibration].chunk_tokens = {self.chunk_tokens})"
+            )
+
+
+@dataclass
 class BuildConfig:
     model: str = _help("builtin model name (smollm2-135m) or a local Hugging Face folder", "smollm2-135m")
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,10 +225,18 @@ class BuildConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: Path | None = None  # the file this config came from, for messages
 
 
-_TABLES = {"data": DataConfig, "train": TrainConfig, "merge": MergeConfig, "bench": BenchConfig, "gates": GatesConfig}
+_TABLES = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "bench": BenchConfig,
+    "gates": GatesConfig,
+    "calibration": CalibrationConfig,
+}
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:

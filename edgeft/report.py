@@ -215,6 +215,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Machine: {summary(report['machine'])}"
         if report.get("machine", {}).get("cpu_model")
         else f"Machine: {report.get('machine', {}).get('platform', 'unknown')}",
+        *(
+            [f"(the device: measured there over SSH, `edgeft bench --remote {report['remote']['host']}`)"]
+            if report.get("remote")
+            else []
+        ),
         "",
         *[f"- {name}: `{build}`" for name, build in report.get("machine", {}).get("runtime_builds", {}).items()],
         "",
@@ -258,6 +263,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     if report.get("device"):
         lines += _device_section(report["device"])
+    if report.get("device_runs"):
+        lines += _device_runs_section(report["device_runs"])
     for i, t in enumerate(earlier.values(), 1):
         where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
         other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
@@ -346,6 +353,53 @@ def _device_section(device: dict[str, Any]) -> list[str]:
         "fixed overheads (compare the roofline column above). RAM = peak RSS measured here + KV cache for "
         "context beyond the measured one. Prefill is compute-bound and not projected.",
     ]
+    return lines
+
+
+def _speed_cell(s: dict[str, Any] | None, fmt: str = "{:.1f}") -> str:
+    """median [min–max] where samples are known; llama-bench files without samples give mean ± sd."""
+    if not s:
+        return ""
+    if "median" in s:
+        return _spread(s, fmt)
+    sd = s.get("stddev")
+    return fmt.format(s["mean"]) + ("" if sd is None else " ± " + fmt.format(sd)) + " (mean)"
+
+
+def _device_runs_section(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Measured on other machines — each run's own figures, not comparable to the table above",
+        "",
+        "| machine | source | artifact | threads | prefill tok/s | decode tok/s | peak RSS MB | mean KLD | task acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, run in enumerate(runs, 1):
+        m = run.get("machine") or {}
+        where = m.get("cpu_model") or "machine not recorded"
+        if m.get("cores"):
+            where += f", {m['cores']} cores"
+        if m.get("ram_bytes"):
+            where += f", {m['ram_bytes'] / 2**30:.0f} GiB"
+        for r in run["rows"]:
+            art = r["target"] or f"{r.get('model')} (not in this build)"
+            pre, dec = r.get("prefill") or {}, r.get("decode") or {}
+            pre_cell = _speed_cell(pre.get("tok_s"), "{:.0f}") + (f" (pp{pre['tokens']})" if pre.get("tokens") else "")
+            dec_cell = _speed_cell(dec.get("tok_s")) + (f" (tg{dec['tokens']})" if dec.get("tokens") else "")
+            rss = "" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 1e6:.0f}"
+            kld = "" if r.get("kl_divergence_mean") is None else f"{r['kl_divergence_mean']:.4f}"
+            lines.append(
+                f"| {_cell(where)} [{i}] | {_cell(run['source'])} | {_cell(art)} | {r.get('threads') or ''} | "
+                f"{pre_cell} | {dec_cell} | {rss} | {kld} | {_pct(r.get('task_accuracy')) if r.get('task_accuracy') is not None else ''} |"
+            )
+    lines.append("")
+    for i, run in enumerate(runs, 1):
+        builds = "; ".join(f"{k}: {v}" for k, v in (run.get("machine") or {}).get("runtime_builds", {}).items())
+        lines.append(
+            f"[{i}] measured {run.get('measured_at') or 'at an unknown time'}, imported {run.get('imported_at')}"
+            + (f" from `{run['file']}`" if run.get("file") else "")
+            + (f"; {builds}" if builds else "")
+        )
     return lines
 
 

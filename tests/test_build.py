@@ -43,6 +43,7 @@ def config(tmp_path_factory) -> Path:
         "[bench]\nthreads = 2\nmax_eval = 8\nmax_new_tokens = 24\nprompt_tokens = 64\ndecode_tokens = 16\n"
         "repeats = 2\ntop_k = 32\ngolden = 2\n"
         "[gates]\nmax_size_mb = 500\n"
+        "[calibration]\ntokens = 2048\nchunk_tokens = 256\n"
     )
     return cfg
 
@@ -215,9 +216,10 @@ def test_bench_runs_without_torch(built, tmp_path):
     assert "timed in another run" in proc.stderr
 
 
-def test_bench_in_a_torch_free_virtualenv(built, tmp_path):
+@pytest.fixture(scope="module")
+def device_venv(tmp_path_factory) -> Path | None:
     """What `pip install "edgeft[device]"` gives a Raspberry Pi: the base dependencies and a runtime,
-    in a fresh virtualenv with no torch, transformers or peft, benchmarking against the stored reference."""
+    in a fresh virtualenv with no torch, transformers or peft; None without a `make`-built wheel."""
     import shutil
 
     from edgeft.machine import build_key
@@ -225,7 +227,8 @@ def test_bench_in_a_torch_free_virtualenv(built, tmp_path):
     cache = Path(os.environ.get("WHEEL_CACHE") or Path.home() / ".cache" / "edgeft" / "wheels")
     wheel = next((cache / f"llama-cpp-python-{build_key('0.3.36')}").glob("llama_cpp_python-*.whl"), None)
     if wheel is None:
-        pytest.skip("no llama.cpp wheel built by `make` for this CPU (run `make llama-cpp`)")
+        return None
+    tmp_path = tmp_path_factory.mktemp("device")
     repo = Path(__file__).resolve().parent.parent
     src = tmp_path / "src"  # install a copy: a non-editable build would leave build/ in the checkout
     shutil.copytree(repo / "edgeft", src / "edgeft", ignore=shutil.ignore_patterns("__pycache__"))
@@ -237,6 +240,15 @@ def test_bench_in_a_torch_free_virtualenv(built, tmp_path):
     for args in ([str(wheel)], [str(src)]):  # llama.cpp built for this CPU, then edgeft's base dependencies
         done = subprocess.run([py, "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
+    return venv
+
+
+def test_bench_in_a_torch_free_virtualenv(built, device_venv, tmp_path):
+    """The device's own install benchmarks against the stored reference."""
+    if device_venv is None:
+        pytest.skip("no llama.cpp wheel built by `make` for this CPU (run `make llama-cpp`)")
+    venv = device_venv
+    py = str(venv / "bin" / "python")
     for module in ("torch", "transformers", "peft"):
         assert subprocess.run([py, "-c", f"import {module}"], capture_output=True).returncode != 0, module
     out = tmp_path / "bench"
@@ -437,3 +449,131 @@ def test_recommend_picks_the_smallest_target_within_budget(built):
     assert all(not row["meets"] and "KLD" in row["why_not"] for row in r["rows"] if row["kl_divergence_mean"] > q8)
     none = edgeft("recommend", "--build", str(built), "--device", "rpi4", "--min-tok-s", "1e9")
     assert none.returncode == 1 and "none meets the budget" in none.stdout
+    # targets added by later builds were timed in other runs: the text marks each run once
+    runs = {row["timed"]["run_id"] for row in r["rows"]}
+    assert all(run is not None for run in runs)
+    assert ("compare those rows with care" in none.stdout) == (len(runs) > 1)
+    assert sum(line.startswith("†") for line in none.stdout.splitlines()) == (len(runs) if len(runs) > 1 else 0)
+
+
+def _forget_device_runs(build: Path) -> None:
+    """Leave the shared build as the other tests expect it: no stored device runs."""
+    import shutil
+
+    from edgeft.bench.device_runs import refold
+
+    shutil.rmtree(build / "devices", ignore_errors=True)
+    refold(build)
+
+
+def test_llama_bench_json_joins_the_build_report(built):
+    sample = Path(__file__).resolve().parent / "data" / "llama-bench-cooking.json"
+    try:
+        proc = edgeft("bench", "--build", str(built), "--llama-bench", str(sample))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stored = list((built / "devices").glob("llama-bench-*.json"))
+        assert len(stored) == 1
+        run = json.loads(stored[0].read_text())
+        # llama-bench's model_size (llama_model_size) equals this build's GGUF tensor bytes: the sample's
+        # Q4_K_M and Q8_0 rows land on this build's targets of those types.
+        assert [r["target"] for r in run["rows"]] == ["gguf-q4", "gguf-q8"]
+        r = report(built)
+        assert [x["source"] for x in r["device_runs"]] == ["llama-bench"]
+        md = (built / "report.md").read_text()
+        assert "## Measured on other machines" in md and "| llama-bench | gguf-q4 | 2 |" in md
+    finally:
+        _forget_device_runs(built)
+
+
+def test_bench_remote_over_ssh_brings_the_device_report_back(config, built, device_venv, tmp_path):
+    """`--remote` against a real SSH server on loopback, driven by the system's OpenSSH client; the
+    "device" runs the torch-free install when `make` built one (else this environment's edgeft)."""
+    import shutil
+
+    from .sshd import LoopbackSSHServer
+
+    if shutil.which("ssh") is None:
+        pytest.skip("no OpenSSH client (ssh) on this machine")
+    remote_edgeft = str(device_venv / "bin" / "edgeft" if device_venv else Path(sys.executable).parent / "edgeft")
+    out = tmp_path / "bench"
+    try:
+        with LoopbackSSHServer(tmp_path / "sshd") as server:
+            common = ["--remote-ssh", server.ssh_command(), "--remote-dir", "edgeft-remote"]
+            proc = edgeft(
+                "bench", "--build", str(built), "--target", "gguf-q4", "--config", str(config), "--out", str(out),
+                "--remote", "pi@127.0.0.1", "--remote-edgeft", remote_edgeft, *common,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            r = report(out)
+            assert r["remote"]["host"] == "pi@127.0.0.1"
+            assert r["machine"]["cpu_model"]  # the device describes itself
+            assert "measured on pi@127.0.0.1 over SSH" in proc.stdout
+            before = json.loads((built / "bench-gguf-q4" / "manifest.json").read_text())["results"]["fidelity"]
+            kld = r["targets"][0]["fidelity"]["kl_divergence_mean"]
+            assert kld == pytest.approx(before["kl_divergence_mean"], rel=1e-3)
+            assert r["targets"][0]["latency"]["artifact"]["repeats"] == 2  # the config's [bench] went along
+            # files are kept by content on the device, the run folder is gone
+            objects = server.home / "edgeft-remote" / "objects"
+            from edgeft.stage import sha256_file
+
+            assert sha256_file(built / "gguf-q4" / "model.gguf") in {p.name for p in objects.iterdir()}
+            assert list((server.home / "edgeft-remote" / "runs").iterdir()) == []
+            # folded into the build's report as a measured device run
+            stored = json.loads((built / "devices" / "remote-pi-127.0.0.1.json").read_text())
+            assert [row["target"] for row in stored["rows"]] == ["gguf-q4"]
+            assert stored["rows"][0]["kl_divergence_mean"] == pytest.approx(kld)
+            assert "edgeft bench --remote pi@127.0.0.1" in (built / "report.md").read_text()
+
+            # a device without edgeft, and a host ssh cannot reach: one line each, exit 2
+            for extra, message in (
+                (["--remote", "pi@127.0.0.1", "--remote-edgeft", "/nonexistent/edgeft", *common], "does not run there"),
+                (["--remote", "pi@127.0.0.1", "--remote-ssh", "ssh -p 1 -o BatchMode=yes"], "ssh failed"),
+            ):
+                bad = edgeft(
+                    "bench", "--build", str(built), "--target", "gguf-q4", "--out", str(tmp_path / "x"), *extra
+                )
+                assert bad.returncode == 2, bad.stderr[-2000:]
+                assert message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+                assert not (tmp_path / "x").exists()
+    finally:
+        _forget_device_runs(built)
+
+
+def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(config, built, tmp_path):
+    from edgeft.devices import devices_dir
+
+    # Same thread count as the config's [bench] (2): nothing is measured again, the report gains the projection.
+    profile = tmp_path / "two-core-board.toml"
+    profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", "threads = 2"))
+    try:
+        proc = edgeft(
+            "build", "--config", str(config), "--target", "gguf-q4", "--out", str(built),
+            "--device", str(profile), "--context", "4096",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(cached_stages(built).values())
+        d = report(built)["device"]
+        assert d["profile"]["key"] == "two-core-board" and d["context_tokens"] == 4096
+        assert d["targets"]["gguf-q4"]["fits"] is True
+        assert "two-core-board (projected): gguf-q4 fits" in proc.stdout
+    finally:  # the other tests expect the build's report without a device section
+        assert edgeft("build", "--config", str(config), "--target", TARGETS, "--out", str(built)).returncode == 0
+
+
+def test_imatrix_target_builds_from_the_training_data_and_records_it(config, built):
+    from edgeft.formats.gguf.inspect import read_gguf
+    from edgeft.stage import read_manifest
+
+    proc = edgeft("build", "--config", str(config), "--target", "gguf-q4_0,gguf-q4_0-imat", "--out", str(built))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = cached_stages(built)
+    assert stages["imatrix task"] is False and stages["quantize gguf-q4_0"] is True  # only the new path ran
+    made = read_manifest(built / "imatrix-task")["results"]
+    assert made["calibration"]["tokens"] == 2048 and made["entries"] == 30 * 7  # every linear of SmolLM2's 30 layers
+    header = read_gguf(built / "gguf-q4_0-imat" / "model.gguf")
+    assert header.get_field("edgeft.calibration.sha256").contents() == made["calibration"]["sha256"]
+    assert header.get_field("edgeft.imatrix.sha256").contents() == made["imatrix_sha256"]
+    rows = {r["stage"]: r for r in report(built)["ladder"]}
+    assert {"gguf-q4_0", "gguf-q4_0-imat"} <= set(rows)
+    # the report measures both on the held-out set; the matrix is not allowed to make it much worse
+    assert rows["gguf-q4_0-imat"]["kl_divergence_mean"] < 1.5 * rows["gguf-q4_0"]["kl_divergence_mean"]

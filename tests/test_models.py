@@ -50,7 +50,7 @@ def test_bad_model_folder_names_the_path(tmp_path: Path, case: str) -> None:
 
 
 def test_unknown_name_lists_builtin_models() -> None:
-    with pytest.raises(ModelError, match="built-in: smollm2-135m"):
+    with pytest.raises(ModelError, match="built-in: gemma3-270m, smollm2-135m"):
         resolve_model("smollm3-9000b")
 
 
@@ -96,3 +96,12 @@ def test_materialised_tokenizer_is_repaired_and_complete(smollm2_dir: Path) -> N
 
 def test_builtin_table_names_are_lowercase() -> None:
     assert all(name == name.lower() and " " not in name for name in BUILTIN_MODELS)
+
+
+def test_gemma3_builtin_records_its_licence(gemma3_dir: Path) -> None:
+    """Opt-in built-in (skipped unless its package is installed): Gemma terms, not Apache."""
+    results = json.loads((gemma3_dir / "manifest.json").read_text())["results"]
+    assert results["license"] == "LicenseRef-Gemma-Terms-of-Use"
+    assert (gemma3_dir / "GEMMA_TERMS.html").is_file()
+    config = json.loads((gemma3_dir / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config

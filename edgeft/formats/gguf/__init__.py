@@ -14,7 +14,9 @@ from .types import GGUF_QUANT_TYPES, UNQUANTIZED
 
 NAME = "gguf"
 RUNTIME = "llama.cpp"
-TARGET_KEYS: tuple[str, ...] = ()
+# imatrix = "task" | "general" | "mix": weigh rounding by an importance matrix measured on that
+# calibration set (see edgeft/calibration.py and .imatrix)
+TARGET_KEYS: tuple[str, ...] = ("imatrix",)
 ARTIFACT_HINT = "a .gguf file or a folder holding model.gguf"
 CONVERSION = "gguf-f32"  # the unquantized export every quantized type is made from
 
@@ -26,6 +28,13 @@ Run = Callable[[str, Callable[[], Any]], Any]
 def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> None:
     if quant not in GGUF_QUANT_TYPES:
         raise ConfigError(f"{where}: quant: expected one of {', '.join(GGUF_QUANT_TYPES)}, got {quant!r}")
+    if "imatrix" in options:
+        from ...calibration import SOURCES
+
+        if options["imatrix"] not in SOURCES:
+            raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
+        if not needs_quantize(quant):
+            raise ConfigError(f"{where}: imatrix: {quant} is not quantized; an importance matrix changes nothing")
 
 
 def needs_quantize(quant: str) -> bool:
@@ -44,8 +53,9 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
     return CONVERSION, out.path / GGUF_FILE
 
 
-def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int) -> Path:
-    """``target``'s GGUF: exported directly (F32/F16) or quantized from the F32 export."""
+def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None) -> Path:
+    """``target``'s GGUF: exported directly (F32/F16) or quantized from the F32 export, weighted by an
+    importance matrix when the target names a calibration set (``calibration(source)`` builds it)."""
     from .export import export
     from .quantize import quantize
 
@@ -56,5 +66,20 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int) -> Pa
         out = run(f"export {target.name}", lambda: export(merged_dir, Path(out_dir) / target.name, outtype))
         return out.path / GGUF_FILE
     source = conversion(merged_dir, out_dir, run)[1].parent
-    out = run(f"quantize {target.name}", lambda: quantize(source, Path(out_dir) / target.name, target.quant, threads))
+    imatrix_dir = None
+    if target.options.get("imatrix"):
+        from .imatrix import imatrix_stage
+
+        which = target.options["imatrix"]
+        if calibration is None:
+            raise ConfigError(f"--target {target.name}: imatrix = {which!r} needs a calibration set (a build)")
+        calib = calibration(which)
+        imatrix_dir = run(
+            f"imatrix {which}",
+            lambda: imatrix_stage(merged_dir, source, Path(out_dir) / f"imatrix-{which}", calib, threads),
+        ).path
+    out = run(
+        f"quantize {target.name}",
+        lambda: quantize(source, Path(out_dir) / target.name, target.quant, threads, imatrix_dir),
+    )
     return out.path / GGUF_FILE

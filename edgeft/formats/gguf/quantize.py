@@ -13,14 +13,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ...errors import ConfigError, ModelError
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, check_gguf_header, tensor_type_counts
 from .types import GGUF_QUANT_TYPES
 
 
-def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
-    """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``."""
+def quantize_file(
+    src: Path,
+    dst: Path,
+    quant: str,
+    threads: int = 0,
+    imatrix: dict[str, Any] | None = None,
+    metadata: dict[str, str | int] | None = None,
+) -> None:
+    """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``.
+
+    ``imatrix`` (tensor name → per-column importance, see :mod:`.imatrix`) weighs each column's
+    rounding error; ``metadata`` adds string/integer keys to the output's header (how it was made)."""
     if quant not in GGUF_QUANT_TYPES:
         raise ConfigError(f"unknown GGUF quant type {quant!r}; expected one of {', '.join(GGUF_QUANT_TYPES)}")
     import logging
@@ -35,22 +47,84 @@ def quantize_file(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANT_TYPES[quant]
     params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
+    keep = []  # ctypes only points at these: they must outlive the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the NULL terminator
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if metadata:
+        kvs = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # empty key ends the list
+        for i, (key, value) in enumerate(metadata.items()):
+            kvs[i].key = key.encode()
+            if isinstance(value, int):
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                kvs[i].value.val_i64 = value
+            else:
+                if len(value.encode()) >= 128:
+                    raise ValueError(f"GGUF metadata {key}: {value!r} is longer than llama.cpp's 127 bytes")
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                kvs[i].value.val_str = value.encode()
+        keep.append(kvs)
+        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep
     if rc != 0 or not Path(dst).is_file():
         raise ModelError(f"{src}: llama.cpp could not quantize to {quant} (llama_model_quantize returned {rc})")
 
 
-def quantize(gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0) -> StageOutput:
-    """Cached stage: ``gguf_dir/model.gguf`` → ``out_dir/model.gguf`` in type ``quant``."""
+def quantize(
+    gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0, imatrix_dir: Path | None = None
+) -> StageOutput:
+    """Cached stage: ``gguf_dir/model.gguf`` → ``out_dir/model.gguf`` in type ``quant``, weighted by
+    ``imatrix_dir``'s importance matrix when given (its hash and its calibration set's go into the
+    GGUF header and the manifest)."""
+    from . import imatrix as im
+
     src = Path(gguf_dir) / GGUF_FILE
     if not src.is_file():
         raise ModelError(f"{gguf_dir}: expected an exported {GGUF_FILE} there")
     check_gguf_header(src)
     inputs = {"gguf": content_hash(gguf_dir)}
-    params = {"quant": quant}
+    params: dict[str, Any] = {"quant": quant}
+    matrix, metadata, provenance = None, None, {}
+    if imatrix_dir is not None:
+        from ...stage import read_manifest
+
+        inputs["imatrix"] = content_hash(imatrix_dir)
+        matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
+        im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
+        matrix, scope = im.scope(matrix, src, quant)
+        params["imatrix_tensors"] = scope
+        made = (read_manifest(imatrix_dir) or {}).get("results", {})
+        calib = made.get("calibration") or {}
+        provenance = {
+            "imatrix_tensors": {"rule": scope, "count": len(matrix)},
+            "imatrix_sha256": made.get("imatrix_sha256"),
+            "calibration_sha256": calib.get("sha256"),
+            "calibration_source": calib.get("source"),
+        }
+        # the keys llama-quantize writes, plus the two hashes that say exactly what was used
+        metadata = {
+            "quantize.imatrix.file": im.IMATRIX_FILE,
+            "quantize.imatrix.dataset": f"edgeft calibration {calib.get('source')}",
+            "quantize.imatrix.entries_count": len(matrix),
+            "quantize.imatrix.chunks_count": int(calib.get("chunks") or 0),
+            "edgeft.imatrix.sha256": str(provenance["imatrix_sha256"]),
+            "edgeft.calibration.sha256": str(provenance["calibration_sha256"]),
+        }
 
     def work(tmp: Path) -> dict[str, Any]:
-        quantize_file(src, tmp / GGUF_FILE, quant, threads)
-        return {"tensor_types": tensor_type_counts(tmp / GGUF_FILE), "size_bytes": (tmp / GGUF_FILE).stat().st_size}
+        quantize_file(src, tmp / GGUF_FILE, quant, threads, imatrix=matrix, metadata=metadata)
+        return {
+            "tensor_types": tensor_type_counts(tmp / GGUF_FILE),
+            "size_bytes": (tmp / GGUF_FILE).stat().st_size,
+            **provenance,
+        }
 
     return run_stage(out_dir, "quantize", inputs, params, work)

@@ -59,8 +59,9 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
     return CONVERSION, out.path
 
 
-def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int) -> Path:
-    """``target``'s onnxruntime-genai folder: export and quantization are one builder run."""
+def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None) -> Path:
+    """``target``'s onnxruntime-genai folder: export and quantization are one builder run
+    (``calibration`` is unused: the builder's quantizers here take no calibration data)."""
     from .export import export
 
     if target.quant == "fp32" and not target.options:

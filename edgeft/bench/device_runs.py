@@ -1,0 +1,156 @@
+"""Measurements made on other machines, kept with the build they measured.
+
+Two ways in: ``edgeft bench --remote HOST`` (edgeft itself ran on the device over SSH) and
+``edgeft bench --llama-bench FILE`` (llama.cpp's own benchmark, run by the user on the device).
+Each becomes one *device run*: a JSON record under ``BUILD/devices/`` with the device's machine
+description and one row per artifact. A build's report lists every stored run in its own section,
+beside (never inside) this machine's table, so a rebuild keeps them and a device's figures are never
+mistaken for this machine's.
+
+Record: ``{source, imported_at, measured_at, machine: {cpu_model, …, runtime_builds}, rows: [{target,
+size_bytes, threads, runtime, prefill: {tokens, tok_s: {median, min, max | mean, stddev}} | None,
+decode: …, peak_rss_bytes, kl_divergence_mean, task_accuracy}], …}``; rows whose artifact is not one
+of the build's targets keep ``target: None`` and their own model name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DIR = "devices"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe key for a run (``remote-pi-raspberrypi.local``, ``llama-bench-3f2a…``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "device"
+
+
+def save(build_dir: Path, key: str, record: dict[str, Any]) -> Path:
+    """Store (or replace) the run ``key`` of ``build_dir``; written whole or not at all."""
+    folder = Path(build_dir) / DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{slug(key)}.json"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_all(build_dir: Path) -> list[dict[str, Any]]:
+    """Every stored run of ``build_dir``, oldest import first; an unreadable record is an error naming it."""
+    folder = Path(build_dir) / DIR
+    if not folder.is_dir():
+        return []
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable device run ({e}); delete it or import it again") from None
+        if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+            raise ConfigError(f"{path}: not an edgeft device run (no 'rows' list); delete it or import it again")
+        record["key"] = path.stem
+        runs.append(record)
+    return sorted(runs, key=lambda r: str(r.get("imported_at") or ""))
+
+
+def refold(build_dir: Path) -> bool:
+    """Rewrite the build's report (json, md, junit, plot) with its stored device runs; False when the
+    build has no report yet (the next `edgeft build` will include them)."""
+    from ..report import write_reports
+
+    path = Path(build_dir) / "report.json"
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable report ({e})") from None
+    report["device_runs"] = load_all(build_dir)
+    write_reports(report, Path(build_dir))
+    return True
+
+
+def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: Any) -> dict[str, Any]:
+    """A device run from a full edgeft report measured on the device (``--remote``): speed, memory
+    and fidelity per target, the device's own machine description."""
+    rows = []
+    for t in report["targets"]:
+        lat = t["latency"]["artifact"]
+        rows.append(
+            {
+                "target": t["target"],
+                "model": t["artifact"]["path"],
+                "model_type": t["artifact"].get("quant"),
+                "size_bytes": t["artifact"]["size_bytes"],
+                "threads": t["latency"]["threads"],
+                "runtime": f"{t['artifact'].get('runtime', 'llama.cpp')} {lat.get('runtime_version', '')}".strip(),
+                "prefill": {"tokens": lat.get("prompt_tokens"), "tok_s": lat["prefill_tok_s"]},
+                "decode": {"tokens": lat.get("decode_tokens"), "tok_s": lat["decode_tok_s"]},
+                "other_tests": [],
+                "peak_rss_bytes": t["memory"]["peak_rss_bytes"],
+                "kl_divergence_mean": t["fidelity"]["kl_divergence_mean"],
+                "task_accuracy": t["fidelity"].get("task_accuracy_artifact"),
+            }
+        )
+    return {
+        "source": source,
+        "imported_at": imported_at,
+        "measured_at": max(
+            (str((t["latency"].get("timed") or {}).get("timed_at") or "") for t in report["targets"]), default=""
+        )
+        or imported_at,
+        "machine": report.get("machine") or {},
+        "passed": report.get("passed"),
+        "rows": rows,
+        **extra,
+    }
+
+
+def now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_targets(build_dir: Path) -> dict[str, Path]:
+    """The build's quantized/exported targets: name → artifact path (the shapes `edgeft bench --build` reads)."""
+    from ..formats import FORMATS, detect_artifact, get_format
+    from ..stage import read_manifest
+
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir() or (read_manifest(build_dir) or {}).get("stage") != "build":
+        raise ConfigError(f"--build {build_dir}: not an `edgeft build --out` folder (no build manifest.json)")
+    conversions = {get_format(f).CONVERSION for f in FORMATS}
+    out = {}
+    for p in sorted(build_dir.iterdir()):
+        if p.is_dir() and p.name not in conversions and (read_manifest(p) or {}).get("stage") in ("export", "quantize"):
+            out[p.name] = detect_artifact(p, f"--build {build_dir}:")[1]
+    return out
+
+
+def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Path]:
+    """Store a llama-bench JSON file as a device run of ``build_dir`` and refold its report."""
+    import hashlib
+
+    from ..formats.gguf.inspect import read_gguf
+    from . import llama_bench
+
+    build_dir, path = Path(build_dir), Path(path)
+    llama_bench.read_records(path)  # refuse a bad file before reading any GGUF
+    sizes = {
+        name: sum(int(t.n_bytes) for t in read_gguf(artifact).tensors)
+        for name, artifact in build_targets(build_dir).items()
+        if artifact.suffix == ".gguf"
+    }
+    record = llama_bench.device_run(path, sizes, now())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    stored = save(build_dir, f"llama-bench-{digest}", record)
+    refold(build_dir)
+    return record, stored
