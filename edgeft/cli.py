@@ -90,6 +90,22 @@ _compare_option = click.option(
 )
 
 
+def _device_options(f):
+    """--device PROFILE and --context N, the same on `build` and `bench`."""
+    f = click.option(
+        "--context",
+        type=click.IntRange(1, 1 << 20),
+        default=2048,
+        show_default=True,
+        help="with --device: the context length the app will use (KV cache in the RAM fit)",
+    )(f)
+    return click.option(
+        "--device",
+        help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: bench with its thread "
+        "count and add a projected fit and decode speed for it to the report",
+    )(f)
+
+
 @cli.command()
 @click.option(
     "--target",
@@ -106,18 +122,7 @@ _compare_option = click.option(
 )
 @_gate_option
 @_compare_option
-@click.option(
-    "--device",
-    help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: bench with its thread count "
-    "and add a projected fit and decode speed for it to the report",
-)
-@click.option(
-    "--context",
-    type=click.IntRange(1, 1 << 20),
-    default=2048,
-    show_default=True,
-    help="with --device: the context length the app will use (KV cache in the RAM fit)",
-)
+@_device_options
 @click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
 def build(
     target_spec: str,
@@ -424,18 +429,7 @@ def verify(bundle: Path) -> None:
 @click.option(
     "--threads", type=click.IntRange(0, 4096), help="threads for every runtime (default: [bench].threads or all cores)"
 )
-@click.option(
-    "--device",
-    help="a device profile (rpi5, android-mid, ...; `edgeft devices`) or its .toml: run with its thread count "
-    "and add a projected fit and decode speed for it",
-)
-@click.option(
-    "--context",
-    type=click.IntRange(1, 1 << 20),
-    default=2048,
-    show_default=True,
-    help="with --device: the context length the app will use (KV cache in the RAM fit)",
-)
+@_device_options
 @click.option(
     "--remote",
     metavar="[USER@]HOST",
