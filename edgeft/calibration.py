@@ -44,6 +44,15 @@ class CalibrationSet:
         h.update(np.ascontiguousarray(self.chunks, dtype="<i4").tobytes())
         return h.hexdigest()
 
+    def spread(self, tokens: int) -> CalibrationSet:
+        """At most ``tokens`` tokens in whole chunks taken evenly across the set (first and last
+        included), for measurements that cost a model run per chunk and want the whole set's variety."""
+        n = len(self.chunks)
+        k = max(1, min(n, tokens // self.chunks.shape[1]))
+        picks = np.unique(np.linspace(0, n - 1, k).round().astype(int))
+        recipe = {**self.recipe, "spread": {"of_chunks": n, "picked": picks.tolist()}}
+        return CalibrationSet(self.source, self.chunks[picks], recipe)
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,

@@ -206,11 +206,17 @@ class CalibrationConfig:
     tokens: int = _help("token budget of the calibration set", 16384)
     chunk_tokens: int = _help("tokens per calibration chunk (one forward pass each)", 512)
     task_share: float = _help("with imatrix = 'mix': the share of the budget taken from the training data", 0.5)
+    sensitivity_tokens: int = _help(
+        "targets with max_size_mb: tokens (whole chunks spread over the set) each sensitivity probe is scored on; "
+        "more = steadier per-tensor choices, every probe slower",
+        2048,
+    )
 
     def __post_init__(self) -> None:
         _check("calibration", "tokens", self.tokens, 1)
         _check("calibration", "chunk_tokens", self.chunk_tokens, 16, BENCH_CONTEXT)
         _check("calibration", "task_share", self.task_share, 0, 1)
+        _check("calibration", "sensitivity_tokens", self.sensitivity_tokens, 1)
         if self.tokens < self.chunk_tokens:
             raise ConfigError(
                 f"[calibration].tokens: {self.tokens} is less than one chunk ([calibration].chunk_tokens = {self.chunk_tokens})"

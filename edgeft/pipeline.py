@@ -155,10 +155,11 @@ def _build_stages(
 
 def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any]:
     """``source`` → its calibration set for this build, tokenised with the merged model's tokenizer
-    once per source (only targets with an ``imatrix`` ask)."""
+    once per source (only targets with an ``imatrix`` or ``max_size_mb`` ask); ``purpose``
+    "sensitivity" takes ``[calibration].sensitivity_tokens`` of it, spread over the set."""
     made: dict[str, Any] = {}
 
-    def get(source: str) -> Any:
+    def get(source: str, purpose: str = "imatrix") -> Any:
         if source not in made:
             from transformers import AutoTokenizer
 
@@ -171,6 +172,8 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
             made[source] = build_set(
                 source, tokenizer, cfg.data.train, tokens=c.tokens, chunk_tokens=c.chunk_tokens, task_share=c.task_share
             )
+        if purpose == "sensitivity":
+            return made[source].spread(cfg.calibration.sensitivity_tokens)
         return made[source]
 
     return get

@@ -16,7 +16,9 @@ NAME = "gguf"
 RUNTIME = "llama.cpp"
 # imatrix = "task" | "general" | "mix": weigh rounding by an importance matrix measured on that
 # calibration set (see edgeft/calibration.py and .imatrix)
-TARGET_KEYS: tuple[str, ...] = ("imatrix",)
+# max_size_mb (+ mix = [types, low to high]): per-tensor types from measured sensitivity under that
+# file size (see .mixed); the sensitivity is measured on the imatrix's calibration set, else "task"
+TARGET_KEYS: tuple[str, ...] = ("imatrix", "max_size_mb", "mix")
 ARTIFACT_HINT = "a .gguf file or a folder holding model.gguf"
 CONVERSION = "gguf-f32"  # the unquantized export every quantized type is made from
 
@@ -35,6 +37,20 @@ def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> 
             raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
         if not needs_quantize(quant):
             raise ConfigError(f"{where}: imatrix: {quant} is not quantized; an importance matrix changes nothing")
+    if "mix" in options and "max_size_mb" not in options:
+        raise ConfigError(f"{where}: mix: needs max_size_mb (the file size the mix is chosen for)")
+    if "max_size_mb" in options:
+        from .mixed import check_mix
+
+        size = options["max_size_mb"]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < float("inf"):
+            raise ConfigError(
+                f"{where}: max_size_mb: expected a positive number of megabytes (10^6 bytes), got {size!r}"
+            )
+        if not needs_quantize(quant):
+            raise ConfigError(f"{where}: max_size_mb: quant {quant} is not quantized; name the file type, e.g. Q4_K_M")
+        if "mix" in options:
+            check_mix(options["mix"], where)
 
 
 def needs_quantize(quant: str) -> bool:
@@ -78,8 +94,27 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
             f"imatrix {which}",
             lambda: imatrix_stage(merged_dir, source, Path(out_dir) / f"imatrix-{which}", calib, threads),
         ).path
+    sensitivity_dir, max_size_mb = None, target.options.get("max_size_mb")
+    if max_size_mb is not None:
+        from .mixed import DEFAULT_MIX, sensitivity_stage
+
+        if calibration is None:
+            raise ConfigError(f"--target {target.name}: max_size_mb needs a calibration set (a build)")
+        which = target.options.get("imatrix") or "task"
+        mix = tuple(target.options.get("mix", DEFAULT_MIX))
+        chunks = calibration(which, "sensitivity")
+        # one sweep serves every budget over the same mix and matrix: named by those, not the target
+        label = "-".join(mix).lower() + (f"-imat-{target.options['imatrix']}" if imatrix_dir else "")
+        sensitivity_dir = run(
+            f"sensitivity {label}",
+            lambda: sensitivity_stage(
+                source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir
+            ),
+        ).path
     out = run(
         f"quantize {target.name}",
-        lambda: quantize(source, Path(out_dir) / target.name, target.quant, threads, imatrix_dir),
+        lambda: quantize(
+            source, Path(out_dir) / target.name, target.quant, threads, imatrix_dir, sensitivity_dir, max_size_mb
+        ),
     )
     return out.path / GGUF_FILE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,14 @@ def quantize_file(
     threads: int = 0,
     imatrix: dict[str, Any] | None = None,
     metadata: dict[str, str | int] | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> None:
     """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``.
 
     ``imatrix`` (tensor name → per-column importance, see :mod:`.imatrix`) weighs each column's
-    rounding error; ``metadata`` adds string/integer keys to the output's header (how it was made)."""
+    rounding error; ``metadata`` adds string/integer keys to the output's header (how it was made);
+    ``tensor_types`` (tensor name → ggml type name, see :mod:`.mixed`) overrides the mix's choice for
+    those tensors, ``quant`` then only names the file type in the header and covers the rest."""
     if quant not in GGUF_QUANT_TYPES:
         raise ConfigError(f"unknown GGUF quant type {quant!r}; expected one of {', '.join(GGUF_QUANT_TYPES)}")
     import logging
@@ -72,6 +76,19 @@ def quantize_file(
                 kvs[i].value.val_str = value.encode()
         keep.append(kvs)
         params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if tensor_types:
+        from .mixed import TENSOR_TYPES
+
+        # llama.cpp matches each tensor name against these regexes (std::regex_search), first match
+        # wins: anchored, escaped names make each one apply to exactly its tensor.
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL pattern ends it
+        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+            pattern = f"^{re.escape(name)}$".encode()
+            keep.append(pattern)
+            overrides[i].pattern = pattern
+            overrides[i].type = TENSOR_TYPES[type_name][0]
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0 or not Path(dst).is_file():
@@ -79,12 +96,20 @@ def quantize_file(
 
 
 def quantize(
-    gguf_dir: Path, out_dir: Path, quant: str, threads: int = 0, imatrix_dir: Path | None = None
+    gguf_dir: Path,
+    out_dir: Path,
+    quant: str,
+    threads: int = 0,
+    imatrix_dir: Path | None = None,
+    sensitivity_dir: Path | None = None,
+    max_size_mb: float | None = None,
 ) -> StageOutput:
     """Cached stage: ``gguf_dir/model.gguf`` → ``out_dir/model.gguf`` in type ``quant``, weighted by
     ``imatrix_dir``'s importance matrix when given (its hash and its calibration set's go into the
-    GGUF header and the manifest)."""
+    GGUF header and the manifest). With ``sensitivity_dir`` (see :mod:`.mixed`), every tensor gets
+    the type of a plan that fits ``max_size_mb``."""
     from . import imatrix as im
+    from . import mixed
 
     src = Path(gguf_dir) / GGUF_FILE
     if not src.is_file():
@@ -93,13 +118,27 @@ def quantize(
     inputs = {"gguf": content_hash(gguf_dir)}
     params: dict[str, Any] = {"quant": quant}
     matrix, metadata, provenance = None, None, {}
+    tensor_types, plan = None, None
+    if sensitivity_dir is not None:
+        import json
+
+        if max_size_mb is None:
+            raise ConfigError("a mixed-precision quantization needs max_size_mb")
+        inputs["sensitivity"] = content_hash(sensitivity_dir)
+        params["max_size_mb"] = max_size_mb
+        sensitivity = json.loads((Path(sensitivity_dir) / mixed.SENSITIVITY_FILE).read_text())
+        plan = mixed.plan(sensitivity, int(max_size_mb * 1e6))
+        tensor_types = mixed.assign(mixed.Layout.of(src), plan["levels"])
     if imatrix_dir is not None:
         from ...stage import read_manifest
 
         inputs["imatrix"] = content_hash(imatrix_dir)
         matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
         im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
-        matrix, scope = im.scope(matrix, src, quant)
+        # a planned mix was measured with the matrix on every tensor, so it is quantized that way
+        scope = "all"
+        if tensor_types is None:
+            matrix, scope = im.scope(matrix, src, quant)
         params["imatrix_tensors"] = scope
         made = (read_manifest(imatrix_dir) or {}).get("results", {})
         calib = made.get("calibration") or {}
@@ -120,11 +159,14 @@ def quantize(
         }
 
     def work(tmp: Path) -> dict[str, Any]:
-        quantize_file(src, tmp / GGUF_FILE, quant, threads, imatrix=matrix, metadata=metadata)
-        return {
-            "tensor_types": tensor_type_counts(tmp / GGUF_FILE),
-            "size_bytes": (tmp / GGUF_FILE).stat().st_size,
-            **provenance,
-        }
+        out = tmp / GGUF_FILE
+        quantize_file(src, out, quant, threads, imatrix=matrix, metadata=metadata, tensor_types=tensor_types)
+        size = out.stat().st_size
+        results: dict[str, Any] = {"tensor_types": tensor_type_counts(out), "size_bytes": size, **provenance}
+        if plan is not None:
+            if size > plan["max_bytes"]:  # the plan's sizes come from the shapes: a bug, not bad input
+                raise RuntimeError(f"mixed plan predicted {plan['predicted_bytes']} bytes, llama.cpp wrote {size}")
+            results["mixed"] = plan
+        return results
 
     return run_stage(out_dir, "quantize", inputs, params, work)

@@ -1,0 +1,297 @@
+"""Mixed precision under a size budget: per-tensor GGUF types chosen from measured sensitivity.
+
+A target with ``max_size_mb`` (and optionally ``mix``, candidate tensor types from low to high)
+goes through two steps after the F32 export:
+
+1. stage ``sensitivity``: the tensors are grouped (the token embedding, the output head when it is
+   not tied, each layer's attention, each layer's feed-forward). For every group and every candidate
+   type below the highest, llama.cpp quantizes a file with *only that group* at that type and every
+   other tensor at the highest, and we measure how much mean KL divergence against the F32 export
+   (llama.cpp on both sides, every position of a few calibration chunks) that one change adds.
+2. the plan: one type per group, chosen to minimise the summed added KLD with the whole file at most
+   ``max_size_mb`` (an exact multiple-choice knapsack over byte units; sizes are computed from the
+   tensor shapes, not guessed). llama.cpp then writes that plan through ``tt_overrides`` in its C API,
+   one exact-name pattern per tensor, in the usual ``quantize`` stage.
+
+Summing per-group effects assumes they add up, which holds while each is small against the whole;
+the plan's predicted KLD sits beside the measured one in the manifest so a reader can check it.
+
+Types whose 256-value blocks do not divide a tensor's rows (K-quants on SmolLM2's 576-wide rows)
+are replaced for that tensor by the 32-value-block type of the same size class (:data:`FALLBACK`),
+as llama.cpp itself does, so one ``mix`` fits every model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ...errors import ConfigError, ModelError
+from ...stage import StageOutput, content_hash, run_stage
+from .inspect import GGUF_FILE, read_gguf
+
+SENSITIVITY_FILE = "sensitivity.json"
+
+# Tensor types a mix may name → ggml_type (ggml.h; gguf-py's GGMLQuantizationType has the same
+# values, checked by a test) and bits per weight, which orders them.
+TENSOR_TYPES: dict[str, tuple[int, float]] = {
+    "Q2_K": (10, 2.625),
+    "Q3_K": (11, 3.4375),
+    "IQ4_XS": (23, 4.25),
+    "Q4_0": (2, 4.5),
+    "IQ4_NL": (20, 4.5),
+    "Q4_K": (12, 4.5),
+    "Q4_1": (3, 5.0),
+    "Q5_0": (6, 5.5),
+    "Q5_K": (13, 5.5),
+    "Q5_1": (7, 6.0),
+    "Q6_K": (14, 6.5625),
+    "Q8_0": (8, 8.5),
+    "F16": (1, 16.0),
+}
+# A 256-block type on rows it cannot tile → the 32-block type of its size class (Q6_K has none
+# below 8 bits: Q8_0, as llama.cpp chooses); a 32-block type on rows it cannot tile → F16.
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}
+DEFAULT_MIX = ("Q4_K", "Q5_K", "Q8_0")
+
+
+def check_mix(mix: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(mix, list) or len(mix) < 2 or not all(isinstance(t, str) for t in mix):
+        raise ConfigError(f"{where}: mix: expected a list of two or more tensor types, low to high, got {mix!r}")
+    for t in mix:
+        if t not in TENSOR_TYPES:
+            raise ConfigError(f"{where}: mix: unknown tensor type {t!r}; expected names from {', '.join(TENSOR_TYPES)}")
+    bits = [TENSOR_TYPES[t][1] for t in mix]
+    if any(b >= c for b, c in zip(bits, bits[1:])):
+        raise ConfigError(f"{where}: mix: list the types from fewest to most bits per weight, got {mix!r}")
+    return tuple(mix)
+
+
+def _block(type_name: str) -> tuple[int, int]:
+    """(values per block, bytes per block) from gguf-py's table."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+
+
+def resolve(type_name: str, row: int) -> str:
+    """The type a tensor with ``row``-wide rows gets for a mix level of ``type_name``."""
+    if row % _block(type_name)[0] == 0:
+        return type_name
+    fallback = FALLBACK.get(type_name, "F16")
+    return fallback if row % _block(fallback)[0] == 0 else "F16"
+
+
+def tensor_bytes(shape: tuple[int, ...], type_name: str) -> int:
+    per_block, size = _block(type_name)
+    return math.prod(shape) // per_block * size
+
+
+def group_of(name: str) -> str:
+    """Which group a tensor's sensitivity is measured with (see the module docstring)."""
+    m = re.match(r"blk\.(\d+)\.(attn|ffn)?", name)
+    if m:
+        return f"blk.{m.group(1)}.{m.group(2) or 'other'}"
+    return name.removesuffix(".weight")
+
+
+@dataclass
+class Layout:
+    """The quantizable tensors of an F32 GGUF (2-D weights; norms stay F32) and everything else's bytes."""
+
+    shapes: dict[str, tuple[int, ...]]  # ggml order: shape[0] is the row width
+    fixed_bytes: int  # header, metadata, unquantized tensors and alignment, as in the F32 file
+    groups: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, gguf_path: Path) -> Layout:
+        reader = read_gguf(gguf_path)
+        shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) >= 2}
+        planned = sum(int(t.n_bytes) for t in reader.tensors if t.name in shapes)
+        groups: dict[str, list[str]] = {}
+        for name in shapes:
+            groups.setdefault(group_of(name), []).append(name)
+        # alignment padding may differ per tensor once sizes change: 32 bytes each, plus room for the
+        # few metadata keys quantizing adds
+        slack = 32 * len(reader.tensors) + 4096
+        return cls(shapes, Path(gguf_path).stat().st_size - planned + slack, groups)
+
+    def types(self, group: str, level: str) -> dict[str, str]:
+        return {n: resolve(level, self.shapes[n][0]) for n in self.groups[group]}
+
+    def nbytes(self, types: dict[str, str]) -> int:
+        return sum(tensor_bytes(self.shapes[n], t) for n, t in types.items())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _mean_kld(path: Path, chunks: np.ndarray, ref: list[np.ndarray], threads: int) -> float:
+    from ...runtimes.llamacpp import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(path, n_threads=threads or None, n_ctx=int(chunks.shape[1]))
+    try:
+        total, n = 0.0, 0
+        for chunk, lr in zip(chunks, ref):
+            la = _log_softmax(rt.logits([int(t) for t in chunk]))
+            total += float((np.exp(lr) * (lr - la)).sum(dtype=np.float64))
+            n += len(chunk)
+    finally:
+        rt.close()
+    return total / n
+
+
+def measure(
+    f32_path: Path,
+    chunks: np.ndarray,
+    mix: tuple[str, ...],
+    scratch: Path,
+    *,
+    threads: int = 0,
+    imatrix: dict[str, np.ndarray] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every group's added KLD at every ``mix`` level below the highest (see the module docstring)."""
+    from ...runtimes.llamacpp import LlamaCppRuntime
+    from .quantize import quantize_file
+
+    layout = Layout.of(f32_path)
+    top = mix[-1]
+    rt = LlamaCppRuntime(f32_path, n_threads=threads or None, n_ctx=int(chunks.shape[1]))
+    try:
+        ref = [_log_softmax(rt.logits([int(t) for t in c])) for c in chunks]
+    finally:
+        rt.close()
+    everything_top = {n: t for g in layout.groups for n, t in layout.types(g, top).items()}
+    probe = Path(scratch) / "probe.gguf"
+
+    def kld_with(types: dict[str, str]) -> float:
+        quantize_file(f32_path, probe, "Q8_0", threads, imatrix=imatrix, tensor_types=types)
+        try:
+            return _mean_kld(probe, chunks, ref, threads)
+        finally:
+            probe.unlink(missing_ok=True)
+
+    start = time.perf_counter()
+    base = kld_with(everything_top)
+    groups = []
+    for i, (group, names) in enumerate(layout.groups.items()):
+        entry: dict[str, Any] = {"name": group, "tensors": names, "options": []}
+        seen: dict[tuple[str, ...], float] = {tuple(everything_top[n] for n in names): 0.0}
+        for level in reversed(mix):
+            types = layout.types(group, level)
+            key = tuple(types[n] for n in names)
+            if key not in seen:  # a level that resolves to types already measured costs nothing new
+                seen[key] = kld_with({**everything_top, **types}) - base
+            entry["options"].append(
+                {"level": level, "types": sorted(set(key)), "bytes": layout.nbytes(types), "added_kld": seen[key]}
+            )
+        entry["options"].reverse()
+        groups.append(entry)
+        if progress:
+            progress(f"sensitivity {i + 1}/{len(layout.groups)}: {group}")
+    return {
+        "mix": list(mix),
+        "base_kld": base,
+        "positions": int(chunks.size),
+        "fixed_bytes": layout.fixed_bytes,
+        "groups": groups,
+        "probes": 1 + sum(len({tuple(o["types"]) for o in g["options"]}) - 1 for g in groups),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> dict[str, Any]:
+    """One mix level per group: least summed added KLD with the file at most ``max_bytes``.
+
+    Exact for the byte resolution used (``max_bytes / units``, a few kB): sizes are rounded up, so the
+    plan never exceeds the budget. Measured KLD changes below zero (noise: a lower type that happened
+    to agree better) count as zero."""
+    groups = sensitivity["groups"]
+    room = max_bytes - sensitivity["fixed_bytes"]
+    smallest = sensitivity["fixed_bytes"] + sum(min(o["bytes"] for o in g["options"]) for g in groups)
+    if room <= 0 or smallest > max_bytes:
+        raise ConfigError(
+            f"max_size_mb = {max_bytes / 1e6:g}: the smallest file this mix can make is {smallest / 1e6:.1f} MB "
+            f"(every tensor at {sensitivity['mix'][0]}); raise max_size_mb or add a smaller type to mix"
+        )
+    unit = max(1, math.ceil(room / units))
+    cap = room // unit
+    best = np.zeros(cap + 1)  # least cost within c units, groups so far
+    choice = np.zeros((len(groups), cap + 1), dtype=np.int16)
+    for gi, g in enumerate(groups):
+        new = np.full(cap + 1, np.inf)
+        for oi, o in enumerate(g["options"]):
+            w = math.ceil(o["bytes"] / unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = best[: cap + 1 - w] + max(0.0, o["added_kld"])
+            better = cand < new
+            new[better] = cand[better]
+            choice[gi, better] = oi
+        best = new
+    c = cap
+    picked = []
+    for gi in reversed(range(len(groups))):
+        o = groups[gi]["options"][choice[gi, c]]
+        picked.append((groups[gi], o))
+        c -= math.ceil(o["bytes"] / unit)
+    picked.reverse()
+    return {
+        "levels": {g["name"]: o["level"] for g, o in picked},
+        "predicted_added_kld": float(sum(max(0.0, o["added_kld"]) for _, o in picked)),
+        "predicted_bytes": int(sensitivity["fixed_bytes"] + sum(o["bytes"] for _, o in picked)),
+        "max_bytes": int(max_bytes),
+    }
+
+
+def assign(layout: Layout, levels: dict[str, str]) -> dict[str, str]:
+    """Tensor name → type for a plan's group levels."""
+    return {n: t for g, level in levels.items() for n, t in layout.types(g, level).items()}
+
+
+def sensitivity_stage(
+    gguf_dir: Path,
+    out_dir: Path,
+    calibration: Any,
+    mix: tuple[str, ...],
+    threads: int = 0,
+    imatrix_dir: Path | None = None,
+) -> StageOutput:
+    """Cached stage: F32 GGUF (+ imatrix) + calibration chunks → ``out_dir/sensitivity.json``."""
+    import json
+
+    from . import imatrix as im
+
+    src = Path(gguf_dir) / GGUF_FILE
+    if not src.is_file():
+        raise ModelError(f"{gguf_dir}: expected an exported {GGUF_FILE} there")
+    inputs = {"gguf": content_hash(gguf_dir)}
+    matrix = None
+    if imatrix_dir is not None:
+        inputs["imatrix"] = content_hash(imatrix_dir)
+        matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
+        im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
+    params = {"mix": list(mix), "calibration": calibration.describe()}
+
+    def work(tmp: Path) -> dict[str, Any]:
+        result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix)
+        (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
+        ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))
+        return {
+            "base_kld": result["base_kld"],
+            "probes": result["probes"],
+            "seconds": result["seconds"],
+            "most_sensitive": [g["name"] for g in ranked[:5]],
+        }
+
+    return run_stage(out_dir, "sensitivity", inputs, params, work)
