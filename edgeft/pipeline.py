@@ -104,7 +104,10 @@ def _build_stages(
     bcfg = cfg.bench
 
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
-    adapter = stages.run("train", lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train))
+    adapter = stages.run(
+        "train",
+        lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train, validation_file=cfg.data.validation),
+    )
     merged = stages.run(
         "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
     )
