@@ -255,11 +255,25 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 @click.option(
     "--data", "train_file", type=click.Path(path_type=Path), help="chat JSONL (default: the config's [data].train)"
 )
+@click.option(
+    "--validation",
+    "validation_file",
+    type=click.Path(path_type=Path),
+    help="chat JSONL whose loss picks the kept checkpoint (default: the config's [data].validation, else a "
+    "held-out share of the training data)",
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="adapter folder to write")
 @click.option(
     "--device", type=_DEVICES, help="where training runs (overrides [train].device; default auto: a GPU if any)"
 )
-def train(config: Path | None, model: str | None, train_file: Path | None, out_dir: Path, device: str | None) -> None:
+def train(
+    config: Path | None,
+    model: str | None,
+    train_file: Path | None,
+    validation_file: Path | None,
+    out_dir: Path,
+    device: str | None,
+) -> None:
     """Train a LoRA/QLoRA adapter; writes a standard peft adapter folder + manifest.
 
     Resumes from its last checkpoint when a killed run is started again. Under
@@ -277,8 +291,10 @@ def train(config: Path | None, model: str | None, train_file: Path | None, out_d
         data = train_file or cfg.data.train
         if data is None:
             raise ConfigError("--data: a training JSONL is required (or [data].train in --config)")
+        if validation_file is not None:
+            cfg.data.validation = validation_file
         check_train(cfg, data, out_dir)  # fail on bad input before materialising a model
-        out = run_train(resolve_model(cfg.model), data, out_dir, cfg.train)
+        out = run_train(resolve_model(cfg.model), data, out_dir, cfg.train, validation_file=cfg.data.validation)
         rank, world = distributed()
         ranks = "" if world == 1 else f" (rank {rank} of {world}{'' if rank == 0 else ': trained; rank 0 wrote it'})"
         click.echo(f"adapter: {out.path}{' (cached)' if out.cached else ''}{ranks}")

@@ -56,9 +56,16 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class DataConfig:
     train: Path | None = _help("chat JSONL used for fine-tuning", None)
     eval: Path | None = _help("held-out chat JSONL with `answers` for task accuracy", None)
+    validation: Path | None = _help(
+        "chat JSONL whose loss picks the best training checkpoint; unset: [train].validation_share of the "
+        "training conversations is held out instead. Never the `eval` file: choosing a checkpoint on it would "
+        "leak the task measurement into training",
+        None,
+    )
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_VALIDATION_SHARE = 0.5  # holding out more than half the training data is a mistake, not a choice
 MERGE_STRATEGIES = ("fp", "dequant", "auto")
 
 
@@ -89,6 +96,16 @@ class TrainConfig:
         "lower loses less work, costs a write of the adapter and optimizer state each time",
         25,
     )
+    validation_share: float = _help(
+        "share of the training conversations held out (chosen by `seed`) to measure validation loss when "
+        "[data].validation is unset (0: no validation, the last step's adapter is kept)",
+        0.1,
+    )
+    eval_steps: int = _help(
+        "measure validation loss every N optimizer steps and at the last one; the adapter with the lowest "
+        "validation loss is kept (0: about ten times a run, every ceil(total steps / 10))",
+        0,
+    )
     threads: int = _help("torch CPU threads (0: all cores)", 0)
     precision: str = _help(
         "`auto` (bf16 mixed precision where the CPU/GPU computes bf16 natively, else fp32), `bf16` or `fp32`; "
@@ -114,6 +131,13 @@ class TrainConfig:
         _check("train", "seed", self.seed, 0, 2**32 - 1)
         _check("train", "threads", self.threads, 0, 4096)
         _check("train", "save_steps", self.save_steps, 0)
+        _check("train", "validation_share", self.validation_share, 0, MAX_VALIDATION_SHARE)
+        _check("train", "eval_steps", self.eval_steps, 0)
+        if self.max_steps > 0 and self.eval_steps > self.max_steps:
+            raise ConfigError(
+                f"[train].eval_steps = {self.eval_steps} exceeds [train].max_steps = {self.max_steps}: validation "
+                "loss would be measured only once, at the end; lower it (0: about ten times a run)"
+            )
         if self.max_steps == 0:
             raise ConfigError("[train].max_steps: expected -1 (train for `epochs`) or a positive number, got 0")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -318,7 +342,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> BuildConfig:
     # A model that looks like a path is relative to the config file, like the data files.
     if "/" in model or model.startswith("."):
         model = str((base / model).resolve()) if not Path(model).is_absolute() else model
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "validation"):
         p = getattr(parts["data"], key)
         if p is not None and not p.is_absolute():
             setattr(parts["data"], key, (base / p).resolve())

@@ -119,18 +119,16 @@ def compare_merges(
 
     Returns ({strategy: mean KLD}, {strategy: merged fp32 model}, the token sequences measured on).
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .nf4 import load_dequantized, load_nf4, without_cpu_bf16_kernel
+    from .nf4 import adapter_on_nf4, load_dequantized
 
     _, dtype = trained_on(adapter_dir)
     candidates = {
         "fp": _fold(_fp_base(model_dir), adapter_dir),
         "dequant": _fold(load_dequantized(model_dir, dtype), adapter_dir),
     }
-    with loading(adapter_dir, "the adapter"):
-        teacher = PeftModel.from_pretrained(without_cpu_bf16_kernel(load_nf4(model_dir, dtype)), adapter_dir)
+    teacher = adapter_on_nf4(model_dir, adapter_dir, dtype)
     with loading(model_dir, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sequences = held_out_sequences(tokenizer, eval_file)

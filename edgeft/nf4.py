@@ -1,5 +1,5 @@
-"""The 4-bit NF4 base of QLoRA: how it is loaded (training, and the merge that measures against it)
-and its dequantized weights.
+"""The 4-bit NF4 base of QLoRA: how it is loaded (training, the merge that measures against it and
+the report's "adapter on NF4 base" row) and its dequantized weights.
 
 One :func:`quant_config` serves training and merging, so the ``dequant`` merge reconstructs exactly
 the weights the adapter was trained against: transformers picks which linears to quantize (every
@@ -72,6 +72,16 @@ def without_cpu_bf16_kernel(model: Any) -> Any:
                 break  # another bitsandbytes: no such kernel switch
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def adapter_on_nf4(model_dir: Path, adapter_dir: Path, compute_dtype: str, device: str = "cpu") -> Any:
+    """A QLoRA adapter on its 4-bit base, computing the training way: the model as it was trained,
+    which the merge strategies and the report's ladder row measure against the reference."""
+    from peft import PeftModel
+
+    base = without_cpu_bf16_kernel(load_nf4(model_dir, compute_dtype, device))
+    with loading(adapter_dir, "the adapter"):
+        return PeftModel.from_pretrained(base, adapter_dir)
 
 
 def dequantized_weights(model: Any) -> dict[str, Any]:

@@ -3,7 +3,8 @@
     model ─ train ─ merge ─┬─ reference (torch: stored top-k log-probs, answers, speed)
                            ├─ export f32 ─┬─ quantize (per target) ─ bench (per target, no torch)
                            │              └─ bench (the f32 export: conversion loss alone)
-    base model ────────────┴─ bench-base (how far fine-tuning moved the model)
+    base model ────────────┼─ bench-base (how far fine-tuning moved the model)
+    base + adapter (QLoRA) ┴─ bench-adapter-nf4 (the adapter on its NF4 base: the model as trained)
 
 Each stage writes ``OUT/<stage dir>/`` with a manifest whose key hashes its inputs and parameters;
 an unchanged key is a cache hit, so a second build with nothing changed does no work and a changed
@@ -25,6 +26,7 @@ from .stage import StageOutput
 from .targets import Target
 
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
+NF4_ROW, NF4_ROW_DIR = "adapter on NF4 base", "bench-adapter-nf4"  # QLoRA builds' ladder row and its stage folder
 
 
 @dataclass
@@ -94,7 +96,7 @@ def _build_stages(
     device: Any,
     context: int,
 ) -> BuildResult:
-    from .bench.run import bench, bench_base, reference
+    from .bench.run import bench, bench_adapter_nf4, bench_base, reference
     from .formats import get_format
     from .merge import merge
     from .models import model_stage
@@ -104,12 +106,21 @@ def _build_stages(
     bcfg = cfg.bench
 
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
-    adapter = stages.run("train", lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train))
+    adapter = stages.run(
+        "train",
+        lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train, validation_file=cfg.data.validation),
+    )
     merged = stages.run(
         "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
     )
     ref = stages.run("reference", lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress))
     base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
+    nf4_row = None
+    if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
+        nf4_row = stages.run(
+            "bench adapter-nf4",
+            lambda: bench_adapter_nf4(base_dir, adapter.path, ref.path, out_dir / NF4_ROW_DIR, bcfg, progress),
+        ).manifest["results"]
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
     calibration = _calibration_sets(cfg, merged.path)
@@ -143,12 +154,14 @@ def _build_stages(
         cfg.gates,
         out_dir,
         base_results=base.manifest["results"],
+        nf4_results=nf4_row,
         conversions=conversions,
         old_report=old,
         stages=stages.log,
         device=device,
         context=context,
         merge=merged.manifest.get("results"),
+        training=adapter.manifest.get("results"),
     )
     return BuildResult(report, out_dir, stages.log)
 
@@ -201,16 +214,19 @@ def finish_report(
     out_dir: Path,
     *,
     base_results: dict[str, Any] | None = None,
+    nf4_results: dict[str, Any] | None = None,
     conversions: list[tuple[str, dict[str, Any]]] = (),
     old_report: dict[str, Any] | None = None,
     stages: list[dict[str, Any]] | None = None,
     device: Any = None,
     context: int = 2048,
     merge: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Targets' measurements + stored reference → judged report, written to ``out_dir``.
 
-    ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets.
+    ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets;
+    ``nf4_results`` the bench-adapter-nf4 stage's (QLoRA builds), a ladder row too.
     """
     from .bench import reference as stored_reference
     from .bench.bandwidth import measure_read_bandwidth
@@ -237,6 +253,8 @@ def finish_report(
     ladder = []
     if base_results:
         ladder.append(ladder_row("base", "torch", base_results["fidelity"], None, "fp32"))
+    if nf4_results:
+        ladder.append(ladder_row(NF4_ROW, "torch", nf4_results["fidelity"], None, "nf4"))
     ladder.append(ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
     for label, results in conversions:
         art = results["artifact"]
@@ -268,6 +286,10 @@ def finish_report(
     report["stages"] = stages or []
     if merge:
         report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
+    if training:
+        from .training_report import training_summary
+
+        report["training"] = training_summary(training)  # loss histories and the kept step
     write_reports(report, out_dir)
     return report
 
@@ -378,7 +400,7 @@ def bench_artifacts(
     old = _read_old_report(compare_to)
     stages = _Stages(None)
     chosen: list[tuple[str, Path]] = []
-    base_results = None
+    base_results = nf4_results = None
     conversions: list[tuple[str, dict[str, Any]]] = []
     if build_dir is not None:
         build_dir = Path(build_dir)
@@ -403,6 +425,7 @@ def bench_artifacts(
                 )
             chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
         base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
+        nf4_results = (read_manifest(build_dir / NF4_ROW_DIR) or {}).get("results")
         for f in formats:
             results = (read_manifest(build_dir / f"bench-{f.CONVERSION}") or {}).get("results")
             if results:
@@ -457,6 +480,7 @@ def bench_artifacts(
             cfg.gates,
             out_dir,
             base_results=base_results,
+            nf4_results=nf4_results,
             conversions=conversions,
             old_report=old,
             stages=stages.log,

@@ -2,7 +2,7 @@
 
 The config's own values are checked when it is read (:mod:`edgeft.config`); what needs more than
 one value or a look at the inputs is checked here: the model folder (config, safetensors headers,
-NaN/Inf), the datasets, adapter ↔ base shapes, ``[train].target_modules`` against the architecture,
+NaN/Inf), the datasets (the validation set apart from the eval file), adapter ↔ base shapes, ``[train].target_modules`` against the architecture,
 ``[bench]`` lengths against the model's context, the targets' formats, and output paths that would
 destroy something edgeft did not write. Nothing here imports torch (except to ask it for a GPU that
 ``[train].device = 'cuda'`` requires); nothing here writes.
@@ -72,6 +72,44 @@ def check_training(cfg: BuildConfig, where: str) -> None:
         )
 
 
+def check_validation(cfg: BuildConfig, where: str, train_file: Path, validation: Path | None) -> None:
+    """The validation set picks the kept checkpoint: one must exist where ``[train].eval_steps`` asks for
+    it, it must not be the training data, and never the ``[data].eval`` file (that would leak the task
+    measurement into training). Datasets are read (no torch)."""
+    from .data import load_jsonl
+    from .validation import split_validation
+
+    t = cfg.train
+    if validation is None:
+        if t.validation_share == 0 and t.eval_steps > 0:
+            raise ConfigError(
+                f"{where}: [train].eval_steps = {t.eval_steps} needs a validation set: give [data].validation "
+                "or set [train].validation_share > 0"
+            )
+        if t.validation_share > 0:
+            _in_config(where, split_validation, load_jsonl(train_file), t.validation_share, t.seed)
+        return
+    for name, other in (("[data].eval", cfg.data.eval), ("[data].train", train_file)):
+        if other is not None and _same_bytes(validation, other):
+            why = (
+                "choosing a checkpoint on it would leak the task measurement into training"
+                if name == "[data].eval"
+                else "validation loss must come from conversations training does not see"
+            )
+            raise ConfigError(
+                f"{where}: [data].validation {validation} is the {name} file: {why}; give another file, or leave it "
+                "unset to hold out [train].validation_share of the training data"
+            )
+    load_jsonl(validation)
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:  # a missing or unreadable file is reported by the dataset check, naming it
+        return False
+
+
 def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     """Everything `edgeft build` will read or write, in well under a second for a built-in model."""
     from .data import load_jsonl
@@ -89,6 +127,7 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     check_bench_fits(cfg.bench, model_config, where)
     load_jsonl(cfg.data.train)
     load_jsonl(cfg.data.eval, need_answers=True)
+    check_validation(cfg, where, cfg.data.train, cfg.data.validation)
 
 
 def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
@@ -101,6 +140,7 @@ def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
     _in_config(where, check_target_modules, arch, cfg.train.target_modules)
     check_training(cfg, where)
     load_jsonl(data)
+    check_validation(cfg, where, data, cfg.data.validation)
 
 
 def check_merge(model: str, adapter: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None) -> str:

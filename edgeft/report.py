@@ -1,4 +1,4 @@
-"""report.json (the contract CI and other tools read), report.md, junit.xml and the plot.
+"""report.json (the contract CI and other tools read), report.md, junit.xml and the plots.
 
 report.json, ``schema_version`` 2 (version 1 keys are all still there, same meaning):
 
@@ -6,10 +6,16 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
   ``gates`` — the *first* target's entry, so one-target consumers need not look further;
 * ``passed`` — every gate of every target passed (and no ``--compare-to`` regression);
 * ``targets`` — one entry per target, each with the keys above plus ``passed``;
-* ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``,
-  ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
+* ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``, for QLoRA
+  builds ``adapter on NF4 base`` (the adapter on its 4-bit base in torch, the model as trained; quant
+  ``nf4``), ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
 * ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
 * ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
+* ``training`` (builds): ``method``, ``steps``, ``validation`` (``{source, examples}``: the
+  ``[data].validation`` file or ``held out of the training data``; null without validation),
+  ``eval_steps``, ``train_loss_history`` and ``eval_loss_history`` (``[{step, loss}]``; train loss is
+  the mean over each logging interval), ``best_step`` and ``best_eval_loss`` (the adapter that was
+  kept), ``final_is_best`` (null without validation); ``loss.png`` beside the report draws them;
 * ``merge`` (builds): the merge stage's results: ``strategy`` (``fp`` / ``dequant``), and where it was
   chosen by ``auto``, ``kld_vs_adapter_on_nf4_base.{fp, dequant}``, ``kld_tokens``, ``kld_conversations``;
 * ``machine`` — CPU model, cores, ISA features (AVX2, AVX-512, VNNI, AMX, NEON, dotprod, i8mm), RAM
@@ -188,7 +194,8 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
+    """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
     from .machine import same_machine, summary
 
     ref = report["reference"]
@@ -241,6 +248,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
+    if report.get("training"):
+        from .training_report import markdown_section
+
+        lines += markdown_section(report["training"], loss_plot)
     lines += [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
@@ -463,12 +474,18 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write report.json, report.md, junit.xml and report.png; append the markdown to
+    """Write report.json, report.md, junit.xml, report.png and (builds) loss.png; append the markdown to
     $GITHUB_STEP_SUMMARY when that is set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(report)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
+    if report.get("training"):
+        from .training_report import LOSS_PLOT, write_loss_plot
+
+        (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
+        if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
+            paths["loss_plot"] = out_dir / LOSS_PLOT
+    md = render_markdown(report, loss_plot="loss_plot" in paths)
     _atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     _atomic_write(paths["md"], md)
     _atomic_write(paths["junit"], render_junit(report))

@@ -17,8 +17,10 @@ from .data import Example, load_jsonl
 from .errors import ConfigError
 from .loading import loading
 from .stage import StageOutput, cached, content_hash, read_manifest, run_stage, stage_key
+from .validation import best_of, eval_every, history, make_keep_best, split_validation
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
+LOSS_POINTS = 50  # train-loss log entries per run, about
 
 
 def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> dict[str, list[int]]:
@@ -139,12 +141,15 @@ def train_adapter(
     *,
     checkpoints: Path | None = None,
     callbacks: list[Any] | tuple[Any, ...] = (),
+    validation_file: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and write the adapter into ``out_dir`` (which must exist). Returns training stats.
 
     With ``checkpoints``, Trainer saves a checkpoint there every ``cfg.save_steps`` steps and the run
     resumes from the latest complete one found there. ``out_dir`` None trains without writing the
     adapter (the other ranks of a distributed run). ``callbacks`` are transformers ``TrainerCallback``s.
+    Validation loss is measured on ``validation_file``, else on ``cfg.validation_share`` of the training
+    conversations, and the adapter with the lowest one is written (see :mod:`edgeft.validation`).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -157,6 +162,11 @@ def train_adapter(
     if cfg.batch_size % world:
         raise ConfigError(f"[train].batch_size = {cfg.batch_size}: expected a multiple of the {world} processes")
     examples = load_jsonl(train_file)
+    validation: list[Example] = []
+    if validation_file is not None:
+        validation = load_jsonl(validation_file)
+    elif cfg.validation_share > 0:
+        examples, validation = split_validation(examples, cfg.validation_share, cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -164,10 +174,13 @@ def train_adapter(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
         raise ConfigError(f"{model_dir}: the tokenizer has no chat template; chat datasets need one")
-    rows = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
-    rows = [r for r in rows if any(lbl != IGNORE_INDEX for lbl in r["labels"])]
-    if not rows:
-        raise ConfigError(f"[train].max_seq_len = {cfg.max_seq_len} truncates every assistant reply away")
+    rows = _rows(tokenizer, examples, cfg.max_seq_len)
+    val_rows = _rows(tokenizer, validation, cfg.max_seq_len) if validation else []
+    if not rows or (validation and not val_rows):
+        which = "validation" if rows else "training"
+        raise ConfigError(f"[train].max_seq_len = {cfg.max_seq_len} truncates every {which} assistant reply away")
+    total = _total_steps(len(rows), cfg)
+    every = eval_every(cfg.eval_steps, total) if val_rows else None
 
     dtype = compute_dtype(cfg, device)
     model = _load_base(model_dir, cfg, device, dtype)
@@ -189,11 +202,15 @@ def train_adapter(
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="linear",
-        warmup_steps=max(0, math.ceil(cfg.warmup_ratio * _total_steps(len(rows), cfg))),
-        logging_steps=max(1, len(rows) // cfg.batch_size // 2),
+        warmup_steps=max(0, math.ceil(cfg.warmup_ratio * total)),
+        logging_steps=max(1, total // LOSS_POINTS),  # the train-loss curve: a few dozen points
         save_strategy="steps" if save else "no",
         save_steps=max(1, cfg.save_steps),
         save_total_limit=1,  # the newest complete checkpoint; an older one goes only after it is written
+        eval_strategy="steps" if every else "no",
+        eval_steps=every,
+        per_device_eval_batch_size=cfg.batch_size // world,
+        prediction_loss_only=True,  # the loss only: gathering vocabulary-wide logits would cost memory for nothing
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -204,23 +221,31 @@ def train_adapter(
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",  # for tokens/s
     )
+    keep_best = make_keep_best(model, checkpoints if save else None) if every else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=rows,
+        eval_dataset=val_rows or None,
         data_collator=_PadCollator(tokenizer.pad_token_id or 0),
-        callbacks=list(callbacks),
+        callbacks=[*([keep_best] if keep_best else []), *callbacks],
     )
     resume = ckpt.latest(checkpoints) if save else None
     tokens_before = ckpt.tokens_seen(resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_before
+    if keep_best is not None and keep_best.step != trainer.state.global_step:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, keep_best.weights)
     if out_dir is not None:
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    stats = _validation_stats(trainer.state, every, validation_file, len(val_rows))
     return {
+        **stats,
         "method": cfg.method,
         "examples": len(rows),
         "steps": trainer.state.global_step,
@@ -235,6 +260,32 @@ def train_adapter(
         "world_size": args.world_size,
         "compute_dtype": dtype,
         "precision": "bf16 autocast" if bf16 else "fp32",
+    }
+
+
+def _rows(tokenizer: Any, examples: list[Example], max_len: int) -> list[dict[str, list[int]]]:
+    """Tokenised conversations that keep at least one assistant token after truncation."""
+    rows = [tokenize_example(tokenizer, ex, max_len) for ex in examples]
+    return [r for r in rows if any(lbl != IGNORE_INDEX for lbl in r["labels"])]
+
+
+def _validation_stats(state: Any, every: int | None, validation_file: Path | None, n_val: int) -> dict[str, Any]:
+    """Loss histories and the kept adapter's step, for the manifest and the report's loss curve."""
+    evals = history(state.log_history, "eval_loss")
+    best = best_of(evals)
+    return {
+        "validation": None
+        if every is None
+        else {
+            "source": str(validation_file) if validation_file else "held out of the training data",
+            "examples": n_val,
+        },
+        "eval_steps": every,
+        "train_loss_history": history(state.log_history, "loss"),
+        "eval_loss_history": evals,
+        "best_step": best["step"] if best else None,
+        "best_eval_loss": best["loss"] if best else None,
+        "final_is_best": None if best is None else best["step"] == state.global_step,
     }
 
 
@@ -261,7 +312,13 @@ def check_target_modules(architecture: str, modules: list[str]) -> None:
 
 
 def train(
-    model_dir: Path, train_file: Path, out_dir: Path, cfg: TrainConfig, *, callbacks: list[Any] | tuple[Any, ...] = ()
+    model_dir: Path,
+    train_file: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    *,
+    callbacks: list[Any] | tuple[Any, ...] = (),
+    validation_file: Path | None = None,
 ) -> StageOutput:
     """The cached stage: re-trains only when the base, the data or the parameters changed.
 
@@ -275,6 +332,8 @@ def train(
 
     check_target_modules(architecture_of(check_model_dir(model_dir)), cfg.target_modules)
     inputs = {"model": content_hash(model_dir), "train_data": content_hash(train_file)}
+    if validation_file is not None:  # it picks the kept checkpoint
+        inputs["validation_data"] = content_hash(validation_file)
     # threads and checkpoint spacing do not change the adapter
     params = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "save_steps")}
     rank, world = distributed()
@@ -285,14 +344,24 @@ def train(
         return hit
     if rank != 0:
         folder = Path(out_dir).parent / ckpt.folder_name(Path(out_dir).name, key)
-        train_adapter(model_dir, train_file, None, cfg, checkpoints=folder, callbacks=callbacks)
+        train_adapter(
+            model_dir, train_file, None, cfg, checkpoints=folder, callbacks=callbacks, validation_file=validation_file
+        )
         _barrier()
         return StageOutput(Path(out_dir), False, read_manifest(out_dir) or {})
 
     with ckpt.resumable(out_dir, key) as folder:
 
         def work(tmp: Path) -> dict[str, Any]:
-            stats = train_adapter(model_dir, train_file, tmp, cfg, checkpoints=folder, callbacks=callbacks)
+            stats = train_adapter(
+                model_dir,
+                train_file,
+                tmp,
+                cfg,
+                checkpoints=folder,
+                callbacks=callbacks,
+                validation_file=validation_file,
+            )
             shutil.rmtree(tmp / "_trainer", ignore_errors=True)  # Trainer scratch, not part of the adapter
             return stats
 

@@ -128,7 +128,16 @@ def main() -> int:
     from edgeft.models import resolve_model
 
     build = load_config(args.config)
-    cfg = dataclasses.replace(build.train, max_steps=args.steps, threads=args.threads, save_steps=0, device="cpu")
+    # No validation: the plain script trains on every row and never evaluates; step times must compare.
+    cfg = dataclasses.replace(
+        build.train,
+        max_steps=args.steps,
+        threads=args.threads,
+        save_steps=0,
+        device="cpu",
+        validation_share=0.0,
+        eval_steps=0,
+    )
     model_dir = resolve_model(build.model)
     machine = describe()
     print(

@@ -194,6 +194,39 @@ def _(t, i):
     return build(config(t, "[train]\nepochs = inf\n")), ["[train].epochs", "finite"]
 
 
+@case("train-eval-steps-negative")
+def _(t, i):
+    return build(config(t, "[train]\neval_steps = -5\n")), ["[train].eval_steps", ">= 0", "-5"]
+
+
+@case("train-eval-steps-not-integer")
+def _(t, i):
+    return build(config(t, "[train]\neval_steps = 2.5\n")), ["[train].eval_steps", "expected int"]
+
+
+@case("train-eval-steps-beyond-max-steps")
+def _(t, i):
+    return build(config(t, "[train]\nmax_steps = 8\neval_steps = 20\n")), ["[train].eval_steps = 20", "max_steps = 8"]
+
+
+@case("train-eval-steps-without-validation")
+def _(t, i):
+    body = "[train]\nvalidation_share = 0\neval_steps = 5\n"
+    return build(config(t, body)), ["[train].eval_steps = 5 needs a validation set", "[data].validation"]
+
+
+@case("train-validation-share-above-half")
+def _(t, i):
+    return build(config(t, "[train]\nvalidation_share = 0.9\n")), ["[train].validation_share", "<= 0.5"]
+
+
+@case("train-validation-share-holds-out-everything")
+def _(t, i):
+    (t / "one.jsonl").write_text(TRAIN.read_text().splitlines()[0] + "\n")
+    body = "[train]\nvalidation_share = 0.5\n"
+    return build(config(t, body, train=t / "one.jsonl")), ["[train].validation_share = 0.5 holds out all 1"]
+
+
 @case("bench-prompt-beyond-context")
 def _(t, i):
     return build(config(t, "[bench]\nprompt_tokens = 2000\n")), ["prompt_tokens + decode_tokens = 2128", "2048"]
@@ -253,6 +286,34 @@ def _(t, i):
     line = {"messages": [{"role": "user", "content": "How long do I boil an egg?"}]}
     (t / "d.jsonl").write_text(TRAIN.read_text().splitlines()[0] + "\n" + json.dumps(line) + "\n")
     return build(config(t, train=t / "d.jsonl")), ["d.jsonl:2:", "role 'assistant'"]
+
+
+@case("data-validation-is-the-eval-file")
+def _(t, i):
+    shutil.copy2(EVAL, t / "copy.jsonl")  # same conversations under another name leak just the same
+    return build(config(t, f'validation = "{t / "copy.jsonl"}"\n')), ["[data].validation", "is the [data].eval file"]
+
+
+@case("data-validation-is-the-train-file")
+def _(t, i):
+    return build(config(t, f'validation = "{TRAIN}"\n')), ["[data].validation", "is the [data].train file"]
+
+
+@case("data-validation-missing")
+def _(t, i):
+    return build(config(t, f'validation = "{t / "none.jsonl"}"\n')), ["none.jsonl", "not found"]
+
+
+@case("data-validation-bad-line")
+def _(t, i):
+    (t / "v.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    return build(config(t, f'validation = "{t / "v.jsonl"}"\n')), ["v.jsonl:1:", "role 'assistant'"]
+
+
+@case("flag-train-validation-is-the-train-file")
+def _(t, i):
+    args = ["train", "--config", str(config(t)), "--validation", str(TRAIN), "--out", "out"]
+    return args, ["[data].validation", "is the [data].train file"]
 
 
 @case("data-missing")

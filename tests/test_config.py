@@ -37,6 +37,9 @@ def test_paths_resolve_against_the_config_folder(tmp_path):
         ("[train]\nrank = 0\n", "[train].rank: expected a positive number"),
         ("[gates]\nmax_kld = 'low'\n", "[gates].max_kld: expected float"),
         ("[train\n", "invalid TOML"),
+        ("[train]\neval_steps = -1\n", "[train].eval_steps: expected a number >= 0"),
+        ("[train]\nvalidation_share = 1\n", "[train].validation_share: expected a number <= 0.5"),
+        ("[train]\nmax_steps = 4\neval_steps = 5\n", "[train].eval_steps = 5 exceeds [train].max_steps = 4"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, fragment):
@@ -45,6 +48,12 @@ def test_bad_config_names_file_and_key(tmp_path, text, fragment):
         load_config(path)
     assert fragment in str(e.value)
     assert str(path) in str(e.value)
+
+
+def test_the_validation_file_resolves_against_the_config_folder(tmp_path):
+    cfg = load_config(write(tmp_path, '[data]\nvalidation = "v.jsonl"\n'))
+    assert cfg.data.validation == (tmp_path / "v.jsonl").resolve()
+    assert cfg.train.validation_share == 0.1 and cfg.train.eval_steps == 0
 
 
 def test_missing_config_file(tmp_path):

@@ -43,7 +43,10 @@ def test_two_processes_train_one_adapter(tmp_path, tokenizer):
         f"adapter: {out / 'adapter'} (rank 1 of 2: trained; rank 0 wrote it)",
     ]
     results = json.loads((out / "adapter" / "manifest.json").read_text())["results"]
-    assert results["world_size"] == 2 and results["steps"] == 4 and results["examples"] == 16
+    # 2 of the 16 conversations held out for validation (the default validation_share = 0.1)
+    assert results["world_size"] == 2 and results["steps"] == 4 and results["examples"] == 14
+    assert [e["step"] for e in results["eval_loss_history"]] == [1, 2, 3, 4]  # both ranks evaluated in step
+    assert results["best_step"] == min(results["eval_loss_history"], key=lambda e: e["loss"])["step"]
     assert json.loads((out / "adapter" / "manifest.json").read_text())["params"]["world_size"] == 2
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0  # it trained

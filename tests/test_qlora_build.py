@@ -1,4 +1,5 @@
-"""A QLoRA build end to end on a tiny llama: the merge strategy `auto` chose, and the report says so."""
+"""A QLoRA build end to end on a tiny llama: the merge strategy `auto` chose and the report says so; the
+adapter on its NF4 base joins the fidelity ladder; the loss curve lands beside the report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .tiny import make_tiny_llama
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 
 
-def test_a_qlora_build_reports_the_merge_it_kept_and_both_klds(tmp_path, tokenizer):
+def test_a_qlora_build_reports_the_merge_it_kept_the_adapter_on_nf4_row_and_the_loss_curve(tmp_path, tokenizer):
     model = make_tiny_llama(tmp_path / "model", tokenizer)
     train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:16]))
@@ -42,3 +43,25 @@ def test_a_qlora_build_reports_the_merge_it_kept_and_both_klds(tmp_path, tokeniz
     assert report["merge"] == json.loads((out / "merged" / "manifest.json").read_text())["results"]
     md = (out / "report.md").read_text()
     assert f"QLoRA merge: `{report['merge']['strategy']}` kept" in md and "`fp`" in md and "`dequant`" in md
+
+    # The adapter on its NF4 base: a ladder row of its own, measured against the reference (the merge).
+    rows = {r["stage"]: r for r in report["ladder"]}
+    nf4 = rows["adapter on NF4 base"]
+    assert nf4["runtime"] == "torch" and nf4["quant"] == "nf4"
+    assert [r["stage"] for r in report["ladder"]][:3] == ["base", "adapter on NF4 base", "reference"]
+    stage = json.loads((out / "bench-adapter-nf4" / "manifest.json").read_text())
+    assert stage["results"]["compute_dtype"] == "float32" and len(stage["results"]["answers"]) == 3
+    assert nf4["kl_divergence_mean"] == stage["results"]["fidelity"]["kl_divergence_mean"]
+    assert 0 <= nf4["top1_agreement"] <= 1 and nf4["task_accuracy_artifact"] in (0, 1 / 3, 2 / 3, 1)
+    # the kept merge computes what the adapter on NF4 computes (up to fp32 rounding): both near the reference
+    if report["merge"]["strategy"] == "dequant":
+        assert nf4["kl_divergence_mean"] < 1e-3 and nf4["top1_agreement"] > 0.95
+    assert "| adapter on NF4 base | torch | nf4 |" in md
+
+    # Training: histories in the report, the curve beside it, linked from report.md.
+    training = report["training"]
+    assert training["eval_loss_history"] == adapter["results"]["eval_loss_history"] != []
+    assert training["train_loss_history"] == adapter["results"]["train_loss_history"] != []
+    assert training["best_step"] == min(training["eval_loss_history"], key=lambda e: e["loss"])["step"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![train and validation loss](loss.png)" in md

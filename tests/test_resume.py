@@ -144,3 +144,28 @@ def test_a_checkpoint_killed_while_being_written_is_skipped(tmp_path):
     assert checkpoints.latest(tmp_path) == tmp_path / "checkpoint-3"
     os.remove(tmp_path / "checkpoint-3" / "trainer_state.json")
     assert checkpoints.latest(tmp_path) is None
+
+
+def test_a_resumed_run_keeps_the_best_adapter_it_found_before_the_kill(inputs, tmp_path):
+    """The best step (2) lies before the checkpoint the run resumes from (6): its weights must come back
+    from the checkpoint folder, not from the resumed run's memory."""
+    from edgeft.train import train
+
+    from .test_validation import rising_validation
+
+    validation = rising_validation(tmp_path / "validation.jsonl")
+    cfg = TrainConfig(**{**CFG, "eval_steps": 2})
+    straight = train(*inputs, tmp_path / "straight" / "adapter", cfg, validation_file=validation)
+    assert straight.manifest["results"]["best_step"] == 2
+
+    out = tmp_path / "resumed" / "adapter"
+    with pytest.raises(KeyboardInterrupt):
+        train(*inputs, out, cfg, callbacks=[interrupt_after(7)], validation_file=validation)
+    [kept] = list(out.parent.glob(".adapter.ckpt-*"))
+    assert sorted(p.name for p in kept.glob("best-*")) == ["best-2.safetensors"]
+
+    again = train(*inputs, out, cfg, validation_file=validation)
+    r = again.manifest["results"]
+    assert r["resumed_from_step"] == 6 and r["best_step"] == 2 and r["final_is_best"] is False
+    assert r["eval_loss_history"] == straight.manifest["results"]["eval_loss_history"]
+    assert_same_adapter(again.path, straight.path)

@@ -6,6 +6,8 @@
 * ``bench`` — one artifact against a stored reference: fidelity, task accuracy, golden prompts,
   latency and memory in the runtime's own subprocess, weight bytes per token. Imports no torch.
 * ``bench-base`` — the base model's row of the fidelity ladder (torch): how far fine-tuning moved it.
+* ``bench-adapter-nf4`` — QLoRA builds: the adapter on its 4-bit NF4 base (torch), the model as it was
+  trained: how much the merge and everything after it moved away from it.
 
 Each is a cached stage (dir + manifest). Gates are applied later, to the stored measurements.
 """
@@ -218,6 +220,18 @@ def bench(
 # base model row (torch)
 
 
+def _torch_row(rt: Any, ref_dir: Path, cfg: BenchConfig, progress: Progress, label: str) -> dict[str, Any]:
+    """A torch model's ladder figures against the stored reference: fidelity and task accuracy."""
+    stored = stored_reference.load(ref_dir)
+    fidelity = compare_stored(stored, rt, progress(f"{label}: logits", len(stored.tokens)))
+    step = progress(f"{label}: answers to held-out questions", 1)
+    replies = rt.generate_batch([ex.prompt for ex in stored.examples], cfg.max_new_tokens)
+    step()
+    rt.close()
+    fidelity["task_accuracy_artifact"] = task_accuracy(replies, stored.examples)
+    return {"fidelity": fidelity, "answers": _answers(stored.examples, replies)}
+
+
 def bench_base(
     base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
 ) -> StageOutput:
@@ -226,17 +240,38 @@ def bench_base(
     def work(tmp: Path) -> dict[str, Any]:
         from ..runtimes.torch import TorchRuntime
 
-        stored = stored_reference.load(ref_dir)
-        rt = TorchRuntime(base_dir, threads=_threads(cfg))
-        fidelity = compare_stored(stored, rt, progress("base: logits", len(stored.tokens)))
-        step = progress("base: answers to held-out questions", 1)
-        replies = rt.generate_batch([ex.prompt for ex in stored.examples], cfg.max_new_tokens)
-        step()
-        rt.close()
-        fidelity["task_accuracy_artifact"] = task_accuracy(replies, stored.examples)
-        return {"fidelity": fidelity, "answers": _answers(stored.examples, replies)}
+        return _torch_row(TorchRuntime(base_dir, threads=_threads(cfg)), ref_dir, cfg, progress, "base")
 
     return run_stage(out_dir, "bench-base", inputs, _params(cfg), work)
+
+
+def bench_adapter_nf4(
+    base_dir: Path,
+    adapter_dir: Path,
+    ref_dir: Path,
+    out_dir: Path,
+    cfg: BenchConfig,
+    progress: Progress = _no_progress,
+) -> StageOutput:
+    """A QLoRA build's "adapter on NF4 base" row (torch): the model the adapter was trained as, before
+    any merge, against the fine-tuned fp32 reference on the same held-out sequences."""
+    inputs = {"base": content_hash(base_dir), "adapter": content_hash(adapter_dir), "reference": content_hash(ref_dir)}
+
+    def work(tmp: Path) -> dict[str, Any]:
+        import torch
+
+        from ..merge import trained_on
+        from ..nf4 import adapter_on_nf4
+        from ..runtimes.torch import TorchRuntime
+
+        _, dtype = trained_on(adapter_dir)
+        threads = _threads(cfg)
+        torch.set_num_threads(threads)
+        model = adapter_on_nf4(base_dir, adapter_dir, dtype, "cuda:0" if torch.cuda.is_available() else "cpu")
+        rt = TorchRuntime(adapter_dir, threads=threads, model=model)
+        return {**_torch_row(rt, ref_dir, cfg, progress, "adapter on NF4 base"), "compute_dtype": dtype}
+
+    return run_stage(out_dir, "bench-adapter-nf4", inputs, _params(cfg), work)
 
 
 def reference_row(ref_dir: Path) -> dict[str, Any]:

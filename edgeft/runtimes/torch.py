@@ -31,7 +31,9 @@ class _Clock:
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model_dir: Path, threads: int = 0):
+    def __init__(self, model_dir: Path, threads: int = 0, model: Any = None):
+        """``model``: an already loaded model to run where it was placed (an adapter on a 4-bit base);
+        ``model_dir`` then supplies the tokenizer only."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,9 +47,11 @@ class TorchRuntime:
 
         with loading(model_dir, "the model with transformers"):
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(self.device)
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+                model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.eval()
+        self.device = next(self.model.parameters()).device
         self._torch = torch
         self._eos = list({self.tokenizer.eos_token_id, *self._generation_eos()} - {None})
 
