@@ -71,7 +71,8 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
 
 def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None) -> Path:
     """``target``'s GGUF: exported directly (F32/F16) or quantized from the F32 export, weighted by an
-    importance matrix when the target names a calibration set (``calibration(source)`` builds it)."""
+    importance matrix when the target names a calibration set (``calibration(source)`` builds it),
+    with per-tensor types from a sensitivity sweep when it sets ``max_size_mb``."""
     from .export import export
     from .quantize import quantize
 
@@ -82,35 +83,20 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
         out = run(f"export {target.name}", lambda: export(merged_dir, Path(out_dir) / target.name, outtype))
         return out.path / GGUF_FILE
     source = conversion(merged_dir, out_dir, run)[1].parent
-    imatrix_dir = None
-    if target.options.get("imatrix"):
-        from .imatrix import imatrix_stage
-
-        which = target.options["imatrix"]
-        if calibration is None:
-            raise ConfigError(f"--target {target.name}: imatrix = {which!r} needs a calibration set (a build)")
-        calib = calibration(which)
-        imatrix_dir = run(
-            f"imatrix {which}",
-            lambda: imatrix_stage(merged_dir, source, Path(out_dir) / f"imatrix-{which}", calib, threads),
-        ).path
-    sensitivity_dir, max_size_mb = None, target.options.get("max_size_mb")
+    if (calibration is None) and (target.options.get("imatrix") or target.options.get("max_size_mb")):
+        raise ConfigError(f"--target {target.name}: imatrix and max_size_mb need a calibration set (a build)")
+    max_size_mb = target.options.get("max_size_mb")
     if max_size_mb is not None:
-        from .mixed import DEFAULT_MIX, sensitivity_stage
+        from .mixed import DEFAULT_MIX, Layout, check_budget
 
-        if calibration is None:
-            raise ConfigError(f"--target {target.name}: max_size_mb needs a calibration set (a build)")
-        which = target.options.get("imatrix") or "task"
-        mix = tuple(target.options.get("mix", DEFAULT_MIX))
-        chunks = calibration(which, "sensitivity")
-        # one sweep serves every budget over the same mix and matrix: named by those, not the target
-        label = "-".join(mix).lower() + (f"-imat-{target.options['imatrix']}" if imatrix_dir else "")
-        sensitivity_dir = run(
-            f"sensitivity {label}",
-            lambda: sensitivity_stage(
-                source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir
-            ),
-        ).path
+        try:  # before any calibration stage spends minutes on a budget no mix can meet
+            check_budget(Layout.of(source / GGUF_FILE), tuple(target.options.get("mix", DEFAULT_MIX)), max_size_mb)
+        except ConfigError as e:
+            raise ConfigError(f"--target {target.name}: {e}") from None
+    imatrix_dir = _imatrix(target, merged_dir, source, out_dir, run, threads, calibration)
+    sensitivity_dir = None
+    if max_size_mb is not None:
+        sensitivity_dir = _sensitivity(target, source, imatrix_dir, out_dir, run, threads, calibration)
     out = run(
         f"quantize {target.name}",
         lambda: quantize(
@@ -118,3 +104,32 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
         ),
     )
     return out.path / GGUF_FILE
+
+
+def _imatrix(target, merged_dir: Path, source: Path, out_dir: Path, run: Run, threads: int, calibration):
+    """The importance-matrix stage of the target's calibration set, shared by every target naming it."""
+    which = target.options.get("imatrix")
+    if not which:
+        return None
+    from .imatrix import imatrix_stage
+
+    calib = calibration(which)
+    return run(
+        f"imatrix {which}",
+        lambda: imatrix_stage(merged_dir, source, Path(out_dir) / f"imatrix-{which}", calib, threads),
+    ).path
+
+
+def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, threads: int, calibration):
+    """The sensitivity sweep a mixed target plans from: on the imatrix's calibration set, else the task's.
+    One sweep serves every budget over the same mix and matrix, so it is named by those, not the target."""
+    from .mixed import DEFAULT_MIX, sensitivity_stage
+
+    which = target.options.get("imatrix") or "task"
+    mix = tuple(target.options.get("mix", DEFAULT_MIX))
+    chunks = calibration(which, "sensitivity")
+    label = "-".join(mix).lower() + (f"-imat-{which}" if imatrix_dir else "")
+    return run(
+        f"sensitivity {label}",
+        lambda: sensitivity_stage(source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir),
+    ).path

@@ -209,6 +209,17 @@ def measure(
     }
 
 
+def check_budget(layout: Layout, mix: tuple[str, ...], max_size_mb: float) -> None:
+    """Refuse, before any probe runs, a budget below the file with every tensor at the lowest type."""
+    max_bytes = int(max_size_mb * 1e6)
+    smallest = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, mix[0])) for g in layout.groups)
+    if smallest > max_bytes:
+        raise ConfigError(
+            f"max_size_mb = {max_bytes / 1e6:g}: the smallest file this mix can make is {smallest / 1e6:.1f} MB "
+            f"(every tensor at {mix[0]}); raise max_size_mb or add a smaller type to mix"
+        )
+
+
 def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> dict[str, Any]:
     """One mix level per group: least summed added KLD with the file at most ``max_bytes``.
 
@@ -285,12 +296,13 @@ def sensitivity_stage(
 
     def work(tmp: Path) -> dict[str, Any]:
         result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix)
+        seconds = result.pop("seconds")  # the file holds only what the inputs determine
         (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
         ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))
         return {
             "base_kld": result["base_kld"],
             "probes": result["probes"],
-            "seconds": result["seconds"],
+            "seconds": seconds,
             "most_sensitive": [g["name"] for g in ranked[:5]],
         }
 

@@ -1,0 +1,277 @@
+"""Mixed precision under a size budget: per-tensor types from a measured sensitivity sweep, planned by an
+exact knapsack, written by llama.cpp through tt_overrides; on a tiny llama with the real tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.errors import ConfigError
+
+from .tiny import make_tiny_llama
+
+COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- planning (no llama.cpp)
+
+
+def test_types_fall_back_within_their_size_class_and_mixes_are_checked():
+    from edgeft.formats.gguf.mixed import TENSOR_TYPES, check_mix, group_of, resolve, tensor_bytes
+
+    assert resolve("Q4_K", 1536) == "Q4_K" and resolve("Q4_K", 576) == "Q4_0"
+    assert resolve("Q5_K", 576) == "Q5_0" and resolve("Q6_K", 576) == "Q8_0" and resolve("IQ4_XS", 576) == "IQ4_NL"
+    assert resolve("Q8_0", 40) == "F16"  # no block type tiles a 40-wide row
+    assert tensor_bytes((576, 1536), "Q4_0") == 576 * 1536 // 32 * 18
+    assert tensor_bytes((1536, 576), "Q6_K") == 1536 * 576 // 256 * 210
+    assert group_of("blk.3.attn_q.weight") == "blk.3.attn" and group_of("blk.3.ffn_down.weight") == "blk.3.ffn"
+    assert group_of("token_embd.weight") == "token_embd" and group_of("output.weight") == "output"
+    assert check_mix(["Q4_K", "Q5_K", "Q8_0"], "t") == ("Q4_K", "Q5_K", "Q8_0")
+    import gguf
+
+    # the ggml_type values mirrored here are gguf-py's (and so ggml.h's)
+    assert all(gguf.GGMLQuantizationType[name].value == v for name, (v, _) in TENSOR_TYPES.items())
+    for bad, msg in [
+        (["Q8_0", "Q4_0"], "fewest to most bits"),
+        (["Q4_0"], "two or more"),
+        (["Q4_0", "Q9_9"], "unknown tensor type 'Q9_9'"),
+        ("Q4_0", "a list"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            check_mix(bad, "t")
+
+
+def _toy_sensitivity(rng: np.random.Generator, n_groups: int) -> dict:
+    groups = []
+    for g in range(n_groups):
+        size = int(rng.integers(1000, 5000))
+        cost_low = float(rng.uniform(0, 1))
+        groups.append(
+            {
+                "name": f"g{g}",
+                "tensors": [f"g{g}"],
+                "options": [
+                    {"level": "Q4_0", "bytes": size, "added_kld": cost_low},
+                    {"level": "Q5_0", "bytes": int(size * 1.22), "added_kld": cost_low * float(rng.uniform(0.1, 0.6))},
+                    {"level": "Q8_0", "bytes": int(size * 1.9), "added_kld": 0.0},
+                ],
+            }
+        )
+    return {"mix": ["Q4_0", "Q5_0", "Q8_0"], "fixed_bytes": 500, "groups": groups}
+
+
+def test_the_plan_is_the_cheapest_assignment_that_fits():
+    """Against brute force over every assignment of a small problem, for budgets across the range."""
+    from edgeft.formats.gguf.mixed import plan
+
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        sens = _toy_sensitivity(rng, 5)
+        lo = 500 + sum(g["options"][0]["bytes"] for g in sens["groups"])
+        hi = 500 + sum(g["options"][2]["bytes"] for g in sens["groups"])
+        for budget in np.linspace(lo, hi, 7).astype(int):
+            best = min(
+                (sum(o["added_kld"] for o in combo), combo)
+                for combo in itertools.product(*(g["options"] for g in sens["groups"]))
+                if 500 + sum(o["bytes"] for o in combo) <= budget
+            )
+            got = plan(sens, int(budget), units=100_000)
+            assert got["predicted_bytes"] <= budget
+            assert got["predicted_added_kld"] == pytest.approx(best[0], abs=1e-12)
+
+
+def test_a_budget_no_mix_meets_is_one_clear_error():
+    from edgeft.formats.gguf.mixed import plan
+
+    sens = _toy_sensitivity(np.random.default_rng(1), 4)
+    with pytest.raises(ConfigError, match=r"max_size_mb = 0\.001: the smallest file this mix can make is .* MB"):
+        plan(sens, 1000)
+
+
+# ---------------------------------------------------------------- the sweep and the file (llama.cpp)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer) -> dict:
+    """A tiny llama with norms away from 1 and a few loud channels in one layer, so that groups differ
+    in how much their rounding moves the logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.calibration import build_set
+    from edgeft.formats.gguf.export import export
+
+    root = tmp_path_factory.mktemp("mixed")
+    hf = make_tiny_llama(root / "hf", tokenizer, hidden=256, intermediate=512, layers=3, heads=4, kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(torch.exp(0.8 * torch.randn(p.shape, generator=gen)))
+                if ".1." in name:  # layer 1 reads a few very loud channels: it should be the sensitive one
+                    p[torch.randperm(p.numel(), generator=gen)[:8]] *= 12.0
+    model.save_pretrained(hf)
+    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=128, task_share=0.5)
+    return {"hf": hf, "f32": export(hf, root / "f32", "f32").path, "calib": calib.spread(512)}
+
+
+def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
+    from edgeft.data import load_jsonl
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+    def logp(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    seqs = [
+        tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+        for ex in load_jsonl(COOKING / "eval.jsonl")[:10]
+    ]
+    seqs = [list(s["input_ids"] if hasattr(s, "keys") else s) for s in seqs]
+    a, b = LlamaCppRuntime(f32, n_threads=2), LlamaCppRuntime(q, n_threads=2)
+    try:
+        out = []
+        for s in seqs:
+            p, lq = logp(a.logits(s)), logp(b.logits(s))
+            out.append((np.exp(p) * (p - lq)).sum(-1))
+        return float(np.concatenate(out).mean())
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, tmp_path):
+    from edgeft.formats.gguf.inspect import read_gguf
+    from edgeft.formats.gguf.mixed import SENSITIVITY_FILE, Layout, assign, sensitivity_stage
+    from edgeft.formats.gguf.quantize import quantize
+
+    mix = ("Q4_0", "Q8_0")
+    sens_dir = sensitivity_stage(tiny["f32"], tmp_path / "sens", tiny["calib"], mix, threads=2).path
+    sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
+    layout = Layout.of(tiny["f32"] / "model.gguf")
+    assert [g["name"] for g in sens["groups"]] == list(layout.groups)
+    assert set(layout.groups) == {"token_embd", *(f"blk.{i}.{k}" for i in range(3) for k in ("attn", "ffn"))}
+    assert sens["probes"] == 1 + len(layout.groups)
+    added = {g["name"]: g["options"][0]["added_kld"] for g in sens["groups"]}
+    assert all(g["options"][1]["added_kld"] == 0 for g in sens["groups"])  # the highest type is the baseline
+    assert max(added.values()) > 3 * min(added.values())  # groups differ: there is something to choose
+
+    # a budget with room for about half the groups at Q8_0
+    low = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, "Q4_0")) for g in layout.groups)
+    high = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, "Q8_0")) for g in layout.groups)
+    max_mb = (low + 0.5 * (high - low)) / 1e6
+    q = quantize(tiny["f32"], tmp_path / "mixed", "Q4_0", threads=2, sensitivity_dir=sens_dir, max_size_mb=max_mb)
+    planned = q.manifest["results"]["mixed"]
+    assert q.manifest["results"]["size_bytes"] <= max_mb * 1e6
+    written = {t.name: t.tensor_type.name for t in read_gguf(q.path / "model.gguf").tensors if len(t.shape) >= 2}
+    assert written == assign(layout, planned["levels"])
+    assert {"Q4_0", "Q8_0"} == set(written.values())  # the budget forced a real mix
+
+    # the opposite plan: the groups the plan kept at Q8_0 go to Q4_0 and as many others as fit go up
+    kept_high = [g for g, lvl in planned["levels"].items() if lvl == "Q8_0"]
+    opposite = {g: "Q4_0" for g in layout.groups}
+    room = max_mb * 1e6 - layout.fixed_bytes - sum(layout.nbytes(layout.types(g, "Q4_0")) for g in layout.groups)
+    for g in sorted((g for g in layout.groups if g not in kept_high), key=lambda g: added[g]):
+        extra = layout.nbytes(layout.types(g, "Q8_0")) - layout.nbytes(layout.types(g, "Q4_0"))
+        if extra <= room:
+            opposite[g], room = "Q8_0", room - extra
+    from edgeft.formats.gguf.quantize import quantize_file
+
+    quantize_file(
+        tiny["f32"] / "model.gguf", tmp_path / "opposite.gguf", "Q4_0", 2, tensor_types=assign(layout, opposite)
+    )
+    assert (tmp_path / "opposite.gguf").stat().st_size <= max_mb * 1e6
+    f32 = tiny["f32"] / "model.gguf"
+    kld_plan = _held_out_kld(f32, q.path / "model.gguf", tokenizer)
+    kld_opposite = _held_out_kld(f32, tmp_path / "opposite.gguf", tokenizer)
+    assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
+
+
+def test_same_inputs_give_a_byte_identical_mixed_gguf(tiny, tmp_path):
+    from edgeft.formats.gguf.mixed import sensitivity_stage
+    from edgeft.formats.gguf.quantize import quantize
+
+    files = []
+    for run in ("a", "b"):
+        sens = sensitivity_stage(tiny["f32"], tmp_path / run / "sens", tiny["calib"], ("Q4_K", "Q8_0"), threads=2)
+        q = quantize(tiny["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, sensitivity_dir=sens.path, max_size_mb=30)
+        files.append((_sha(sens.path / "sensitivity.json"), _sha(q.path / "model.gguf")))
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('quant = "Q4_K_M"\nmix = ["Q4_K", "Q8_0"]\n', "x.toml: mix: needs max_size_mb"),
+        ('quant = "Q4_K_M"\nmax_size_mb = -3\n', "x.toml: max_size_mb: expected a positive number"),
+        ('quant = "Q4_K_M"\nmax_size_mb = "95"\n', "x.toml: max_size_mb: expected a positive number"),
+        ('quant = "F16"\nmax_size_mb = 95\n', "x.toml: max_size_mb: quant F16 is not quantized"),
+        ('quant = "Q4_K_M"\nmax_size_mb = 95\nmix = ["Q8_0", "Q4_K"]\n', "x.toml: mix: list the types from fewest"),
+    ],
+)
+def test_mixed_target_fields_are_checked(tmp_path, monkeypatch, body, message):
+    from edgeft.targets import get_target
+
+    monkeypatch.setenv("EDGEFT_TARGETS", str(tmp_path))
+    (tmp_path / "x.toml").write_text('format = "gguf"\n' + body)
+    with pytest.raises(ConfigError, match=message):
+        get_target("x")
+
+
+def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
+    """Through `edgeft build` on a tiny model: the row, the plan in the manifest; then a budget below
+    the all-lowest file is one line, exit 2, before any calibration stage runs."""
+    model = make_tiny_llama(tmp_path / "model", tokenizer)
+    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
+    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
+    cfg = tmp_path / "edgeft.toml"
+    cfg.write_text(
+        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
+        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n"
+        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
+        "top_k = 8\ngolden = 1\nladder_export = false\n"
+        "[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n"
+    )
+    target = tmp_path / "tiny-mixed.toml"
+    target.write_text('format = "gguf"\nquant = "Q4_0"\nmix = ["Q4_0", "Q8_0"]\nmax_size_mb = 4.5\n')
+    out = tmp_path / "build"
+
+    def build(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", str(target), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    proc = build()
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    results = json.loads((out / "tiny-mixed" / "manifest.json").read_text())["results"]
+    assert results["size_bytes"] <= 4.5e6 and results["mixed"]["predicted_bytes"] <= 4.5e6
+    assert set(results["tensor_types"]) >= {"Q4_0", "Q8_0"}
+    assert (out / "sensitivity-q4_0-q8_0" / "sensitivity.json").is_file()
+    rows = {r["stage"]: r for r in json.loads((out / "report.json").read_text())["ladder"]}
+    assert rows["tiny-mixed"]["kl_divergence_mean"] >= 0
+
+    target.write_text('format = "gguf"\nquant = "Q4_0"\nmix = ["Q4_0", "Q8_0"]\nmax_size_mb = 1\n')
+    (out / "sensitivity-q4_0-q8_0").rename(tmp_path / "old-sweep")
+    proc = build()
+    assert proc.returncode == 2
+    # cached stages report themselves on stderr; the error is one line, the last
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgeft: error")]
+    assert len(lines) == 1 and proc.stderr.strip().endswith(lines[0])
+    assert "--target tiny-mixed: max_size_mb = 1: the smallest file this mix can make is" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "sensitivity-q4_0-q8_0").exists()
