@@ -125,7 +125,8 @@ def _build_stages(
     # Each target's artifact through its format's cached stages (export, quantize, ...).
     calibration = _calibration_sets(cfg, merged.path)
     artifacts = [
-        (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration)) for t in targets
+        (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration, progress))
+        for t in targets
     ]
 
     # The unquantized export of every format in use: its row separates conversion from quantization loss.

@@ -8,8 +8,9 @@ A format package (``formats/gguf/``: ``types.py`` facts as tables, ``export.py``
   target file of this format may set besides format/quant/description);
 * ``check_target(name, quant, options, where)`` — raise ConfigError for a target this edgeft cannot
   produce (called when target files are read, so a bad one fails before any work);
-* ``build(target, merged_dir, out_dir, run, threads)`` → the artifact path, through cached stages
-  (``run(stage_name, fn)`` runs and logs one stage);
+* ``build(target, merged_dir, out_dir, run, threads, calibration, progress)`` → the artifact path,
+  through cached stages (``run(stage_name, fn)`` runs and logs one stage; ``calibration(source,
+  purpose)`` gives the build's calibration set; ``progress(description, total)`` → ``advance()``);
 * ``conversion(merged_dir, out_dir, run)`` → ``(label, artifact)``: the unquantized export, whose
   fidelity row separates conversion loss from quantization loss;
 * ``find_artifact(path)`` → the artifact a user's path names, or None if it is not this format's;

@@ -69,7 +69,7 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
     return CONVERSION, out.path / GGUF_FILE
 
 
-def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None) -> Path:
+def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None, progress=None) -> Path:
     """``target``'s GGUF: exported directly (F32/F16) or quantized from the F32 export, weighted by an
     importance matrix when the target names a calibration set (``calibration(source)`` builds it),
     with per-tensor types from a sensitivity sweep when it sets ``max_size_mb``."""
@@ -96,7 +96,7 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
     imatrix_dir = _imatrix(target, merged_dir, source, out_dir, run, threads, calibration)
     sensitivity_dir = None
     if max_size_mb is not None:
-        sensitivity_dir = _sensitivity(target, source, imatrix_dir, out_dir, run, threads, calibration)
+        sensitivity_dir = _sensitivity(target, source, imatrix_dir, out_dir, run, threads, calibration, progress)
     out = run(
         f"quantize {target.name}",
         lambda: quantize(
@@ -120,7 +120,7 @@ def _imatrix(target, merged_dir: Path, source: Path, out_dir: Path, run: Run, th
     ).path
 
 
-def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, threads: int, calibration):
+def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, threads: int, calibration, progress):
     """The sensitivity sweep a mixed target plans from: on the imatrix's calibration set, else the task's.
     One sweep serves every budget over the same mix and matrix, so it is named by those, not the target."""
     from .mixed import DEFAULT_MIX, sensitivity_stage
@@ -131,5 +131,7 @@ def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, thr
     label = "-".join(mix).lower() + (f"-imat-{which}" if imatrix_dir else "")
     return run(
         f"sensitivity {label}",
-        lambda: sensitivity_stage(source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir),
+        lambda: sensitivity_stage(
+            source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir, progress
+        ),
     ).path

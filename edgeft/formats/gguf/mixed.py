@@ -157,7 +157,7 @@ def measure(
     *,
     threads: int = 0,
     imatrix: dict[str, np.ndarray] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Every group's added KLD at every ``mix`` level below the highest (see the module docstring)."""
     from ...runtimes.llamacpp import LlamaCppRuntime
@@ -182,8 +182,9 @@ def measure(
 
     start = time.perf_counter()
     base = kld_with(everything_top)
+    advance = progress("sensitivity", len(layout.groups)) if progress else (lambda: None)
     groups = []
-    for i, (group, names) in enumerate(layout.groups.items()):
+    for group, names in layout.groups.items():
         entry: dict[str, Any] = {"name": group, "tensors": names, "options": []}
         seen: dict[tuple[str, ...], float] = {tuple(everything_top[n] for n in names): 0.0}
         for level in reversed(mix):
@@ -196,8 +197,7 @@ def measure(
             )
         entry["options"].reverse()
         groups.append(entry)
-        if progress:
-            progress(f"sensitivity {i + 1}/{len(layout.groups)}: {group}")
+        advance()
     return {
         "mix": list(mix),
         "base_kld": base,
@@ -277,6 +277,7 @@ def sensitivity_stage(
     mix: tuple[str, ...],
     threads: int = 0,
     imatrix_dir: Path | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> StageOutput:
     """Cached stage: F32 GGUF (+ imatrix) + calibration chunks → ``out_dir/sensitivity.json``."""
     import json
@@ -295,7 +296,7 @@ def sensitivity_stage(
     params = {"mix": list(mix), "calibration": calibration.describe()}
 
     def work(tmp: Path) -> dict[str, Any]:
-        result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix)
+        result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix, progress=progress)
         seconds = result.pop("seconds")  # the file holds only what the inputs determine
         (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
         ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))

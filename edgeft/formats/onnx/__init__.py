@@ -59,9 +59,10 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
     return CONVERSION, out.path
 
 
-def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None) -> Path:
+def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None, progress=None) -> Path:
     """``target``'s onnxruntime-genai folder: export and quantization are one builder run
-    (``calibration`` is unused: the builder's quantizers here take no calibration data)."""
+    (``calibration`` is unused: the builder's quantizers here take no calibration data; nor is
+    ``progress``: the builder reports nothing step by step)."""
     from .export import export
 
     if target.quant == "fp32" and not target.options:
