@@ -81,7 +81,32 @@ OTHER_ADAPTABLE = ("lm_head", "embed_tokens")
 
 # Bump when the materialised folder's content changes for the same GGUF (e.g. a new tokenizer
 # repair); it is part of the cache key, so old folders are rebuilt instead of silently reused.
+# A built-in's own repairs (chat template, stop tokens) enter the key as parameters instead, so
+# adding one to a model rebuilds that model only.
 MATERIALISE_FORMAT = 1
+
+# Gemma 3's turn layout, as Google's instruction-tuned checkpoints are prompted (and as apps such
+# as llama.cpp's server and Ollama expect for the gemma3 family): a BOS, then
+# "<start_of_turn>user|model\n" + content + "<end_of_turn>\n" per message. There is no system
+# role; a system message is put in front of the first user message. The base model's GGUF carries
+# no template at all, and training needs one to find the reply tokens and to teach the model to
+# end its turn with <end_of_turn>.
+GEMMA3_CHAT_TEMPLATE = r"""{{- bos_token -}}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system = messages[0]['content'] ~ '\n\n' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {{- '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\n' -}}
+  {{- (system if loop.first else '') ~ (message['content'] | trim) ~ '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<start_of_turn>model\n' -}}
+{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,11 @@ class BuiltinModel:
     # always one token, matched longest first, never built by merges (see _restore_user_defined_runs).
     whitespace_runs: bool = False
     license_file: str | None = None  # licence text inside the package, copied into the HF folder
+    # A base model's GGUF may carry no chat template; this one is written into the folder instead.
+    chat_template: str | None = None
+    # Tokens that end a chat turn besides the GGUF's EOS: generation stops on them too (written to
+    # generation_config.json as eos_token_id [EOS, ...], as Google's checkpoints do).
+    turn_end_tokens: tuple[str, ...] = ()
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -122,6 +152,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         assembled=True,
         whitespace_runs=True,
         license_file="data/GEMMA_TERMS.html",
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        turn_end_tokens=("<end_of_turn>",),
     ),
 }
 
@@ -263,7 +295,11 @@ def _materialise_stage(name: str, spec: BuiltinModel) -> StageOutput:
     gguf_path = builtin_gguf_path(name)
     st = gguf_path.stat()
     inputs = {"gguf": _gguf_digest(gguf_path, st.st_size, st.st_mtime_ns)}
-    params = {"format": MATERIALISE_FORMAT, "gguf_file": spec.gguf_file}
+    params: dict[str, Any] = {"format": MATERIALISE_FORMAT, "gguf_file": spec.gguf_file}
+    if spec.chat_template:
+        params["chat_template"] = spec.chat_template
+    if spec.turn_end_tokens:
+        params["turn_end_tokens"] = list(spec.turn_end_tokens)
     key = stage_key("materialise", inputs, params)
     final = cache_root() / "models" / f"{name}-{key[:12]}"
     if hit := cached(final, key):
@@ -296,12 +332,18 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
     if spec.whitespace_runs:
         _restore_user_defined_runs(tokenizer)
 
-    # Generation stops at the chat turn end (<|im_end|> for SmolLM2), which the GGUF declares as
-    # its EOS; keep config, generation config and tokenizer in agreement.
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template  # saved as chat_template.jinja
+
+    # Generation stops at the chat turn end: for SmolLM2 the GGUF's EOS is <|im_end|>; Gemma's EOS
+    # is <eos> and a turn ends on <end_of_turn>, so its generation config lists both. Keep config,
+    # generation config and tokenizer in agreement.
+    stops = [tokenizer.eos_token_id, *(_token_id(tokenizer, t, gguf_path) for t in spec.turn_end_tokens)]
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id = tokenizer.bos_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
 
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -320,7 +362,17 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
             "pad": tokenizer.pad_token,
             "unk": tokenizer.unk_token,
         },
+        "stop_token_ids": stops,
+        "chat_template": "edgeft's (the GGUF has none)" if spec.chat_template else "the GGUF's",
     }
+
+
+def _token_id(tokenizer: Any, token: str, gguf_path: Path) -> int:
+    """The id of a single-token string, or ModelError (the GGUF is not the model the table expects)."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ModelError(f"{gguf_path}: {token!r} is not one token in this vocabulary ({ids})")
+    return ids[0]
 
 
 def _restore_digit_split(tokenizer: Any) -> None:

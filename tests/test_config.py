@@ -5,7 +5,8 @@ import pytest
 from edgeft.config import load_config
 from edgeft.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cooking" / "edgeft.toml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE = EXAMPLES / "cooking" / "edgeft.toml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -19,6 +20,22 @@ def test_shipped_example_config_is_valid():
     assert cfg.model == "smollm2-135m"
     assert cfg.data.train.is_file() and cfg.data.eval.is_file()
     assert cfg.train.method == "lora"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.toml")), ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    """Each example names the command that uses it on its first line, and its data files exist."""
+    cfg = load_config(path)
+    assert cfg.data.train.is_file() and cfg.data.eval.is_file()
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# edgeft build --config ") and f"examples/{path.relative_to(EXAMPLES)}" in first
+
+
+def test_the_gemma_example_shares_the_cooking_data():
+    cfg = load_config(EXAMPLES / "cooking" / "edgeft-gemma.toml")
+    base = load_config(EXAMPLE)
+    assert cfg.model == "gemma3-270m"
+    assert (cfg.data.train, cfg.data.eval) == (base.data.train, base.data.eval)
 
 
 def test_paths_resolve_against_the_config_folder(tmp_path):

@@ -105,3 +105,44 @@ def test_gemma3_builtin_records_its_licence(gemma3_dir: Path) -> None:
     assert (gemma3_dir / "GEMMA_TERMS.html").is_file()
     config = json.loads((gemma3_dir / "config.json").read_text())
     assert config["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in config
+
+
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Safe temp for chicken?"},
+    {"role": "assistant", "content": "165°F (74°C). "},
+]
+
+
+def test_gemma3_chat_template_renders_gemmas_turn_layout() -> None:
+    """System text joins the first user turn; replies are trimmed and end on <end_of_turn>."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from edgeft.models import GEMMA3_CHAT_TEMPLATE
+
+    template = ImmutableSandboxedEnvironment().from_string(GEMMA3_CHAT_TEMPLATE)
+    assert template.render(messages=CHAT, bos_token="<bos>") == (
+        "<bos><start_of_turn>user\nAnswer briefly.\n\nSafe temp for chicken?<end_of_turn>\n"
+        "<start_of_turn>model\n165°F (74°C).<end_of_turn>\n"
+    )
+    assert template.render(messages=CHAT[1:2], bos_token="<bos>", add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nSafe temp for chicken?<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_gemma3_folder_carries_a_chat_template_and_stops_on_end_of_turn(gemma3_dir: Path) -> None:
+    """Opt-in: the base model's GGUF has no template; the folder gets Gemma's, generation stops on
+    <eos> and <end_of_turn>, and a training example's labels end on <end_of_turn>."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from edgeft.data import Example
+    from edgeft.train import IGNORE_INDEX, tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(gemma3_dir)
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert (gemma3_dir / "chat_template.jinja").is_file()
+    assert GenerationConfig.from_pretrained(gemma3_dir).eos_token_id == [tok.eos_token_id, end_of_turn]
+    row = tokenize_example(tok, Example(CHAT[1:]), 128)
+    learned = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
+    assert tok.decode(learned) == "165°F (74°C).<end_of_turn>\n"
+    assert row["input_ids"][0] == tok.bos_token_id and row["input_ids"].count(tok.bos_token_id) == 1

@@ -42,10 +42,8 @@ def _check_installed(folder: Path) -> Path:
     return script
 
 
-def convert(model_dir: Path, out_file: Path, outtype: str) -> dict[str, Any]:
-    """Run llama.cpp's converter on ``model_dir``; return what was written, as the native exporter does."""
-    import gguf
-
+def command(model_dir: Path, out_file: Path, outtype: str) -> tuple[list[str], dict[str, str]]:
+    """The converter's command line and environment (also used by scripts/compare_exporters.py)."""
     folder = converter_dir()
     script = _check_installed(folder)
     env = {
@@ -53,9 +51,16 @@ def convert(model_dir: Path, out_file: Path, outtype: str) -> dict[str, Any]:
         "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     env["HF_HUB_OFFLINE"] = "1"  # it must read the folder, never the hub
-    command = [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out_file)]
+    return [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out_file)], env
+
+
+def convert(model_dir: Path, out_file: Path, outtype: str) -> dict[str, Any]:
+    """Run llama.cpp's converter on ``model_dir``; return what was written, as the native exporter does."""
+    import gguf
+
+    command_line, env = command(model_dir, out_file, outtype)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
+        done = subprocess.run(command_line, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         Path(out_file).unlink(missing_ok=True)
         raise ModelError(f"{model_dir}: {NAME} did not finish within {_TIMEOUT_S} s") from None
