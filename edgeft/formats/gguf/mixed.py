@@ -211,12 +211,15 @@ def measure(
 
 def check_budget(layout: Layout, mix: tuple[str, ...], max_size_mb: float) -> None:
     """Refuse, before any probe runs, a budget below the file with every tensor at the lowest type."""
-    max_bytes = int(max_size_mb * 1e6)
     smallest = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, mix[0])) for g in layout.groups)
+    _check_fits(int(max_size_mb * 1e6), smallest, mix[0])
+
+
+def _check_fits(max_bytes: int, smallest: int, lowest: str) -> None:
     if smallest > max_bytes:
         raise ConfigError(
             f"max_size_mb = {max_bytes / 1e6:g}: the smallest file this mix can make is {smallest / 1e6:.1f} MB "
-            f"(every tensor at {mix[0]}); raise max_size_mb or add a smaller type to mix"
+            f"(every tensor at {lowest}); raise max_size_mb or add a smaller type to mix"
         )
 
 
@@ -229,11 +232,7 @@ def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> di
     groups = sensitivity["groups"]
     room = max_bytes - sensitivity["fixed_bytes"]
     smallest = sensitivity["fixed_bytes"] + sum(min(o["bytes"] for o in g["options"]) for g in groups)
-    if room <= 0 or smallest > max_bytes:
-        raise ConfigError(
-            f"max_size_mb = {max_bytes / 1e6:g}: the smallest file this mix can make is {smallest / 1e6:.1f} MB "
-            f"(every tensor at {sensitivity['mix'][0]}); raise max_size_mb or add a smaller type to mix"
-        )
+    _check_fits(max_bytes, smallest, sensitivity["mix"][0])  # smallest >= fixed_bytes, so room > 0 after it
     unit = max(1, math.ceil(room / units))
     cap = room // unit
     best = np.zeros(cap + 1)  # least cost within c units, groups so far
