@@ -73,7 +73,7 @@ def _toy_sensitivity(rng: np.random.Generator, n_groups: int) -> dict:
 
 def test_the_plan_is_the_cheapest_assignment_that_fits():
     """Against brute force over every assignment of a small problem, for budgets across the range."""
-    from edgeft.formats.gguf.mixed import plan
+    from edgeft.precision_plan import plan
 
     rng = np.random.default_rng(0)
     for _ in range(6):
@@ -92,7 +92,7 @@ def test_the_plan_is_the_cheapest_assignment_that_fits():
 
 
 def test_a_budget_no_mix_meets_is_one_clear_error():
-    from edgeft.formats.gguf.mixed import plan
+    from edgeft.precision_plan import plan
 
     sens = _toy_sensitivity(np.random.default_rng(1), 4)
     with pytest.raises(ConfigError, match=r"max_size_mb = 0\.001: the smallest file this mix can make is .* MB"):

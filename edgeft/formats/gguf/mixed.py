@@ -9,8 +9,8 @@ goes through two steps after the F32 export:
    other tensor at the highest, and we measure how much mean KL divergence against the F32 export
    (llama.cpp on both sides, every position of a few calibration chunks) that one change adds.
 2. the plan: one type per group, chosen to minimise the summed added KLD with the whole file at most
-   ``max_size_mb`` (an exact multiple-choice knapsack over byte units; sizes are computed from the
-   tensor shapes, not guessed). llama.cpp then writes that plan through ``tt_overrides`` in its C API,
+   ``max_size_mb`` (:func:`edgeft.precision_plan.plan`, an exact multiple-choice knapsack over byte
+   units; sizes are computed from the tensor shapes, not guessed). llama.cpp then writes that plan through ``tt_overrides`` in its C API,
    one exact-name pattern per tensor, in the usual ``quantize`` stage.
 
 Summing per-group effects assumes they add up, which holds while each is small against the whole;
@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import ConfigError, ModelError
+from ...precision_plan import check_fits
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, read_gguf
 
@@ -212,56 +213,7 @@ def measure(
 def check_budget(layout: Layout, mix: tuple[str, ...], max_size_mb: float) -> None:
     """Refuse, before any probe runs, a budget below the file with every tensor at the lowest type."""
     smallest = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, mix[0])) for g in layout.groups)
-    _check_fits(int(max_size_mb * 1e6), smallest, mix[0])
-
-
-def _check_fits(max_bytes: int, smallest: int, lowest: str) -> None:
-    if smallest > max_bytes:
-        raise ConfigError(
-            f"max_size_mb = {max_bytes / 1e6:g}: the smallest file this mix can make is {smallest / 1e6:.1f} MB "
-            f"(every tensor at {lowest}); raise max_size_mb or add a smaller type to mix"
-        )
-
-
-def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> dict[str, Any]:
-    """One mix level per group: least summed added KLD with the file at most ``max_bytes``.
-
-    Exact for the byte resolution used (``max_bytes / units``, a few kB): sizes are rounded up, so the
-    plan never exceeds the budget. Measured KLD changes below zero (noise: a lower type that happened
-    to agree better) count as zero."""
-    groups = sensitivity["groups"]
-    room = max_bytes - sensitivity["fixed_bytes"]
-    smallest = sensitivity["fixed_bytes"] + sum(min(o["bytes"] for o in g["options"]) for g in groups)
-    _check_fits(max_bytes, smallest, sensitivity["mix"][0])  # smallest >= fixed_bytes, so room > 0 after it
-    unit = max(1, math.ceil(room / units))
-    cap = room // unit
-    best = np.zeros(cap + 1)  # least cost within c units, groups so far
-    choice = np.zeros((len(groups), cap + 1), dtype=np.int16)
-    for gi, g in enumerate(groups):
-        new = np.full(cap + 1, np.inf)
-        for oi, o in enumerate(g["options"]):
-            w = math.ceil(o["bytes"] / unit)
-            if w > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[w:] = best[: cap + 1 - w] + max(0.0, o["added_kld"])
-            better = cand < new
-            new[better] = cand[better]
-            choice[gi, better] = oi
-        best = new
-    c = cap
-    picked = []
-    for gi in reversed(range(len(groups))):
-        o = groups[gi]["options"][choice[gi, c]]
-        picked.append((groups[gi], o))
-        c -= math.ceil(o["bytes"] / unit)
-    picked.reverse()
-    return {
-        "levels": {g["name"]: o["level"] for g, o in picked},
-        "predicted_added_kld": float(sum(max(0.0, o["added_kld"]) for _, o in picked)),
-        "predicted_bytes": int(sensitivity["fixed_bytes"] + sum(o["bytes"] for _, o in picked)),
-        "max_bytes": int(max_bytes),
-    }
+    check_fits(int(max_size_mb * 1e6), smallest, mix[0])
 
 
 def assign(layout: Layout, levels: dict[str, str]) -> dict[str, str]:

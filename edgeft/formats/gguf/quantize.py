@@ -122,12 +122,14 @@ def quantize(
     if sensitivity_dir is not None:
         import json
 
+        from ...precision_plan import plan as choose
+
         if max_size_mb is None:
             raise ConfigError("a mixed-precision quantization needs max_size_mb")
         inputs["sensitivity"] = content_hash(sensitivity_dir)
         params["max_size_mb"] = max_size_mb
         sensitivity = json.loads((Path(sensitivity_dir) / mixed.SENSITIVITY_FILE).read_text())
-        plan = mixed.plan(sensitivity, int(max_size_mb * 1e6))
+        plan = choose(sensitivity, int(max_size_mb * 1e6))
         tensor_types = mixed.assign(mixed.Layout.of(src), plan["levels"])
     if imatrix_dir is not None:
         from ...stage import read_manifest
