@@ -15,7 +15,10 @@ from .types import KNOBS, PRECISIONS
 
 NAME = "onnx"
 RUNTIME = "onnxruntime-genai"
-TARGET_KEYS: tuple[str, ...] = tuple(KNOBS)
+# max_size_mb | max_size_ratio (× the all-int4 folder): int4 with the MatMuls whose rounding costs
+# most kept at int8, chosen from a measured sensitivity sweep to fit that size (see .mixed)
+PLAN_KEYS: tuple[str, ...] = ("max_size_mb", "max_size_ratio")
+TARGET_KEYS: tuple[str, ...] = (*KNOBS, *PLAN_KEYS)
 ARTIFACT_HINT = "an onnxruntime-genai folder (genai_config.json, model.onnx)"
 CONVERSION = "onnx-fp32"
 
@@ -27,7 +30,12 @@ Run = Callable[[str, Callable[[], Any]], Any]
 def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> None:
     if quant not in PRECISIONS:
         raise ConfigError(f"{where}: quant: expected one of {', '.join(PRECISIONS)}, got {quant!r}")
+    planning = [k for k in PLAN_KEYS if k in options]
+    if planning:
+        _check_plan_keys(quant, options, planning, where)
     for key, value in options.items():
+        if key in PLAN_KEYS:
+            continue
         allowed = KNOBS[key][0]
         if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
             raise ConfigError(f"{where}: {key}: expected one of {', '.join(map(str, allowed))}, got {value!r}")
@@ -35,6 +43,24 @@ def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> 
         raise ConfigError(f"{where}: {sorted(options)[0]}: fp32 targets take no quantization options")
     if options.get("shared_embeddings") and quant != "int4":
         raise ConfigError(f"{where}: shared_embeddings: only int4 can quantize the embedding with the head")
+
+
+def _check_plan_keys(quant: str, options: dict[str, Any], planning: list[str], where: str) -> None:
+    if len(planning) > 1:
+        raise ConfigError(f"{where}: max_size_mb and max_size_ratio: give one size budget, not both")
+    key = planning[0]
+    size = options[key]
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < float("inf"):
+        raise ConfigError(f"{where}: {key}: expected a positive number, got {size!r}")
+    if key == "max_size_ratio" and size < 1:
+        raise ConfigError(f"{where}: max_size_ratio: expected at least 1 (× the all-int4 folder), got {size!r}")
+    if quant != "int4":
+        raise ConfigError(f'{where}: {key}: a size budget mixes int4 and int8 MatMuls; set quant = "int4"')
+    # the sweep measures the builder's default rounding at 32-value blocks with the head quantized
+    fixed = {"algo_config": "default", "block_size": 32, "exclude_lm_head_quant": False}
+    for knob, value in fixed.items():
+        if knob in options and options[knob] != value:
+            raise ConfigError(f"{where}: {knob}: a size-budgeted target uses {value!r}, got {options[knob]!r}")
 
 
 def bytes_per_token(folder: Path) -> int:
@@ -60,15 +86,48 @@ def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
 
 
 def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration=None, progress=None) -> Path:
-    """``target``'s onnxruntime-genai folder: export and quantization are one builder run
-    (``calibration`` is unused: the builder's quantizers here take no calibration data; nor is
-    ``progress``: the builder reports nothing step by step)."""
+    """``target``'s onnxruntime-genai folder: export and quantization are one builder run. A target
+    with a size budget first measures every MatMul's sensitivity on the task's calibration set and
+    has the builder keep the plan's MatMuls at int8 (see :mod:`.mixed`)."""
     from .export import export
 
     if target.quant == "fp32" and not target.options:
         return conversion(merged_dir, out_dir, run)[1]
+    knobs = {k: v for k, v in target.options.items() if k not in PLAN_KEYS}
+    if not any(k in target.options for k in PLAN_KEYS):
+        out = run(f"export {target.name}", lambda: export(merged_dir, Path(out_dir) / target.name, target.quant, knobs))
+        return out.path
+    if calibration is None:
+        raise ConfigError(f"--target {target.name}: a size budget needs a calibration set (a build)")
+    return _mixed(target, knobs, merged_dir, Path(out_dir), run, threads, calibration, progress)
+
+
+def _mixed(target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: Run, threads, calibration, progress):
+    from . import mixed
+    from .export import export
+
+    fp32 = conversion(merged_dir, out_dir, run)[1]
+    # the all-int4 folder this plan starts from: onnx-int4 itself when the knobs are the defaults
+    base = "onnx-int4" if not knobs else f"{target.name}-all-int4"
+    int4 = run(f"export {base}", lambda: export(merged_dir, out_dir / base, "int4", knobs)).path
+    try:  # before the sweep spends minutes on a budget no plan can meet
+        mixed.check_budget(target.options, fp32, int4)
+    except ConfigError as e:
+        raise ConfigError(f"--target {target.name}: {e}") from None
+    chunks = calibration("task", "sensitivity")
+    sensitivity = run(
+        "sensitivity onnx-int4-int8",
+        lambda: mixed.sensitivity_stage(fp32, int4, out_dir / "sensitivity-onnx-int4-int8", chunks, threads, progress),
+    ).path
+    chosen = mixed.read_plan(sensitivity, target.options, f"--target {target.name}")
+    promoted = mixed.overrides(chosen["levels"])
+    record = {
+        "plan": {k: v for k, v in chosen.items() if k != "levels"},
+        "int8_nodes": [o["match"]["name"] for o in promoted],
+    }
     out = run(
         f"export {target.name}",
-        lambda: export(merged_dir, Path(out_dir) / target.name, target.quant, dict(target.options)),
+        lambda: export(merged_dir, out_dir / target.name, "int4", knobs, overrides=promoted, record=record),
     )
+    mixed.check_written(out.path, chosen)
     return out.path

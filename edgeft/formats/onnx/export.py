@@ -14,6 +14,7 @@ that belongs in the build process. A model it cannot export is a ModelError carr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -39,8 +40,17 @@ def builder_options(options: dict[str, Any]) -> list[str]:
     return extra
 
 
-def write_onnx(model_dir: Path, out_dir: Path, quant: str, options: dict[str, Any], timeout: float = 1800) -> dict:
-    """Run the builder for ``model_dir`` into ``out_dir`` (which must exist and be empty)."""
+def write_onnx(
+    model_dir: Path,
+    out_dir: Path,
+    quant: str,
+    options: dict[str, Any],
+    timeout: float = 1800,
+    overrides: list[dict[str, Any]] | None = None,
+) -> dict:
+    """Run the builder for ``model_dir`` into ``out_dir`` (which must exist and be empty).
+    ``overrides``: per-node weight types (``quant_config.weights.overrides``, e.g. a mixed plan's
+    ``{"match": {"name": "/model/layers.3/attn/qkv_proj/MatMul"}, "type": "int8"}``)."""
     check_model_dir(model_dir)
     cache = out_dir.parent / f".{out_dir.name}.builder-cache"
     cmd = [
@@ -48,6 +58,8 @@ def write_onnx(model_dir: Path, out_dir: Path, quant: str, options: dict[str, An
         "--model", str(model_dir), "--out", str(out_dir), "--precision", PRECISIONS[quant], "--cache", str(cache),
         *[f"--option={o}" for o in builder_options(options)],
     ]  # fmt: skip
+    if overrides:
+        cmd.append("--overrides=" + json.dumps(overrides))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -60,7 +72,10 @@ def write_onnx(model_dir: Path, out_dir: Path, quant: str, options: dict[str, An
         raise ModelError(
             f"{model_dir}: onnxruntime-genai's builder cannot export it: {lines[-1][:300] if lines else 'no output'}"
         )
-    return {"precision": PRECISIONS[quant], "builder_options": builder_options(options), "exporter": _versions()}
+    done_info = {"precision": PRECISIONS[quant], "builder_options": builder_options(options), "exporter": _versions()}
+    if overrides:
+        done_info["weight_overrides"] = len(overrides)
+    return done_info
 
 
 def _versions() -> dict[str, str]:
@@ -75,22 +90,52 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def export(model_dir: Path, out_dir: Path, quant: str, options: dict[str, Any]) -> StageOutput:
-    """Cached stage: ``out_dir`` becomes an onnxruntime-genai folder of ``model_dir`` in ``quant``."""
+def export(
+    model_dir: Path,
+    out_dir: Path,
+    quant: str,
+    options: dict[str, Any],
+    overrides: list[dict[str, Any]] | None = None,
+    record: dict[str, Any] | None = None,
+) -> StageOutput:
+    """Cached stage: ``out_dir`` becomes an onnxruntime-genai folder of ``model_dir`` in ``quant``
+    (``record``: what the manifest should also say, e.g. the plan the overrides come from)."""
     inputs = {"model": content_hash(model_dir)}
-    params = {"quant": quant, "options": options}
-    return run_stage(out_dir, "export", inputs, params, lambda tmp: write_onnx(model_dir, tmp, quant, options))
+    params: dict[str, Any] = {"quant": quant, "options": options}
+    if overrides:
+        params["overrides"] = overrides
+
+    def work(tmp: Path) -> dict[str, Any]:
+        return {**write_onnx(model_dir, tmp, quant, options, overrides=overrides), **(record or {})}
+
+    return run_stage(out_dir, "export", inputs, params, work)
 
 
 # ------------------------------------------------------------------------------------- child process
 
 
-def _build(model: str, out: str, precision: str, cache: str, options: list[str]) -> None:
+def _build(model: str, out: str, precision: str, cache: str, options: list[str], overrides: str | None) -> None:
     from onnxruntime_genai.models import builder
 
     # The builder's own two steps, as its __main__ runs them (its --help crashes on a '%' in a help string).
-    extra = builder.parse_extra_options(None, model, out, precision, "cpu", cache, options)
+    structured = {}
+    if overrides:  # per-node types go through the builder's structured options (builder_config_version 2)
+        weights: dict = {"overrides": json.loads(overrides)}
+        # that path does not carry the tied embedding into the quantizer's op types as the legacy one
+        # does (the embedding would stay an fp32 table): name the Gather when it can share the int4
+        # head (an int8 head cannot be shared by GatherBlockQuantized: the table then stays fp32)
+        head_int4 = not any(o["match"].get("name") == "/lm_head/MatMul" for o in weights["overrides"])
+        if head_int4 and "shared_embeddings=false" not in options and _ties_embeddings(model):
+            weights["op_types"] = ["MatMul", "Gather"]
+        structured["target_options"] = {"quant_config": {"weights": weights}}
+    extra = builder.parse_extra_options(None, model, out, precision, "cpu", cache, options, **structured)
     builder.create_model(None, model, out, precision, "cpu", cache, **extra)
+
+
+def _ties_embeddings(model: str) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model), "tie_word_embeddings", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", required=True, choices=sorted(set(PRECISIONS.values())))
     parser.add_argument("--cache", required=True)
     parser.add_argument("--option", action="append", default=[])
+    parser.add_argument("--overrides", default=None, help="JSON list of the builder's weight overrides")
     a = parser.parse_args(argv)
     try:
-        _build(a.model, a.out, a.precision, a.cache, a.option)
+        _build(a.model, a.out, a.precision, a.cache, a.option, a.overrides)
     except ImportError as e:
         print(f"onnxruntime-genai is not installed ({first_line(e)}): pip install 'edgeft[onnx]'", file=sys.stderr)
         return 2

@@ -1,0 +1,337 @@
+"""Mixed int4/int8 ONNX under a size budget: per-MatMul bit widths chosen from measured sensitivity.
+
+The same method as :mod:`edgeft.formats.gguf.mixed`, for onnxruntime's MatMulNBits:
+
+1. stage ``sensitivity``: every quantizable MatMul of the fp32 export (one *group* per node: each
+   layer's fused q/k/v projection, output projection, gate, up and down projections, and the LM
+   head, which a tied embedding shares) is probed on its own. The probe model is the fp32 export
+   with its MatMul weights turned into graph inputs, so one onnxruntime session serves every probe:
+   all weights are fed rounded through onnxruntime's own int8 block quantizer (the kernel the builder
+   calls), except the probed node's, fed rounded through its int4 quantizer. The added mean KL
+   divergence against the fp32 model, over every position of the calibration chunks, is that node's
+   sensitivity. Rounding is simulated in fp32 (quantize, then dequantize), so what is measured is the
+   weights' rounding; the int8 activations of ``accuracy_level = 4`` are common to every plan.
+2. the plan: :func:`edgeft.precision_plan.plan`, the exact knapsack the GGUF path uses, over the
+   bytes each node's MatMulNBits initializers take at each width (computed from the shapes).
+3. the builder writes the plan: the int4 export with an exact-name ``int8`` override per promoted node
+   (``quant_config.weights.overrides``, onnxruntime-genai 0.18's structured options).
+
+The head is a special case when the embedding is tied: at int4 the builder's GatherBlockQuantized
+reads the head's quantized weights, at int8 it cannot (GatherBlockQuantized takes 4 bits only with
+the builder's default quantizer) and the embedding stays an fp32 table. The head's int8 option is
+priced with that table, so a budget near the int4 file never picks it unless it pays.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ...errors import ConfigError, ModelError
+from ...precision_plan import check_fits, plan
+from ...stage import StageOutput, content_hash, run_stage
+from .inspect import genai_config
+
+SENSITIVITY_FILE = "sensitivity.json"
+LEVELS: dict[str, int] = {"int4": 4, "int8": 8}  # mix level → MatMulNBits bits
+BLOCK = 32  # the builder's default block size; a mixed target keeps it
+HEAD = "/lm_head/MatMul"
+
+__all__ = ["plan", "SENSITIVITY_FILE", "LEVELS"]
+
+
+def decoder(folder: Path) -> Path:
+    """The decoder graph's path in an onnxruntime-genai folder."""
+    return Path(folder) / genai_config(folder)["model"]["decoder"]["filename"]
+
+
+def fake_quant(w: np.ndarray, bits: int, block: int = BLOCK) -> np.ndarray:
+    """``w`` [K, N] rounded as MatMulNBits stores it (symmetric, block-wise along K), back in fp32.
+
+    The rounding is onnxruntime's own C++ kernel, the one its MatMulNBitsQuantizer calls; only the
+    unpacking is ours: blocks are [N, k_blocks, block·bits/8] bytes, low nibble first for 4 bits,
+    stored unsigned with the zero point at the middle of the range (8, or 128) and one scale a block.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    k, n = w.shape
+    k_blocks = -(-k // block)
+    padded = np.zeros((k_blocks * block, n), dtype=np.float32)
+    padded[:k] = w
+    packed = np.zeros((n, k_blocks, block * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, k_blocks), dtype=np.float32)
+    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
+    quant = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quant(packed, padded, scales, zero_points, block, n, k_blocks * block, True)
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, block)
+    else:
+        q = packed
+    values = (q.astype(np.float32) - (1 << (bits - 1))) * scales[:, :, None]
+    return np.ascontiguousarray(values.reshape(n, -1)[:, :k].T)
+
+
+def matmul_bytes(k: int, n: int, bits: int, block: int = BLOCK) -> int:
+    """MatMulNBits initializers of a [K, N] weight: packed values and one fp32 scale per block."""
+    k_blocks = -(-k // block)
+    return n * k_blocks * (block * bits // 8) + n * k_blocks * 4
+
+
+@dataclass
+class Layout:
+    """The quantizable MatMuls of an fp32 export (node name → weight initializer and [K, N] shape)."""
+
+    weights: dict[str, str]
+    shapes: dict[str, tuple[int, int]]
+    tied_embedding: tuple[int, int] | None  # (vocab, hidden) when the embedding reads the head's weight
+
+    @classmethod
+    def of(cls, model) -> Layout:
+        inits = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
+        weights, shapes = {}, {}
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and len(node.input) == 2 and len(inits.get(node.input[1], ())) == 2:
+                weights[node.name] = node.input[1]
+                shapes[node.name] = inits[node.input[1]]
+        tied = None
+        head = weights.get(HEAD)
+        if head is not None:
+            produced_by = {o: n for n in model.graph.node for o in n.output}
+            for node in model.graph.node:  # the builder's tied fp32 graph: Gather(Transpose(head weight))
+                src = produced_by.get(node.input[0]) if node.op_type == "Gather" else None
+                if src is not None and src.op_type == "Transpose" and src.input[0] == head:
+                    tied = (shapes[HEAD][1], shapes[HEAD][0])
+        return cls(weights, shapes, tied)
+
+    def option_bytes(self, node: str, level: str) -> int:
+        k, n = self.shapes[node]
+        size = matmul_bytes(k, n, LEVELS[level])
+        if node == HEAD and self.tied_embedding and level != "int4":
+            size += self.tied_embedding[0] * self.tied_embedding[1] * 4  # the embedding table, untied, fp32
+        return size
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _read_external(model, base: Path) -> None:
+    """Inline every initializer's external data (location, offset, length) from files under ``base``."""
+    from onnx import TensorProto
+
+    files: dict[str, np.memmap] = {}
+    for init in model.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        data = files.setdefault(info["location"], np.memmap(base / info["location"], dtype=np.uint8, mode="r"))
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", len(data) - offset))
+        init.raw_data = data[offset : offset + length].tobytes()
+        del init.external_data[:]
+        init.data_location = TensorProto.DEFAULT
+
+
+class ProbeModel:
+    """The fp32 export with its MatMul weights as graph inputs: one session, any rounding of them."""
+
+    def __init__(self, folder: Path, scratch: Path, threads: int = 0):
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        # onnx.load refuses external data with more than one hard link, and stage outputs are
+        # hard-linked from the cache: read the data ourselves
+        model = onnx.load(str(decoder(folder)), load_external_data=False)
+        _read_external(model, Path(folder))
+        self.layout = Layout.of(model)
+        names = set(self.layout.weights.values())
+        self.fp32: dict[str, np.ndarray] = {}
+        kept = []
+        for init in model.graph.initializer:
+            if init.name in names:
+                self.fp32[init.name] = numpy_helper.to_array(init).astype(np.float32, copy=False)
+                model.graph.input.append(
+                    onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, init.dims)
+                )
+            else:
+                kept.append(init)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        path = Path(scratch) / "probe.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
+        del model
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        d = genai_config(folder)["model"]["decoder"]
+        empty = np.zeros((1, int(d["num_key_value_heads"]), 0, int(d["head_size"])), dtype=np.float32)
+        self.past = {i.name: empty for i in self.session.get_inputs() if i.name.startswith("past_key_values")}
+
+    def log_probs(self, chunk: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+        ids = np.asarray(chunk, dtype=np.int64)[None]
+        # no past: [batch, kv heads, 0 positions, head size]
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids), **self.past, **weights}
+        return _log_softmax(self.session.run(["logits"], feeds)[0][0])
+
+
+def measure(
+    fp32_folder: Path,
+    chunks: np.ndarray,
+    scratch: Path,
+    fixed_bytes: int,
+    *,
+    threads: int = 0,
+    shared_embedding: bool = True,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Every MatMul's added KLD at int4 with the rest at int8 (see the module docstring).
+    ``shared_embedding``: whether the int4 file's embedding reads the head's int4 weights."""
+    probe = ProbeModel(fp32_folder, scratch, threads)
+    layout = probe.layout
+    if not shared_embedding:
+        layout.tied_embedding = None  # the embedding is its own table at every head width
+    ref = [probe.log_probs(c, probe.fp32) for c in chunks]
+    int8 = {w: fake_quant(a, 8) for w, a in probe.fp32.items()}
+
+    def kld_with(weights: dict[str, np.ndarray]) -> float:
+        total = 0.0
+        for chunk, lr in zip(chunks, ref):
+            la = probe.log_probs(chunk, weights)
+            total += float((np.exp(lr) * (lr - la)).sum(dtype=np.float64))
+        return total / chunks.size
+
+    start = time.perf_counter()
+    base = kld_with(int8)
+    advance = progress("sensitivity", len(layout.weights)) if progress else (lambda: None)
+    groups = []
+    for node, weight in layout.weights.items():
+        added = kld_with({**int8, weight: fake_quant(probe.fp32[weight], 4)}) - base
+        groups.append(
+            {
+                "name": node,
+                "shape": list(layout.shapes[node]),
+                "options": [
+                    {"level": "int4", "bytes": layout.option_bytes(node, "int4"), "added_kld": added},
+                    {"level": "int8", "bytes": layout.option_bytes(node, "int8"), "added_kld": 0.0},
+                ],
+            }
+        )
+        advance()
+    return {
+        "mix": list(LEVELS),
+        "base_kld": base,
+        "positions": int(chunks.size),
+        "fixed_bytes": int(fixed_bytes),
+        "tied_embedding": list(layout.tied_embedding) if layout.tied_embedding else None,
+        "groups": groups,
+        "probes": 1 + len(groups),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def fixed_bytes(int4_folder: Path, fp32_folder: Path) -> int:
+    """Bytes of the shipped int4 folder that no plan changes (graph, norms, tokenizer, an untied
+    embedding): the all-int4 folder's size (as reported) less its MatMulNBits initializers, with
+    room for the larger graph a mixed file writes (node names and attributes per promoted node)."""
+    import onnx
+
+    from .inspect import describe
+
+    layout = Layout.of(onnx.load(str(decoder(fp32_folder)), load_external_data=False))
+    total = describe(int4_folder)["size_bytes"]
+    return total - sum(layout.option_bytes(n, "int4") for n in layout.shapes) + 4096 + 256 * len(layout.shapes)
+
+
+def budget_bytes(options: dict[str, Any], sensitivity: dict[str, Any]) -> int:
+    """``max_size_mb`` (10^6 bytes), or ``max_size_ratio`` × the all-int4 file."""
+    if "max_size_mb" in options:
+        return int(options["max_size_mb"] * 1e6)
+    all_int4 = sensitivity["fixed_bytes"] + sum(g["options"][0]["bytes"] for g in sensitivity["groups"])
+    return int(options["max_size_ratio"] * all_int4)
+
+
+def overrides(levels: dict[str, str]) -> list[dict[str, Any]]:
+    """A plan's promoted nodes as the builder's exact-name weight overrides."""
+    return [{"match": {"name": node}, "type": level} for node, level in sorted(levels.items()) if level != "int4"]
+
+
+def sensitivity_stage(
+    fp32_dir: Path,
+    int4_dir: Path,
+    out_dir: Path,
+    calibration: Any,
+    threads: int = 0,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> StageOutput:
+    """Cached stage: fp32 export + the all-int4 export + calibration chunks → ``sensitivity.json``."""
+    if not decoder(fp32_dir).is_file():
+        raise ModelError(f"{fp32_dir}: expected the fp32 export's {decoder(fp32_dir).name} there")
+    inputs = {"fp32": content_hash(fp32_dir), "int4": content_hash(int4_dir)}
+    params = {"mix": list(LEVELS), "block_size": BLOCK, "calibration": calibration.describe()}
+
+    def work(tmp: Path) -> dict[str, Any]:
+        scratch = tmp / ".probe"
+        scratch.mkdir()
+        try:
+            result = measure(
+                fp32_dir,
+                calibration.chunks,
+                scratch,
+                fixed_bytes(int4_dir, fp32_dir),
+                threads=threads,
+                progress=progress,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        seconds = result.pop("seconds")  # the file holds only what the inputs determine
+        (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
+        ranked = sorted(result["groups"], key=lambda g: -g["options"][0]["added_kld"])
+        return {
+            "base_kld": result["base_kld"],
+            "probes": result["probes"],
+            "seconds": seconds,
+            "most_sensitive": [g["name"] for g in ranked[:5]],
+        }
+
+    return run_stage(out_dir, "sensitivity", inputs, params, work)
+
+
+def read_plan(sensitivity_dir: Path, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """The plan for a target's budget from a finished sensitivity stage."""
+    sensitivity = json.loads((Path(sensitivity_dir) / SENSITIVITY_FILE).read_text())
+    try:
+        return plan(sensitivity, budget_bytes(options, sensitivity))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_budget(options: dict[str, Any], fp32_dir: Path, int4_dir: Path) -> None:
+    """Refuse, before the sweep, a budget below the all-int4 file."""
+    import onnx
+
+    if "max_size_mb" not in options:
+        return  # a ratio ≥ 1 of the all-int4 file always fits it
+    layout = Layout.of(onnx.load(str(decoder(fp32_dir)), load_external_data=False))
+    smallest = fixed_bytes(int4_dir, fp32_dir) + sum(layout.option_bytes(n, "int4") for n in layout.shapes)
+    check_fits(int(options["max_size_mb"] * 1e6), smallest, "int4")
+
+
+def check_written(folder: Path, chosen: dict[str, Any]) -> None:
+    """The written folder is within the plan's budget; a larger one is our bug, not the user's input."""
+    from .inspect import describe
+
+    size = describe(folder)["size_bytes"]
+    if size > chosen["max_bytes"]:
+        raise RuntimeError(
+            f"{folder}: {size} bytes written for a plan of {chosen['predicted_bytes']} within {chosen['max_bytes']}"
+        )

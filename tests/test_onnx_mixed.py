@@ -1,0 +1,257 @@
+"""Size-budgeted ONNX: per-MatMul int4/int8 from a measured sensitivity sweep, written by the builder.
+
+The rounding the sweep simulates is checked against onnxruntime's MatMulNBits itself; the sweep, the
+plan and the folder the builder writes are checked against each other on a tiny llama (real
+SmolLM2 tokenizer), and the plan against the opposite plan on held-out KLD.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.errors import ConfigError
+
+from .tiny import make_tiny_llama
+
+pytest.importorskip("onnxruntime_genai")
+
+COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+
+
+def _matmulnbits(w: np.ndarray, bits: int, tmp: Path):
+    """A one-MatMul model quantized by onnxruntime's own MatMulNBitsQuantizer (fp32 compute)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=1)
+    q.process()
+    path = tmp / f"mm{bits}.onnx"
+    onnx.save(q.model.model, str(path))
+    quantized = onnx.load(str(path))
+    nbytes = sum(numpy_helper.to_array(i).nbytes for i in quantized.graph.initializer)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), nbytes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [96, 80])  # 80: the last block is padded
+def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
+    from edgeft.formats.onnx.mixed import fake_quant, matmul_bytes
+
+    rng = np.random.default_rng(bits + k)
+    w = (rng.standard_normal((k, 48)) * np.exp(rng.standard_normal((k, 1)))).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    session, nbytes = _matmulnbits(w, bits, tmp_path)
+    want = session.run(["y"], {"x": x})[0]
+    got = x @ fake_quant(w, bits)
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert not np.allclose(x @ w, want, rtol=1e-3)  # the rounding is real, and it is what we reproduce
+    assert matmul_bytes(k, 48, bits) == nbytes
+
+
+# ---------------------------------------------------------------- the sweep, the plan and the folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer) -> dict:
+    """A tiny tied llama with loud channels in layer 1, so that MatMuls differ in sensitivity."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.calibration import build_set
+    from edgeft.formats.onnx.export import export
+
+    root = tmp_path_factory.mktemp("onnx-mixed")
+    hf = make_tiny_llama(root / "hf", tokenizer, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(torch.exp(0.8 * torch.randn(p.shape, generator=gen)))
+                if ".1." in name:
+                    p[torch.randperm(p.numel(), generator=gen)[:6]] *= 12.0
+    model.save_pretrained(hf)
+    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=128, task_share=0.5)
+    return {
+        "hf": hf,
+        "root": root,
+        "fp32": export(hf, root / "onnx-fp32", "fp32", {}).path,
+        "int4": export(hf, root / "onnx-int4", "int4", {}).path,
+        "calib": calib.spread(512),
+    }
+
+
+def _nodes(folder: Path) -> dict[str, int]:
+    """MatMulNBits node (its source MatMul's name) → bits, as written."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            out[node.name.rsplit("_Q", 1)[0]] = next(a.i for a in node.attribute if a.name == "bits")
+    return out
+
+
+def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
+    from edgeft.data import load_jsonl
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+
+    def logp(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    seqs = [
+        tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+        for ex in load_jsonl(COOKING / "eval.jsonl")[:12]
+    ]
+    seqs = [list(s["input_ids"] if hasattr(s, "keys") else s) for s in seqs]
+    a, b = OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2)
+    out = []
+    for s in seqs:
+        lp, lq = logp(a.logits(s)), logp(b.logits(s))
+        out.append((np.exp(lp) * (lp - lq)).sum(-1))
+    return float(np.concatenate(out).mean())
+
+
+def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer, tmp_path):
+    from edgeft.formats.onnx.export import export
+    from edgeft.formats.onnx.inspect import describe
+    from edgeft.formats.onnx.mixed import HEAD, SENSITIVITY_FILE, overrides, read_plan, sensitivity_stage
+
+    sens_dir = sensitivity_stage(tiny["fp32"], tiny["int4"], tmp_path / "sens", tiny["calib"], threads=2).path
+    sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
+    groups = {g["name"]: g for g in sens["groups"]}
+    # one group per MatMul the builder quantizes, named as the builder names them
+    assert set(groups) == set(_nodes(tiny["int4"]))
+    assert len(groups) == 3 * 5 + 1 and HEAD in groups
+    assert sens["probes"] == 1 + len(groups)
+    # the tied embedding shares the int4 head; at int8 it would be an fp32 table of its own
+    vocab, hidden = sens["tied_embedding"]
+    head = {o["level"]: o["bytes"] for o in groups[HEAD]["options"]}
+    assert head["int8"] - head["int4"] > vocab * hidden * 4
+    added = {name: g["options"][0]["added_kld"] for name, g in groups.items()}
+    assert max(added.values()) > 3 * min(v for v in added.values() if v > 0)
+    # the all-int4 size the plan starts from is the real one, within the slack for graph growth
+    all_int4 = sens["fixed_bytes"] + sum(g["options"][0]["bytes"] for g in sens["groups"])
+    assert 0 <= all_int4 - describe(tiny["int4"])["size_bytes"] < 16_384
+
+    # room for about half the body's extra int8 bytes (the head's int8 option, with its fp32 table, never fits)
+    extra = sum(g["options"][1]["bytes"] - g["options"][0]["bytes"] for n, g in groups.items() if n != HEAD)
+    chosen = read_plan(sens_dir, {"max_size_mb": (all_int4 + extra / 2) / 1e6}, "t")
+    assert chosen["levels"][HEAD] == "int4"
+    promoted = overrides(chosen["levels"])
+    assert 0 < len(promoted) < len(groups) - 1  # the budget forced a real mix
+    out = export(tiny["hf"], tmp_path / "mixed", "int4", {}, overrides=promoted).path
+    written = _nodes(out)
+    assert {n for n, b in written.items() if b == 8} == {o["match"]["name"] for o in promoted}
+    assert describe(out)["size_bytes"] <= chosen["max_bytes"]
+
+    # the opposite plan: what the plan kept at int8 goes to int4, the least sensitive others go up
+    room = chosen["max_bytes"] - all_int4
+    opposite = []
+    for name in sorted((n for n in groups if chosen["levels"][n] == "int4"), key=added.get):
+        opt = {o["level"]: o["bytes"] for o in groups[name]["options"]}
+        if opt["int8"] - opt["int4"] <= room:
+            opposite.append({"match": {"name": name}, "type": "int8"})
+            room -= opt["int8"] - opt["int4"]
+    other = export(tiny["hf"], tmp_path / "opposite", "int4", {}, overrides=opposite).path
+    assert describe(other)["size_bytes"] <= chosen["max_bytes"]
+    kld_plan = _held_out_kld(tiny["fp32"], out, tokenizer)
+    kld_opposite = _held_out_kld(tiny["fp32"], other, tokenizer)
+    assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
+
+
+def test_a_budget_below_the_all_int4_folder_is_refused(tiny):
+    from edgeft.formats.onnx.mixed import check_budget
+
+    with pytest.raises(ConfigError, match=r"max_size_mb = 0.5: the smallest file this mix can make is [\d.]+ MB"):
+        check_budget({"max_size_mb": 0.5}, tiny["fp32"], tiny["int4"])
+    check_budget({"max_size_mb": 500}, tiny["fp32"], tiny["int4"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('quant = "int4"\nmax_size_mb = 100\nmax_size_ratio = 1.1\n', "max_size_mb and max_size_ratio: give one"),
+        ('quant = "int4"\nmax_size_ratio = 0.9\n', "max_size_ratio: expected at least 1"),
+        ('quant = "int4"\nmax_size_mb = "100"\n', "max_size_mb: expected a positive number"),
+        ('quant = "int8"\nmax_size_ratio = 1.15\n', 'max_size_ratio: a size budget mixes int4 and int8 MatMuls; set quant = "int4"'),
+        ('quant = "int4"\nmax_size_ratio = 1.15\nalgo_config = "k_quant"\n', "algo_config: a size-budgeted target uses 'default'"),
+        ('quant = "int4"\nmax_size_ratio = 1.15\nblock_size = 64\n', "block_size: a size-budgeted target uses 32"),
+    ],
+)  # fmt: skip
+def test_budget_target_fields_are_checked(tmp_path, monkeypatch, body, message):
+    from edgeft.targets import get_target
+
+    monkeypatch.setenv("EDGEFT_TARGETS", str(tmp_path))
+    (tmp_path / "x.toml").write_text('format = "onnx"\n' + body)
+    with pytest.raises(ConfigError, match=re.escape("x.toml: " + message)):
+        get_target("x")
+
+
+def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
+    """Through `edgeft build`: the row and the plan in the folder's manifest; then a budget below the
+    all-int4 folder is one line, exit 2, with no sensitivity folder written."""
+    model = make_tiny_llama(tmp_path / "model", tokenizer)
+    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
+    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
+    cfg = tmp_path / "edgeft.toml"
+    cfg.write_text(
+        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
+        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n"
+        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
+        "top_k = 8\ngolden = 1\nladder_export = false\n"
+        "[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n"
+    )
+    target = tmp_path / "tiny-onnx-mixed.toml"
+    target.write_text('format = "onnx"\nquant = "int4"\nmax_size_ratio = 1.2\n')
+    out = tmp_path / "build"
+
+    def build():
+        return subprocess.run(
+            [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", str(target), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    proc = build()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "tiny-onnx-mixed" / "manifest.json").read_text())["results"]
+    assert manifest["plan"]["predicted_bytes"] <= manifest["plan"]["max_bytes"]
+    assert manifest["int8_nodes"]  # the budget had room for some
+    rows = {r["stage"]: r for r in json.loads((out / "report.json").read_text())["ladder"]}
+    assert rows["tiny-onnx-mixed"]["kl_divergence_mean"] >= 0
+
+    import shutil
+
+    shutil.rmtree(out / "sensitivity-onnx-int4-int8")
+    target.write_text('format = "onnx"\nquant = "int4"\nmax_size_mb = 0.5\n')
+    proc = build()
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgeft: error")]
+    assert len(lines) == 1 and proc.stderr.strip().endswith(lines[0])
+    assert "--target tiny-onnx-mixed: max_size_mb = 0.5: the smallest file this mix can make is" in lines[0]
+    assert "Traceback" not in proc.stderr and not (out / "sensitivity-onnx-int4-int8").exists()
