@@ -255,3 +255,48 @@ def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the
     assert len(lines) == 1 and proc.stderr.strip().endswith(lines[0])
     assert "--target tiny-onnx-mixed: max_size_mb = 0.5: the smallest file this mix can make is" in lines[0]
     assert "Traceback" not in proc.stderr and not (out / "sensitivity-onnx-int4-int8").exists()
+
+
+# ------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.mark.integration
+def test_smollm2_budgeted_int4_beats_builder_int4_on_held_out_replies(smollm2_dir, edgeft_cache, tokenizer):
+    """The real model, a short sweep (256 task tokens: the test checks the mechanism, the README the
+    figures): within 1.15× the builder's int4 the plan loses well under its KLD, and still answers
+    and stops."""
+    from edgeft.bench.fidelity import reply_sequences
+    from edgeft.calibration import build_set
+    from edgeft.data import load_jsonl
+    from edgeft.formats.onnx.export import export
+    from edgeft.formats.onnx.inspect import describe
+    from edgeft.formats.onnx.mixed import overrides, read_plan, sensitivity_stage
+    from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
+
+    root = edgeft_cache / "onnx-exports"
+    fp32, int4 = (export(smollm2_dir, root / f"{smollm2_dir.name}-{q}", q, {}).path for q in ("fp32", "int4"))
+    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=256, task_share=0.5)
+    sens = sensitivity_stage(fp32, int4, root / f"{smollm2_dir.name}-sensitivity", calib.spread(256), threads=2)
+    chosen = read_plan(sens.path, {"max_size_ratio": 1.15}, "test")
+    promoted = overrides(chosen["levels"])
+    mixed = export(smollm2_dir, root / f"{smollm2_dir.name}-int4-mixed", "int4", {}, overrides=promoted).path
+    assert describe(mixed)["size_bytes"] <= 1.15 * describe(int4)["size_bytes"] + 1e5
+    assert 20 < len(promoted) < 100
+
+    ref, plain, planned = (OnnxGenaiRuntime(p, threads=2) for p in (fp32, int4, mixed))
+    sums = {"int4": [], "mixed": []}
+    for seq in reply_sequences(tokenizer, load_jsonl(COOKING / "eval.jsonl")[:8]):
+        r = ref.logits(seq.tokens)
+        sums["int4"].append(_kld_rows(r, plain.logits(seq.tokens)))
+        sums["mixed"].append(_kld_rows(r, planned.logits(seq.tokens)))
+    kld = {k: float(np.concatenate(v).mean()) for k, v in sums.items()}
+    assert kld["mixed"] < 0.6 * kld["int4"], kld
+    out = planned.generate([{"role": "user", "content": "What is the capital of France? One word."}], 48)
+    assert out.stopped and "Paris" in out.text, out.text
+
+
+def _kld_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    from edgeft.bench.fidelity import log_softmax
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
