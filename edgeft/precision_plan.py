@@ -12,7 +12,9 @@ and share the choice made from it here.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,4 +68,19 @@ def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> di
         "predicted_added_kld": float(sum(max(0.0, o["added_kld"]) for _, o in picked)),
         "predicted_bytes": int(sensitivity["fixed_bytes"] + sum(o["bytes"] for _, o in picked)),
         "max_bytes": int(max_bytes),
+    }
+
+
+def write_sensitivity(folder: Path, result: dict[str, Any], filename: str = "sensitivity.json") -> dict[str, Any]:
+    """Write a sweep's figures into ``folder`` and return what its stage manifest records.
+
+    The sweep's wall time goes to the manifest only, so the same inputs give a byte-identical file."""
+    seconds = result.pop("seconds")
+    (Path(folder) / filename).write_text(json.dumps(result, indent=1))
+    ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))
+    return {
+        "base_kld": result["base_kld"],
+        "probes": result["probes"],
+        "seconds": seconds,
+        "most_sensitive": [g["name"] for g in ranked[:5]],
     }

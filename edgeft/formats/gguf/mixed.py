@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import ConfigError, ModelError
-from ...precision_plan import check_fits
+from ...precision_plan import check_fits, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, read_gguf
 
@@ -231,7 +231,6 @@ def sensitivity_stage(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> StageOutput:
     """Cached stage: F32 GGUF (+ imatrix) + calibration chunks → ``out_dir/sensitivity.json``."""
-    import json
 
     from . import imatrix as im
 
@@ -248,14 +247,6 @@ def sensitivity_stage(
 
     def work(tmp: Path) -> dict[str, Any]:
         result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix, progress=progress)
-        seconds = result.pop("seconds")  # the file holds only what the inputs determine
-        (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
-        ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))
-        return {
-            "base_kld": result["base_kld"],
-            "probes": result["probes"],
-            "seconds": seconds,
-            "most_sensitive": [g["name"] for g in ranked[:5]],
-        }
+        return write_sensitivity(tmp, result, SENSITIVITY_FILE)
 
     return run_stage(out_dir, "sensitivity", inputs, params, work)

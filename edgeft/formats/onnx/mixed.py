@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ...errors import ConfigError, ModelError
-from ...precision_plan import check_fits, plan
+from ...precision_plan import check_fits, plan, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import genai_config
 
@@ -293,15 +293,7 @@ def sensitivity_stage(
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        seconds = result.pop("seconds")  # the file holds only what the inputs determine
-        (tmp / SENSITIVITY_FILE).write_text(json.dumps(result, indent=1))
-        ranked = sorted(result["groups"], key=lambda g: -g["options"][0]["added_kld"])
-        return {
-            "base_kld": result["base_kld"],
-            "probes": result["probes"],
-            "seconds": seconds,
-            "most_sensitive": [g["name"] for g in ranked[:5]],
-        }
+        return write_sensitivity(tmp, result, SENSITIVITY_FILE)
 
     return run_stage(out_dir, "sensitivity", inputs, params, work)
 
