@@ -17,25 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from .tiny import make_tiny_llama
-
-COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+from .tiny import tiny_build_config
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tokenizer) -> Path:
     root = tmp_path_factory.mktemp("killed")
-    model = make_tiny_llama(root / "model", tokenizer)
-    train, eval_ = root / "train.jsonl", root / "eval.jsonl"
-    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:32]))
-    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
-    cfg = root / "edgeft.toml"
-    cfg.write_text(
-        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
-        # enough steps that training is still running when we look for its scratch folder
-        "[train]\nmax_steps = 60\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\n"
-        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
-        "top_k = 8\ngolden = 1\nladder_export = false\n"
+    # enough steps that training is still running when we look for its scratch folder
+    cfg = tiny_build_config(
+        root, tokenizer, "max_steps = 60\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\n", train_rows=32
     )
     return cfg
 

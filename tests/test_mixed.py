@@ -15,7 +15,7 @@ import pytest
 
 from edgeft.errors import ConfigError
 
-from .tiny import make_tiny_llama
+from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 
@@ -104,49 +104,24 @@ def test_a_budget_no_mix_meets_is_one_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict:
-    """A tiny llama with norms away from 1 and a few loud channels in one layer, so that groups differ
-    in how much their rounding moves the logits."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """A tiny llama whose groups differ in sensitivity (see make_uneven_tiny_llama)."""
     from edgeft.calibration import build_set
     from edgeft.formats.gguf.export import export
 
     root = tmp_path_factory.mktemp("mixed")
-    hf = make_tiny_llama(root / "hf", tokenizer, hidden=256, intermediate=512, layers=3, heads=4, kv_heads=2)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.copy_(torch.exp(0.8 * torch.randn(p.shape, generator=gen)))
-                if ".1." in name:  # layer 1 reads a few very loud channels: it should be the sensitive one
-                    p[torch.randperm(p.numel(), generator=gen)[:8]] *= 12.0
-    model.save_pretrained(hf)
+    hf = make_uneven_tiny_llama(
+        root / "hf", tokenizer, seed=2, loud=8, hidden=256, intermediate=512, layers=3, heads=4, kv_heads=2
+    )
     calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=128, task_share=0.5)
     return {"hf": hf, "f32": export(hf, root / "f32", "f32").path, "calib": calib.spread(512)}
 
 
 def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
-    from edgeft.data import load_jsonl
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-    def logp(x):
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    seqs = [
-        tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
-        for ex in load_jsonl(COOKING / "eval.jsonl")[:10]
-    ]
-    seqs = [list(s["input_ids"] if hasattr(s, "keys") else s) for s in seqs]
     a, b = LlamaCppRuntime(f32, n_threads=2), LlamaCppRuntime(q, n_threads=2)
     try:
-        out = []
-        for s in seqs:
-            p, lq = logp(a.logits(s)), logp(b.logits(s))
-            out.append((np.exp(p) * (p - lq)).sum(-1))
-        return float(np.concatenate(out).mean())
+        return held_out_kld(a, b, tokenizer, 10)
     finally:
         a.close()
         b.close()
@@ -233,17 +208,11 @@ def test_mixed_target_fields_are_checked(tmp_path, monkeypatch, body, message):
 def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
     """Through `edgeft build` on a tiny model: the row, the plan in the manifest; then a budget below
     the all-lowest file is one line, exit 2, before any calibration stage runs."""
-    model = make_tiny_llama(tmp_path / "model", tokenizer)
-    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
-    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
-    cfg = tmp_path / "edgeft.toml"
-    cfg.write_text(
-        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
-        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n"
-        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
-        "top_k = 8\ngolden = 1\nladder_export = false\n"
-        "[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n"
+    cfg = tiny_build_config(
+        tmp_path,
+        tokenizer,
+        "max_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n",
+        extra="[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n",
     )
     target = tmp_path / "tiny-mixed.toml"
     target.write_text('format = "gguf"\nquant = "Q4_0"\nmix = ["Q4_0", "Q8_0"]\nmax_size_mb = 4.5\n')

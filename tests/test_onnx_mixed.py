@@ -18,7 +18,7 @@ import pytest
 
 from edgeft.errors import ConfigError
 
-from .tiny import make_tiny_llama
+from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -73,24 +73,14 @@ def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict:
-    """A tiny tied llama with loud channels in layer 1, so that MatMuls differ in sensitivity."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """A tiny tied llama whose MatMuls differ in sensitivity (see make_uneven_tiny_llama)."""
     from edgeft.calibration import build_set
     from edgeft.formats.onnx.export import export
 
     root = tmp_path_factory.mktemp("onnx-mixed")
-    hf = make_tiny_llama(root / "hf", tokenizer, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.copy_(torch.exp(0.8 * torch.randn(p.shape, generator=gen)))
-                if ".1." in name:
-                    p[torch.randperm(p.numel(), generator=gen)[:6]] *= 12.0
-    model.save_pretrained(hf)
+    hf = make_uneven_tiny_llama(
+        root / "hf", tokenizer, seed=3, loud=6, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2
+    )
     calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=128, task_share=0.5)
     return {
         "hf": hf,
@@ -114,24 +104,9 @@ def _nodes(folder: Path) -> dict[str, int]:
 
 
 def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
-    from edgeft.data import load_jsonl
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
-    def logp(x):
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    seqs = [
-        tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
-        for ex in load_jsonl(COOKING / "eval.jsonl")[:12]
-    ]
-    seqs = [list(s["input_ids"] if hasattr(s, "keys") else s) for s in seqs]
-    a, b = OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2)
-    out = []
-    for s in seqs:
-        lp, lq = logp(a.logits(s)), logp(b.logits(s))
-        out.append((np.exp(lp) * (lp - lq)).sum(-1))
-    return float(np.concatenate(out).mean())
+    return held_out_kld(OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2), tokenizer, 12)
 
 
 def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer, tmp_path):
@@ -213,17 +188,11 @@ def test_budget_target_fields_are_checked(tmp_path, monkeypatch, body, message):
 def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
     """Through `edgeft build`: the row and the plan in the folder's manifest; then a budget below the
     all-int4 folder is one line, exit 2, with no sensitivity folder written."""
-    model = make_tiny_llama(tmp_path / "model", tokenizer)
-    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:12]))
-    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
-    cfg = tmp_path / "edgeft.toml"
-    cfg.write_text(
-        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
-        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n"
-        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
-        "top_k = 8\ngolden = 1\nladder_export = false\n"
-        "[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n"
+    cfg = tiny_build_config(
+        tmp_path,
+        tokenizer,
+        "max_steps = 2\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nvalidation_share = 0\n",
+        extra="[calibration]\ntokens = 512\nchunk_tokens = 128\nsensitivity_tokens = 256\n",
     )
     target = tmp_path / "tiny-onnx-mixed.toml"
     target.write_text('format = "onnx"\nquant = "int4"\nmax_size_ratio = 1.2\n')

@@ -6,25 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from .tiny import make_tiny_llama
-
-COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+from .tiny import tiny_build_config
 
 
 def test_a_qlora_build_reports_the_merge_it_kept_the_adapter_on_nf4_row_and_the_loss_curve(tmp_path, tokenizer):
-    model = make_tiny_llama(tmp_path / "model", tokenizer)
-    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:16]))
-    eval_.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
-    cfg = tmp_path / "edgeft.toml"
-    cfg.write_text(
-        f'model = "{model}"\n[data]\ntrain = "{train}"\neval = "{eval_}"\n'
-        '[train]\nmethod = "qlora"\nmax_steps = 4\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nprecision = "fp32"\n'
-        '[merge]\nstrategy = "auto"\n'
-        "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
-        "top_k = 8\ngolden = 1\nladder_export = false\n"
+    cfg = tiny_build_config(
+        tmp_path,
+        tokenizer,
+        'method = "qlora"\nmax_steps = 4\nbatch_size = 4\nmax_seq_len = 64\nrank = 4\nprecision = "fp32"\n'
+        '[merge]\nstrategy = "auto"\n',
+        train_rows=16,
     )
     out = tmp_path / "build"
     proc = subprocess.run(

@@ -91,3 +91,73 @@ def make_tiny_model(
 def make_tiny_llama(folder: Path, tokenizer, **kwargs: Any) -> Path:
     """A tiny random llama (see :func:`make_tiny_model`)."""
     return make_tiny_model(folder, tokenizer, "llama", **kwargs)
+
+
+COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
+
+# [bench] for builds of tiny models: short prompts and generations, one thread, one golden prompt
+TINY_BENCH = (
+    "[bench]\nthreads = 1\nmax_new_tokens = 8\nprompt_tokens = 64\ndecode_tokens = 8\nrepeats = 2\n"
+    "top_k = 8\ngolden = 1\nladder_export = false\n"
+)
+
+
+def tiny_build_config(folder: Path, tokenizer, train: str, *, train_rows: int = 12, extra: str = "") -> Path:
+    """An edgeft.toml over a tiny llama and the first rows of the cooking data, in ``folder``.
+    ``train`` is the body of its [train] table; ``extra`` more tables after [bench]."""
+    model = make_tiny_llama(folder / "model", tokenizer)
+    train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
+    train_file.write_text("".join((COOKING / "train.jsonl").read_text().splitlines(keepends=True)[:train_rows]))
+    eval_file.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[:3]))
+    cfg = folder / "edgeft.toml"
+    cfg.write_text(
+        f'model = "{model}"\n[data]\ntrain = "{train_file}"\neval = "{eval_file}"\n[train]\n{train}{TINY_BENCH}{extra}'
+    )
+    return cfg
+
+
+def held_out_chats(tokenizer, n: int) -> list[list[int]]:
+    """Token ids of the first ``n`` cooking eval conversations, chat template applied."""
+    from edgeft.data import load_jsonl
+
+    out = []
+    for ex in load_jsonl(COOKING / "eval.jsonl")[:n]:
+        ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def held_out_kld(ref, other, tokenizer, n: int) -> float:
+    """Mean KL divergence of runtime ``other`` from runtime ``ref`` (anything with ``logits(ids)``)
+    over every position of the first ``n`` cooking eval conversations."""
+    import numpy as np
+
+    def log_probs(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    rows = []
+    for ids in held_out_chats(tokenizer, n):
+        lp, lq = log_probs(ref.logits(ids)), log_probs(other.logits(ids))
+        rows.append((np.exp(lp) * (lp - lq)).sum(-1))
+    return float(np.concatenate(rows).mean())
+
+
+def make_uneven_tiny_llama(folder: Path, tokenizer, *, seed: int, loud: int, **kwargs: Any) -> Path:
+    """A tiny llama whose weight groups differ in how much their rounding moves the logits: norms
+    away from 1, and layer 1 reading ``loud`` very loud channels (it should come out most sensitive).
+    For the mixed-precision tests, which need something to choose between."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = make_tiny_llama(folder, tokenizer, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(torch.exp(0.8 * torch.randn(p.shape, generator=gen)))
+                if ".1." in name:
+                    p[torch.randperm(p.numel(), generator=gen)[:loud]] *= 12.0
+    model.save_pretrained(hf)
+    return hf
