@@ -1,7 +1,9 @@
 """ONNX for onnxruntime / onnxruntime-genai apps: exported and quantized in one builder pass.
 
-The format surface is described in :mod:`edgeft.formats`; the artifact is a folder (see
-:mod:`.inspect`).
+A target with a size budget (``max_size_mb`` / ``max_size_ratio``) takes three stages instead: the
+all-int4 export, a sensitivity sweep on the fp32 export, and the builder run that writes the plan
+(see :mod:`.mixed`). The format surface is described in :mod:`edgeft.formats`; the artifact is a
+folder (see :mod:`.inspect`).
 """
 
 from __future__ import annotations

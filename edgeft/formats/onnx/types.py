@@ -1,7 +1,8 @@
 """Facts about ONNX targets, as data: the precisions and the onnxruntime-genai builder's knobs.
 
 Option names and values mirror ``onnxruntime_genai.models.builder`` 0.18 (``--extra_options`` and
-``quantization/quant_config.py``); a target file may set any knob below, nothing else.
+``quantization/quant_config.py``); a target file may set any knob below, and a size budget
+(``PLAN_KEYS`` in the package, handled by edgeft, not the builder), nothing else.
 """
 
 from __future__ import annotations
