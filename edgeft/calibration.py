@@ -25,7 +25,9 @@ SOURCES = ("task", "general", "mix")
 
 
 def calibration_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "calibration"
+    from .targets import data_dir
+
+    return data_dir("calibration")
 
 
 def general_text_path() -> Path:

@@ -31,9 +31,17 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # the format's own knobs
 
 
+def data_dir(name: str) -> Path:
+    """A data folder the repository keeps at its root (``targets``, ``calibration``): there in a
+    checkout or an editable install, else the copy a wheel carries in ``edgeft/_data/`` (setup.py)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / name
+    return checkout if checkout.is_dir() else package / "_data" / name
+
+
 def targets_dir() -> Path:
     env = os.environ.get("EDGEFT_TARGETS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "targets"
+    return Path(env) if env else data_dir("targets")
 
 
 def _load(path: Path) -> Target:
