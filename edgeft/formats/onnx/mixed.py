@@ -280,6 +280,11 @@ def sensitivity_stage(
     params = {"mix": list(LEVELS), "block_size": BLOCK, "calibration": calibration.describe()}
 
     def work(tmp: Path) -> dict[str, Any]:
+        from .inspect import describe
+
+        # shared_embeddings = false keeps the table fp32 in the int4 folder already: the head's
+        # int8 option then costs no table of its own
+        shared = any(t.startswith("GatherBlockQuantized") for t in describe(int4_dir)["tensor_types"])
         scratch = tmp / ".probe"
         scratch.mkdir()
         try:
@@ -289,6 +294,7 @@ def sensitivity_stage(
                 scratch,
                 fixed_bytes(int4_dir, fp32_dir),
                 threads=threads,
+                shared_embedding=shared,
                 progress=progress,
             )
         finally:
