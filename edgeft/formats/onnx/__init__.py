@@ -20,7 +20,10 @@ RUNTIME = "onnxruntime-genai"
 # max_size_mb | max_size_ratio (× the all-int4 folder): int4 with the MatMuls whose rounding costs
 # most kept at int8, chosen from a measured sensitivity sweep to fit that size (see .mixed)
 PLAN_KEYS: tuple[str, ...] = ("max_size_mb", "max_size_ratio")
-TARGET_KEYS: tuple[str, ...] = (*KNOBS, *PLAN_KEYS)
+# imatrix = "task" | "general" | "mix": int4 blocks rounded to least importance-weighted error, the
+# importance measured on that calibration set (see .rounding); the builder's rounding otherwise
+EDGEFT_KEYS: tuple[str, ...] = ("imatrix", *PLAN_KEYS)  # handled by edgeft, never passed to the builder
+TARGET_KEYS: tuple[str, ...] = (*KNOBS, *EDGEFT_KEYS)
 ARTIFACT_HINT = "an onnxruntime-genai folder (genai_config.json, model.onnx)"
 CONVERSION = "onnx-fp32"
 
@@ -35,8 +38,10 @@ def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> 
     planning = [k for k in PLAN_KEYS if k in options]
     if planning:
         _check_plan_keys(quant, options, planning, where)
+    if "imatrix" in options:
+        _check_imatrix(quant, options, where)
     for key, value in options.items():
-        if key in PLAN_KEYS:
+        if key in EDGEFT_KEYS:
             continue
         allowed = KNOBS[key][0]
         if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
@@ -63,6 +68,20 @@ def _check_plan_keys(quant: str, options: dict[str, Any], planning: list[str], w
     for knob, value in fixed.items():
         if knob in options and options[knob] != value:
             raise ConfigError(f"{where}: {knob}: a size-budgeted target uses {value!r}, got {options[knob]!r}")
+
+
+def _check_imatrix(quant: str, options: dict[str, Any], where: str) -> None:
+    from ...calibration import SOURCES
+
+    if options["imatrix"] not in SOURCES:
+        raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
+    if quant != "int4":
+        raise ConfigError(f'{where}: imatrix: weighs int4 rounding only (int8 loses little); set quant = "int4"')
+    if options.get("algo_config", "default") != "default":
+        # rtn/k_quant write zero points; the re-rounding writes the default quantizer's symmetric blocks
+        raise ConfigError(
+            f"{where}: algo_config: imatrix re-rounds the 'default' quantizer's blocks, got {options['algo_config']!r}"
+        )
 
 
 def bytes_per_token(folder: Path) -> int:
@@ -95,16 +114,38 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
 
     if target.quant == "fp32" and not target.options:
         return conversion(merged_dir, out_dir, run)[1]
-    knobs = {k: v for k, v in target.options.items() if k not in PLAN_KEYS}
+    knobs = {k: v for k, v in target.options.items() if k not in EDGEFT_KEYS}
+    if calibration is None and any(k in target.options for k in EDGEFT_KEYS):
+        raise ConfigError(f"--target {target.name}: imatrix and a size budget need a calibration set (a build)")
+    rounding = _importance(target, merged_dir, Path(out_dir), run, threads, calibration)
     if not any(k in target.options for k in PLAN_KEYS):
-        out = run(f"export {target.name}", lambda: export(merged_dir, Path(out_dir) / target.name, target.quant, knobs))
+        out = run(
+            f"export {target.name}",
+            lambda: export(merged_dir, Path(out_dir) / target.name, target.quant, knobs, rounding=rounding),
+        )
         return out.path
-    if calibration is None:
-        raise ConfigError(f"--target {target.name}: a size budget needs a calibration set (a build)")
-    return _mixed(target, knobs, merged_dir, Path(out_dir), run, threads, calibration, progress)
+    return _mixed(target, knobs, merged_dir, Path(out_dir), run, threads, calibration, progress, rounding)
 
 
-def _mixed(target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: Run, threads, calibration, progress):
+def _importance(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calibration):
+    """(fp32 export, importance stage) for a target with ``imatrix``, shared by every target naming
+    the same calibration set; None for the builder's rounding."""
+    which = target.options.get("imatrix")
+    if not which:
+        return None
+    from .rounding import importance_stage
+
+    fp32 = conversion(merged_dir, out_dir, run)[1]
+    calib = calibration(which)
+    stage = run(
+        f"imatrix onnx {which}", lambda: importance_stage(fp32, out_dir / f"imatrix-onnx-{which}", calib, threads)
+    )
+    return fp32, stage.path
+
+
+def _mixed(
+    target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: Run, threads, calibration, progress, rounding
+):
     from . import mixed
     from .export import export
 
@@ -116,10 +157,15 @@ def _mixed(target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: 
         mixed.check_budget(target.options, fp32, int4)
     except ConfigError as e:
         raise ConfigError(f"--target {target.name}: {e}") from None
-    chunks = calibration("task", "sensitivity")
+    # measured on the importance's calibration set, with the int4 rounding the folder will get
+    which = target.options.get("imatrix") or "task"
+    chunks = calibration(which, "sensitivity")
+    label = "onnx-int4-int8" + (f"-imat-{which}" if rounding else "")
     sensitivity = run(
-        "sensitivity onnx-int4-int8",
-        lambda: mixed.sensitivity_stage(fp32, int4, out_dir / "sensitivity-onnx-int4-int8", chunks, threads, progress),
+        f"sensitivity {label}",
+        lambda: mixed.sensitivity_stage(
+            fp32, int4, out_dir / f"sensitivity-{label}", chunks, threads, progress, rounding and rounding[1]
+        ),
     ).path
     chosen = mixed.read_plan(sensitivity, target.options, f"--target {target.name}")
     promoted = mixed.overrides(chosen["levels"])
@@ -129,7 +175,9 @@ def _mixed(target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: 
     }
     out = run(
         f"export {target.name}",
-        lambda: export(merged_dir, out_dir / target.name, "int4", knobs, overrides=promoted, record=record),
+        lambda: export(
+            merged_dir, out_dir / target.name, "int4", knobs, overrides=promoted, record=record, rounding=rounding
+        ),
     )
     mixed.check_written(out.path, chosen)
     return out.path

@@ -97,16 +97,26 @@ def export(
     options: dict[str, Any],
     overrides: list[dict[str, Any]] | None = None,
     record: dict[str, Any] | None = None,
+    rounding: tuple[Path, Path] | None = None,
 ) -> StageOutput:
     """Cached stage: ``out_dir`` becomes an onnxruntime-genai folder of ``model_dir`` in ``quant``
-    (``record``: what the manifest should also say, e.g. the plan the overrides come from)."""
+    (``record``: what the manifest should also say, e.g. the plan the overrides come from).
+    ``rounding``: (fp32 export, importance stage) to re-round the int4 MatMuls from, weighted by
+    that importance (see :mod:`.rounding`), instead of the builder's round-to-nearest."""
     inputs = {"model": content_hash(model_dir)}
     params: dict[str, Any] = {"quant": quant, "options": options}
     if overrides:
         params["overrides"] = overrides
+    if rounding:
+        inputs |= {"fp32": content_hash(rounding[0]), "importance": content_hash(rounding[1])}
 
     def work(tmp: Path) -> dict[str, Any]:
-        return {**write_onnx(model_dir, tmp, quant, options, overrides=overrides), **(record or {})}
+        done = {**write_onnx(model_dir, tmp, quant, options, overrides=overrides), **(record or {})}
+        if rounding:
+            from .rounding import read_importance, reround
+
+            done["rounding"] = reround(tmp, rounding[0], read_importance(rounding[1]))
+        return done
 
     return run_stage(out_dir, "export", inputs, params, work)
 

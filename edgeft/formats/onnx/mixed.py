@@ -193,9 +193,13 @@ def measure(
     threads: int = 0,
     shared_embedding: bool = True,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Every MatMul's added KLD at int4 with the rest at int8 (see the module docstring).
-    ``shared_embedding``: whether the int4 file's embedding reads the head's int4 weights."""
+    ``shared_embedding``: whether the int4 file's embedding reads the head's int4 weights;
+    ``importance``: node → column importance when int4 is rounded by it (see :mod:`.rounding`)."""
+    from .rounding import fake_quant as weighted_int4
+
     probe = ProbeModel(fp32_folder, scratch, threads)
     layout = probe.layout
     if not shared_embedding:
@@ -215,7 +219,9 @@ def measure(
     advance = progress("sensitivity", len(layout.weights)) if progress else (lambda: None)
     groups = []
     for node, weight in layout.weights.items():
-        added = kld_with({**int8, weight: fake_quant(probe.fp32[weight], 4)}) - base
+        w = probe.fp32[weight]
+        int4 = weighted_int4(w, importance[node]) if importance is not None else fake_quant(w, 4)
+        added = kld_with({**int8, weight: int4}) - base
         groups.append(
             {
                 "name": node,
@@ -272,15 +278,21 @@ def sensitivity_stage(
     calibration: Any,
     threads: int = 0,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    importance_dir: Path | None = None,
 ) -> StageOutput:
-    """Cached stage: fp32 export + the all-int4 export + calibration chunks → ``sensitivity.json``."""
+    """Cached stage: fp32 export + the all-int4 export + calibration chunks → ``sensitivity.json``
+    (int4 rounded by the importance in ``importance_dir`` when given, else as the builder rounds)."""
     if not decoder(fp32_dir).is_file():
         raise ModelError(f"{fp32_dir}: expected the fp32 export's {decoder(fp32_dir).name} there")
     inputs = {"fp32": content_hash(fp32_dir), "int4": content_hash(int4_dir)}
     params = {"mix": list(LEVELS), "block_size": BLOCK, "calibration": calibration.describe()}
+    if importance_dir is not None:
+        inputs["importance"] = content_hash(importance_dir)
+        params["int4_rounding"] = "importance-weighted"
 
     def work(tmp: Path) -> dict[str, Any]:
         from .inspect import describe
+        from .rounding import read_importance
 
         # shared_embeddings = false keeps the table fp32 in the int4 folder already: the head's
         # int8 option then costs no table of its own
@@ -296,6 +308,7 @@ def sensitivity_stage(
                 threads=threads,
                 shared_embedding=shared,
                 progress=progress,
+                importance=read_importance(importance_dir) if importance_dir is not None else None,
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
