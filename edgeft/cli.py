@@ -652,8 +652,10 @@ def targets() -> None:
     with _user_errors():
         from .targets import available_targets
 
-        for t in available_targets().values():
-            click.echo(f"{t.name:12} {t.format:6} {t.quant:8} {t.description}")
+        found = sorted(available_targets().values(), key=lambda t: t.name)
+        width = max((len(t.name) for t in found), default=0)
+        for t in found:
+            click.echo(f"{t.name:{width}}  {t.format:6} {t.quant:8} {t.description}")
 
 
 def main() -> None:
