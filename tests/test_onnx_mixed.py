@@ -8,7 +8,6 @@ SmolLM2 tokenizer), and the plan against the opposite plan on held-out KLD.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from edgeft.errors import ConfigError
 
-from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
+from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -74,21 +73,8 @@ def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict:
     """A tiny tied llama whose MatMuls differ in sensitivity (see make_uneven_tiny_llama)."""
-    from edgeft.calibration import build_set
-    from edgeft.formats.onnx.export import export
-
-    root = tmp_path_factory.mktemp("onnx-mixed")
-    hf = make_uneven_tiny_llama(
-        root / "hf", tokenizer, seed=3, loud=6, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2
-    )
-    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=128, task_share=0.5)
-    return {
-        "hf": hf,
-        "root": root,
-        "fp32": export(hf, root / "onnx-fp32", "fp32", {}).path,
-        "int4": export(hf, root / "onnx-int4", "int4", {}).path,
-        "calib": calib.spread(512),
-    }
+    tiny = uneven_onnx_exports(tmp_path_factory.mktemp("onnx-mixed"), tokenizer, seed=3, calib_tokens=2048)
+    return {**tiny, "calib": tiny["calib"].spread(512)}
 
 
 def _nodes(folder: Path) -> dict[str, int]:
@@ -177,12 +163,7 @@ def test_a_budget_below_the_all_int4_folder_is_refused(tiny):
     ],
 )  # fmt: skip
 def test_budget_target_fields_are_checked(tmp_path, monkeypatch, body, message):
-    from edgeft.targets import get_target
-
-    monkeypatch.setenv("EDGEFT_TARGETS", str(tmp_path))
-    (tmp_path / "x.toml").write_text('format = "onnx"\n' + body)
-    with pytest.raises(ConfigError, match=re.escape("x.toml: " + message)):
-        get_target("x")
+    assert_target_refused(tmp_path, monkeypatch, 'format = "onnx"\n' + body, message)
 
 
 def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):

@@ -8,7 +8,6 @@ tokenizer) against the builder's folder: same bytes on disk, less held-out KL di
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeft.errors import ConfigError
-
-from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
+from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
-
-COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 
 
 def _weights(seed: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,21 +103,7 @@ def test_without_importance_a_block_keeps_the_builders_rounding():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict:
     """A tiny tied llama with loud channels, its fp32 and builder-int4 exports and a task calibration set."""
-    from edgeft.calibration import build_set
-    from edgeft.formats.onnx.export import export
-
-    root = tmp_path_factory.mktemp("onnx-rounding")
-    hf = make_uneven_tiny_llama(
-        root / "hf", tokenizer, seed=5, loud=6, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2
-    )
-    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=1024, chunk_tokens=128, task_share=0.5)
-    return {
-        "hf": hf,
-        "root": root,
-        "fp32": export(hf, root / "onnx-fp32", "fp32", {}).path,
-        "int4": export(hf, root / "onnx-int4", "int4", {}).path,
-        "calib": calib,
-    }
+    return uneven_onnx_exports(tmp_path_factory.mktemp("onnx-rounding"), tokenizer, seed=5, calib_tokens=1024)
 
 
 def test_importance_is_each_matmul_inputs_mean_square(tiny):
@@ -218,12 +199,7 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(t
     ],
 )  # fmt: skip
 def test_imatrix_target_fields_are_checked(tmp_path, monkeypatch, body, message):
-    from edgeft.targets import get_target
-
-    monkeypatch.setenv("EDGEFT_TARGETS", str(tmp_path))
-    (tmp_path / "x.toml").write_text('format = "onnx"\n' + body)
-    with pytest.raises(ConfigError, match=re.escape("x.toml: " + message)):
-        get_target("x")
+    assert_target_refused(tmp_path, monkeypatch, 'format = "onnx"\n' + body, message)
 
 
 def test_imatrix_targets_build_alone_and_under_a_budget(tmp_path, tokenizer):

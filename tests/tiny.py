@@ -161,3 +161,37 @@ def make_uneven_tiny_llama(folder: Path, tokenizer, *, seed: int, loud: int, **k
                     p[torch.randperm(p.numel(), generator=gen)[:loud]] *= 12.0
     model.save_pretrained(hf)
     return hf
+
+
+def uneven_onnx_exports(root: Path, tokenizer, *, seed: int, calib_tokens: int) -> dict:
+    """For the ONNX rounding and mixed tests: an uneven tiny tied llama (3 layers of 128), its fp32
+    and builder-int4 ONNX exports, and a task calibration set of the cooking data (128-token chunks)."""
+    from edgeft.calibration import build_set
+    from edgeft.formats.onnx.export import export
+
+    hf = make_uneven_tiny_llama(
+        root / "hf", tokenizer, seed=seed, loud=6, hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2
+    )
+    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=calib_tokens, chunk_tokens=128, task_share=0.5)
+    return {
+        "hf": hf,
+        "root": root,
+        "fp32": export(hf, root / "onnx-fp32", "fp32", {}).path,
+        "int4": export(hf, root / "onnx-int4", "int4", {}).path,
+        "calib": calib,
+    }
+
+
+def assert_target_refused(folder: Path, monkeypatch, text: str, message: str) -> None:
+    """A target file ``x.toml`` holding ``text`` is refused, when read, with ``x.toml: <message>``."""
+    import re
+
+    import pytest
+
+    from edgeft.errors import ConfigError
+    from edgeft.targets import get_target
+
+    monkeypatch.setenv("EDGEFT_TARGETS", str(folder))
+    (folder / "x.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape("x.toml: " + message)):
+        get_target("x")

@@ -10,7 +10,8 @@ The same method as :mod:`edgeft.formats.gguf.mixed`, for onnxruntime's MatMulNBi
    calls), except the probed node's, fed rounded through its int4 quantizer. The added mean KL
    divergence against the fp32 model, over every position of the calibration chunks, is that node's
    sensitivity. Rounding is simulated in fp32 (quantize, then dequantize), so what is measured is the
-   weights' rounding; the int8 activations of ``accuracy_level = 4`` are common to every plan.
+   weights' rounding; the int8 activations of ``accuracy_level = 4`` are common to every plan. A
+   target with ``imatrix`` probes int4 as :mod:`.rounding` writes it instead.
 2. the plan: :func:`edgeft.precision_plan.plan`, the exact knapsack the GGUF path uses, over the
    bytes each node's MatMulNBits initializers take at each width (computed from the shapes).
 3. the builder writes the plan: the int4 export with an exact-name ``int8`` override per promoted node
@@ -144,7 +145,6 @@ class ProbeModel:
 
     def __init__(self, folder: Path, scratch: Path, threads: int = 0):
         import onnx
-        import onnxruntime as ort
         from onnx import numpy_helper
 
         # onnx.load refuses external data with more than one hard link, and stage outputs are
@@ -165,23 +165,36 @@ class ProbeModel:
                 kept.append(init)
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
-        path = Path(scratch) / "probe.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="probe.onnx.data")
-        del model
+        self.session = ChunkSession(model, folder, scratch, "probe", threads)
+
+    def log_probs(self, chunk: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+        return _log_softmax(self.session.run(["logits"], chunk, weights)[0][0])
+
+
+class ChunkSession:
+    """An edited copy of a folder's decoder graph, saved under ``scratch`` and run by onnxruntime on
+    whole calibration chunks from an empty KV cache (the sweep's probes, the importance measurement)."""
+
+    def __init__(self, model, folder: Path, scratch: Path, stem: str, threads: int = 0):
+        import onnx
+        import onnxruntime as ort
+
+        path = Path(scratch) / f"{stem}.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, location=f"{stem}.onnx.data")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         d = genai_config(folder)["model"]["decoder"]
+        # no past: [batch, kv heads, 0 positions, head size]
         empty = np.zeros((1, int(d["num_key_value_heads"]), 0, int(d["head_size"])), dtype=np.float32)
         self.past = {i.name: empty for i in self.session.get_inputs() if i.name.startswith("past_key_values")}
 
-    def log_probs(self, chunk: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, outputs: list[str], chunk: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> list:
         ids = np.asarray(chunk, dtype=np.int64)[None]
-        # no past: [batch, kv heads, 0 positions, head size]
-        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids), **self.past, **weights}
-        return _log_softmax(self.session.run(["logits"], feeds)[0][0])
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids), **self.past, **(extra or {})}
+        return self.session.run(outputs, feeds)
 
 
 def measure(

@@ -28,7 +28,6 @@ import numpy as np
 
 from ...errors import ModelError
 from ...stage import StageOutput, content_hash, run_stage
-from .inspect import genai_config
 
 IMPORTANCE_FILE = "importance.npz"
 LEVELS = 16  # int4: stored 0..15 around a zero point of 8
@@ -116,9 +115,8 @@ def fake_quant(w: np.ndarray, importance: np.ndarray, block: int = 32) -> np.nda
 def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, threads: int = 0) -> dict[str, Any]:
     """MatMul node name → mean squared activation of each input column over every calibration token."""
     import onnx
-    import onnxruntime as ort
 
-    from .mixed import Layout, _read_external, decoder
+    from .mixed import ChunkSession, Layout, _read_external, decoder
 
     model = onnx.load(str(decoder(fp32_folder)), load_external_data=False)
     _read_external(model, Path(fp32_folder))
@@ -129,24 +127,13 @@ def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, thr
     for name in activations:
         if name not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    path = Path(scratch) / "importance.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="importance.onnx.data")
+    session = ChunkSession(model, fp32_folder, scratch, "importance", threads)
     del model
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    d = genai_config(fp32_folder)["model"]["decoder"]
-    empty = np.zeros((1, int(d["num_key_value_heads"]), 0, int(d["head_size"])), dtype=np.float32)
-    past = {i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values")}
-    sums = {name: np.zeros(0) for name in activations}
+    sums: dict[str, np.ndarray] = {}
     for chunk in chunks:
-        ids = np.asarray(chunk, dtype=np.int64)[None]
-        outputs = session.run(activations, {"input_ids": ids, "attention_mask": np.ones_like(ids), **past})
-        for name, value in zip(activations, outputs):
+        for name, value in zip(activations, session.run(activations, chunk)):
             v = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums[name] + (v * v).sum(axis=0) if sums[name].size else (v * v).sum(axis=0)
+            sums[name] = sums.get(name, 0) + (v * v).sum(axis=0)
     tokens = int(np.asarray(chunks).size)
     return {node: sums[input_of[node]] / tokens for node in layout.weights}
 
