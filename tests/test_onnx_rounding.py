@@ -190,6 +190,32 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(t
     assert kld_ours < kld_builder, (kld_ours, kld_builder)
 
 
+def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(tiny, tmp_path):
+    """Small models may keep initializers inside model.onnx: the same rounding lands there."""
+    import shutil
+
+    import onnx
+
+    from edgeft.formats.onnx.mixed import _read_external
+    from edgeft.formats.onnx.rounding import importance_stage, read_importance, reround
+
+    importance = read_importance(
+        importance_stage(tiny["fp32"], tiny["root"] / "imatrix-onnx-task", tiny["calib"], threads=2).path
+    )
+    external, inline = tmp_path / "external", tmp_path / "inline"
+    for folder in (external, inline):
+        shutil.copytree(tiny["int4"], folder)  # copies, not the stage's hard links: rewritten in place
+    model = onnx.load(str(inline / "model.onnx"), load_external_data=False)
+    _read_external(model, inline)
+    (inline / "model.onnx.data").unlink()
+    onnx.save(model, str(inline / "model.onnx"))
+    assert reround(inline, tiny["fp32"], importance) == reround(external, tiny["fp32"], importance)
+    ours, theirs = _matmulnbits_initializers(inline), _matmulnbits_initializers(external)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert all(np.array_equal(a, b) for a, b in zip(ours[name], theirs[name])), name
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

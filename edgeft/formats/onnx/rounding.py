@@ -16,7 +16,8 @@ alike, while a column whose activations are large moves the output far more than
    same bytes, same graph, so the folder's size and speed are the builder's. A tied embedding read
    through GatherBlockQuantized shares the head's initializers and so its rounding.
 
-Measured on base SmolLM2-135M (README): all-int4 held-out KLD 0.361 → 0.218 at the same size.
+Measured on base SmolLM2-135M, generic text (README): all-int4 held-out KLD 0.361 → 0.213 at the
+same size; on the fine-tuned cooking model's replies it gains little (0.231 → 0.225).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def importance_stage(fp32_dir: Path, out_dir: Path, calibration: Any, threads: i
             shutil.rmtree(scratch, ignore_errors=True)
         names = sorted(found)
         np.savez(tmp / IMPORTANCE_FILE, names=np.array(names), **{f"m{i}": found[n] for i, n in enumerate(names)})
-        return {"matmuls": len(names), "tokens": int(calibration.chunks.size), "calibration": calibration.describe()}
+        return {"matmuls": len(names), "tokens": int(calibration.chunks.size)}
 
     return run_stage(out_dir, "imatrix", inputs, params, work)
 
@@ -209,8 +210,8 @@ def reround(folder: Path, fp32_folder: Path, importance: dict[str, np.ndarray]) 
                 target = files.setdefault(info["location"], np.memmap(path.parent / info["location"], mode="r+"))
                 offset = int(info.get("offset", 0))
                 target[offset : offset + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-            else:
-                init.raw_data = raw
+            else:  # small models keep some initializers in the graph file itself
+                init.CopyFrom(numpy_helper.from_array(data.reshape(tuple(init.dims)), init_name))
                 inline = True
         rewritten.append(name)
     for mm in files.values():
