@@ -135,13 +135,11 @@ def test_importance_is_each_matmul_inputs_mean_square(tiny):
 
 
 def _matmulnbits_initializers(folder: Path) -> dict[str, np.ndarray]:
-    import onnx
     from onnx import numpy_helper
 
-    from edgeft.formats.onnx.mixed import _read_external
+    from edgeft.formats.onnx.mixed import load_decoder
 
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    _read_external(model, folder)
+    model = load_decoder(folder)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     out = {}
     for node in model.graph.node:
@@ -155,7 +153,7 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(t
 
     from edgeft.formats.onnx.export import export
     from edgeft.formats.onnx.inspect import describe
-    from edgeft.formats.onnx.mixed import Layout, _read_external, decoder
+    from edgeft.formats.onnx.mixed import Layout, load_decoder
     from edgeft.formats.onnx.rounding import importance_stage, pack, read_importance, round_int4
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
@@ -171,8 +169,7 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(t
     assert plain.graph.node == written.graph.node  # the same graph; only initializer values changed
 
     # every block on disk is the rounding of the fp32 weight by its importance, the tied head included
-    fp32 = onnx.load(str(decoder(tiny["fp32"])), load_external_data=False)
-    _read_external(fp32, tiny["fp32"])
+    fp32 = load_decoder(tiny["fp32"])
     layout = Layout.of(fp32)
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
     importance = read_importance(stage.path)
@@ -196,7 +193,7 @@ def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(ti
 
     import onnx
 
-    from edgeft.formats.onnx.mixed import _read_external
+    from edgeft.formats.onnx.mixed import load_decoder
     from edgeft.formats.onnx.rounding import importance_stage, read_importance, reround
 
     importance = read_importance(
@@ -205,8 +202,7 @@ def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(ti
     external, inline = tmp_path / "external", tmp_path / "inline"
     for folder in (external, inline):
         shutil.copytree(tiny["int4"], folder)  # copies, not the stage's hard links: rewritten in place
-    model = onnx.load(str(inline / "model.onnx"), load_external_data=False)
-    _read_external(model, inline)
+    model = load_decoder(inline)
     (inline / "model.onnx.data").unlink()
     onnx.save(model, str(inline / "model.onnx"))
     assert reround(inline, tiny["fp32"], importance) == reround(external, tiny["fp32"], importance)

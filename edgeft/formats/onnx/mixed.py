@@ -123,6 +123,18 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def load_decoder(folder: Path):
+    """A folder's decoder graph with every initializer's data read in.
+
+    onnx.load refuses external data with more than one hard link, and stage outputs are hard-linked
+    from the cache: the data is read here instead (see :func:`_read_external`)."""
+    import onnx
+
+    model = onnx.load(str(decoder(folder)), load_external_data=False)
+    _read_external(model, Path(folder))
+    return model
+
+
 def _read_external(model, base: Path) -> None:
     """Inline every initializer's external data (location, offset, length) from files under ``base``."""
     from onnx import TensorProto
@@ -147,10 +159,7 @@ class ProbeModel:
         import onnx
         from onnx import numpy_helper
 
-        # onnx.load refuses external data with more than one hard link, and stage outputs are
-        # hard-linked from the cache: read the data ourselves
-        model = onnx.load(str(decoder(folder)), load_external_data=False)
-        _read_external(model, Path(folder))
+        model = load_decoder(folder)
         self.layout = Layout.of(model)
         names = set(self.layout.weights.values())
         self.fp32: dict[str, np.ndarray] = {}

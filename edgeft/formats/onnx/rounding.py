@@ -117,10 +117,9 @@ def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, thr
     """MatMul node name → mean squared activation of each input column over every calibration token."""
     import onnx
 
-    from .mixed import ChunkSession, Layout, _read_external, decoder
+    from .mixed import ChunkSession, Layout, load_decoder
 
-    model = onnx.load(str(decoder(fp32_folder)), load_external_data=False)
-    _read_external(model, Path(fp32_folder))
+    model = load_decoder(fp32_folder)
     layout = Layout.of(model)
     input_of = {n.name: n.input[0] for n in model.graph.node if n.name in layout.weights}
     activations = sorted(set(input_of.values()))
@@ -175,13 +174,12 @@ def reround(folder: Path, fp32_folder: Path, importance: dict[str, np.ndarray]) 
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from .mixed import Layout, _read_external, decoder
+    from .mixed import Layout, decoder, load_decoder
 
     path = decoder(folder)
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
-    source = onnx.load(str(decoder(fp32_folder)), load_external_data=False)
-    _read_external(source, Path(fp32_folder))
+    source = load_decoder(fp32_folder)
     layout = Layout.of(source)
     fp32 = {i.name: i for i in source.graph.initializer}
     files: dict[str, np.memmap] = {}
