@@ -46,6 +46,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from . import __version__
+from .files import save_figure, write_atomic
 
 SCHEMA_VERSION = 2
 
@@ -468,7 +469,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     ax.set_title(f"size vs fidelity ({report['targets'][0]['latency']['threads']} threads, decode median)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -486,9 +487,9 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT
     md = render_markdown(report, loss_plot="loss_plot" in paths)
-    _atomic_write(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["md"], md)
-    _atomic_write(paths["junit"], render_junit(report))
+    write_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(paths["md"], md)
+    write_atomic(paths["junit"], render_junit(report))
     if write_plot(report, out_dir / "report.png"):
         paths["plot"] = out_dir / "report.png"
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -496,9 +497,3 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         with open(summary, "a") as fh:
             fh.write(md)
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

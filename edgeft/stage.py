@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import OutputError
+from .files import write_atomic
 
 MANIFEST = "manifest.json"
 # .NAME.tmp-PID-HEX (a stage being written) and .NAME.old-PID-HEX (a replaced one being removed);
@@ -262,9 +263,7 @@ def output_dir(path: Path, stage: str, params: dict[str, Any]) -> Iterator[Path]
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     manifest = {"stage": stage, "edgeft_version": __version__, "params": params}
-    tmp = path / f".{MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path / MANIFEST)
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
     remove_stale_scratch(path)
     try:
         yield path

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .files import save_figure
+
 LOSS_PLOT = "loss.png"
 _KEYS = (
     "method",
@@ -70,7 +72,7 @@ def write_loss_plot(training: dict[str, Any], path: Path) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 

@@ -16,12 +16,12 @@ of the build's targets keep ``target: None`` and their own model name.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import write_atomic
 
 DIR = "devices"
 
@@ -36,9 +36,7 @@ def save(build_dir: Path, key: str, record: dict[str, Any]) -> Path:
     folder = Path(build_dir) / DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"{slug(key)}.json"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

@@ -1,0 +1,87 @@
+"""Helpers for the hostile-input tests (``test_hostile_*.py``): run the real CLI in its own process,
+measure its peak RSS, and check that it refused cleanly and touched nothing outside its output.
+
+A hostile case passes when the process exits 2 (bad input) or 3 (an internal error, never 1, which
+is a failed gate's status), prints exactly one ``edgeft: error:`` line and no traceback, and every
+file outside the command's own output is as it was (content, and where a link points).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int  # the process's own maximum resident set (getrusage of that child alone)
+
+
+def run_edgeft(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
+    """``python -m edgeft.cli ARGS`` in ``cwd``; its exit status, output and peak RSS."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeft.cli", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "EDGEFT_RAISE_ERRORS": "", **(env or {})},
+        )
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            # wait4 reports the rusage of this one child, not the maximum over every child so far
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            usage.ru_maxrss * 1024,  # Linux reports kilobytes
+        )
+
+
+def assert_refused(run: Run, *fragments: str, code: int = 2) -> str:
+    """Exit ``code``, one ``edgeft: error:`` line holding every fragment, no traceback; the line."""
+    assert run.returncode == code, f"exit {run.returncode}, expected {code}\n{run.stderr[-3000:]}"
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("edgeft: error: ")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    # nothing after the error line: it is the last thing the user reads
+    assert lines[-1] == errors[0], run.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "\x1b" not in run.stderr, "an escape sequence reached the terminal"
+    return errors[0]
+
+
+def snapshot(*roots: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every entry under ``roots`` (``skip`` and what is inside it excluded): a file by its sha256, a
+    link by its target, a folder by its name, so that any write, replacement or new entry shows."""
+    seen: dict[str, str] = {}
+    for root in roots:
+        root = Path(root)
+        for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            if skip is not None and (p == skip or skip in p.parents):
+                continue
+            if p.is_symlink():
+                seen[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                seen[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                seen[str(p)] = "dir"
+    return seen
