@@ -123,7 +123,7 @@ def _device_options(f):
 @_gate_option
 @_compare_option
 @_device_options
-@click.option("--dry-run", is_flag=True, help="print the resolved config and targets, do nothing")
+@click.option("--dry-run", is_flag=True, help="print the resolved config, targets and RAM/disk plan; do nothing")
 def build(
     target_spec: str,
     config: Path | None,
@@ -154,8 +154,16 @@ def build(
             profile = get_device(device)
             cfg.bench.threads = profile.threads
         if dry_run:
+            from .resources import check_fits, plan, render
+
+            resources = plan(cfg, targets, out_dir)
             shown = {"targets": [t.__dict__ for t in targets], "out": str(out_dir), "config": config_as_dict(cfg)}
-            click.echo(json.dumps(shown, indent=2))
+            click.echo(json.dumps(shown | {"resources": resources.to_dict()}, indent=2))
+            click.echo(render(resources), err=True)
+            try:
+                check_fits(resources, str(cfg.source or "config"))
+            except EdgeftError as e:
+                click.echo(f"edgeft: would refuse: {e}", err=True)
             return
         from .progress import rich_progress, stage_printer
 

@@ -43,20 +43,30 @@ class BuildResult:
 class _Stages:
     """Runs stages in order, timing each and telling the caller what happens."""
 
-    def __init__(self, on_stage: StageCallback | None):
+    def __init__(self, on_stage: StageCallback | None, estimates: dict[str, int] | None = None):
         self.on_stage = on_stage or (lambda stage, status: None)
         self.log: list[dict[str, Any]] = []
         self._done: dict[str, Any] = {}
+        self.estimates = estimates or {}  # stage → estimated peak RAM (the resource plan's)
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run stage ``name`` once per build: formats ask for shared stages (the export) per target."""
         if name in self._done:
             return self._done[name]
+        from .resources import PeakRSS
+
         self.on_stage(name, "start")
+        rss = PeakRSS()
+        rss.start()
         start = time.perf_counter()
         out = fn()
         hit = isinstance(out, StageOutput) and out.cached
-        self.log.append({"stage": name, "seconds": round(time.perf_counter() - start, 2), "cached": hit})
+        entry = {"stage": name, "seconds": round(time.perf_counter() - start, 2), "cached": hit}
+        # this process's own peak during the stage; runtimes benched in subprocesses report theirs apart
+        entry["peak_rss_bytes"] = None if hit else rss.stop()
+        if name in self.estimates:
+            entry["estimated_peak_ram_bytes"] = self.estimates[name]
+        self.log.append(entry)
         self.on_stage(name, "cached" if hit else "done")
         self._done[name] = out
         return out
@@ -80,17 +90,18 @@ def build(
     from .stage import output_dir
 
     out_dir = Path(out_dir)
-    check_build(cfg, targets, out_dir)  # every input, before any work
+    resources = check_build(cfg, targets, out_dir)  # every input and the RAM/disk plan, before any work
     old = _read_old_report(compare_to)
+    estimates = {s.stage: s.peak_ram for s in resources.stages}
     with output_dir(out_dir, "build", {"targets": [t.name for t in targets], "config": str(cfg.source or "")}):
-        return _build_stages(cfg, targets, out_dir, on_stage, progress, old, device, context)
+        return _build_stages(cfg, targets, out_dir, _Stages(on_stage, estimates), progress, old, device, context)
 
 
 def _build_stages(
     cfg: BuildConfig,
     targets: list[Target],
     out_dir: Path,
-    on_stage: StageCallback | None,
+    stages: _Stages,
     progress: Progress,
     old: dict[str, Any] | None,
     device: Any,
@@ -102,7 +113,6 @@ def _build_stages(
     from .models import model_stage
     from .train import train
 
-    stages = _Stages(on_stage)
     bcfg = cfg.bench
 
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path

@@ -110,9 +110,12 @@ def _same_bytes(a: Path, b: Path) -> bool:
         return False
 
 
-def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
-    """Everything `edgeft build` will read or write, in well under a second for a built-in model."""
+def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path):
+    """Everything `edgeft build` will read or write, in well under a second for a built-in model; and
+    whether its stages fit this machine's RAM and disk (the :class:`~edgeft.resources.ResourcePlan`
+    it returns), refused before training starts when they do not."""
     from .data import load_jsonl
+    from .resources import check_fits, plan
     from .train import check_target_modules
 
     where = str(cfg.source or "config")
@@ -128,6 +131,9 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path) -> None:
     load_jsonl(cfg.data.train)
     load_jsonl(cfg.data.eval, need_answers=True)
     check_validation(cfg, where, cfg.data.train, cfg.data.validation)
+    resources = plan(cfg, targets, out_dir)
+    check_fits(resources, where)
+    return resources
 
 
 def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:

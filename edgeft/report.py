@@ -331,9 +331,19 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         for r in report["regressions"]:
             lines.append(f"| {r['target']} | {r['metric']} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |")
     if report.get("stages"):
-        lines += ["", "## Stages", "", "| stage | seconds | cached |", "|---|---:|---|"]
+        lines += [
+            "",
+            "## Stages",
+            "",
+            "| stage | seconds | cached | peak RSS MB | estimated MB |",
+            "|---|---:|---|---:|---:|",
+        ]
         for s in report["stages"]:
-            lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} |")
+            rss, est = s.get("peak_rss_bytes"), s.get("estimated_peak_ram_bytes")
+            lines.append(
+                f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
+                f"| {'' if rss is None else f'{rss / 1e6:.0f}'} | {'' if est is None else f'{est / 1e6:.0f}'} |"
+            )
     return "\n".join(lines) + "\n"
 
 

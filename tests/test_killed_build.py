@@ -101,3 +101,9 @@ def test_killed_builds_resume_from_finished_stages(config, tmp_path):
     assert scratch(out) == []
     report = json.loads((out / "report.json").read_text())
     assert [t["target"] for t in report["targets"]] == ["gguf-q8", "gguf-q4_0"]
+    # every stage that ran records its own peak RSS beside the plan's estimate; cached ones have none
+    ran = [s for s in report["stages"] if not s["cached"]]
+    assert ran and all(s["peak_rss_bytes"] and s["peak_rss_bytes"] > 50e6 for s in ran), ran
+    assert all(s["peak_rss_bytes"] is None for s in report["stages"] if s["cached"])
+    assert {s["stage"]: s.get("estimated_peak_ram_bytes") for s in report["stages"]}["merge"] > 0
+    assert "| peak RSS MB | estimated MB |" in (out / "report.md").read_text()

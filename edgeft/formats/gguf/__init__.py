@@ -135,3 +135,32 @@ def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, thr
             source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir, progress
         ),
     ).path
+
+
+def resource_estimates(target, shape, ladder_export: bool) -> list:
+    """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
+    :mod:`edgeft.resources`). The exporter and llama.cpp's quantizer work tensor by tensor over
+    memory-mapped files; the imatrix is a torch forward pass over one fp32 copy."""
+    from ...resources import BASELINE_BYTES, StageEstimate
+    from .types import FILE_BITS_PER_WEIGHT
+
+    n, largest = shape.parameters, 4 * shape.largest_tensor
+    by_tensor = BASELINE_BYTES + 3 * largest
+    export = StageEstimate("export", by_tensor, 4 * n, "tensor by tensor: 3 × the largest fp32 tensor")
+    size = int(FILE_BITS_PER_WEIGHT.get(target.quant, 16.0) * n / 8)
+    bench = StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "llama.cpp: the file + KV cache")
+    out = [export] if needs_quantize(target.quant) or target.quant == "F32" or ladder_export else []
+    if ladder_export:
+        out.append(StageEstimate(f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "llama.cpp: the F32 file"))
+    if target.quant == "F32":
+        return out
+    if not needs_quantize(target.quant):
+        return [*out, StageEstimate(f"export {target.name}", by_tensor, size, "tensor by tensor"), bench]
+    if which := target.options.get("imatrix"):
+        out.append(StageEstimate(f"imatrix {which}", BASELINE_BYTES + 4 * n, 0, "one fp32 copy (torch)"))
+    if target.options.get("max_size_mb") is not None:
+        out.append(
+            StageEstimate("sensitivity", BASELINE_BYTES + 2 * size + 4 * n, 0, "F32 export mapped + probe models")
+        )
+    out.append(StageEstimate(f"quantize {target.name}", by_tensor, size, "llama.cpp, tensor by tensor"))
+    return [*out, bench]

@@ -34,3 +34,26 @@ UNQUANTIZED: dict[str, str] = {"F32": "f32", "F16": "f16"}
 
 # Types whose blocks span 256 values: rows of other widths make llama.cpp fall back to another type.
 K_QUANTS = frozenset(n for n in GGUF_QUANT_TYPES if "_K" in n)
+
+# Whole-file type → average bits per weight of the file, as llama.cpp's quantize reports them on a
+# 7B Llama (a small model's embedding and head weigh more, so its files come out a little larger).
+# Used to estimate a build's disk before it runs, never to describe a written file (inspect does).
+FILE_BITS_PER_WEIGHT: dict[str, float] = {
+    "F32": 32.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.56,
+    "Q5_K_M": 5.69,
+    "Q5_K_S": 5.54,
+    "Q5_1": 6.0,
+    "Q5_0": 5.5,
+    "Q4_K_M": 4.89,
+    "Q4_K_S": 4.58,
+    "Q4_1": 5.0,
+    "Q4_0": 4.55,
+    "Q3_K_L": 4.27,
+    "Q3_K_M": 3.91,
+    "Q3_K_S": 3.5,
+    "Q2_K": 3.35,
+}

@@ -181,3 +181,36 @@ def _mixed(
     )
     mixed.check_written(out.path, chosen)
     return out.path
+
+
+# bytes per parameter of a MatMulNBits folder: 4 or 8 bits plus an fp32 scale per block of 32
+_BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.125, "int4": 0.625}
+# fp32 copies of the model the onnxruntime-genai builder holds while it writes a folder: the HF model,
+# the graph's initializers, packed q/k/v (measured: 6.56 GB peak for a 0.5B model of 2.52 GB)
+_BUILDER_COPIES = 2.3
+
+
+def resource_estimates(target, shape, ladder_export: bool) -> list:
+    """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
+    :mod:`edgeft.resources`)."""
+    from ...resources import BASELINE_BYTES, StageEstimate
+
+    n = shape.parameters
+    builder = BASELINE_BYTES + int(_BUILDER_COPIES * 4 * n)
+    basis = f"onnxruntime-genai builder: ~{_BUILDER_COPIES} fp32 copies"
+    size = int(_BYTES_PER_PARAM.get(target.quant, 4.0) * n)
+    out = []
+    needs_fp32 = ladder_export or target.quant == "fp32" or any(k in target.options for k in EDGEFT_KEYS)
+    if needs_fp32:
+        out.append(StageEstimate(f"export {CONVERSION}", builder, 4 * n, basis))
+    if ladder_export:
+        out.append(StageEstimate(f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "onnxruntime: the fp32 graph"))
+    if which := target.options.get("imatrix"):
+        inlined = BASELINE_BYTES + 8 * n
+        out.append(StageEstimate(f"imatrix onnx {which}", inlined, 0, "fp32 graph inlined + its session"))
+    if any(k in target.options for k in PLAN_KEYS):
+        out.append(StageEstimate("sensitivity onnx", BASELINE_BYTES + 8 * n, 0, "fp32 and int4 sessions"))
+    if target.quant != "fp32" or target.options:
+        out.append(StageEstimate(f"export {target.name}", builder, size, basis))
+    out.append(StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "onnxruntime-genai: the folder"))
+    return out

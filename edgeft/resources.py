@@ -1,0 +1,297 @@
+"""What a build will cost in memory and disk, estimated before anything runs and measured while it runs.
+
+**Measured.** :class:`PeakRSS` gives the peak resident set of this process over one stage. Linux
+keeps a high-water mark (``VmHWM`` in ``/proc/self/status``) that writing ``5`` to
+``/proc/self/clear_refs`` resets, so each stage's peak is its own, not the largest so far. Where that
+is not available (macOS, a kernel that refuses the write) a stage's peak is None, never a guess.
+
+**Estimated.** :func:`plan` reads the model's shape (safetensors headers, or a built-in's GGUF header;
+no weights) and asks each stage what it holds: how many full-precision copies of the model, or how
+many of its largest tensor. The coefficients below come from the code paths as they are and were
+checked against measured peaks (the report's stage table puts both side by side); they are
+estimates, and the refusal they drive leaves a margin rather than failing a build that would fit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+GB = 1e9
+
+# The Python process before a stage loads anything: interpreter, torch, transformers, numpy.
+BASELINE_BYTES = int(0.9 * GB)
+# A build refuses when a stage's estimate is above this share of the machine's RAM: the estimates
+# are rough, and the OS, page cache and the user's other work need room too.
+RAM_SHARE = 0.9
+
+
+# ---------------------------------------------------------------------------------------- measured
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakRSS:
+    """Peak RSS of this process between :meth:`start` and :meth:`stop` (bytes, or None if unknown)."""
+
+    def __init__(self) -> None:
+        self.resettable = False
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            self.resettable = _status_kb("VmHWM") is not None
+        except OSError:
+            self.resettable = False
+
+    def stop(self) -> int | None:
+        return _status_kb("VmHWM") if self.resettable else None
+
+
+# --------------------------------------------------------------------------------------- estimated
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimates need to know about a model, read from headers alone."""
+
+    parameters: int
+    largest_tensor: int  # elements of the largest tensor (the embedding or the output head)
+    layers: int
+    hidden: int
+    vocab: int
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.parameters
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    peak_ram: int  # bytes of RSS the stage's process is expected to reach
+    disk: int  # bytes the stage leaves behind (its output)
+    basis: str  # what the estimate counts, for the person reading --dry-run
+
+
+@dataclass
+class ResourcePlan:
+    model: ModelShape
+    stages: list[StageEstimate]
+    ram_total: int | None
+    disk_free: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> StageEstimate:
+        return max(self.stages, key=lambda s: s.peak_ram)
+
+    @property
+    def disk(self) -> int:
+        return sum(s.disk for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.__dict__,
+            "stages": [s.__dict__ for s in self.stages],
+            "peak_ram_bytes": self.peak.peak_ram,
+            "peak_stage": self.peak.stage,
+            "disk_bytes": self.disk,
+            "machine_ram_bytes": self.ram_total,
+            "disk_free_bytes": self.disk_free,
+            "notes": self.notes,
+        }
+
+
+def shape_from_safetensors(model_dir: Path) -> ModelShape:
+    """The shape of a local HF folder: parameter counts from its safetensors headers, sizes from config.json."""
+    import numpy as np
+
+    from .loading import read_json_object
+    from .weights import read_header, weight_files
+
+    total, largest = 0, 0
+    for f in weight_files(model_dir):
+        for info in read_header(f).values():
+            n = int(np.prod(info["shape"], dtype=np.int64))
+            total, largest = total + n, max(largest, n)
+    config = read_json_object(Path(model_dir) / "config.json", "model config")
+    return _shape(total, largest, config)
+
+
+def shape_from_gguf(path: Path, config: dict[str, Any] | None = None) -> ModelShape:
+    """The shape of a built-in's GGUF: tensor shapes from its header (memory-mapped, nothing dequantized)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    counts = [int(t.n_elements) for t in reader.tensors]
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+
+    def field_value(key: str, default: int = 0) -> int:
+        f = reader.fields.get(key.format(arch=arch))
+        return int(f.contents()) if f is not None else default
+
+    layers = field_value(gguf.Keys.LLM.BLOCK_COUNT)
+    hidden = field_value(gguf.Keys.LLM.EMBEDDING_LENGTH)
+    vocab = field_value(gguf.Keys.LLM.VOCAB_SIZE) or len(reader.fields[gguf.Keys.Tokenizer.LIST].data)
+    # a tied head is one tensor in the file and one in memory (transformers shares it): no extra count
+    return ModelShape(sum(counts), max(counts), layers, hidden, vocab)
+
+
+def _shape(total: int, largest: int, config: dict[str, Any]) -> ModelShape:
+    return ModelShape(
+        total,
+        largest,
+        int(config.get("num_hidden_layers") or 0),
+        int(config.get("hidden_size") or 0),
+        int(config.get("vocab_size") or 0),
+    )
+
+
+def model_shape(name: str) -> ModelShape:
+    """A model's shape for the plan, without materialising a built-in one."""
+    from .models import BUILTIN_MODELS, builtin_gguf_path
+
+    if name in BUILTIN_MODELS:
+        return shape_from_gguf(builtin_gguf_path(name))
+    return shape_from_safetensors(Path(name).expanduser())
+
+
+def _activations(shape: ModelShape, batch: int, seq: int) -> int:
+    """fp32 activations kept for the backward pass: about 16 hidden-sized tensors per layer and token
+    (attention and MLP inputs and outputs, the MLP's 2-3× wider intermediates), plus the logits."""
+    per_token = 16 * shape.hidden * shape.layers + 3 * shape.vocab
+    return 4 * batch * seq * per_token
+
+
+def _trains_on_gpu(device: str) -> bool:
+    # without importing torch (seconds): "auto" picks CUDA when the driver's device node is there
+    return device == "cuda" or (device == "auto" and Path("/dev/nvidiactl").exists())
+
+
+def training_estimate(shape: ModelShape, cfg: Any) -> StageEstimate:
+    t = cfg.train
+    if _trains_on_gpu(t.device):
+        # the weights stream through host memory one shard at a time on their way to the GPU
+        return StageEstimate("train", BASELINE_BYTES + 8 * shape.largest_tensor, 0, "on the GPU (host RAM: loading)")
+    acts = _activations(shape, t.batch_size, t.max_seq_len)
+    if t.method == "qlora":
+        # 4-bit decoder linears (~0.56 byte/param with their scales); embeddings and head stay fp32
+        weights = int(0.56 * (shape.parameters - 2 * shape.largest_tensor)) + 8 * shape.largest_tensor
+        basis = "NF4 base + fp32 embeddings/head + activations"
+    else:
+        weights = shape.fp32_bytes
+        basis = "fp32 base + activations"
+    return StageEstimate("train", BASELINE_BYTES + weights + acts, 0, basis)
+
+
+def plan(cfg: Any, targets: list[Any], out_dir: Path, shape: ModelShape | None = None) -> ResourcePlan:
+    """Estimated peak RAM of each stage of ``edgeft build`` and the disk the build leaves, with what
+    this machine has."""
+    from .formats import get_format
+    from .machine import ram_bytes
+
+    shape = shape or model_shape(str(cfg.model))
+    fp32 = shape.fp32_bytes
+    one_copy = BASELINE_BYTES + fp32
+    stages: list[StageEstimate] = []
+    from .models import BUILTIN_MODELS
+
+    if str(cfg.model) in BUILTIN_MODELS:
+        # the GGUF's tensors dequantized into an fp32 model, then saved (one copy + shard buffer)
+        stages.append(StageEstimate("model", BASELINE_BYTES + int(1.3 * fp32), fp32, "fp32 model from the GGUF"))
+    stages.append(training_estimate(shape, cfg))
+    stages.append(_merge_estimate(shape, cfg))
+    stages.append(StageEstimate("reference", one_copy, 0, "one fp32 copy (torch forward passes)"))
+    stages.append(StageEstimate("bench-base", one_copy, 0, "one fp32 copy (torch forward passes)"))
+    seen: set[str] = set()
+    for target in targets:
+        for est in get_format(target.format).resource_estimates(target, shape, cfg.bench.ladder_export):
+            if est.stage not in seen:  # a shared stage (the F32 export) counts once
+                seen.add(est.stage)
+                stages.append(est)
+    out_dir = Path(out_dir).absolute()
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
+    return ResourcePlan(shape, stages, _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes(), _free_disk(existing))
+
+
+# merge strategy → fp32 copies of the model held at once (the full-load merge: base, the copy
+# save_pretrained makes, and for QLoRA the dequantized base and the NF4 teacher)
+_MERGE_COPIES = {
+    "fp": (2.0, "base + the copy written out"),
+    "dequant": (3.0, "base, dequantized base, copy written out"),
+}
+_MERGE_COPIES["auto"] = (4.2, "fp and dequant candidates, the NF4 teacher, copy written out")
+
+
+def _merge_estimate(shape: ModelShape, cfg: Any) -> StageEstimate:
+    strategy = "fp" if cfg.train.method == "lora" else cfg.merge.strategy
+    copies, basis = _MERGE_COPIES[strategy]
+    return StageEstimate("merge", BASELINE_BYTES + int(copies * shape.fp32_bytes), shape.fp32_bytes, basis)
+
+
+def check_fits(resources: ResourcePlan, where: str) -> None:
+    """Refuse, in one line naming the stage, a build whose estimate exceeds this machine's RAM or disk."""
+    peak = resources.peak
+    if resources.ram_total and peak.peak_ram > RAM_SHARE * resources.ram_total:
+        raise ConfigError(
+            f"{where}: stage {peak.stage} needs about {peak.peak_ram / GB:.1f} GB of RAM ({peak.basis}, "
+            f"{resources.model.parameters / 1e9:.2f} B parameters); this machine has {resources.ram_total / GB:.1f} GB"
+            f"{_hint(peak.stage)}"
+        )
+    if resources.disk_free is not None and resources.disk > resources.disk_free:
+        raise ConfigError(
+            f"{where}: the build writes about {resources.disk / GB:.1f} GB; only {resources.disk_free / GB:.1f} GB "
+            "free where --out is; free space or choose another --out"
+        )
+
+
+def _hint(stage: str) -> str:
+    if stage == "train":
+        return "; use [train].method = 'qlora' on a GPU, a smaller batch_size or max_seq_len"
+    return "; use a machine with more memory"
+
+
+def render(resources: ResourcePlan) -> str:
+    """The plan as the lines ``--dry-run`` prints."""
+    m = resources.model
+    lines = [
+        f"resource plan (estimates): {m.parameters / 1e9:.2f} B parameters, {m.layers} layers, "
+        f"fp32 {m.fp32_bytes / GB:.2f} GB, largest tensor {4 * m.largest_tensor / GB:.2f} GB",
+        f"  {'stage':<26} {'peak RAM GB':>11} {'disk GB':>8}  basis",
+    ]
+    for s in resources.stages:
+        lines.append(f"  {s.stage:<26} {s.peak_ram / GB:>11.2f} {s.disk / GB:>8.2f}  {s.basis}")
+    ram = f"{resources.ram_total / GB:.1f} GB" if resources.ram_total else "unknown"
+    disk = f"{resources.disk_free / GB:.1f} GB free" if resources.disk_free is not None else "unknown"
+    lines.append(
+        f"  peak {resources.peak.peak_ram / GB:.2f} GB ({resources.peak.stage}) of {ram} RAM; "
+        f"disk {resources.disk / GB:.2f} GB of {disk}"
+    )
+    return "\n".join(lines)
+
+
+def _free_disk(path: Path) -> int | None:
+    return _env_bytes("EDGEFT_DISK_FREE_BYTES") or shutil.disk_usage(path).free
+
+
+def _env_bytes(name: str) -> int | None:
+    """``EDGEFT_RAM_BYTES`` / ``EDGEFT_DISK_FREE_BYTES`` plan for a machine of that size (a smaller CI
+    runner, a test of the refusal) instead of this one."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None

@@ -1,0 +1,132 @@
+"""The resource plan (estimated RAM and disk per stage, from headers alone) and the measured peak RSS
+per stage that the report puts beside it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from edgeft import resources
+from edgeft.config import load_config
+from edgeft.errors import ConfigError
+from edgeft.targets import parse_target_list
+
+from .hostile import assert_refused, run_edgeft
+from .tiny import tiny_build_config
+
+# Llama-3.1-8B's shapes (config.json of meta-llama/Llama-3.1-8B): 8.03 B parameters.
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
+
+
+def sparse_llama(folder: Path, config: dict, dtype: str = "BF16") -> Path:
+    """A model folder whose safetensors files have real headers and holes for data: 16 GB on paper,
+    a few kilobytes on disk (the plan reads headers only)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    h, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]
+    head_dim = h // config["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": [config["vocab_size"], h], "lm_head.weight": [config["vocab_size"], h]}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": [h, h],
+            p + "self_attn.k_proj.weight": [kv * head_dim, h],
+            p + "self_attn.v_proj.weight": [kv * head_dim, h],
+            p + "self_attn.o_proj.weight": [h, h],
+            p + "mlp.gate_proj.weight": [inter, h],
+            p + "mlp.up_proj.weight": [inter, h],
+            p + "mlp.down_proj.weight": [h, inter],
+            p + "input_layernorm.weight": [h],
+            p + "post_attention_layernorm.weight": [h],
+        }
+    shapes["model.norm.weight"] = [h]
+    size = {"BF16": 2, "F32": 4}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = size
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path = folder / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)  # a hole: no data blocks are written
+    return folder
+
+
+def test_shape_of_an_8b_model_from_headers_alone(tmp_path: Path) -> None:
+    shape = resources.shape_from_safetensors(sparse_llama(tmp_path / "llama8b", LLAMA_8B))
+    assert shape.parameters == 8_030_261_248  # Llama-3.1-8B's published count
+    assert shape.largest_tensor == 128256 * 4096
+    assert (shape.layers, shape.hidden, shape.vocab) == (32, 4096, 128256)
+
+
+def test_an_8b_build_is_refused_on_24_gb_naming_the_stage_and_numbers(tmp_path: Path, monkeypatch) -> None:
+    """The fp32 stages of an 8B model (32 GB a copy) cannot fit 24 GB: refused with the numbers."""
+    monkeypatch.setenv("EDGEFT_RAM_BYTES", str(24 * 2**30))
+    shape = resources.shape_from_safetensors(sparse_llama(tmp_path / "llama8b", LLAMA_8B))
+    cfg = load_config(None)
+    plan = resources.plan(cfg, parse_target_list("gguf-q4"), tmp_path / "out", shape)
+    by_stage = {s.stage: s for s in plan.stages}
+    assert by_stage["reference"].peak_ram > 32e9  # one fp32 copy of 8.03 B parameters
+    assert by_stage["export"].peak_ram < 8e9  # tensor by tensor: the largest tensor, not the model
+    with pytest.raises(ConfigError) as err:
+        resources.check_fits(plan, "edgeft.toml")
+    message = str(err.value)
+    assert f"stage {plan.peak.stage} needs about" in message and "this machine has 25.8 GB" in message
+    assert "8.03 B parameters" in message
+
+
+def test_a_small_model_fits_and_the_disk_adds_up(tmp_path: Path, smollm2_dir: Path) -> None:
+    shape = resources.shape_from_safetensors(smollm2_dir)
+    assert 134e6 < shape.parameters < 136e6
+    cfg = load_config(None)
+    plan = resources.plan(cfg, parse_target_list("gguf-q8,gguf-q4"), tmp_path / "out", shape)
+    resources.check_fits(plan, "edgeft.toml")  # fits any machine that runs the tests
+    assert plan.disk == sum(s.disk for s in plan.stages)
+    assert [s.stage for s in plan.stages].count("export") == 1  # the shared F32 export counts once
+
+
+def test_peak_rss_is_per_stage_not_the_largest_so_far() -> None:
+    import numpy as np
+
+    rss = resources.PeakRSS()
+    rss.start()
+    if not rss.resettable:
+        pytest.skip("this kernel does not reset the peak RSS (/proc/self/clear_refs)")
+    block = np.ones(300_000_000 // 8)  # 300 MB touched
+    big = rss.stop()
+    del block
+    rss.start()
+    small = rss.stop()
+    assert big - small > 250e6, (big, small)
+
+
+def test_build_refuses_before_training_when_ram_is_short(tmp_path: Path, tokenizer) -> None:
+    """Through the CLI: a machine declared at 1 GB refuses the build in one line, exit 2, nothing written."""
+    cfg = tiny_build_config(tmp_path, tokenizer, "max_steps = 1\n")
+    args = ["build", "--config", str(cfg), "--target", "gguf-q8", "--out", "out"]
+    run = run_edgeft(args, tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
+    assert_refused(run, "needs about", "GB of RAM", "this machine has 1.0 GB")
+    assert not (tmp_path / "out").exists()
+    dry = run_edgeft([*args, "--dry-run"], tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)["resources"]
+    assert shown["machine_ram_bytes"] == 10**9 and shown["peak_ram_bytes"] > 10**9
+    assert "resource plan (estimates)" in dry.stderr and "would refuse" in dry.stderr
