@@ -101,8 +101,12 @@ def _load_base(model_dir: Path, cfg: TrainConfig, device: str, dtype: str) -> An
     from transformers import AutoModelForCausalLM
 
     if cfg.method == "lora":
+        # On a GPU computing in bf16 the frozen base is held in bf16 too: half the memory of fp32 (a 3B
+        # model in 6 GB, not 12), and autocast would round its weights to bf16 anyway. peft keeps the
+        # adapter's own weights fp32. On a CPU the base stays fp32: bf16 there is autocast only.
+        base_dtype = torch.bfloat16 if device == "cuda" and dtype == "bfloat16" else torch.float32
         with loading(model_dir, "the base model"):
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
     from peft import prepare_model_for_kbit_training
 
     from .nf4 import load_nf4
@@ -260,6 +264,7 @@ def train_adapter(
         "world_size": args.world_size,
         "compute_dtype": dtype,
         "precision": "bf16 autocast" if bf16 else "fp32",
+        "base_dtype": "nf4" if cfg.method == "qlora" else str(model.get_base_model().dtype).removeprefix("torch."),
     }
 
 

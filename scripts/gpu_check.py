@@ -1,4 +1,4 @@
-"""Train QLoRA and bf16 LoRA on SmolLM2-135M with the cooking example and print what a GPU run is for:
+"""Train QLoRA and bf16 LoRA on SmolLM2-135M (or ``--model``) with the cooking example and print what a GPU run is for:
 tokens/s and peak GPU memory of each, the KLD of the two merge strategies of the QLoRA adapter
 against the adapter on its NF4 base, and the task accuracy of every resulting model.
 
@@ -24,6 +24,9 @@ COOKING = ROOT / "examples" / "cooking"
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument(
+        "--model", default="smollm2-135m", help="a built-in name (qwen2.5-coder-1.5b: the real-size check) or HF folder"
+    )
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per method (cooking: ~49 an epoch)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-eval", type=int, default=0, help="held-out questions for accuracy and KLD (0: all 78)")
@@ -99,7 +102,7 @@ def main() -> int:
         eval_file = work / "eval.jsonl"
         work.mkdir(parents=True, exist_ok=True)
         eval_file.write_text("".join((COOKING / "eval.jsonl").read_text().splitlines(keepends=True)[: args.max_eval]))
-    base = resolve_model("smollm2-135m")
+    base = resolve_model(args.model)
     _log(start, f"model: {base}")
 
     runs = {}
@@ -140,12 +143,16 @@ def main() -> int:
 
     summary = {
         "device": args.device,
+        "model": args.model,
         "gpu": gpu,
         "torch": torch.__version__,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "train": {
-            k: {f: v.get(f) for f in ("tokens_per_s", "train_seconds", "peak_gpu_memory_mb", "compute_dtype")}
+            k: {
+                f: v.get(f)
+                for f in ("tokens_per_s", "train_seconds", "peak_gpu_memory_mb", "compute_dtype", "base_dtype")
+            }
             for k, v in runs.items()
         },
         "qlora_merge_kld": kld,
