@@ -511,6 +511,9 @@ def _write_bundle(out: Path, sources: dict[str, Path], manifest: dict[str, Any],
             zip_tmp.unlink(missing_ok=True)
 
 
+_REPLACES_ONLY = "edgeft replaces only an empty folder or a bundle exactly as it wrote it; choose another --out"
+
+
 def _check_bundle_out(out: Path) -> None:
     """Replace only an earlier bundle; never a folder or zip of the user's, nor a file added to one."""
     name = out.name
@@ -525,16 +528,16 @@ def _check_bundle_out(out: Path) -> None:
             raise OutputError(f"--out {out}: {path} is a symbolic link; edgeft replaces only a bundle it wrote")
     if out.exists():
         if not out.is_dir():
-            raise OutputError(f"--out {out}: exists and is not an edgeft bundle (a file); choose another path")
+            raise OutputError(f"--out {out}: a file, not an edgeft bundle; {_REPLACES_ONLY}")
         problem = _bundle_dir_problem(out)
         if problem:
-            raise OutputError(f"--out {out}: {problem}; not an edgeft bundle to replace, so choose another path")
+            raise OutputError(f"--out {out}: {problem}; {_REPLACES_ONLY}")
     if z.exists():
         if not z.is_file():
-            raise OutputError(f"--out {out}: {z} exists and is not an edgeft bundle; choose another path")
+            raise OutputError(f"--out {out}: {z} is not a file, not an edgeft bundle; {_REPLACES_ONLY}")
         problem = _bundle_zip_problem(z, name)
         if problem:
-            raise OutputError(f"--out {out}: {z}: {problem}; not an edgeft bundle to replace, so choose another path")
+            raise OutputError(f"--out {out}: {z}: {problem}; {_REPLACES_ONLY}")
 
 
 def _bundle_dir_problem(path: Path) -> str | None:
@@ -544,12 +547,12 @@ def _bundle_dir_problem(path: Path) -> str | None:
         if not entries:
             return None
         if MANIFEST not in entries:
-            return f"holds {_name(sorted(entries)[0])} and no {MANIFEST}"
+            return f"not an edgeft bundle (it holds {_name(sorted(entries)[0])} and no {MANIFEST})"
         manifest = _check_manifest(
             _read_capped(path / MANIFEST, MANIFEST_MAX_BYTES, "a bundle manifest", BundleError), f"{MANIFEST}"
         )
     except BundleError as e:
-        return str(e).removeprefix(f"{path}: ").removeprefix(f"{path}/")
+        return f"not an edgeft bundle ({str(e).removeprefix(f'{path}: ').removeprefix(f'{path}/')})"
     files = manifest["files"]
     for name, st in sorted(entries.items()):
         if name == MANIFEST:
@@ -574,13 +577,13 @@ def _bundle_zip_problem(path: Path, root: str) -> str | None:
             entries = _zip_layout(f, where)
             got_root, files = _zip_files(entries, where)
             if got_root != root:
-                return f"its entries are in {_name(got_root)}/, not {root}/"
+                return f"not an edgeft bundle (its entries are in {_name(got_root)}/, not {root}/)"
             entry = files.pop(MANIFEST, None)
             if entry is None:
-                return f"no {root}/{MANIFEST}"
+                return f"not an edgeft bundle (no {root}/{MANIFEST})"
             manifest = _check_manifest(_zip_manifest_bytes(f, entry, where), f"{root}/{MANIFEST}")
     except BundleError as e:
-        return str(e).removeprefix(f"{where}: ").removeprefix(f"{where}:")
+        return f"not an edgeft bundle ({str(e).removeprefix(f'{where}: ').removeprefix(f'{where}:')})"
     for name, entry in sorted(files.items()):
         if name not in manifest["files"]:
             return f"{root}/{_name(name)} is not part of the bundle (added since `edgeft package` wrote it)"

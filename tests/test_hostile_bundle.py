@@ -184,6 +184,14 @@ def test_package_keeps_a_folder_with_a_foreign_manifest(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_package_keeps_a_file_at_out(tmp_path):
+    make_build(tmp_path)
+    (tmp_path / "app").write_text("my notes")
+    before = snapshot(tmp_path)
+    assert_refused(package(tmp_path), "a file, not an edgeft bundle")
+    assert snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------ 5: links and temporary names
 
 
@@ -233,6 +241,31 @@ def test_package_refuses_a_link_in_the_build_folder(tmp_path):
     before = snapshot(tmp_path)
     assert_refused(package(tmp_path), "chat_template.jinja", "symbolic link")
     assert snapshot(tmp_path) == before
+
+
+def test_package_refuses_a_link_in_an_onnx_folder(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    build = make_build(tmp_path, bench={"results": BENCH | {"artifact": {"file_type": "int4", "size_bytes": 1}}})
+    (build / "bench-gguf-q4").rename(build / "bench-onnx-int4")
+    art = build / "onnx-int4"
+    art.mkdir()
+    io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io_[:1], io_[1:])
+    onnx.save(helper.make_model(graph), str(art / "model.onnx"))
+    (art / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    (art / "tokenizer.json").write_text("{}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("ssh key")
+    (art / "notes.txt").symlink_to(secret)
+    before = snapshot(tmp_path)
+    args = ["package", "--build", "build", "--target", "onnx-int4", "--out", "app"]
+    assert_refused(edgeft(tmp_path, *args), "notes.txt", "symbolic link")
+    assert snapshot(tmp_path) == before
+    (art / "notes.txt").unlink()
+    assert_ok(edgeft(tmp_path, *args))
+    assert_ok(edgeft(tmp_path, "verify", "app.zip"))
 
 
 @pytest.mark.parametrize(
