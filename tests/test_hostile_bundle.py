@@ -13,8 +13,6 @@ import io
 import json
 import os
 import struct
-import subprocess
-import sys
 import unicodedata
 import zipfile
 import zlib
@@ -35,25 +33,8 @@ def edgeft(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: fl
 
 
 def edgeft_measured(cwd: Path, *args: str, timeout: float = 120) -> Run:
-    """``edgeft(...)``, launched from a fresh, small Python process, for a peak RSS that is the
-    command's own. A process started by fork/vfork and exec inherits, as its ru_maxrss, the peak RSS
-    of the process that spawned it, so run straight from pytest (which may have held large buffers
-    by then) the reading would be pytest's peak, not edgeft's."""
-    code = (
-        "import dataclasses, json, sys; from pathlib import Path; from tests.hostile import run_edgeft; "
-        "r = run_edgeft(json.loads(sys.argv[1]), Path.cwd(), env=json.loads(sys.argv[2]), timeout=float(sys.argv[3])); "
-        "print(json.dumps(dataclasses.asdict(r)))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(list(args)), json.dumps(ENV), str(timeout)],
-        cwd=cwd,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Run(**json.loads(proc.stdout))
+    """``edgeft(...)``: run_edgeft measures the command's own peak RSS (from a small launcher)."""
+    return edgeft(cwd, *args, timeout=timeout)
 
 
 def assert_ok(run) -> None:
