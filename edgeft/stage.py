@@ -74,8 +74,12 @@ def content_hash(path: Path) -> str:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a folder, or None when it has none that reads as a JSON object (hostile
+    JSON included: nested past the recursion limit, larger than edgeft reads)."""
+    from .loading import read_json
+
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        manifest = read_json(Path(path) / MANIFEST)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) else None

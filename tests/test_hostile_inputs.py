@@ -1,0 +1,274 @@
+"""Hostile inputs to the loaders, the output folders and the exit status, each through the real CLI
+in its own process (``tests/hostile.py``).
+
+Every case is made of a few hand-written bytes (no model is trained or loaded): a user's folder that
+looks like an edgeft output, nested JSON, safetensors and GGUF headers that lie about their sizes,
+llama-bench fields of the wrong type, a model folder whose config names its own Python code. Each
+must end with exit 2 (3 for an internal error), one ``edgeft: error:`` line, nothing of the user's
+changed, no code from the input run, and a peak RSS near that of the same command refusing a benign
+input.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .hostile import Run, assert_refused, run_edgeft, snapshot
+
+NESTED = "[" * 200_000  # past Python's recursion limit in json.loads: RecursionError
+RSS_MARGIN = 64 << 20  # over the same command refusing a benign input
+
+
+# --------------------------------------------------------------------------------------------
+# tiny inputs
+
+
+def llama_config() -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "vocab_size": 16,
+        "max_position_embeddings": 64,
+    }
+
+
+def safetensors(path: Path, header: dict | str | bytes, data: bytes = b"", length: int | None = None) -> Path:
+    raw = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def model_folder(root: Path, header: dict | str | bytes = None, data: bytes = b"", **kw) -> Path:
+    """A model folder with a valid tiny llama config and the given safetensors header and data."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(llama_config()))
+    if header is None:
+        header, data = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8
+    safetensors(root / "model.safetensors", header, data, **kw)
+    return root
+
+
+def gguf_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_file(path: Path, kv: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0, tail=b"") -> Path:
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + tensors + tail)
+    return path
+
+
+def good_gguf(path: Path) -> Path:
+    """Well-formed and tiny: one metadata entry, no tensors (llama.cpp cannot run it)."""
+    kv = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+    return gguf_file(path, kv, 1)
+
+
+def huge_array_gguf(path: Path) -> Path:
+    """49 bytes: one metadata array that claims 2^62 uint8 items."""
+    return gguf_file(path, gguf_string("a") + struct.pack("<IIQ", 9, 0, 1 << 62), 1)
+
+
+def manifest(folder: Path, stage: str, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "edgeft_version": "0.1.0", **extra}))
+    return folder
+
+
+def stage_folder(folder: Path, files: dict[str, bytes], stage: str = "export") -> Path:
+    import hashlib
+
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    outputs = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    return manifest(folder, stage, key="k", inputs={}, params={}, results={}, outputs=outputs)
+
+
+def stored_reference(folder: Path) -> Path:
+    """A stored reference that reads back: two scored positions of one sequence."""
+    folder.mkdir()
+    arrays = {
+        "tokens": np.array([1, 2, 3], np.int32),
+        "targets": np.array([1, 2], np.int32),
+        "topk_ids": np.zeros((2, 2), np.int32),
+        "topk_logp": np.zeros((2, 2), np.float32),
+        "target_logp": np.zeros(2, np.float32),
+    }
+    lengths = {f"{k}_lengths": np.array([len(v)], np.int64) for k, v in arrays.items()}
+    np.savez(folder / "reference.npz", **arrays, **lengths)
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    meta = {"top_k": 2, "examples": [{"messages": messages, "answers": ["a"]}], "task_accuracy": 1.0}
+    meta["performance"] = {"latency": {"prompt_tokens": 8, "decode_tokens": 4}}
+    (folder / "reference.json").write_text(json.dumps(meta))
+    return folder
+
+
+LLAMA_BENCH_TEST = {"model_filename": "m.gguf", "model_size": 1000, "n_threads": 4, "n_prompt": 0, "n_gen": 16}
+LLAMA_BENCH_TEST["avg_ts"] = 12.5
+
+
+def refuse(args: list[str], cwd: Path, *fragments: str, code: int = 2, **kw) -> Run:
+    run = run_edgeft(args, cwd, **kw)
+    assert_refused(run, *fragments, code=code)
+    return run
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. malformed JSON and headers: exit 2 with a clear line, in bounded memory
+
+
+def _json_case(name: str, work: Path, text: str) -> tuple[list[str], list[str]]:
+    """(argv, fragments) of a command that reads ``text`` as the JSON file of case ``name``."""
+    if name == "manifest":
+        (work / "out").mkdir()
+        (work / "out" / "manifest.json").write_text(text)
+        return ["export", "--model", "m", "--out", "out"], ["--out out", "not written by edgeft"]
+    if name == "config.json":
+        (work / "m").mkdir()
+        (work / "m" / "config.json").write_text(text)
+        return ["export", "--model", "m", "--out", "out"], ["m/config.json", "not valid JSON"]
+    if name == "safetensors-header":
+        model_folder(work / "m", text)
+        return ["export", "--model", "m", "--out", "out"], ["model.safetensors", "header is not JSON"]
+    if name == "adapter_config.json":
+        (work / "a").mkdir()
+        (work / "a" / "adapter_config.json").write_text(text)
+        return ["merge", "--adapter", "a", "--out", "out"], ["adapter_config.json", "not valid JSON"]
+    if name == "reference.json":
+        stored_reference(work / "ref")
+        (work / "ref" / "reference.json").write_text(text)
+        good_gguf(work / "m.gguf")
+        return ["bench", "--artifact", "m.gguf", "--reference", "ref", "--out", "out"], ["reference.json"]
+    if name == "llama-bench":
+        (work / "lb.json").write_text(text)
+        return ["bench", "--build", "b", "--llama-bench", "lb.json"], ["lb.json:1:", "not llama-bench JSON"]
+    if name == "dataset-line":
+        (work / "d.jsonl").write_text(text + "\n")
+        return ["train", "--data", "d.jsonl", "--out", "out"], ["d.jsonl:1:", "invalid JSON"]
+    if name == "recommend-manifest":
+        manifest(work / "b", "build", params={})
+        (work / "b" / "bench-x").mkdir()
+        (work / "b" / "bench-x" / "manifest.json").write_text(text)
+        return ["recommend", "--build", "b", "--device", "rpi5"], ["no benchmarked targets"]
+    raise AssertionError(name)
+
+
+JSON_CASES = [
+    "manifest",
+    "config.json",
+    "safetensors-header",
+    "adapter_config.json",
+    "reference.json",
+    "llama-bench",
+    "dataset-line",
+    "recommend-manifest",
+]
+
+
+@pytest.mark.parametrize("name", JSON_CASES)
+def test_json_nested_200000_deep_is_refused_like_any_bad_json(tmp_path, name):
+    runs = {}
+    for variant, text in (("benign", "{"), ("nested", NESTED)):
+        work = tmp_path / variant
+        work.mkdir()
+        args, fragments = _json_case(name, work, text)
+        before = snapshot(work)
+        runs[variant] = refuse(args, work, *fragments)
+        assert snapshot(work) == before
+    assert runs["nested"].peak_rss_bytes < runs["benign"].peak_rss_bytes + RSS_MARGIN
+
+
+def test_json_integer_of_5000_digits_is_bad_json_not_a_crash(work):
+    (work / "m").mkdir()
+    (work / "m" / "config.json").write_text('{"hidden_size": ' + "9" * 5000 + "}")
+    refuse(["export", "--model", "m", "--out", "out"], work, "config.json", "not valid JSON", "4300 digits")
+
+
+def test_a_config_json_of_gigabytes_is_not_read(work):
+    (work / "m").mkdir()
+    with open(work / "m" / "config.json", "wb") as f:  # sparse: 5 GB that take no disk
+        f.truncate(5 << 30)
+    run = refuse(["export", "--model", "m", "--out", "out"], work, "config.json", "larger than the", "MiB edgeft reads")
+    assert run.peak_rss_bytes < 400 << 20
+
+
+F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "fragments"),
+    [
+        ({"w": {**F32_2, "data_offsets": ["0", "8"]}}, b"\0" * 8, None, ["tensor w", "data_offsets", "[begin, end]"]),
+        ({"w": {**F32_2, "data_offsets": [-8, 0]}}, b"\0" * 8, None, ["tensor w", "data_offsets", "[begin, end]"]),
+        ({"w": {**F32_2, "data_offsets": [8, 0]}}, b"\0" * 8, None, ["tensor w", "-8 bytes"]),
+        ({"w": {**F32_2, "shape": [1 << 64]}}, b"\0" * 8, None, ["tensor w", "(expected 73786976294838206464)"]),
+        ({"w": {**F32_2, "shape": [[2]]}}, b"\0" * 8, None, ["tensor w", "shape", "integers >= 0"]),
+        ({"w": {**F32_2, "data_offsets": [0, 1 << 40]}}, b"\0" * 8, None, ["truncated", "tensor w ends at byte"]),
+        ({"w": {**F32_2, "dtype": "Q4"}}, b"\0" * 8, None, ["tensor w", "dtype 'Q4'", "F32"]),
+        ({"w": {**F32_2, "dtype": ["F32"]}}, b"\0" * 8, None, ["tensor w", "dtype"]),
+        ({"a": F32_2, "b": {**F32_2, "data_offsets": [4, 12]}}, b"\0" * 12, None, ["tensor b", "overlap"]),
+        ({"a": F32_2, "b": {**F32_2, "data_offsets": [12, 20]}}, b"\0" * 20, None, ["tensor b", "belong to no tensor"]),
+        ({"w": F32_2}, b"\0" * 16, None, ["8 bytes after the last tensor"]),
+        ({"w": "F32"}, b"\0" * 8, None, ["tensor w", "malformed header entry"]),
+        ({"w": F32_2}, b"\0" * 8, 1 << 40, ["not a safetensors file, or truncated", "header of 1099511627776 bytes"]),
+    ],
+    ids=[
+        "string-offsets",
+        "negative-offsets",
+        "end-before-begin",
+        "dimension-2^64",
+        "nested-shape",
+        "past-the-end",
+        "unknown-dtype",
+        "dtype-not-a-string",
+        "overlapping",
+        "gap",
+        "trailing-bytes",
+        "entry-not-an-object",
+        "header-longer-than-file",
+    ],
+)
+def test_lying_safetensors_headers_are_refused(work, header, data, length, fragments):
+    model_folder(work / "m", header, data, length=length)
+    before = snapshot(work)
+    refuse(["export", "--model", "m", "--out", "out"], work, "model.safetensors", *fragments)
+    assert snapshot(work) == before
+
+
+def test_a_shard_index_pointing_outside_the_folder_is_refused(work):
+    m = model_folder(work / "m")
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/x.safetensors"}}))
+    refuse(["export", "--model", "m", "--out", "out"], work, "index.json", "shard '../../etc/x.safetensors'")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragments"),
+    [
+        ("model_filename", [1], ["model_filename: expected a string, got [1]"]),
+        ("model_size", "1000", ["model_size: expected a byte count"]),
+        ("n_threads", -1, ["n_threads: expected a thread count", "-1"]),
+        ("stddev_ts", {"x": 1}, ["stddev_ts: expected a number"]),
+        ("build_number", [1] * 10_000, ["build_number: expected a build number", "…"]),
+        ("n_depth", True, ["n_depth: expected a token count"]),
+    ],
+)
+def test_llama_bench_fields_of_the_wrong_type_name_the_test_and_field(work, field, value, fragments):
+    (work / "lb.json").write_text(json.dumps([LLAMA_BENCH_TEST, {**LLAMA_BENCH_TEST, field: value}]))
+    refuse(["bench", "--build", "b", "--llama-bench", "lb.json"], work, "lb.json: test 2", *fragments)
