@@ -272,3 +272,121 @@ def test_a_shard_index_pointing_outside_the_folder_is_refused(work):
 def test_llama_bench_fields_of_the_wrong_type_name_the_test_and_field(work, field, value, fragments):
     (work / "lb.json").write_text(json.dumps([LLAMA_BENCH_TEST, {**LLAMA_BENCH_TEST, field: value}]))
     refuse(["bench", "--build", "b", "--llama-bench", "lb.json"], work, "lb.json: test 2", *fragments)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a GGUF header that claims more than the file holds is refused before gguf-py or llama.cpp read it
+
+
+@pytest.fixture
+def baseline_rss(tmp_path: Path) -> int:
+    """Peak RSS of a command that imports gguf-py, checks a GGUF file and stops (a missing reference)."""
+    work = tmp_path / "baseline"
+    work.mkdir()
+    good_gguf(work / "m.gguf")
+    run = refuse(["bench", "--artifact", "m.gguf", "--reference", "none", "--out", "out"], work, "none")
+    return run.peak_rss_bytes
+
+
+def _gguf_build(work: Path, artifact: Path) -> Path:
+    """A build folder with one quantized target whose model.gguf is ``artifact``, and its bench results."""
+    build = manifest(work / "b", "build", params={})
+    target = stage_folder(build / "gguf-q4", {"model.gguf": artifact.read_bytes()}, "quantize")
+    results = {
+        "artifact": {"format": "gguf", "path": str(target / "model.gguf"), "file_type": "Q4_K_M", "size_bytes": 49},
+        "performance": {
+            "peak_rss_bytes": 50_000_000,
+            "latency": {"decode_tok_s": {"median": 10.0}, "prompt_tokens": 8, "decode_tokens": 4},
+        },
+        "roofline": {"bytes_per_token": 1_000_000},
+        "fidelity": {"kl_divergence_mean": 0.01, "task_accuracy_artifact": 0.5},
+    }
+    stage_folder(build / "bench-gguf-q4", {}, "bench")
+    m = json.loads((build / "bench-gguf-q4" / "manifest.json").read_text())
+    (build / "bench-gguf-q4" / "manifest.json").write_text(json.dumps({**m, "results": results}))
+    return build
+
+
+def test_a_49_byte_gguf_claiming_2_62_items_is_refused_in_bounded_memory(work, baseline_rss):
+    evil = huge_array_gguf(work / "evil.gguf")
+    assert evil.stat().st_size == 49
+    _gguf_build(work, evil)
+    (work / "lb.json").write_text(json.dumps([LLAMA_BENCH_TEST]))
+    (work / "exported").mkdir()
+    (work / "exported" / "model.gguf").write_bytes(evil.read_bytes())
+    claim = ["not a valid GGUF file", "metadata 'a'", "array of 4611686018427387904 uint8 items", "49-byte file"]
+    before = snapshot(work, skip=work / "out")
+    runs = [
+        refuse(["bench", "--build", "b", "--llama-bench", "lb.json"], work, "b/gguf-q4/model.gguf", *claim),
+        refuse(["bench", "--artifact", "evil.gguf", "--reference", "r", "--out", "out"], work, "evil.gguf", *claim),
+        refuse(["quantize", "--gguf", "exported", "--out", "out"], work, "exported/model.gguf", *claim),
+    ]
+    # `recommend` reads each target's KV-cache size from its header; an unreadable one counts as unknown
+    rec = run_edgeft(["recommend", "--build", "b", "--device", "rpi5"], work)
+    assert rec.returncode in (0, 1) and "Traceback" not in rec.stderr, rec.stderr
+    assert "gguf-q4" in rec.stdout
+    for run in [*runs, rec]:
+        assert run.peak_rss_bytes < baseline_rss + RSS_MARGIN, (run.peak_rss_bytes, baseline_rss)
+    assert snapshot(work, skip=work / "out") == before
+    assert not (work / "out").exists()
+
+
+def _tensor_info(name: str, dims: list[int], ggml_type: int = 0, offset: int = 0) -> bytes:
+    return gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+
+
+ARCH = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"n_kv": 1 << 40}, ["metadata count 1099511627776"]),
+        ({"n_tensors": 1 << 40}, ["tensor count 1099511627776"]),
+        ({"kv": gguf_string("k") + struct.pack("<IQ", 8, 1 << 40), "n_kv": 1}, ["metadata 'k'", "1099511627776-byte"]),
+        ({"kv": struct.pack("<Q", 1 << 50) + bytes(8), "n_kv": 1}, ["metadata key 0", "1125899906842624-byte"]),
+        ({"kv": gguf_string("k") + struct.pack("<I", 13), "n_kv": 1}, ["metadata 'k'", "unknown value type 13"]),
+        ({"kv": gguf_string(b"\xff\xfe") + struct.pack("<IB", 0, 1), "n_kv": 1}, ["metadata key 0 is not UTF-8"]),
+        ({"kv": ARCH + ARCH, "n_kv": 2}, ["'general.architecture' appears twice"]),
+        (
+            {
+                "kv": gguf_string("k") + struct.pack("<IIQ", 9, 8, 2) + gguf_string("a") + struct.pack("<Q", 1 << 40),
+                "n_kv": 1,
+            },
+            ["metadata 'k'", "string 1 (1099511627776-byte string)"],
+        ),
+        (
+            {"kv": gguf_string("general.alignment") + struct.pack("<II", 4, 0), "n_kv": 1},
+            ["general.alignment", "power of two"],
+        ),
+        ({"tensors": _tensor_info("t", [4] * 9), "n_tensors": 1}, ["tensor 't'", "9 dimensions"]),
+        ({"tensors": _tensor_info("t", [1 << 63]), "n_tensors": 1}, ["tensor 't'", "at most 2^63 - 1"]),
+        ({"tensors": _tensor_info("t", [4], 99), "n_tensors": 1}, ["tensor 't'", "unknown ggml type 99"]),
+        ({"tensors": _tensor_info("t", [30], 2), "n_tensors": 1}, ["tensor 't'", "block of 32"]),
+        ({"tensors": _tensor_info("t", [1 << 40]), "n_tensors": 1}, ["tensor 't'", "run past the end of the file"]),
+        (
+            {"tensors": _tensor_info("t", [4], 0, 3), "n_tensors": 1, "tail": b"\0" * 64},
+            ["not a multiple of the alignment"],
+        ),
+    ],
+    ids=[
+        "kv-count",
+        "tensor-count",
+        "string-length",
+        "key-length",
+        "value-type",
+        "key-not-utf8",
+        "duplicate-key",
+        "string-array-short",
+        "alignment-zero",
+        "too-many-dims",
+        "dim-past-int64",
+        "unknown-tensor-type",
+        "row-not-whole-blocks",
+        "tensor-past-end",
+        "misaligned-offset",
+    ],
+)
+def test_gguf_headers_that_do_not_fit_their_file_are_refused(work, kwargs, fragments):
+    gguf_file(work / "x.gguf", **kwargs)
+    refuse(["bench", "--artifact", "x.gguf", "--reference", "r", "--out", "out"], work, "x.gguf", *fragments)
