@@ -344,7 +344,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
         from .formats.gguf.export import export as run_export
         from .formats.gguf.types import UNQUANTIZED
         from .models import resolve_model
-        from .stage import check_output_dir
+        from .stage import check_output_dir, check_replaceable
         from .targets import get_target
 
         target = get_target(target_name)
@@ -353,6 +353,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
         check_output_dir(out_dir)
+        check_replaceable(out_dir)
         out = run_export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
@@ -367,13 +368,14 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
     with _user_errors():
         from .errors import ConfigError
         from .formats.gguf.quantize import quantize as run_quantize
-        from .stage import check_output_dir
+        from .stage import check_output_dir, check_replaceable
         from .targets import get_target
 
         target = get_target(target_name)
         if target.format != "gguf":
             raise ConfigError(f"--target {target_name}: `edgeft quantize` quantizes GGUF files; use `edgeft build`")
         check_output_dir(out_dir)
+        check_replaceable(out_dir)
         out = run_quantize(gguf_dir, out_dir, target.quant, threads)
         types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"]["tensor_types"].items())
         click.echo(f"gguf: {out.path / 'model.gguf'} [{types}]{' (cached)' if out.cached else ''}")

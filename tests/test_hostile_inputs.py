@@ -131,6 +131,94 @@ def work(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# 1. a user's folder is never taken for edgeft's output, and never replaced while it holds their files
+
+STAGE_COMMANDS = {
+    "export": ["export", "--model", "m", "--out", "out"],
+    "quantize": ["quantize", "--gguf", "g", "--out", "out"],
+    "merge": ["merge", "--model", "m", "--adapter", "a", "--out", "out"],
+    "train": ["train", "--data", "d.jsonl", "--out", "out"],
+    "bench": ["bench", "--artifact", "x.gguf", "--reference", "r", "--out", "out"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_COMMANDS))
+def test_a_folder_holding_a_report_json_is_not_edgefts(work, command):
+    out = work / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"my": "results"}')
+    (out / "notes.txt").write_text("years of work")
+    (out / "manifest.json").write_text('{"files": ["notes.txt"]}')  # the user's own, no edgeft marker
+    before = snapshot(work)
+    refuse(STAGE_COMMANDS[command], work, "--out out", "not written by edgeft")
+    assert snapshot(work) == before
+
+
+def test_a_stage_folder_copied_into_a_users_folder_does_not_make_it_edgefts(work):
+    (work / "project").mkdir()
+    (work / "project" / "thesis.tex").write_text("years of work")
+    stage_folder(work / "project" / "adapter", {"adapter_model.safetensors": b"x"}, "train")
+    before = snapshot(work)
+    refuse(["export", "--model", "m", "--out", "project"], work, "--out project", "not written by edgeft")
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [("notes.txt", "notes.txt"), ("sub/notes.txt", "sub"), ("a_link", "a_link")],
+)
+def test_a_stage_folder_holding_a_users_file_is_not_replaced(work, extra, named):
+    out = stage_folder(work / "out", {"model.gguf": b"GGUF"})
+    if extra == "a_link":
+        (out / extra).symlink_to(work)
+    else:
+        (out / extra).parent.mkdir(exist_ok=True)
+        (out / extra).write_text("mine")
+    before = snapshot(work)
+    for args in (["export", "--model", "m", "--out", "out"], ["quantize", "--gguf", "g", "--out", "out"]):
+        refuse(args, work, "--out out", f"holds {named}", "will not delete it")
+    assert snapshot(work) == before
+
+
+def test_a_build_folder_is_never_replaced_by_a_stage(work):
+    build = manifest(work / "build", "build", params={})
+    (build / "report.json").write_text("{}")
+    stage_folder(build / "adapter", {"adapter_model.safetensors": b"x"}, "train")
+    before = snapshot(work)
+    refuse(["export", "--model", "m", "--out", "build"], work, "--out build", "folder of an edgeft build")
+    refuse(["train", "--data", "d.jsonl", "--out", "build"], work, "--out build", "folder of an edgeft build")
+    assert snapshot(work) == before
+
+
+# --------------------------------------------------------------------------------------------
+# 2. the stale-scratch sweep removes only what edgeft names with a pid
+
+
+def test_the_scratch_sweep_keeps_pid_less_names(work):
+    """A bench into an edgeft bench folder sweeps it twice (the folder, then its stage's scratch);
+    names of the scratch shape without a pid are the user's."""
+    out = manifest(work / "out", "bench", params={})
+    mine = [out / ".z.old-20240101", out / ".bench-m.old-20240101", out / ".bench-m.tmp-deadbeef"]
+    for d in mine:
+        d.mkdir()
+        (d / "keep.txt").write_text("mine")
+    good_gguf(work / "m.gguf")
+    stored_reference(work / "ref")
+    before = snapshot(*mine)
+    refuse(["bench", "--artifact", "m.gguf", "--reference", "ref", "--out", "out"], work, "m.gguf", "cannot load")
+    assert snapshot(*mine) == before
+
+
+def test_bench_does_not_write_into_a_stage_folder(work):
+    out = stage_folder(work / "out", {"model.gguf": b"GGUF"})
+    good_gguf(work / "m.gguf")
+    stored_reference(work / "ref")
+    before = snapshot(out)
+    refuse(["bench", "--artifact", "m.gguf", "--reference", "ref", "--out", "out"], work, "export stage")
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------------------------
 # 4. malformed JSON and headers: exit 2 with a clear line, in bounded memory
 
 
