@@ -5,7 +5,8 @@ their code happened to hit (``ValueError``, ``RuntimeError`` with a 40-line size
 safetensors' ``SafetensorError``, protobuf's ``DecodeError``, ...). Wrapped in :func:`loading`, such a failure becomes one
 :class:`ModelError` line that names the file. The block should hold the third-party call only:
 exceptions that mean *we* called it wrongly (``TypeError``, ``AttributeError``, ``NameError``,
-``ImportError``) are not translated, so our bugs keep their traceback.
+``ImportError``) are not translated, so our bugs stay internal errors (exit 3, traceback with
+``EDGEFT_RAISE_ERRORS=1``) rather than blaming the user's file.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ input.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +220,65 @@ def test_bench_does_not_write_into_a_stage_folder(work):
     before = snapshot(out)
     refuse(["bench", "--artifact", "m.gguf", "--reference", "ref", "--out", "out"], work, "export stage")
     assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------------------------
+# 3. an unexpected exception is an internal error: exit 3, one line, never 1 (a failed gate)
+
+
+def test_a_failing_stdout_is_an_internal_error_not_a_failed_gate(work):
+    """A real failure edgeft does not expect: stdout on a full disk (/dev/full) under `edgeft targets`."""
+    with open("/dev/full", "w") as full, tempfile.TemporaryFile() as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgeft.cli", "targets"],
+            cwd=work,
+            stdout=full,
+            stderr=err,
+            env={**os.environ, "EDGEFT_RAISE_ERRORS": ""},
+            timeout=120,
+        )
+        err.seek(0)
+        stderr = err.read().decode()
+    line = assert_refused(Run(proc.returncode, "", stderr, 0), "internal error (OSError", code=3)
+    assert "No space left on device" in line and "EDGEFT_RAISE_ERRORS=1" in line and "bug in edgeft" in line
+
+
+def _command_raising(exc: Exception):
+    import click
+
+    from edgeft.cli import _user_errors
+
+    @click.command()
+    def broken() -> None:
+        with _user_errors():
+            if isinstance(exc, RecursionError):
+                recurse = lambda n: recurse(n + 1)  # noqa: E731
+                recurse(0)
+            raise exc
+
+    return broken
+
+
+@pytest.mark.parametrize("exc", [RecursionError(), MemoryError(), KeyError("x"), TypeError("unhashable")])
+def test_every_exception_is_one_line_and_exit_3(exc, capsys, monkeypatch):
+    monkeypatch.delenv("EDGEFT_RAISE_ERRORS", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        _command_raising(exc).main([], standalone_mode=False)
+    assert stop.value.code == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgeft: error: internal error ({type(exc).__name__}"), lines
+    monkeypatch.setenv("EDGEFT_RAISE_ERRORS", "1")  # the traceback, for the bug report
+    with pytest.raises(type(exc)):
+        _command_raising(exc).main([], standalone_mode=False)
+
+
+def test_ctrl_c_is_not_an_internal_error(capsys, monkeypatch):
+    import click
+
+    monkeypatch.delenv("EDGEFT_RAISE_ERRORS", raising=False)
+    with pytest.raises(click.Abort):  # main() prints "edgeft: aborted" and exits 130
+        _command_raising(KeyboardInterrupt()).main([], standalone_mode=False)  # type: ignore[arg-type]
+    assert "internal error" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
