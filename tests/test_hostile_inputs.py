@@ -541,3 +541,60 @@ ARCH = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string(
 def test_gguf_headers_that_do_not_fit_their_file_are_refused(work, kwargs, fragments):
     gguf_file(work / "x.gguf", **kwargs)
     refuse(["bench", "--artifact", "x.gguf", "--reference", "r", "--out", "out"], work, "x.gguf", *fragments)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. no code from a model folder ever runs
+
+
+def _model_with_code(root: Path, marker: Path, where: str) -> Path:
+    """A model folder whose ``where`` config names ``evil.py`` (which would write ``marker``) in auto_map.
+
+    Architecture QWenLMHeadModel: edgeft hands it to llama.cpp's converter, which loads its tokenizer
+    with trust_remote_code=True; the safetensors file holds no tensors, so the converter reaches it."""
+    root.mkdir()
+    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": 32, "hidden_size": 64}
+    config.update(num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    tokenizer_config = {"tokenizer_class": "EvilTokenizer"}
+    if where == "config.json":
+        config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    else:
+        tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (root / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('attacker code ran')\n"
+        "from transformers import PreTrainedTokenizer, PretrainedConfig\n"
+        "class EvilTokenizer(PreTrainedTokenizer):\n    pass\n"
+        "class EvilConfig(PretrainedConfig):\n    pass\n"
+    )
+    safetensors(root / "model.safetensors", {"__metadata__": {"format": "pt"}})
+    return root
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "config.json"])
+def test_a_model_folder_naming_its_own_code_is_refused_before_anything_loads_it(work, where):
+    marker = work.parent / "marker"
+    _model_with_code(work / "m", marker, where)
+    before = snapshot(work)
+    refuse(["export", "--model", "m", "--out", "out"], work, f"m/{where}", "auto_map", "evil.py", "never runs")
+    refuse(["train", "--model", "m", "--data", "d.jsonl", "--out", "out"], work, f"m/{where}", "auto_map")
+    refuse(["merge", "--model", "m", "--adapter", "a", "--out", "out"], work, "a: no such adapter folder")
+    assert not marker.exists()
+    assert snapshot(work) == before
+
+
+def test_the_converter_never_imports_a_model_folders_code(work):
+    """Past the up-front refusal (called directly): llama.cpp's converter runs with transformers'
+    loader of a folder's own code replaced by an error."""
+    from edgeft.errors import ModelError
+    from edgeft.formats.gguf import fallback
+
+    if not (fallback.converter_dir() / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("llama.cpp's converter is not installed")
+    marker = work.parent / "marker"
+    model = _model_with_code(work / "m", marker, "tokenizer_config.json")
+    with pytest.raises(ModelError, match="asks to run its own code"):
+        fallback.convert(model, work / "x.gguf", "f32")
+    assert not marker.exists()
+    assert not (work / "x.gguf").exists()
