@@ -313,6 +313,15 @@ def _json_case(name: str, work: Path, text: str) -> tuple[list[str], list[str]]:
     if name == "dataset-line":
         (work / "d.jsonl").write_text(text + "\n")
         return ["train", "--data", "d.jsonl", "--out", "out"], ["d.jsonl:1:", "invalid JSON"]
+    if name == "tokenizer.json":
+        model_folder(work / "m")
+        (work / "m" / "tokenizer.json").write_text(text)
+        return ["export", "--model", "m", "--out", "out"], ["m/tokenizer.json", "cannot read"]
+    if name == "compare-to":
+        (work / "old.json").write_text(text)
+        good_gguf(work / "m.gguf")
+        args = ["bench", "--artifact", "m.gguf", "--reference", "r", "--compare-to", "old.json", "--out", "out"]
+        return args, ["--compare-to old.json", "not a readable report.json"]
     if name == "recommend-manifest":
         manifest(work / "b", "build", params={})
         (work / "b" / "bench-x").mkdir()
@@ -330,6 +339,8 @@ JSON_CASES = [
     "llama-bench",
     "dataset-line",
     "recommend-manifest",
+    "tokenizer.json",
+    "compare-to",
 ]
 
 
