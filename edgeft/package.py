@@ -14,12 +14,9 @@ type, the context length, the stop tokens (text and id), the memory the app need
 figures of the build's report, the base model and its licence, and ``files``: name → {sha256, size}.
 
 :func:`verify` accepts nothing it cannot account for: a file missing, a file added, a changed byte,
-a symlink, or a zip entry that would land outside the bundle's folder. A zip is read the way every
-unzip tool could read it: its local headers are walked from byte 0 and must be exactly the central
-directory's entries, back to back, with nothing before, between or after them, so that a streaming
-unpacker (``jar x``) and a central-directory one (``unzip``) unpack the same files. Every read is
-bounded by the size the manifest or the zip declares, so a zip bomb costs a chunk of memory, not
-the size it inflates to.
+a symlink, or a zip entry that would land outside the bundle's folder. Zips are read by hand
+(:mod:`edgeft.bundle_zip`), so that a verified zip unpacks to its manifest with every unzip tool
+and a zip bomb costs a chunk of memory.
 
 ``package`` replaces only what it wrote itself: an empty folder, or a bundle folder and zip whose
 manifest carries the ``edgeft_bundle`` marker and that hold no file the manifest does not list.
@@ -33,91 +30,53 @@ import os
 import re
 import shutil
 import stat
-import struct
 import tempfile
-import unicodedata
 import zipfile
-import zlib
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from . import __version__
+from .bundle_zip import (
+    CHUNK,
+    MANIFEST,
+    MANIFEST_MAX_BYTES,
+    MAX_FILE_BYTES,
+    MAX_FILES,
+    BundleError,
+    display_name,
+    entry_bytes,
+    fold_name,
+    looks_like_zip,
+    name_problem,
+    show,
+    zip_files,
+    zip_layout,
+    zip_manifest_bytes,
+)
 from .config import BENCH_CONTEXT
 from .errors import ConfigError, EdgeftError, ModelError, OutputError, first_line
 from .files import write_atomic
 
 BUNDLE_FORMAT = 1
-MANIFEST = "manifest.json"
 # Tokenizer files an app's tokenizer library reads (the GGUF file also embeds its own copy).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
-# What a bundle may hold. A manifest lists a handful of files in a few kilobytes; these bounds are
-# far above any real bundle and far below what would hurt the machine that checks one.
-MANIFEST_MAX_BYTES = 1 << 20
-MAX_FILES = 1000
-MAX_FILE_BYTES = 1 << 40
-_CENTRAL_DIR_MAX_BYTES = 4 << 20
 # Bounds on the build files package reads: a model config is kilobytes; the largest tokenizer.json
 # of a published model is tens of megabytes; a README's front matter is at its top.
 _JSON_MAX_BYTES = 16 << 20
 _TOKENIZER_MAX_BYTES = 256 << 20
 _README_MAX_BYTES = 1 << 20
 _TEXT_MAX_CHARS = 200  # target, quant, licence: short labels an app shows
-_CHUNK = 1 << 20
 
 _TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # as target files are named (targets.py)
-
-
-class BundleError(EdgeftError):
-    """A bundle that does not match its manifest (exit 2: the input is at fault)."""
-
-
-def _show(value: Any) -> str:
-    """A value from an untrusted file, for an error line: escaped (no control characters reach the
-    terminal, no newline splits the line) and short."""
-    if isinstance(value, dict):
-        return "a JSON object"
-    if isinstance(value, list):
-        return "a JSON array"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def _name(name: str) -> str:
-    """A file name for a message: as is when it is printable, else escaped."""
-    return name if name.isprintable() and len(name) <= 255 else _show(name)
-
-
-def _fold(name: str) -> str:
-    """The key under which two names land on the same file on macOS or Windows (case-insensitive,
-    Unicode-normalising file systems)."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
-
-
-def _name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a file of a bundle (a plain name every OS unpacks the same), or None."""
-    if name in ("", ".", ".."):
-        return "an empty or dot name"
-    if not name.isprintable():  # also refuses lone surrogates (a non-UTF-8 name)
-        return "control or unprintable characters"
-    if "/" in name or "\\" in name:
-        return "a path separator"
-    if ":" in name:
-        return "a colon (a drive or stream on Windows)"
-    if name.endswith((".", " ")):
-        return "a trailing dot or space (Windows drops it)"
-    if len(name.encode()) > 255:
-        return "longer than 255 bytes"
-    return None
 
 
 def _text_problem(value: Any, limit: int = _TEXT_MAX_CHARS) -> str | None:
     """Why ``value`` is not a short printable string (an app shows it; a terminal prints it), or None."""
     if not isinstance(value, str) or not value:
-        return f"expected a non-empty string, got {_show(value)}"
+        return f"expected a non-empty string, got {show(value)}"
     if not value.isprintable():
-        return f"control or unprintable characters in {_show(value)}"
+        return f"control or unprintable characters in {show(value)}"
     if len(value) > limit:
         return f"{len(value)} characters (at most {limit})"
     return None
@@ -131,7 +90,7 @@ def _parse_json(raw: bytes, where: str, error: type[EdgeftError], unique_keys: b
         obj: dict[str, Any] = {}
         for key, value in pairs:
             if key in obj:
-                raise error(f"{where}: key {_show(key)} appears twice (readers disagree on which counts)")
+                raise error(f"{where}: key {show(key)} appears twice (readers disagree on which counts)")
             obj[key] = value
         return obj
 
@@ -188,7 +147,7 @@ def _read_build_json(path: Path, what: str, limit: int = _JSON_MAX_BYTES) -> dic
         raise ModelError(f"{path}: missing ({what})")
     obj = _parse_json(_read_capped(path, limit, what, ModelError), str(path), ModelError)
     if not isinstance(obj, dict):
-        raise ModelError(f"{path}: expected a JSON object ({what}), got {_show(obj)}")
+        raise ModelError(f"{path}: expected a JSON object ({what}), got {show(obj)}")
     return obj
 
 
@@ -200,7 +159,7 @@ def _field(obj: Any, dotted: str, where: str, check: Callable[[Any], bool], expe
             raise ModelError(f"{where}: no {dotted}; re-run the build that wrote it")
         value = value[key]
     if not check(value):
-        raise ModelError(f"{where}: {dotted}: expected {expected}, got {_show(value)}")
+        raise ModelError(f"{where}: {dotted}: expected {expected}, got {show(value)}")
     return value
 
 
@@ -254,7 +213,7 @@ def _stop_tokens(merged: Path) -> list[dict[str, Any]]:
     value = gen["eos_token_id"] if "eos_token_id" in gen else cfg.get("eos_token_id")
     ids = value if isinstance(value, list) else [] if value is None else [value]
     if len(ids) > 64 or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
-        shown = _show(value) if not isinstance(value, list) else f"[{', '.join(_show(i) for i in value[:8])}…]"
+        shown = show(value) if not isinstance(value, list) else f"[{', '.join(show(i) for i in value[:8])}…]"
         raise ModelError(f"{where}: eos_token_id: expected a token id or a list of up to 64, got {shown}")
     text: dict[int, str] = {}
     tok_path = merged / "tokenizer.json"
@@ -262,15 +221,15 @@ def _stop_tokens(merged: Path) -> list[dict[str, Any]]:
         tok = _read_build_json(tok_path, "tokenizer", _TOKENIZER_MAX_BYTES)
         added = tok.get("added_tokens", [])
         if not isinstance(added, list):
-            raise ModelError(f"{tok_path}: added_tokens: expected a list, got {_show(added)}")
+            raise ModelError(f"{tok_path}: added_tokens: expected a list, got {show(added)}")
         for n, t in enumerate(added):
             if not isinstance(t, dict):
-                raise ModelError(f"{tok_path}: added_tokens[{n}]: expected an object, got {_show(t)}")
+                raise ModelError(f"{tok_path}: added_tokens[{n}]: expected an object, got {show(t)}")
             if not isinstance(t.get("id"), int) or isinstance(t.get("id"), bool):
-                raise ModelError(f"{tok_path}: added_tokens[{n}].id: expected a token id, got {_show(t.get('id'))}")
+                raise ModelError(f"{tok_path}: added_tokens[{n}].id: expected a token id, got {show(t.get('id'))}")
             if not isinstance(t.get("content"), str):
                 raise ModelError(
-                    f"{tok_path}: added_tokens[{n}].content: expected the token's text, got {_show(t.get('content'))}"
+                    f"{tok_path}: added_tokens[{n}].content: expected the token's text, got {show(t.get('content'))}"
                 )
             text[t["id"]] = t["content"]
     stops = [{"id": i, "text": text.get(i)} for i in ids]
@@ -278,7 +237,7 @@ def _stop_tokens(merged: Path) -> list[dict[str, Any]]:
         # The text goes into manifest.json (JSON-escaped) and the Modelfile (checked there); a lone
         # surrogate or a megabyte of text has no place in either.
         if s["text"] is not None and (len(s["text"]) > 1000 or not _encodable(s["text"])):
-            raise ModelError(f"{tok_path}: stop token {s['id']}: text {_show(s['text'])} is not a usable stop string")
+            raise ModelError(f"{tok_path}: stop token {s['id']}: text {show(s['text'])} is not a usable stop string")
     return stops
 
 
@@ -300,7 +259,7 @@ def _modelfile_string(text: str, where: str, token: int) -> str:
     # refused: a token from an untrusted tokenizer can never start a directive of its own.
     if not text or not text.isprintable():
         raise ModelError(
-            f"{where}: stop token {token}: its text {_show(text)} holds a newline or control character, "
+            f"{where}: stop token {token}: its text {show(text)} holds a newline or control character, "
             "which an Ollama Modelfile cannot hold; fix the tokenizer's added_tokens"
         )
     return f'"""{text}"""' if '"' in text else f'"{text}"'
@@ -342,7 +301,7 @@ def _copy_in(src: Path, dest: Path) -> tuple[str, int]:
     """
     h, n = hashlib.sha256(), 0
     with _open_regular(src, "a bundled file", ModelError) as fin, open(dest, "xb") as fout:
-        while chunk := fin.read(_CHUNK):
+        while chunk := fin.read(CHUNK):
             h.update(chunk)
             fout.write(chunk)
             n += len(chunk)
@@ -355,7 +314,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
 
     build_dir, out = Path(build_dir), Path(out)
     if not _TARGET_NAME.fullmatch(target) or len(target) > _TEXT_MAX_CHARS:
-        raise ConfigError(f"--target {_show(target)}: not a target name (lower-case letters, digits, '.', '_', '-')")
+        raise ConfigError(f"--target {show(target)}: not a target name (lower-case letters, digits, '.', '_', '-')")
     if not build_dir.is_dir():
         raise ConfigError(f"--build {build_dir}: no such build folder")
     if not (build_dir / target).is_dir():
@@ -371,7 +330,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
             f"--target {target}: not benchmarked in {build_dir}; run `edgeft build --target {target}` first"
         )
     if not isinstance(bench, dict):
-        raise ModelError(f"{bench_path}: results: expected an object, got {_show(bench)}")
+        raise ModelError(f"{bench_path}: results: expected an object, got {show(bench)}")
     merged = build_dir / "merged"
     if not (merged / "config.json").is_file():
         raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
@@ -392,23 +351,23 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         context, context_where = None, merged / "config.json"
     context = context or model_cfg.get("max_position_embeddings") or 2048
     if not _is_count(context):
-        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {_show(context)}")
+        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
     if len(sources) > MAX_FILES - 2:
         raise ModelError(f"{artifact}: {len(sources)} files; a bundle holds at most {MAX_FILES}")
-    seen = {_fold(MANIFEST): MANIFEST, _fold("Modelfile"): "Modelfile"}
+    seen = {fold_name(MANIFEST): MANIFEST, fold_name("Modelfile"): "Modelfile"}
     for name in sources:
-        problem = _name_problem(name)
+        problem = name_problem(name)
         if problem:
-            raise ModelError(f"{artifact}/{_name(name)}: cannot go into a bundle ({problem})")
-        if seen.setdefault(_fold(name), name) != name:
+            raise ModelError(f"{artifact}/{display_name(name)}: cannot go into a bundle ({problem})")
+        if seen.setdefault(fold_name(name), name) != name:
             raise ModelError(
-                f"{artifact}/{_name(name)}: differs from {seen[_fold(name)]} only in case or Unicode form; "
+                f"{artifact}/{display_name(name)}: differs from {seen[fold_name(name)]} only in case or Unicode form; "
                 "one would overwrite the other when the bundle is unpacked on macOS or Windows"
             )
     stops = _stop_tokens(merged)
     model = model or _build_model_name(build_dir)
     if model is not None and (problem := _text_problem(model, 4096)):
-        raise ConfigError(f"base model {_show(model)}: {problem}")
+        raise ConfigError(f"base model {show(model)}: {problem}")
     where = str(bench_path)
     perf = _field(bench, "performance", where, lambda v: isinstance(v, dict), "an object")
     fidelity = _field(bench, "fidelity", where, lambda v: isinstance(v, dict), "an object")
@@ -517,9 +476,9 @@ _REPLACES_ONLY = "edgeft replaces only an empty folder or a bundle exactly as it
 def _check_bundle_out(out: Path) -> None:
     """Replace only an earlier bundle; never a folder or zip of the user's, nor a file added to one."""
     name = out.name
-    problem = "an empty or dot name" if out.name in ("", ".", "..") else _name_problem(name)
+    problem = "an empty or dot name" if out.name in ("", ".", "..") else name_problem(name)
     if problem:
-        raise ConfigError(f"--out {_show(str(out))}: the folder's name cannot name a bundle ({problem})")
+        raise ConfigError(f"--out {show(str(out))}: the folder's name cannot name a bundle ({problem})")
     if out.parent.is_symlink():
         raise OutputError(f"--out {out}: {out.parent} is a symbolic link; edgeft writes only into real folders")
     z = out.with_name(name + ".zip")
@@ -547,7 +506,7 @@ def _bundle_dir_problem(path: Path) -> str | None:
         if not entries:
             return None
         if MANIFEST not in entries:
-            return f"not an edgeft bundle (it holds {_name(sorted(entries)[0])} and no {MANIFEST})"
+            return f"not an edgeft bundle (it holds {display_name(sorted(entries)[0])} and no {MANIFEST})"
         manifest = _check_manifest(
             _read_capped(path / MANIFEST, MANIFEST_MAX_BYTES, "a bundle manifest", BundleError), f"{MANIFEST}"
         )
@@ -558,9 +517,9 @@ def _bundle_dir_problem(path: Path) -> str | None:
         if name == MANIFEST:
             continue
         if name not in files:
-            return f"{_name(name)} is not part of the bundle (added since `edgeft package` wrote it)"
+            return f"{display_name(name)} is not part of the bundle (added since `edgeft package` wrote it)"
         if st.st_size != files[name]["size"]:
-            return f"{_name(name)} was changed since `edgeft package` wrote it"
+            return f"{display_name(name)} was changed since `edgeft package` wrote it"
     return None
 
 
@@ -574,21 +533,21 @@ def _bundle_zip_problem(path: Path, root: str) -> str | None:
     where = str(path)
     try:
         with _open_regular(path, "a bundle zip", BundleError) as f:
-            entries = _zip_layout(f, where)
-            got_root, files = _zip_files(entries, where)
+            entries = zip_layout(f, where)
+            got_root, files = zip_files(entries, where)
             if got_root != root:
-                return f"not an edgeft bundle (its entries are in {_name(got_root)}/, not {root}/)"
+                return f"not an edgeft bundle (its entries are in {display_name(got_root)}/, not {root}/)"
             entry = files.pop(MANIFEST, None)
             if entry is None:
                 return f"not an edgeft bundle (no {root}/{MANIFEST})"
-            manifest = _check_manifest(_zip_manifest_bytes(f, entry, where), f"{root}/{MANIFEST}")
+            manifest = _check_manifest(zip_manifest_bytes(f, entry, where), f"{root}/{MANIFEST}")
     except BundleError as e:
         return f"not an edgeft bundle ({str(e).removeprefix(f'{where}: ').removeprefix(f'{where}:')})"
     for name, entry in sorted(files.items()):
         if name not in manifest["files"]:
-            return f"{root}/{_name(name)} is not part of the bundle (added since `edgeft package` wrote it)"
+            return f"{root}/{display_name(name)} is not part of the bundle (added since `edgeft package` wrote it)"
         if entry.usize != manifest["files"][name]["size"]:
-            return f"{root}/{_name(name)} was changed since `edgeft package` wrote it"
+            return f"{root}/{display_name(name)} was changed since `edgeft package` wrote it"
     return None
 
 
@@ -611,24 +570,24 @@ def _check_manifest(raw: bytes, where: str) -> dict[str, Any]:
             raise BundleError(f"{where}: {key}: {problem}")
     if len(files) > MAX_FILES:
         raise BundleError(f"{where}: files: {len(files)} entries; a bundle holds at most {MAX_FILES}")
-    seen = {_fold(MANIFEST): MANIFEST}
+    seen = {fold_name(MANIFEST): MANIFEST}
     for name, entry in files.items():
-        problem = "the manifest itself" if name == MANIFEST else _name_problem(name)
+        problem = "the manifest itself" if name == MANIFEST else name_problem(name)
         if problem:
-            raise BundleError(f"{where}: files: {_show(name)}: a bundle lists plain file names only ({problem})")
-        if seen.setdefault(_fold(name), name) != name:
+            raise BundleError(f"{where}: files: {show(name)}: a bundle lists plain file names only ({problem})")
+        if seen.setdefault(fold_name(name), name) != name:
             raise BundleError(
-                f"{where}: files: {_name(name)} and {_name(seen[_fold(name)])} differ only in case or Unicode form "
+                f"{where}: files: {display_name(name)} and {display_name(seen[fold_name(name)])} differ only in case or Unicode form "
                 "(one overwrites the other when unpacked on macOS or Windows)"
             )
         sha = entry.get("sha256") if isinstance(entry, dict) else None
         size = entry.get("size") if isinstance(entry, dict) else None
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise BundleError(f"{where}: files.{_name(name)}: expected {{sha256, size}} with a hex sha256")
+            raise BundleError(f"{where}: files.{display_name(name)}: expected {{sha256, size}} with a hex sha256")
         if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES:
             raise BundleError(
-                f"{where}: files.{_name(name)}: size: expected a whole number of bytes up to {MAX_FILE_BYTES}, "
-                f"got {_show(size)}"
+                f"{where}: files.{display_name(name)}: size: expected a whole number of bytes up to {MAX_FILE_BYTES}, "
+                f"got {show(size)}"
             )
     return manifest
 
@@ -638,9 +597,9 @@ def _compare(where: str, manifest: dict[str, Any], sizes: dict[str, int], digest
     expected = manifest["files"]
     extra, missing = sorted(set(sizes) - set(expected)), sorted(set(expected) - set(sizes))
     if missing:
-        raise BundleError(f"{where}: {_name(missing[0])} is missing (listed in {MANIFEST})")
+        raise BundleError(f"{where}: {display_name(missing[0])} is missing (listed in {MANIFEST})")
     if extra:
-        raise BundleError(f"{where}: {_name(extra[0])} is not listed in {MANIFEST} (an extra file)")
+        raise BundleError(f"{where}: {display_name(extra[0])} is not listed in {MANIFEST} (an extra file)")
     for name in sorted(expected):
         if sizes[name] != expected[name]["size"]:
             raise BundleError(
@@ -661,22 +620,11 @@ def verify(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         return _verify_dir(path)
-    if path.is_file() and _looks_like_zip(path):
+    if path.is_file() and looks_like_zip(path):
         return _verify_zip(path)
     if not path.exists():
         raise ModelError(f"{path}: no such bundle (a folder or .zip from `edgeft package`)")
     raise BundleError(f"{path}: not a bundle (expected a folder or a zip from `edgeft package`)")
-
-
-def _looks_like_zip(path: Path) -> bool:
-    """A zip by its first bytes (a truncated one too, so that it is named as such) or its end record."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) in (_LOCAL_SIG, _EOCD_SIG):
-                return True
-    except OSError:
-        return False
-    return zipfile.is_zipfile(path)
 
 
 def _list_bundle_dir(path: Path) -> dict[str, os.stat_result]:
@@ -688,7 +636,7 @@ def _list_bundle_dir(path: Path) -> dict[str, os.stat_result]:
             for entry in it:
                 if len(found) > MAX_FILES:
                     raise BundleError(f"{path}: over {MAX_FILES} entries; a bundle holds at most {MAX_FILES}")
-                name = _name(entry.name)
+                name = display_name(entry.name)
                 if entry.is_symlink():
                     raise BundleError(f"{path}/{name}: a symlink; bundles hold plain files only")
                 if entry.is_dir(follow_symlinks=False):
@@ -718,7 +666,7 @@ def _verify_dir(path: Path) -> dict[str, Any]:
 
             def chunks() -> Iterator[bytes]:
                 nonlocal left
-                while left > 0 and (chunk := f.read(min(_CHUNK, left))):
+                while left > 0 and (chunk := f.read(min(CHUNK, left))):
                     left -= len(chunk)
                     yield chunk
 
@@ -728,366 +676,15 @@ def _verify_dir(path: Path) -> dict[str, Any]:
     return manifest
 
 
-# --------------------------------------------------------------------------------- zip, read by hand
-
-_LOCAL_SIG, _CENTRAL_SIG, _EOCD_SIG = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06"
-_Z64_EOCD_SIG, _Z64_LOCATOR_SIG, _DESCRIPTOR_SIG = b"PK\x06\x06", b"PK\x06\x07", b"PK\x07\x08"
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name/extra lengths
-_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
-_EOCD = struct.Struct("<4sHHHHIIH")
-_Z64_LOCATOR = struct.Struct("<4sIQI")
-_Z64_EOCD = struct.Struct("<4sQHHIIQQQQ")
-_FLAG_ENCRYPTED, _FLAG_DESCRIPTOR, _FLAG_STRONG, _FLAG_UTF8, _FLAG_MASKED = 0x1, 0x8, 0x40, 0x800, 0x2000
-# Deflate's speed hints (bits 1-2), a data descriptor, UTF-8 names: what zip tools set on plain files.
-_FLAGS_ALLOWED = 0x2 | 0x4 | _FLAG_DESCRIPTOR | _FLAG_UTF8
-_STORED, _DEFLATED = 0, 8
-_METHODS = {1: "shrink", 6: "implode", 9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstd", 95: "xz", 99: "AES"}
-_U32, _U16 = 0xFFFFFFFF, 0xFFFF
-
-
-@dataclass
-class _Entry:
-    name: str
-    raw_name: bytes
-    flags: int
-    method: int
-    crc: int
-    csize: int
-    usize: int
-    offset: int  # of its local header
-    external_attr: int
-    data_offset: int = 0  # set by the walk of the local headers
-
-
-def _extra_fields(extra: bytes, where: str, name: str) -> dict[int, bytes]:
-    """A header's extra field as {id: data}; a malformed or repeated field is refused (readers would
-    disagree on what it says)."""
-    fields: dict[int, bytes] = {}
-    pos = 0
-    while pos < len(extra):
-        if pos + 4 > len(extra):
-            raise BundleError(f"{where}: entry {_name(name)}: malformed extra field")
-        tag, size = struct.unpack_from("<HH", extra, pos)
-        if pos + 4 + size > len(extra) or tag in fields:
-            raise BundleError(f"{where}: entry {_name(name)}: malformed extra field")
-        fields[tag] = extra[pos + 4 : pos + 4 + size]
-        pos += 4 + size
-    unicode_path = fields.get(0x7075)
-    if unicode_path is not None:
-        # Info-ZIP's Unicode path: some unzippers name the file by it instead of the header's name.
-        try:
-            alias = unicode_path[5:].decode("utf-8") if unicode_path[:1] == b"\x01" else None
-        except UnicodeDecodeError:
-            alias = None
-        if alias != name:
-            raise BundleError(f"{where}: entry {_name(name)}: its Unicode-path field names another file")
-    return fields
-
-
-def _zip64_values(fields: dict[int, bytes], wanted: int, where: str, name: str) -> list[int]:
-    """The first ``wanted`` 8-byte values of the zip64 extra field."""
-    data = fields.get(0x0001, b"")
-    if len(data) < 8 * wanted:
-        raise BundleError(f"{where}: entry {_name(name)}: zip64 sizes missing from its extra field")
-    return list(struct.unpack_from(f"<{wanted}Q", data))
-
-
-def _entry_name(raw: bytes, flags: int, where: str) -> str:
-    if flags & _FLAG_UTF8:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BundleError(f"{where}: entry name {_show(raw)} is marked UTF-8 but is not") from None
-    if not raw.isascii():
-        # Without the UTF-8 flag, unzip tools decode a name by code page or locale: each would
-        # name the file differently.
-        raise BundleError(f"{where}: entry name {_show(raw)} is neither ASCII nor marked UTF-8")
-    return raw.decode("ascii")
-
-
-def _zip_end(f: IO[bytes], size: int, where: str) -> tuple[int, int, int]:
-    """(entry count, central directory offset, where the central directory must end), from the end
-    record, which must be the file's last 22 bytes (no comment, nothing appended)."""
-    if size < _EOCD.size:
-        raise BundleError(f"{where}: {size} bytes; too short to be a zip (truncated?)")
-    f.seek(size - _EOCD.size)
-    sig, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment = _EOCD.unpack(f.read(_EOCD.size))
-    if sig != _EOCD_SIG or comment:
-        raise BundleError(
-            f"{where}: does not end with a zip end record (truncated, or a comment or bytes after it); "
-            "a bundle zip ends with its central directory"
-        )
-    end = size - _EOCD.size
-    tail = b""
-    if end >= _Z64_LOCATOR.size:
-        f.seek(end - _Z64_LOCATOR.size)
-        tail = f.read(_Z64_LOCATOR.size)
-    if tail[:4] == _Z64_LOCATOR_SIG:
-        _, loc_disk, record, disks = _Z64_LOCATOR.unpack(tail)
-        end = end - _Z64_LOCATOR.size - _Z64_EOCD.size
-        if loc_disk != 0 or disks != 1:
-            raise BundleError(f"{where}: a multi-part zip; a bundle is one file")
-        if record != end or end < 0:
-            raise BundleError(f"{where}: its zip64 end record is not where its locator says")
-        f.seek(record)
-        sig64, rest, _, _, disk64, cd_disk64, n_disk64, n_total64, cd_size64, cd_offset64 = _Z64_EOCD.unpack(
-            f.read(_Z64_EOCD.size)
-        )
-        if sig64 != _Z64_EOCD_SIG or rest != _Z64_EOCD.size - 12:
-            raise BundleError(f"{where}: damaged zip64 end record")
-        if disk64 or cd_disk64 or n_disk64 != n_total64:
-            raise BundleError(f"{where}: a multi-part zip; a bundle is one file")
-        # A reader that ignores zip64 uses the classic record: it must say the same or "see zip64".
-        for classic, wide, sentinel in (
-            (n_total, n_total64, _U16),
-            (cd_size, cd_size64, _U32),
-            (cd_offset, cd_offset64, _U32),
-        ):
-            if classic not in (wide, sentinel):
-                raise BundleError(f"{where}: its zip64 and classic end records disagree")
-        if n_disk not in (n_total, _U16) or disk not in (0, _U16) or cd_disk not in (0, _U16):
-            raise BundleError(f"{where}: a multi-part zip; a bundle is one file")
-        n_total, cd_size, cd_offset = n_total64, cd_size64, cd_offset64
-    elif disk or cd_disk or n_disk != n_total:
-        raise BundleError(f"{where}: a multi-part zip; a bundle is one file")
-    if n_total > MAX_FILES + 1:  # the files, and the top folder's own entry
-        raise BundleError(f"{where}: {n_total} entries; a bundle holds at most {MAX_FILES} files")
-    if cd_size > _CENTRAL_DIR_MAX_BYTES:
-        raise BundleError(f"{where}: a {cd_size}-byte central directory; far more than a bundle's")
-    if cd_offset + cd_size != end:
-        raise BundleError(
-            f"{where}: its central directory does not end where its end record starts "
-            "(bytes added before or inside the zip, or a damaged zip)"
-        )
-    return n_total, cd_offset, end
-
-
-def _zip_layout(f: IO[bytes], where: str) -> list[_Entry]:
-    """The entries of the zip open in ``f``, in central directory order, once its local headers have
-    been walked from byte 0 and found to be exactly those entries, back to back, up to the central
-    directory: a hidden entry, a gap, an overlap or a header that says otherwise is refused."""
-    size = os.fstat(f.fileno()).st_size
-    n_total, cd_offset, cd_end = _zip_end(f, size, where)
-    f.seek(cd_offset)
-    cd = f.read(cd_end - cd_offset)
-    entries: list[_Entry] = []
-    pos = 0
-    for _ in range(n_total):
-        if pos + _CENTRAL.size > len(cd) or cd[pos : pos + 4] != _CENTRAL_SIG:
-            raise BundleError(f"{where}: damaged central directory (entry {len(entries) + 1} of {n_total})")
-        (_, _, _, flags, method, _, _, crc, csize, usize, n_len, e_len, c_len, disk, _, attr, offset) = (
-            _CENTRAL.unpack_from(cd, pos)
-        )
-        pos += _CENTRAL.size
-        raw_name, extra = cd[pos : pos + n_len], cd[pos + n_len : pos + n_len + e_len]
-        pos += n_len + e_len + c_len
-        if pos > len(cd):
-            raise BundleError(f"{where}: damaged central directory (entry {len(entries) + 1} of {n_total})")
-        name = _entry_name(raw_name, flags, where)
-        fields = _extra_fields(extra, where, name)
-        wide = iter(_zip64_values(fields, [usize, csize, offset].count(_U32), where, name))
-        usize, csize, offset = (next(wide) if v == _U32 else v for v in (usize, csize, offset))
-        if c_len:
-            raise BundleError(f"{where}: entry {_name(name)} has a comment; a bundle zip has none")
-        if disk:
-            raise BundleError(f"{where}: a multi-part zip; a bundle is one file")
-        _check_entry_kind(flags, method, csize, usize, where, name)
-        entries.append(_Entry(name, raw_name, flags, method, crc, csize, usize, offset, attr))
-    if pos != len(cd):
-        raise BundleError(f"{where}: {len(cd) - pos} bytes after the last central directory entry")
-
-    at = 0
-    for e in sorted(entries, key=lambda e: e.offset):
-        if e.offset > at:
-            raise BundleError(
-                f"{where}: {e.offset - at} bytes before entry {_name(e.name)} that no entry accounts for "
-                "(a hidden entry a streaming unzip would extract, or a damaged zip)"
-            )
-        if e.offset < at:
-            raise BundleError(f"{where}: entry {_name(e.name)} overlaps the entry before it")
-        f.seek(at)
-        head = f.read(_LOCAL.size)
-        if len(head) < _LOCAL.size or head[:4] != _LOCAL_SIG:
-            raise BundleError(f"{where}: no local header where the central directory puts {_name(e.name)}")
-        _, _, flags, method, _, _, crc, csize, usize, n_len, e_len = _LOCAL.unpack(head)
-        raw_name, extra = f.read(n_len), f.read(e_len)
-        if raw_name != e.raw_name:
-            shown = _show(raw_name.decode("utf-8", errors="replace"))
-            raise BundleError(
-                f"{where}: entry {_name(e.name)} is named {shown} in its local header (a streaming unzip would "
-                "write that name)"
-            )
-        if flags != e.flags or method != e.method:
-            raise BundleError(f"{where}: entry {_name(e.name)}: its local header and central directory disagree")
-        fields = _extra_fields(extra, where, e.name)
-        has_zip64 = 0x0001 in fields
-        if _U32 in (usize, csize):
-            usize, csize = _zip64_values(fields, 2, where, e.name)
-        local = (crc, csize, usize)
-        # With a data descriptor the local header may hold zeros; the descriptor then must match.
-        if local != (e.crc, e.csize, e.usize) and not (e.flags & _FLAG_DESCRIPTOR and local == (0, 0, 0)):
-            raise BundleError(
-                f"{where}: entry {_name(e.name)}: its local header and central directory disagree on its size"
-            )
-        e.data_offset = at + _LOCAL.size + n_len + e_len
-        at = e.data_offset + e.csize
-        if e.flags & _FLAG_DESCRIPTOR:
-            at += _descriptor_length(f, at, e, has_zip64, where)
-        if at > cd_offset:
-            raise BundleError(f"{where}: entry {_name(e.name)} runs into the central directory (truncated?)")
-    if at != cd_offset:
-        raise BundleError(
-            f"{where}: {cd_offset - at} bytes between the last entry and the central directory "
-            "(data no entry accounts for)"
-        )
-    return entries
-
-
-def _check_entry_kind(flags: int, method: int, csize: int, usize: int, where: str, name: str) -> None:
-    if flags & (_FLAG_ENCRYPTED | _FLAG_STRONG | _FLAG_MASKED):
-        raise BundleError(f"{where}: entry {_name(name)} is encrypted; a bundle's files are readable as they are")
-    if flags & ~_FLAGS_ALLOWED:
-        raise BundleError(f"{where}: entry {_name(name)} sets zip flags {flags:#06x}, which a bundle does not use")
-    if method not in (_STORED, _DEFLATED):
-        kind = _METHODS.get(method, "unknown")
-        raise BundleError(
-            f"{where}: entry {_name(name)}: compression method {method} ({kind}); a bundle is stored or deflated"
-        )
-    if method == _STORED and csize != usize:
-        raise BundleError(f"{where}: entry {_name(name)} is stored but its two sizes differ")
-    if method == _STORED and flags & _FLAG_DESCRIPTOR:
-        # A streaming unzip cannot tell where a stored entry of unknown size ends.
-        raise BundleError(f"{where}: entry {_name(name)} is stored with a data descriptor; its end is ambiguous")
-    if usize > MAX_FILE_BYTES:
-        raise BundleError(f"{where}: entry {_name(name)} declares {usize} bytes; over {MAX_FILE_BYTES}")
-
-
-def _descriptor_length(f: IO[bytes], at: int, e: _Entry, zip64: bool, where: str) -> int:
-    """Length of the data descriptor at ``at``, which must repeat the central directory's CRC and sizes."""
-    f.seek(at)
-    raw = f.read(24)
-    width = "Q" if zip64 else "I"
-    body = struct.Struct(f"<I{width}{width}")
-    for skip in (4, 0) if raw[:4] == _DESCRIPTOR_SIG else (0,):
-        if len(raw) >= skip + body.size and body.unpack_from(raw, skip) == (e.crc, e.csize, e.usize):
-            return skip + body.size
-    raise BundleError(f"{where}: entry {_name(e.name)}: its data descriptor does not match the central directory")
-
-
-def _zip_files(entries: list[_Entry], where: str) -> tuple[str, dict[str, _Entry]]:
-    """The bundle's top folder and its files by name; what an unzip would write anywhere else, or
-    as a link, a sub-folder or a second copy of a name, is refused."""
-    roots: set[str] = set()
-    for e in entries:
-        name = e.name
-        parts = PurePosixPath(name.replace("\\", "/")).parts
-        # Zip-slip: an entry that an unzip would write outside the bundle's own folder.
-        if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-            raise BundleError(f"{where}: entry {_show(name)} points outside the bundle; refusing it")
-        if "\\" in name:
-            raise BundleError(f"{where}: entry {_show(name)} has a backslash, a folder separator on Windows")
-        kind = stat.S_IFMT(e.external_attr >> 16)
-        if kind == stat.S_IFLNK:
-            raise BundleError(f"{where}: entry {_show(name)} is a symlink; bundles hold plain files only")
-        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise BundleError(f"{where}: entry {_show(name)} is not a plain file; bundles hold plain files only")
-        roots.add(parts[0] if len(parts) > 1 or name.endswith("/") else "")
-    if len(roots) != 1 or "" in roots:
-        raise BundleError(f"{where}: expected every entry inside one top folder (as `edgeft package` writes)")
-    root = roots.pop()
-    problem = _name_problem(root)
-    if problem:
-        raise BundleError(f"{where}: top folder {_show(root)}: not a plain folder name ({problem})")
-    files: dict[str, _Entry] = {}
-    seen: dict[str, str] = {}
-    for e in entries:
-        if not e.name.startswith(root + "/"):
-            raise BundleError(f"{where}: entry {_show(e.name)} is not in the top folder {_name(root)}/")
-        rel = e.name[len(root) + 1 :]
-        if rel == "":  # the top folder's own entry, as `zip -r` writes it
-            if e.usize:
-                raise BundleError(f"{where}: entry {_show(e.name)} is a folder with contents")
-            continue
-        if "/" in rel or "\\" in rel:
-            raise BundleError(f"{where}: entry {_show(e.name)} is in a sub-folder; bundles hold plain files only")
-        problem = _name_problem(rel)
-        if problem or stat.S_IFMT(e.external_attr >> 16) == stat.S_IFDIR or e.external_attr & 0x10:
-            raise BundleError(f"{where}: entry {_show(e.name)}: not a plain file name ({problem or 'a folder'})")
-        if rel in files:
-            raise BundleError(f"{where}: entry {_name(e.name)} appears twice (unzip tools disagree on which wins)")
-        if seen.setdefault(_fold(rel), rel) != rel:
-            raise BundleError(
-                f"{where}: entries {_name(rel)} and {_name(seen[_fold(rel)])} differ only in case or Unicode form "
-                "(one overwrites the other when unpacked on macOS or Windows)"
-            )
-        files[rel] = e
-    return root, files
-
-
-def _entry_bytes(f: IO[bytes], e: _Entry, where: str) -> Iterator[bytes]:
-    """The entry's contents, a chunk at a time, never more than the size it declares: a deflate
-    stream that inflates past it (a zip bomb), ends before or after the entry's data, or fails its
-    CRC is refused."""
-    f.seek(e.data_offset)
-    left, produced, crc = e.csize, 0, 0
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS) if e.method == _DEFLATED else None
-
-    def out(piece: bytes) -> bytes:
-        nonlocal produced, crc
-        produced += len(piece)
-        if produced > e.usize:
-            raise BundleError(
-                f"{where}: entry {_name(e.name)} inflates past the {e.usize} bytes it declares (a zip bomb?)"
-            )
-        crc = zlib.crc32(piece, crc)
-        return piece
-
-    try:
-        while left:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                raise BundleError(f"{where}: entry {_name(e.name)} is cut short (truncated zip)")
-            left -= len(chunk)
-            if inflater is None:
-                yield out(chunk)
-                continue
-            while chunk:
-                if inflater.eof:
-                    break
-                yield out(inflater.decompress(chunk, _CHUNK))
-                chunk = inflater.unconsumed_tail
-            if inflater.eof and (inflater.unused_data or chunk or left):
-                raise BundleError(f"{where}: entry {_name(e.name)}: its deflate stream ends before its data does")
-        if inflater is not None:
-            while not inflater.eof and (piece := inflater.decompress(b"", _CHUNK)):
-                yield out(piece)
-            if not inflater.eof:
-                raise BundleError(f"{where}: entry {_name(e.name)}: its deflate stream is cut short")
-    except zlib.error as e2:
-        raise BundleError(f"{where}: entry {_name(e.name)}: damaged deflate data ({e2})") from None
-    if produced != e.usize:
-        raise BundleError(f"{where}: entry {_name(e.name)} holds {produced} bytes; it declares {e.usize}")
-    if crc != e.crc:
-        raise BundleError(f"{where}: entry {_name(e.name)}: CRC mismatch (a changed byte)")
-
-
-def _zip_manifest_bytes(f: IO[bytes], e: _Entry, where: str) -> bytes:
-    if e.usize > MANIFEST_MAX_BYTES:  # refused before a byte of it is inflated
-        raise BundleError(
-            f"{where}: {_name(e.name)} declares {e.usize} bytes; a manifest is at most {MANIFEST_MAX_BYTES} bytes"
-        )
-    return b"".join(_entry_bytes(f, e, where))
-
-
 def _verify_zip(path: Path) -> dict[str, Any]:
     where = str(path)
     with _open_regular(path, "a bundle zip", BundleError, follow=True) as f:
-        entries = _zip_layout(f, where)
-        root, files = _zip_files(entries, where)
+        entries = zip_layout(f, where)
+        root, files = zip_files(entries, where)
         entry = files.pop(MANIFEST, None)
         if entry is None:
             raise BundleError(f"{path}: no {root}/{MANIFEST}; not an edgeft bundle")
-        manifest = _check_manifest(_zip_manifest_bytes(f, entry, where), f"{path}:{root}/{MANIFEST}")
+        manifest = _check_manifest(zip_manifest_bytes(f, entry, where), f"{path}:{root}/{MANIFEST}")
         sizes = {name: e.usize for name, e in files.items()}
-        _compare(f"{path}:{root}", manifest, sizes, lambda name: _sha256_stream(_entry_bytes(f, files[name], where)))
+        _compare(f"{path}:{root}", manifest, sizes, lambda name: _sha256_stream(entry_bytes(f, files[name], where)))
     return manifest
