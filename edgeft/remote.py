@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -40,6 +41,22 @@ from typing import Any
 from .errors import ConfigError, InternalError
 
 DEFAULT_WORKDIR = ".cache/edgeft/remote"  # relative to the login directory (the user's home)
+# EDGEFT_RUN_ID names the run's folder on the device, which is removed with `rm -rf` afterwards.
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _check_option(option: str, value: str, expected: str) -> None:
+    """Refuse a --remote-edgeft / --remote-dir value that ssh or the device's shell would read as
+    something else than a command or a folder (CI jobs build these flags from variables)."""
+    if not value.strip():
+        raise ConfigError(f"{option}: empty; expected {expected}")
+    if value.lstrip().startswith("-"):
+        raise ConfigError(
+            f"{option} {value!r}: starts with '-', which ssh or the device's shell would take as an option; "
+            f"expected {expected}"
+        )
+    if not value.isprintable():
+        raise ConfigError(f"{option} {value!r}: holds a control character (newline, NUL, ...); expected {expected}")
 
 
 @dataclass
@@ -50,8 +67,10 @@ class Remote:
     workdir: str = DEFAULT_WORKDIR
 
     def __post_init__(self) -> None:
-        if not self.host or self.host.startswith("-") or any(c.isspace() for c in self.host):
+        if not self.host or self.host.startswith("-") or any(c.isspace() or not c.isprintable() for c in self.host):
             raise ConfigError(f"--remote {self.host!r}: expected [user@]host (an ssh destination)")
+        _check_option("--remote-edgeft", self.edgeft, "edgeft's command on the device, e.g. ~/venv/bin/edgeft")
+        _check_option("--remote-dir", self.workdir, "a folder on the device, e.g. .cache/edgeft/remote")
         if not self.ssh:
             raise ConfigError("--remote-ssh: empty command; expected e.g. 'ssh -p 2222'")
         if shutil.which(self.ssh[0]) is None:
@@ -61,9 +80,14 @@ class Remote:
             )
 
     def argv(self, command: str) -> list[str]:
-        # `--` would be taken by some ssh builds as the host; the destination comes last before the
-        # command, as ssh(1) documents, and the command is one string for the remote shell.
-        return [*self.ssh, self.host, command]
+        # OpenSSH reads options again after the destination when more arguments follow it (ssh.c jumps
+        # back to getopt), so a command starting with '-' would be an ssh option: -oProxyCommand=...
+        # runs a program on this machine. A `--` before the destination ends the options and also turns
+        # that second reading off (ssh.c's opt_terminated; `ssh -G -- host -oProxyCommand=x` shows no
+        # proxy command), so the destination and the command are taken as given. A --remote-ssh line
+        # that already ends in `--` gets no second one: that one would be read as the destination.
+        end = [] if self.ssh[-1] == "--" else ["--"]
+        return [*self.ssh, *end, self.host, command]
 
     def run(self, command: str, *, stdin: bytes | None = None, stream: bool = False) -> subprocess.CompletedProcess:
         """Run ``command`` in the remote shell; ``stream`` passes its stderr (progress, errors) through
@@ -138,6 +162,16 @@ def bench_toml(cfg: Any) -> str:
     return "\n".join(lines)
 
 
+def check_run_id(run_id: str) -> str:
+    """``run_id`` (from EDGEFT_RUN_ID or made here) as a safe folder name: it reaches `rm -rf` on the device."""
+    if not _RUN_ID.fullmatch(run_id) or run_id in (".", ".."):
+        raise ConfigError(
+            f"EDGEFT_RUN_ID {run_id!r}: expected 1 to 64 letters, digits, '.', '_' or '-' (not '.' or '..'); "
+            "it names the run's folder on the --remote device"
+        )
+    return run_id
+
+
 def remote_bench(
     remote: Remote,
     cfg: Any,
@@ -154,6 +188,7 @@ def remote_bench(
     """Bench ``artifacts`` against the stored ``reference_dir`` on ``remote``; the device's report
     folder is written to ``out_dir`` (which must already be an edgeft bench folder) and returned."""
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    check_run_id(run_id)
 
     # 1. edgeft is there, and which version.
     probe = remote.run(f"{remote.edgeft} --version")
