@@ -160,8 +160,12 @@ def refold(build_dir: Path) -> bool:
         return False
     try:
         report = json.loads(path.read_text())
+    except RecursionError:
+        raise ConfigError(f"{path}: unreadable report (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable report ({e})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
     report["device_runs"] = load_all(build_dir)
     write_reports(report, Path(build_dir))
     return True
