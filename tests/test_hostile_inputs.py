@@ -613,15 +613,3 @@ def test_the_converter_never_imports_a_model_folders_code(work):
 
 # --------------------------------------------------------------------------------------------
 # 7. tarfile's 2025 fixes are checked by feature
-
-
-def test_tarfile_check_follows_the_features_of_the_fix(monkeypatch):
-    import tarfile
-
-    from edgeft import compat
-
-    monkeypatch.setattr(os.path, "ALLOW_MISSING", object(), raising=False)
-    assert compat.tarfile_is_safe() == hasattr(tarfile, "data_filter")
-    monkeypatch.delattr(os.path, "ALLOW_MISSING")
-    assert not compat.tarfile_is_safe()
-    assert "CVE-2025-4517" in compat.tarfile_warning() and sys.version.split()[0] in compat.tarfile_warning()
