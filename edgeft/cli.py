@@ -273,9 +273,11 @@ def _print_summary(report: dict, out_dir: Path) -> None:
             tok_s,
             rss,
         )
-    console = Console()
+    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
+    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
+    console = Console(markup=False)
     if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
-        console = Console(width=120)
+        console = Console(width=120, markup=False)
     console.print(table)
     from .machine import summary
 
@@ -621,7 +623,7 @@ def _import_llama_bench(build_dir: Path, path: Path) -> None:
             s = (r[kind] or {}).get("tok_s")
             cells.append("" if not s else f"{s.get('median', s['mean']):.1f} ({(r[kind] or {}).get('tokens')} tok)")
         table.add_row(r["target"] or f"{r['model']} (not in this build)", str(r["threads"] or ""), *cells)
-    Console(stderr=False).print(table)
+    Console(stderr=False, markup=False).print(table)
     click.echo(f"stored as {stored}; {build_dir / 'report.md'} lists it under 'Measured on other machines'")
 
 
