@@ -18,9 +18,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Iterator
+from typing import IO, Iterator
 
 from .errors import EdgeftError
+from .untrusted import show
 
 MANIFEST = "manifest.json"
 # What a bundle may hold. A manifest lists a handful of files in a few kilobytes; these bounds are
@@ -34,17 +35,6 @@ CHUNK = 1 << 20
 
 class BundleError(EdgeftError):
     """A bundle that does not match its manifest (exit 2: the input is at fault)."""
-
-
-def show(value: Any) -> str:
-    """A value from an untrusted file, for an error line: escaped (no control characters reach the
-    terminal, no newline splits the line) and short."""
-    if isinstance(value, dict):
-        return "a JSON object"
-    if isinstance(value, list):
-        return "a JSON array"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def display_name(name: str) -> str:

@@ -101,13 +101,15 @@ class map_of:  # noqa: N801
         self.shape = shape
 
 
-def _got(value: Any) -> str:
+def show(value: Any, limit: int = 80) -> str:
+    """A value from untrusted input, for an error line: a container by its kind, anything else
+    escaped by repr (no control character reaches the terminal, no newline splits the line), short."""
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
         return "a list"
     text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _is(value: Any, marker: str) -> bool:
@@ -131,10 +133,10 @@ def check_shape(value: Any, shape: Any, path: str = "") -> None:
             check_shape(value, shape.shape, path)
     elif isinstance(shape, str):
         if not _is(value, shape):
-            raise ShapeError(f"{path or 'the value'}: expected {shape}, got {_got(value)}")
+            raise ShapeError(f"{path or 'the value'}: expected {shape}, got {show(value, 40)}")
     elif isinstance(shape, dict):
         if not isinstance(value, dict):
-            raise ShapeError(f"{path or 'the value'}: expected an object, got {_got(value)}")
+            raise ShapeError(f"{path or 'the value'}: expected an object, got {show(value, 40)}")
         for key, sub in shape.items():
             where = f"{path}.{key}" if path else key
             if key not in value:
@@ -144,7 +146,7 @@ def check_shape(value: Any, shape: Any, path: str = "") -> None:
             check_shape(value[key], sub, where)
     elif isinstance(shape, list_of):
         if not isinstance(value, list):
-            raise ShapeError(f"{path or 'the value'}: expected a list, got {_got(value)}")
+            raise ShapeError(f"{path or 'the value'}: expected a list, got {show(value, 40)}")
         if shape.non_empty and not value:
             raise ShapeError(f"{path or 'the value'}: empty")
         if shape.max_len is not None and len(value) > shape.max_len:
@@ -153,7 +155,7 @@ def check_shape(value: Any, shape: Any, path: str = "") -> None:
             check_shape(item, shape.shape, f"{path}[{i}]")
     elif isinstance(shape, map_of):
         if not isinstance(value, dict):
-            raise ShapeError(f"{path or 'the value'}: expected an object, got {_got(value)}")
+            raise ShapeError(f"{path or 'the value'}: expected an object, got {show(value, 40)}")
         for key, item in value.items():
             check_shape(item, shape.shape, f"{path}[{key!r}]")
     elif callable(shape):
