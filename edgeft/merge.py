@@ -223,8 +223,12 @@ def _write_side_files(config: Any, model_dir: Path, adapter_dir: Path, out_dir: 
     from transformers import GenerationConfig
 
     config.save_pretrained(out_dir)
-    if not (Path(model_dir) / "generation_config.json").is_file():  # save_pretrained derives one
-        GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    if not (Path(model_dir) / "generation_config.json").is_file():  # the one from_pretrained derives
+        with loading(model_dir, "the generation config"):
+            derived = GenerationConfig.from_pretrained(
+                model_dir, config_file_name="config.json", _from_model_config=True
+            )
+        derived.save_pretrained(out_dir)
     _copy_side_files(model_dir, adapter_dir, out_dir)
 
 

@@ -28,7 +28,8 @@ LOGITS_ATOL = 2e-4
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """Tiny llamas: tied head, untied head, and an untied one saved in bf16 in 4 MB shards."""
+    """Tiny llamas: tied head, untied head, and an untied one saved in bf16 in 4 MB shards without a
+    generation_config.json (the merge derives one as from_pretrained does)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -40,6 +41,7 @@ def bases(tmp_path_factory, tokenizer) -> dict[str, Path]:
     model = AutoModelForCausalLM.from_pretrained(out["untied"], dtype=torch.bfloat16)
     model.save_pretrained(root / "sharded", max_shard_size="4MB")
     tokenizer.save_pretrained(root / "sharded")
+    (root / "sharded" / "generation_config.json").unlink()
     out["sharded"] = root / "sharded"
     return out
 
