@@ -4,7 +4,8 @@ Each output tensor is read from the base's safetensors shards (:mod:`edgeft.shar
 made fp32, optionally NF4-round-tripped (the ``dequant`` base), given every LoRA delta aimed at it
 (``W += scale · B @ A`` in fp32, in row blocks of at most :data:`DELTA_BLOCK_BYTES`), checked finite
 and written to an output shard before the next one is read. Peak memory: the interpreter and torch,
-plus about twice the largest tensor in fp32 (the tensor, its bf16 source or NF4 copies, a delta block).
+plus the largest tensor in fp32 and a few blocks of 64 MB (its conversion from bf16, the delta, the
+finiteness check), or for ``dequant`` a 4-bit linear's NF4 copies.
 
 What is merged where, and with which scale, is peft's own decision: the adapter's config is applied
 with ``peft.inject_adapter_in_model`` to a skeleton of the model on the ``meta`` device (no weights),
@@ -327,18 +328,21 @@ def write(p: Plan, out_dir: Path, nf4_dtype: str | None = None, max_shard_bytes:
 
 
 def _merged(slot: Slot, adapter_dir: Path, nf4_dtype: str | None) -> Any:
-    """One output tensor: source → fp32 (→ NF4 round trip) + every delta, checked finite."""
+    """One output tensor: source → fp32 (→ NF4 round trip) + every delta, checked finite.
+    At most one fp32 copy of the tensor and a few blocks of rows exist at a time (NF4: its copies)."""
     import torch
 
-    w = read_tensor(slot.source)
     if slot.source.dtype not in FLOAT_DTYPES:
-        return w
+        return read_tensor(slot.source)
     if nf4_dtype is not None and slot.nf4:
-        w = nf4_round_trip(w, nf4_dtype)
-    w = w.to(torch.float32)
+        w = nf4_round_trip(read_tensor(slot.source, getattr(torch, nf4_dtype)), nf4_dtype).to(torch.float32)
+    else:
+        w = read_tensor(slot.source, torch.float32)
     for delta in slot.deltas:
         _add_delta(w, delta)
-    if not torch.isfinite(w).all():
+    flat, step = w.view(-1), DELTA_BLOCK_BYTES // 4
+    # in blocks: isfinite of a whole tensor allocates its abs() (a second fp32 copy) and two masks
+    if not all(torch.isfinite(flat[i : i + step]).all() for i in range(0, flat.numel(), step)):
         raise ModelError(f"{adapter_dir}: merged weights are not finite in {slot.name}; the adapter is broken")
     return w
 
@@ -346,13 +350,16 @@ def _merged(slot: Slot, adapter_dir: Path, nf4_dtype: str | None) -> Any:
 def _add_delta(w: Any, d: Delta) -> None:
     """``w += (B @ A) * scale`` (embedding: ``(B @ A).T * scale``), in fp32, a block of rows at a time.
 
-    The same arithmetic as peft's ``get_delta_weight`` + ``merge``: each element is the same r-term
-    dot product, scaled, then added; a block of rows computes the rows it covers."""
-    a, b = read_tensor(d.a).float(), read_tensor(d.b).float()
+    The arithmetic of peft's ``get_delta_weight`` + ``merge``: each element is an r-term dot product,
+    scaled, then added. One block (every tensor under 64 MB) gives peft's values bit for bit; BLAS may
+    compute a narrower block's products with other kernels, a few fp32 ulps apart (tested at 1e-6)."""
+    import torch
+
+    a, b = read_tensor(d.a, torch.float32), read_tensor(d.b, torch.float32)
     rows = max(1, DELTA_BLOCK_BYTES // (4 * w.shape[1]))
     for i in range(0, w.shape[0], rows):
         block = (b @ a[:, i : i + rows]).T if d.embedding else b[i : i + rows] @ a
-        w[i : i + rows] += block * d.scale
+        w[i : i + rows] += block.mul_(d.scale)
 
 
 def nf4_round_trip(w: Any, compute_dtype: str) -> Any:

@@ -24,6 +24,8 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PROMPTS = ["Safe temp for pork?", "How long do I boil an egg? 7 or 12 minutes", "  indented\n\tcode 1234"]
 # merged model (from_pretrained of the folder) vs the unmerged PeftModel: fp32, a few layers
 LOGITS_ATOL = 2e-4
+# streamed in blocks of a few rows vs peft in one product: max |diff| / max |weight|, a few fp32 ulps
+BLOCKED_MAX_ERROR = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +193,26 @@ def test_streaming_merge_is_peft_merge_and_unload_bit_for_bit(
         for a, b, c in zip(logits(flat, tokenizer), logits(lora_model.eval(), tokenizer), logits(plain, tokenizer)):
             assert (b - c).abs().max() > 1e-3  # the adapter changes the model...
             torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)  # ...and the merged one computes that
+
+
+def test_blocks_of_rows_give_the_same_merge(bases, tmp_path, monkeypatch):
+    """Real-size tensors are converted, folded and checked in blocks of rows; tiny ones fit one block.
+    With blocks of a few rows (bf16 base, embedding and head LoRA) the result is peft's up to the last
+    bits: BLAS computes a narrow block's r-term dot products with other kernels (measured: 1.3e-7)."""
+
+    from edgeft import merge_stream, shards
+    from edgeft.merge import merge
+
+    monkeypatch.setattr(merge_stream, "DELTA_BLOCK_BYTES", 4 * 64 * 7)  # 7 rows of 64
+    monkeypatch.setattr(shards, "READ_BLOCK_BYTES", 1000)  # 500 bf16 values: not a whole number of rows
+    lora = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "down_proj"])
+    adapter = make_adapter(bases["sharded"], tmp_path / "adapter", seed=9, **lora)
+    ours = read_folder(merge(bases["sharded"], adapter, tmp_path / "stream").path)
+    ref = read_folder(peft_merge(bases["sharded"], adapter, tmp_path / "peft"))
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        err = float((ours[name] - ref[name]).abs().max() / ref[name].abs().max())
+        assert err <= BLOCKED_MAX_ERROR, (name, err)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3", "phi3"])
