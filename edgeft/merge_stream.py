@@ -256,8 +256,9 @@ def _inject(lora_config: Any, skeleton: Any) -> tuple[list[tuple[str, Any, bool]
             base = type(module.get_base_layer())
             if kind not in (Linear, Embedding) or base not in (nn.Linear, nn.Embedding):
                 raise Unsupported(f"LoRA on {name}, a {base.__name__} ({kind.__module__}.{kind.__name__})")
-            if module.lora_variant.get("default") is not None or module.use_dora.get("default"):
-                raise Unsupported(f"{name}: a LoRA variant ({type(module.lora_variant['default']).__name__})")
+            variant = module.lora_variant.get("default")
+            if variant is not None or module.use_dora.get("default"):
+                raise Unsupported(f"{name}: a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})")
             if getattr(module, "fan_in_fan_out", False) or module.lora_bias.get("default"):
                 raise Unsupported(f"{name}: fan_in_fan_out or lora_bias")
             layers.append((name, module, kind is Embedding))
