@@ -155,8 +155,11 @@ def plan(model_dir: Path, adapter_dir: Path, nf4: bool = False) -> Plan:
     used: set[str] = set()
 
     def take(key: str) -> StoredTensor:
-        if key not in adapter:
-            raise Unsupported(f"the adapter has no tensor {key}")
+        if key not in adapter:  # peft would load the rest and leave this module as initialised: no delta
+            raise ModelError(
+                f"{adapter_dir}: adapter_config.json targets a module adapter_model.safetensors has no {key} for; "
+                "the adapter does not belong to this model's layout"
+            )
         used.add(key)
         return adapter[key]
 

@@ -345,6 +345,23 @@ def test_an_adapter_streaming_does_not_cover_goes_through_peft_and_says_why(case
     assert not torch.equal(ours[changed], read_folder(bases["untied"])[changed])  # the adapter did something
 
 
+def test_an_adapter_missing_a_targeted_module_is_refused_not_merged_without_it(bases, tmp_path):
+    """peft would load the rest and leave the module as initialised (no delta, a warning at most)."""
+    from safetensors.torch import load_file, save_file
+
+    from edgeft.errors import ModelError
+    from edgeft.merge import merge
+
+    adapter = make_adapter(bases["untied"], tmp_path / "adapter", seed=5, r=4, lora_alpha=8, target_modules=LINEARS)
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    del tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"has no base_model\.model\.model\.layers\.1\.mlp\.up_proj\.lora_B\.weight"):
+        merge(bases["untied"], adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_adapter_whose_merge_overflows_is_refused_and_nothing_is_written(bases, tmp_path):
     """Finite A and B (check_adapter passes) whose product is not: exit 2, one line naming the tensor."""
     import torch
