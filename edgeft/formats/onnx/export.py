@@ -65,7 +65,10 @@ def write_onnx(
         cmd.append("--overrides=" + json.dumps(overrides))
     if stock:
         cmd.append("--stock")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # GIT_DIR: the builder stamps model.onnx's producer_version with `git rev-parse HEAD` run beside
+    # its own files, which names whatever checkout the virtual environment sits in (the same export
+    # then hashes differently after every commit there); failing, it falls back to its own commit
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GIT_DIR": os.devnull}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
