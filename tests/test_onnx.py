@@ -173,7 +173,7 @@ def test_the_export_holds_the_largest_tensor_not_the_model(tiny_onnx, tokenizer,
     transposed copy beside its mapped pages) + the int4 weights it holds until the save + the mapped
     bytes it may read between two releases. The builder alone goes 0.71 GB over its baseline here
     (2.5 copies; measured), the glue 0.22 GB; this bound is 0.44 GB."""
-    from edgeft.formats.onnx.export import _RELEASE_EVERY, write_onnx
+    from edgeft.formats.onnx.export import RELEASE_EVERY_BYTES, write_onnx
     from edgeft.stage import read_manifest
 
     model = make_tiny_llama(tmp_path / "hf", tokenizer, hidden=512, intermediate=2048, layers=12, heads=8)
@@ -182,7 +182,7 @@ def test_the_export_holds_the_largest_tensor_not_the_model(tiny_onnx, tokenizer,
     peak = write_onnx(model, out, "int4", {})["builder_peak_rss_bytes"]
     params = (model / "model.safetensors").stat().st_size / 4
     largest = 4 * len(tokenizer) * 512
-    bound = 2 * largest + 0.625 * params + _RELEASE_EVERY + 64e6  # 64 MB: the baseline's own spread
+    bound = 2 * largest + 0.625 * params + RELEASE_EVERY_BYTES + 64e6  # 64 MB: the baseline's own spread
     assert peak - baseline < bound, f"{(peak - baseline) / 1e6:.0f} MB over the baseline, bound {bound / 1e6:.0f} MB"
 
 

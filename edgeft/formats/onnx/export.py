@@ -180,7 +180,7 @@ def _build(
 
 GLUE_CHECKED = ("0.18.0",)  # onnxruntime-genai versions the glue was compared against (tests/test_onnx.py)
 _PEAK = "edgeft: builder peak RSS bytes: "  # the child's last line: its own VmHWM (not its parent's)
-_RELEASE_EVERY = 128 << 20  # bytes read between two releases of the mapped weights
+RELEASE_EVERY_BYTES = 128 << 20  # bytes read between two releases of the mapped weights
 _MADV_DONTNEED = 4
 
 
@@ -250,7 +250,7 @@ class _MappedWeights:
         import onnx_ir as ir
 
         def func():
-            if self.read >= _RELEASE_EVERY:
+            if self.read >= RELEASE_EVERY_BYTES:
                 self.release()
             self.read += tensor.nbytes
             return tensor
