@@ -34,7 +34,7 @@ def _rss(pid: int) -> tuple[int, int, int] | None:
     return f.get("VmRSS", 0), f.get("RssAnon", 0), f.get("RssFile", 0)
 
 
-def run(model: Path, out: Path, quant: str, timeline: bool, stock: bool = False) -> dict:
+def run(model: Path, out: Path, quant: str, timeline: bool, stock: bool = False, extra: tuple = ()) -> dict:
     from edgeft.formats.onnx.export import builder_options
     from edgeft.formats.onnx.types import PRECISIONS
 
@@ -44,7 +44,7 @@ def run(model: Path, out: Path, quant: str, timeline: bool, stock: bool = False)
     cache = out.parent / f".{out.name}.builder-cache"
     cmd = [
         sys.executable, "-m", "edgeft.formats.onnx.export", "--model", str(model), "--out", str(out),
-        "--precision", PRECISIONS[quant], "--cache", str(cache), *[f"--option={o}" for o in builder_options({})],
+        "--precision", PRECISIONS[quant], "--cache", str(cache), *[f"--option={o}" for o in [*builder_options({}), *extra]],
     ] + (["--stock"] if stock else [])  # fmt: skip
     # GIT_DIR as write_onnx sets it: model.onnx then names the builder's commit, whichever checkout runs
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -129,10 +129,11 @@ def main() -> int:
     ap.add_argument("--quant", default="int4", choices=["fp32", "int8", "int4"])
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--hash", action="store_true", help="print the sha256 of every file written")
+    ap.add_argument("--option", action="append", default=[], help="a builder option KEY=VALUE, e.g. algo_config=rtn")
     ap.add_argument("--stock", action="store_true", help="the builder's save as shipped (this checkout's --stock)")
     ap.add_argument("--keep", action="store_true", help="keep the exported folder (deleted otherwise)")
     a = ap.parse_args()
-    r = run(a.model, a.out, a.quant, a.timeline, a.stock)
+    r = run(a.model, a.out, a.quant, a.timeline, a.stock, tuple(a.option))
     hwm = f" (its VmHWM {r['vmhwm'] / 1e9:.2f} GB)" if r["vmhwm"] else ""
     print(f"{a.quant}: exit {r['rc']}, peak RSS {r['peak_rss'] / 1e9:.2f} GB{hwm}, {r['wall_s']:.1f} s")
     for row in r.get("timeline", []) + r.get("tail", []):
