@@ -161,7 +161,7 @@ def _build(
 # ----------------------------------------------------------------- the builder's memory (child process)
 #
 # onnxruntime-genai 0.18's builder, left alone, holds 2.2-2.6 fp32 copies of the model at its peak
-# while it writes a quantized folder (6.9 GB for the int8 export of a 0.5B model of 2.5 GB), 1.2 for fp32:
+# while it writes a quantized folder (7.2 GB int8, 6.7 GB int4 for a 0.5B model of 2.5 GB), 1.3 for fp32:
 #  - transformers maps model.safetensors (a private file mapping) and every page the builder reads
 #    stays resident: by the end of the save the mapping is a whole fp32 copy;
 #  - ``Model.to_nbits`` hands the quantizer ``ir.to_proto(self.model)``, a second fp32 copy in memory;
@@ -175,8 +175,10 @@ def _build(
 #     (``ir.external_data.convert_tensors_to_external``), so the proto the quantizer gets refers to that
 #     file and the quantizer maps one weight at a time. The proto's locations are relative: the quantizer
 #     runs in that folder. The cost: a temporary fp32 copy on disk, written once, deleted after the save.
-# What is left at the peak: the process's own ~0.5 GB, the largest tensor twice (the builder's transposed
-# copy beside its mapped pages) and, quantized, the quantized weights held until the save.
+# What is left at the peak: the process's own ~0.4 GB, the largest tensor twice (the builder's transposed
+# copy beside its mapped pages) or, quantized, the largest beside the quantized weights held until the
+# save (the 0.5B: 1.7 GB fp32 and int4, 2.0 GB int8). The rtn/k_quant algorithms (neural-compressor's
+# rtn_quantize) load every weight into the proto themselves: 6.1 GB there (11.2 GB left alone).
 
 GLUE_CHECKED = ("0.18.0",)  # onnxruntime-genai versions the glue was compared against (tests/test_onnx.py)
 _PEAK = "edgeft: builder peak RSS bytes: "  # the child's last line: its own VmHWM (not its parent's)
