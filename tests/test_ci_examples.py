@@ -64,7 +64,7 @@ def run_bash(script: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
             cwd=cwd,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=900,  # a dry run imports torch and transformers: slow on a loaded CI machine
         )
     finally:
         path.unlink()
