@@ -633,6 +633,11 @@ _DEVICE = {
             "ram_needed_bytes": NUM,
             "app_ram_bytes": NUM,
             "decode_tok_s": optional(NUM),
+            "decode_basis": optional(STR),
+            "decode_model": optional(
+                {"basis": optional(STR), "estimate": optional(NUM), "low": optional(NUM), "high": optional(NUM)}
+            ),
+            "method": optional(STR),
             "measured_decode_tok_s_here": NUM,
         }
     ),
