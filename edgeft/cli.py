@@ -292,6 +292,14 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     if report.get("remote"):
         where = f"measured on {report['remote']['host']} over SSH: {where}"
     click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for t in report["targets"]:
+        sus = t["latency"].get("sustained")
+        if sus:
+            click.echo(
+                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
+                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
+                f"{sus['seconds']:.0f} s)"
+            )
     for w in report.get("warnings", []):
         click.echo(f"edgeft: warning: {w}", err=True)
     if report.get("device"):
@@ -534,6 +542,14 @@ def verify(bundle: Path) -> None:
     type=click.Path(path_type=Path),
     help="with --build: import llama-bench's `-o json`/`-o jsonl` output as a measured device run (runs nothing)",
 )
+@click.option(
+    "--sustained",
+    "sustained_s",
+    type=click.FloatRange(0, 3600),
+    metavar="SECONDS",
+    help="after the latency runs, decode continuously this long per artifact and report the first and last 20%% "
+    "of the tokens apart, so throttling shows (a phone, a fanless board)",
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -554,6 +570,7 @@ def bench(
     remote_edgeft: str,
     remote_dir: str,
     llama_bench_file: Path | None,
+    sustained_s: float | None,
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
@@ -585,6 +602,8 @@ def bench(
             cfg.bench.threads = profile.threads
         if threads is not None:
             cfg.bench.threads = threads
+        if sustained_s is not None:
+            cfg.bench.sustained_s = sustained_s
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         from .progress import rich_progress
 

@@ -112,6 +112,8 @@ def target_entry(
             "artifact": lat,
             "reference": ref_lat,
             "timed": timed(perf),
+            "device_state": perf.get("device_state"),  # pinning, temperature and clocks around the runs
+            "sustained": perf.get("sustained"),  # with --sustained: first and last 20% of a long decode
         },
         "memory": {
             "peak_rss_bytes": perf["peak_rss_bytes"],
@@ -299,6 +301,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
+    lines += _cpu_state_section(report["targets"])
     if report.get("device"):
         lines += _device_section(report["device"])
     if report.get("device_runs"):
@@ -373,6 +376,46 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
                 f"| {'' if rss is None else f'{rss / 1e6:.0f}'} | {'' if est is None else f'{est / 1e6:.0f}'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
+    """Pinning, temperature and clock around each artifact's timed runs, and its sustained decode;
+    nothing when none of it was recorded or readable (an x86 container has no thermal zones)."""
+    from .bench.device_state import fastest_clock, hottest
+
+    def pair(state: dict[str, Any], read: Any, fmt: str) -> str:
+        a, b = (read(state.get(k) or {}) for k in ("before", "after"))
+        return (
+            ""
+            if a is None and b is None
+            else f"{'–' if a is None else fmt.format(a)} → {'–' if b is None else fmt.format(b)}"
+        )
+
+    rows = []
+    for t in targets:
+        state, sus = t["latency"].get("device_state") or {}, t["latency"].get("sustained")
+        pinned = (state.get("affinity") or {}).get("pinned_to")
+        cells = [
+            "cores " + ",".join(map(str, pinned)) if pinned else "",
+            pair(state, hottest, "{:.0f}"),
+            pair(state, fastest_clock, "{:.0f}"),
+            ""
+            if not sus
+            else f"{sus['first']['tok_s']:.1f} → {sus['last']['tok_s']:.1f} ({sus['change_pct']:+.0f}%, {sus['seconds']:.0f} s)",
+        ]
+        if any(cells):
+            rows.append(f"| {_md(t['target'])} | " + " | ".join(_md(c) for c in cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "CPU state around the timed runs (big.LITTLE: pinned to the big cores; hottest thermal zone and fastest "
+        "core clock before → after; `--sustained`: decode tok/s of the first → last 20% of a continuous decode):",
+        "",
+        "| artifact | pinned | °C | MHz | sustained decode tok/s |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _device_section(device: dict[str, Any]) -> list[str]:
