@@ -547,7 +547,7 @@ def verify(bundle: Path) -> None:
     "sustained_s",
     type=click.FloatRange(0, 3600),
     metavar="SECONDS",
-    help="after the latency runs, decode continuously this long per artifact and report the first and last 20%% "
+    help="after the latency runs, decode continuously this long per artifact and report the first and last 20% "
     "of the tokens apart, so throttling shows (a phone, a fanless board)",
 )
 @_gate_option

@@ -145,3 +145,24 @@ def test_a_short_sustained_run_still_compares_two_chunks(tmp_path):
     assert len(out["series"]) == 2 and out["first"]["chunks"] == out["last"]["chunks"] == 1
     assert out["series"][0]["temperature_c"] is None  # nothing readable: absent, not an error
     assert out["first"]["tok_s"] == pytest.approx(100.0) and out["last"]["tok_s"] == pytest.approx(50.0)
+
+
+def test_report_md_lists_cpu_state_and_sustained_decode_only_when_recorded():
+    from edgeft.report import _cpu_state_section
+
+    def target(name, state, sustained=None):
+        return {"target": name, "latency": {"device_state": state, "sustained": sustained}}
+
+    hot = {"temperature_c": {"thermal_zone0": {"type": "soc", "c": 71.0}}, "cpu_mhz": {"cpu4": 2800.0}}
+    cool = {"temperature_c": {"thermal_zone0": {"type": "soc", "c": 48.0}}, "cpu_mhz": {"cpu4": 3000.0}}
+    sus = {"first": {"tok_s": 40.0}, "last": {"tok_s": 30.0}, "change_pct": -25.0, "seconds": 120.0, "tokens": 4000}
+    rows = _cpu_state_section(
+        [
+            target("gguf-q4", {"affinity": {"pinned_to": [4, 5]}, "before": cool, "after": hot}, sus),
+            target("gguf-q8", {"affinity": {"pinned_to": None}, "before": {}, "after": {}}),
+        ]
+    )
+    text = "\n".join(rows)
+    assert "| gguf-q4 | cores 4,5 | 48 → 71 | 3000 → 2800 | 40.0 → 30.0 (-25%, 120 s) |" in text
+    assert "gguf-q8" not in text  # nothing recorded: no row
+    assert _cpu_state_section([target("x", None)]) == []  # stages cached before this was recorded

@@ -84,3 +84,17 @@ def test_cli_unknown_device_is_one_line_exit_2(tmp_path):
     ):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (args, result.output)
+
+
+def test_report_md_shows_each_projection_as_a_range_with_its_basis_old_reports_as_a_ceiling():
+    from edgeft.report import _device_section
+
+    pi5 = get_device("rpi5")
+    new = project(pi5, "gguf", 398_000_000, 600_000_000, None, 2048, 2048) | {"measured_decode_tok_s_here": 90.0}
+    old = {k: v for k, v in new.items() if not k.startswith("decode_") or k == "decode_tok_s"}
+    old.pop("method")
+    device = {"profile": pi5.as_dict(), "context_tokens": 2048, "targets": {"gguf-q4": new, "old-q4": old}}
+    text = "\n".join(_device_section(device))
+    assert "| gguf-q4 | 600 | 7500 | yes | 25.6 \\[24.4–26.9\\] | fit | 90.0 |" in text  # markdown-escaped
+    assert f"| old-q4 | 600 | 7500 | yes | ≤ {new['decode_tok_s']:.1f} | ceiling | 90.0 |" in text
+    assert "issue #26484" in text
