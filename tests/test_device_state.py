@@ -166,3 +166,14 @@ def test_report_md_lists_cpu_state_and_sustained_decode_only_when_recorded():
     assert "| gguf-q4 | cores 4,5 | 48 → 71 | 3000 → 2800 | 40.0 → 30.0 (-25%, 120 s) |" in text
     assert "gguf-q8" not in text  # nothing recorded: no row
     assert _cpu_state_section([target("x", None)]) == []  # stages cached before this was recorded
+
+
+def test_sustained_is_a_bench_setting_that_leaves_cached_stages_valid_when_off():
+    from edgeft.bench.run import _params
+    from edgeft.config import BenchConfig
+    from edgeft.errors import ConfigError
+
+    assert "sustained_s" not in _params(BenchConfig())  # stage keys as before the option existed
+    assert _params(BenchConfig(sustained_s=30))["sustained_s"] == 30
+    with pytest.raises(ConfigError, match=r"\[bench\].sustained_s"):
+        BenchConfig(sustained_s=-1)
