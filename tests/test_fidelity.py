@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from edgeft.bench.fidelity import FidelityAccumulator, Sequence, log_softmax, perplexity
 from edgeft.bench.gates import evaluate_gates
@@ -170,3 +171,24 @@ def test_stored_reference_round_trip(tmp_path):
     stored = load(tmp_path)
     assert stored.k == 4 and [s.targets for s in stored.sequences()] == [[3, 4], [2]]
     assert stored.topk_ids[1].shape == (1, 4)
+
+
+def test_fidelity_keeps_per_sequence_sums_and_intervals_over_sequences():
+    rng = np.random.default_rng(3)
+    acc = FidelityAccumulator()
+    for length in (5, 9, 7, 12):
+        ref = rng.normal(size=(length, 30))
+        acc.add(
+            Sequence(tokens=list(range(length)), targets=list(range(1, length))), ref, ref + rng.normal(size=ref.shape)
+        )
+    r = acc.result()
+    per = r["per_sequence"]
+    assert per["positions"] == [4, 8, 6, 11] and len(per["kld_sum"]) == len(per["top1"]) == 4
+    assert sum(per["kld_sum"]) / sum(per["positions"]) == pytest.approx(r["kl_divergence_mean"])
+    assert sum(per["top1"]) / sum(per["positions"]) == pytest.approx(r["top1_agreement"])
+    lo, hi = r["kl_divergence_interval"]
+    assert lo <= r["kl_divergence_mean"] <= hi
+    lo, hi = r["top1_agreement_interval"]
+    assert 0 <= lo <= r["top1_agreement"] <= hi <= 1
+    assert "bootstrap over sequences" in r["interval_method"]
+    assert acc.result() == r  # a fixed seed: the same sums give the same report
