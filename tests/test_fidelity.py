@@ -192,3 +192,54 @@ def test_fidelity_keeps_per_sequence_sums_and_intervals_over_sequences():
     assert 0 <= lo <= r["top1_agreement"] <= hi <= 1
     assert "bootstrap over sequences" in r["interval_method"]
     assert acc.result() == r  # a fixed seed: the same sums give the same report
+
+
+def _with_paired(ref_correct, art_correct, **over):
+    from edgeft.bench.stats import paired_accuracy
+
+    n = len(ref_correct)
+    return _entry(
+        fidelity={
+            "task_accuracy_reference": sum(ref_correct) / n,
+            "task_accuracy_artifact": sum(art_correct) / n,
+            "task_accuracy_paired": paired_accuracy(ref_correct, art_correct),
+            **over,
+        },
+        answers=[{"correct": c} for c in art_correct],
+    )
+
+
+def test_the_drop_gate_judges_the_interval_not_the_two_noisy_numbers():
+    # 78 questions, the reference right on 52. Noise: 1 lost, 4 gained (the demo's "ratio 1.058").
+    ref = [True] * 52 + [False] * 26
+    noise = [False] + [True] * 51 + [True] * 4 + [False] * 22
+    damaged = [False] * 20 + [True] * 32 + [True] + [False] * 25  # 20 lost, 1 gained
+    gates = GatesConfig(max_task_accuracy_drop=0.05, max_flips=3, min_task_accuracy_ratio=0.9)
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, noise), gates)}
+    assert by["max_task_accuracy_drop"]["passed"] and by["max_flips"]["passed"]
+    # the value is the largest drop the interval allows: minus its lower end
+    lo = _with_paired(ref, noise)["fidelity"]["task_accuracy_paired"]["interval"][0]
+    assert by["max_task_accuracy_drop"]["value"] == -lo
+    assert "95% CI" in by["max_task_accuracy_drop"]["detail"] and "1 went right→wrong" in by["max_flips"]["detail"]
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, damaged), gates)}
+    assert not by["max_task_accuracy_drop"]["passed"] and not by["max_flips"]["passed"]
+    assert by["max_flips"]["value"] == 20 and "a real drop" in by["max_task_accuracy_drop"]["detail"]
+    # a small, unproven loss: 3 lost of 78 cannot rule out a 9-point drop
+    three = [False] * 3 + [True] * 49 + [False] * 26
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, three), gates)}
+    assert by["max_flips"]["passed"] and not by["max_task_accuracy_drop"]["passed"]
+    assert 0.08 < by["max_task_accuracy_drop"]["value"] < 0.1
+    # without paired answers (a report made before them) the gate has nothing to judge and fails
+    assert not evaluate_gates(_entry(), GatesConfig(max_task_accuracy_drop=0.5))[0]["passed"]
+
+
+def test_count_gates_parse_as_whole_numbers():
+    from edgeft.bench.gates import parse_gate_flags
+    from edgeft.errors import ConfigError
+
+    g = parse_gate_flags(("max_flips=2", "max_task_accuracy_drop=0.05"), GatesConfig())
+    assert g.max_flips == 2 and isinstance(g.max_flips, int) and g.max_task_accuracy_drop == 0.05
+    with pytest.raises(ConfigError, match="max_flips: expected a whole number"):
+        parse_gate_flags(("max_flips=2.5",), GatesConfig())
+    with pytest.raises(ConfigError, match=r"max_task_accuracy_drop: expected a number <= 1"):
+        parse_gate_flags(("max_task_accuracy_drop=1.5",), GatesConfig())

@@ -4,10 +4,11 @@ and ``--compare-to``: regressions against an older report that exceed the measur
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..config import GatesConfig
 from ..errors import ConfigError
+from .stats import describe_paired
 
 
 def _ratio(e: dict) -> float | None:
@@ -15,37 +16,91 @@ def _ratio(e: dict) -> float | None:
     return e["fidelity"]["task_accuracy_artifact"] / ref if ref else None
 
 
-# gate name → (value getter on a target entry, "max" | "min" | "true", description)
-GATES: dict[str, tuple[Callable[[dict], Any], str, str]] = {
-    "max_kld": (lambda e: e["fidelity"]["kl_divergence_mean"], "max", "mean KL divergence"),
-    "min_top1": (lambda e: e["fidelity"]["top1_agreement"], "min", "top-1 agreement"),
-    "max_ppl_delta_pct": (lambda e: e["fidelity"]["perplexity_delta_pct"], "max", "perplexity delta %"),
-    "min_task_accuracy_ratio": (_ratio, "min", "task accuracy / reference"),
-    "min_decode_tok_s": (lambda e: e["latency"]["decode_tok_s"], "min", "decode tokens/s"),
-    "max_peak_rss_mb": (lambda e: e["memory"]["peak_rss_bytes"] / 1e6, "max", "peak RSS MB"),
-    "max_size_mb": (lambda e: e["artifact"]["size_bytes"] / 1e6, "max", "size MB"),
-    "golden_must_stop": (lambda e: all(g["artifact_stopped"] for g in e["golden"]), "true", "golden answers stop"),
-    "golden_must_be_correct": (
-        lambda e: all(g["artifact_correct"] for g in e["golden"]),
-        "true",
-        "golden answers correct",
+def _paired(e: dict) -> dict | None:
+    return e["fidelity"].get("task_accuracy_paired")
+
+
+def _drop_bound(e: dict) -> float | None:
+    """The upper 95% bound of reference − artifact task accuracy: the largest drop the data allow."""
+    p = _paired(e)
+    return None if p is None else -p["interval"][0]
+
+
+def _flips(e: dict) -> int | None:
+    p = _paired(e)
+    return None if p is None else p["right_to_wrong"]
+
+
+def _paired_detail(e: dict) -> str | None:
+    p = _paired(e)
+    return None if p is None else describe_paired(p)
+
+
+def _interval_detail(metric: str, fmt: str) -> Callable[[dict], str | None]:
+    def detail(e: dict) -> str | None:
+        iv = e["fidelity"].get(f"{metric}_interval")
+        if not iv:
+            return None
+        return (
+            f"95% CI {fmt.format(iv[0])} to {fmt.format(iv[1])} ({e['fidelity'].get('interval_method', 'bootstrap')})"
+        )
+
+    return detail
+
+
+class Gate(NamedTuple):
+    get: Callable[[dict], Any]  # the measured value on a target entry
+    kind: str  # "max" | "min" | "true"
+    what: str
+    detail: Callable[[dict], str | None] = lambda e: None  # the evidence behind the value, in words
+
+
+GATES: dict[str, Gate] = {
+    "max_kld": Gate(
+        lambda e: e["fidelity"]["kl_divergence_mean"],
+        "max",
+        "mean KL divergence",
+        _interval_detail("kl_divergence", "{:.4g}"),
+    ),
+    "min_top1": Gate(
+        lambda e: e["fidelity"]["top1_agreement"],
+        "min",
+        "top-1 agreement",
+        _interval_detail("top1_agreement", "{:.4f}"),
+    ),
+    "max_ppl_delta_pct": Gate(lambda e: e["fidelity"]["perplexity_delta_pct"], "max", "perplexity delta %"),
+    "min_task_accuracy_ratio": Gate(_ratio, "min", "task accuracy / reference", _paired_detail),
+    "max_task_accuracy_drop": Gate(
+        _drop_bound, "max", "task accuracy drop vs reference, upper 95% bound", _paired_detail
+    ),
+    "max_flips": Gate(_flips, "max", "questions right→wrong vs reference", _paired_detail),
+    "min_decode_tok_s": Gate(lambda e: e["latency"]["decode_tok_s"], "min", "decode tokens/s"),
+    "max_peak_rss_mb": Gate(lambda e: e["memory"]["peak_rss_bytes"] / 1e6, "max", "peak RSS MB"),
+    "max_size_mb": Gate(lambda e: e["artifact"]["size_bytes"] / 1e6, "max", "size MB"),
+    "golden_must_stop": Gate(lambda e: all(g["artifact_stopped"] for g in e["golden"]), "true", "golden answers stop"),
+    "golden_must_be_correct": Gate(
+        lambda e: all(g["artifact_correct"] for g in e["golden"]), "true", "golden answers correct"
     ),
 }
 
 
 def evaluate_gates(entry: dict[str, Any], gates: GatesConfig) -> list[dict[str, Any]]:
-    """One result per configured gate: name, limit, measured value, passed."""
+    """One result per configured gate: name, limit, measured value, passed (and the evidence, in words,
+    where the value comes with an interval)."""
     out = []
-    for name, (get, kind, what) in GATES.items():
+    for name, gate in GATES.items():
         limit = getattr(gates, name)
         if limit is None or limit is False:
             continue
-        value = get(entry)
-        if kind == "true":
+        value = gate.get(entry)
+        if gate.kind == "true":
             ok = bool(value)
         else:
-            ok = value is not None and (value <= limit if kind == "max" else value >= limit)
-        out.append({"name": name, "description": what, "limit": limit, "value": value, "passed": bool(ok)})
+            ok = value is not None and (value <= limit if gate.kind == "max" else value >= limit)
+        result = {"name": name, "description": gate.what, "limit": limit, "value": value, "passed": bool(ok)}
+        if detail := gate.detail(entry):
+            result["detail"] = detail
+        out.append(result)
     return out
 
 
@@ -58,10 +113,15 @@ def parse_gate_flags(flags: tuple[str, ...], gates: GatesConfig) -> GatesConfig:
         name, sep, raw = flag.partition("=")
         if not sep or name not in GATES:
             raise ConfigError(f"--gate {flag!r}: expected NAME=VALUE with NAME one of {', '.join(GATES)}")
-        if GATES[name][1] == "true":
+        if GATES[name].kind == "true":
             if raw.lower() not in ("true", "false"):
                 raise ConfigError(f"--gate {name}: expected true or false, got {raw!r}")
             updates[name] = raw.lower() == "true"
+        elif name in GatesConfig.WHOLE_NUMBERS:
+            try:
+                updates[name] = int(raw)
+            except ValueError:
+                raise ConfigError(f"--gate {name}: expected a whole number, got {raw!r}") from None
         else:
             try:
                 updates[name] = float(raw)
