@@ -293,7 +293,9 @@ def finish_report(
                 "--compare-to: the old report was measured on another machine "
                 f"({summary(old_report.get('machine') or {})}); speed and memory are not compared, only fidelity"
             )
-        report["regressions"] = regressions(report, old_report, compare_speed=same)
+        notes: list[str] = []
+        report["regressions"] = regressions(report, old_report, compare_speed=same, notes=notes)
+        report["warnings"] += notes
     report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
     if device is not None:
         from .devices import device_projection

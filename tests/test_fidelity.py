@@ -243,3 +243,75 @@ def test_count_gates_parse_as_whole_numbers():
         parse_gate_flags(("max_flips=2.5",), GatesConfig())
     with pytest.raises(ConfigError, match=r"max_task_accuracy_drop: expected a number <= 1"):
         parse_gate_flags(("max_task_accuracy_drop=1.5",), GatesConfig())
+
+
+def _report(entry, ids=None, kld=None, positions=None, top1=None, iv=None):
+    fid = {}
+    if kld is not None:
+        fid["per_sequence"] = {"positions": positions, "kld_sum": kld, "top1": top1}
+        fid["kl_divergence_mean"] = sum(kld) / sum(positions)
+        fid["top1_agreement"] = sum(top1) / sum(positions)
+    if iv:
+        fid.update(iv)
+    entry = {**entry, "fidelity": {**entry["fidelity"], **fid}}
+    return {"targets": [entry], "eval": {"question_ids": ids} if ids else {}}
+
+
+def test_compare_to_pairs_sequences_and_questions_when_both_reports_can():
+    from edgeft.bench.gates import regressions
+
+    rng = np.random.default_rng(4)
+    positions = [int(x) for x in rng.integers(20, 60, size=40)]
+    kld = [float(x) for x in rng.exponential(size=40) * np.asarray(positions) * 0.05]
+    top1 = [int(p * 0.8) for p in positions]
+    ids = [f"q{i}" for i in range(40)]
+    correct = [True] * 30 + [False] * 10
+    old = _report(_with_paired(correct, correct), ids, kld, positions, top1)
+    # the same figures again, and a noise-sized wobble: nothing to report, nothing to note
+    notes: list[str] = []
+    assert regressions(old, old, notes=notes) == [] and notes == []
+    # every sequence 10% worse, 5 points less top-1: small, but seen on every sequence
+    worse = _report(
+        _with_paired(correct, correct), ids, [k * 1.1 for k in kld], positions, [int(p * 0.75) for p in positions]
+    )
+    found = {r["metric"]: r for r in regressions(worse, old)}
+    assert set(found) == {"kl_divergence_mean", "top1_agreement"}
+    assert "paired bootstrap over the 40 sequences" in found["kl_divergence_mean"]["rule"]
+    assert found["kl_divergence_mean"]["interval"][0] > 0 and found["top1_agreement"]["interval"][1] < 0
+    # 12 of the 30 questions lost: paired by question id, even in another order
+    lost = [False] * 12 + [True] * 18 + [False] * 10
+    order = list(reversed(range(40)))
+    new = _report(_with_paired(correct, lost), [ids[i] for i in order], kld, positions, top1)
+    new["targets"][0]["answers"] = [{"correct": lost[i]} for i in order]
+    found = {r["metric"]: r for r in regressions(new, old)}
+    assert set(found) == {"task_accuracy_artifact"}
+    assert "paired by question" in found["task_accuracy_artifact"]["rule"]
+    assert "12 went right→wrong" in found["task_accuracy_artifact"]["rule"]
+
+
+def test_compare_to_unpaired_reports_use_their_intervals_and_old_reports_the_old_rule():
+    from edgeft.bench.gates import NO_INTERVALS, NO_QUESTION_IDS, regressions
+
+    base = _entry()
+    old = _report(base, iv={"kl_divergence_interval": [0.18, 0.22], "top1_agreement_interval": [0.78, 0.82]})
+    near = _report(
+        _entry(fidelity={"kl_divergence_mean": 0.225, "top1_agreement": 0.78}),
+        iv={"kl_divergence_interval": [0.205, 0.245], "top1_agreement_interval": [0.76, 0.80]},
+    )
+    notes: list[str] = []
+    # 0.2 → 0.225 is outside the old interval, but not beyond both reports' noise (MOVER)
+    assert regressions(near, old, notes=notes) == []
+    far = _report(
+        _entry(fidelity={"kl_divergence_mean": 0.3, "top1_agreement": 0.7}),
+        iv={"kl_divergence_interval": [0.28, 0.32], "top1_agreement_interval": [0.68, 0.72]},
+    )
+    found = {r["metric"]: r for r in regressions(far, old, notes=notes)}
+    assert {"kl_divergence_mean", "top1_agreement"} <= set(found)
+    assert "MOVER" in found["kl_divergence_mean"]["rule"]
+    assert NO_INTERVALS not in notes and NO_QUESTION_IDS in notes  # _entry's answers carry no question ids
+    # an old report without intervals: KLD by the old rule, top-1 not compared, and the notes say so
+    notes = []
+    found = {r["metric"]: r for r in regressions(far, {"targets": [base]}, notes=notes)}
+    assert "kl_divergence_mean" in found and "top1_agreement" not in found
+    assert "without intervals" in found["kl_divergence_mean"]["rule"]
+    assert NO_INTERVALS in notes and NO_QUESTION_IDS in notes
