@@ -223,9 +223,16 @@ def build(
 def _finish(report: dict, out_dir: Path) -> None:
     """Print the summary table; exit 1 naming each failed gate or regression."""
     _print_summary(report, out_dir)
+    said: set[str] = set()  # task gates share one piece of evidence: say it once
+
+    def evidence(detail: str | None) -> str:
+        if not detail or detail in said:
+            return ")"
+        said.add(detail)
+        return f"; {detail})"
+
     failed = [
-        f"{t['target']}: {g['name']} (limit {g['limit']}, got {_value(g['value'])}"
-        + (f"; {g['detail']})" if g.get("detail") else ")")
+        f"{t['target']}: {g['name']} (limit {g['limit']}, got {_value(g['value'])}" + evidence(g.get("detail"))
         for t in report["targets"]
         for g in t["gates"]
         if not g["passed"]

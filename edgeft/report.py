@@ -412,9 +412,12 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
                     if g["value"] is None
                     else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
                 )
+                detail = g.get("detail", "")
+                if task and detail == describe_paired(task):
+                    detail = "the paired comparison above"
                 lines.append(
                     f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
-                    f"{'pass' if g['passed'] else '**FAIL**'} | {_md(g.get('detail', ''))} |"
+                    f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
                 )
         if t.get("golden"):
             lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
