@@ -229,19 +229,40 @@ def build(
 def _finish(report: dict, out_dir: Path) -> None:
     """Print the summary table; exit 1 naming each failed gate or regression."""
     _print_summary(report, out_dir)
+    said: set[str] = set()  # task gates share one piece of evidence: say it once
+
+    def evidence(detail: str | None) -> str:
+        if not detail or detail in said:
+            return ")"
+        said.add(detail)
+        return f"; {detail})"
+
     failed = [
-        f"{t['target']}: {g['name']} (limit {g['limit']}, got {g['value']})"
+        f"{t['target']}: {g['name']} (limit {g['limit']}, got {_value(g['value'])}" + evidence(g.get("detail"))
         for t in report["targets"]
         for g in t["gates"]
         if not g["passed"]
     ]
     failed += [
-        f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g})"
+        f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g}"
+        + (f"; {r['rule']})" if r.get("rule") else ")")
         for r in report.get("regressions", [])
     ]
     if failed:
         click.echo(f"edgeft: gate failed: {'; '.join(failed)}", err=True)
         sys.exit(1)
+
+
+def _value(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _task_change(p: dict | None) -> str:
+    """Δ task accuracy (points, artifact − reference) with its paired 95% interval."""
+    if not p:
+        return ""
+    lo, hi = p["interval"]
+    return f"{100 * p['difference']:+.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]"
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
@@ -250,8 +271,9 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned fp32 reference)")
-    for col in ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "decode tok/s", "peak RSS MB"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    columns = ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "Δ task [95% CI]", "✓→✗ / ✗→✓")
+    for col in (*columns, "decode tok/s", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col.startswith("Δ task"))
     speed = {t["target"]: t for t in report["targets"]}
     ref_perf = report["reference"]["performance"]
     for r in report["ladder"]:
@@ -276,6 +298,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
             pct(r["top1_agreement"]),
             f"{r['perplexity_delta_pct']:+.1f}%",
             pct(r["task_accuracy_artifact"]),
+            _task_change(task := r.get("task_accuracy_paired")),
+            f"{task['right_to_wrong']} / {task['wrong_to_right']}" if task else "",
             tok_s,
             rss,
         )

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import tomllib
 
@@ -209,10 +209,21 @@ class BenchConfig:
 class GatesConfig:
     """Quality gates; an unset gate is not checked. `edgeft build` exits 1 when one fails."""
 
+    WHOLE_NUMBERS: ClassVar[frozenset[str]] = frozenset({"max_flips"})  # counts: `--gate` parses them as int
+
     max_kld: float | None = _help("max mean KL divergence of artifact vs reference", None)
     min_top1: float | None = _help("min top-1 token agreement with the reference (0-1)", None)
     max_ppl_delta_pct: float | None = _help("max perplexity increase over the reference, percent", None)
-    min_task_accuracy_ratio: float | None = _help("min artifact task accuracy / reference task accuracy", None)
+    min_task_accuracy_ratio: float | None = _help(
+        "min artifact task accuracy / reference task accuracy (two noisy numbers: prefer max_task_accuracy_drop)",
+        None,
+    )
+    max_task_accuracy_drop: float | None = _help(
+        "max drop of task accuracy vs the reference (0-1), judged by the upper end of its paired 95% interval: "
+        "passes only when the data rule out a larger drop, so a small eval set needs a looser limit",
+        None,
+    )
+    max_flips: int | None = _help("max held-out questions the reference gets right and the artifact wrong", None)
     min_decode_tok_s: float | None = _help("min artifact decode tokens/s on this machine (median)", None)
     max_peak_rss_mb: float | None = _help("max peak resident memory of the artifact's runtime process, MB", None)
     max_size_mb: float | None = _help("max artifact size in MB (10^6 bytes)", None)
@@ -224,6 +235,8 @@ class GatesConfig:
         _check("gates", "min_top1", self.min_top1, 0, 1)
         _check("gates", "max_ppl_delta_pct", self.max_ppl_delta_pct)
         _check("gates", "min_task_accuracy_ratio", self.min_task_accuracy_ratio, 0)
+        _check("gates", "max_task_accuracy_drop", self.max_task_accuracy_drop, 0, 1)
+        _check("gates", "max_flips", self.max_flips, 0)
         _check("gates", "min_decode_tok_s", self.min_decode_tok_s, 0)
         _check("gates", "max_peak_rss_mb", self.max_peak_rss_mb, 0, open_lo=True)
         _check("gates", "max_size_mb", self.max_size_mb, 0, open_lo=True)

@@ -248,7 +248,7 @@ def finish_report(
     from .bench.probe import RUN_ID
     from .bench.run import reference_row
     from .machine import same_machine, summary
-    from .report import assemble, ladder_row, target_entry, write_reports
+    from .report import assemble, ladder_row, paired_task, target_entry, write_reports
 
     ref_meta = stored_reference.load(ref_dir).meta
     ref_meta, timing_notes = _same_run_reference(ref_meta, measured, bcfg)
@@ -263,16 +263,20 @@ def finish_report(
         entry["passed"] = all(g["passed"] for g in entry["gates"])
         entries.append(entry)
 
+    def paired(results: dict[str, Any]) -> dict[str, Any]:
+        """A ladder row's fidelity with its answers paired against the reference's."""
+        return dict(results["fidelity"], task_accuracy_paired=paired_task(ref_meta, results.get("answers") or []))
+
     ladder = []
     if base_results:
-        ladder.append(ladder_row("base", "torch", base_results["fidelity"], None, "fp32"))
+        ladder.append(ladder_row("base", "torch", paired(base_results), None, "fp32"))
     if nf4_results:
-        ladder.append(ladder_row(NF4_ROW, "torch", nf4_results["fidelity"], None, "nf4"))
+        ladder.append(ladder_row(NF4_ROW, "torch", paired(nf4_results), None, "nf4"))
     ladder.append(ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
     for label, results in conversions:
         art = results["artifact"]
         ladder.append(
-            ladder_row(f"{label} export", art["runtime"], results["fidelity"], art["size_bytes"], art["file_type"])
+            ladder_row(f"{label} export", art["runtime"], paired(results), art["size_bytes"], art["file_type"])
         )
     for e in entries:
         art = e["artifact"]
@@ -289,7 +293,9 @@ def finish_report(
                 "--compare-to: the old report was measured on another machine "
                 f"({summary(old_report.get('machine') or {})}); speed and memory are not compared, only fidelity"
             )
-        report["regressions"] = regressions(report, old_report, compare_speed=same)
+        notes: list[str] = []
+        report["regressions"] = regressions(report, old_report, compare_speed=same, notes=notes)
+        report["warnings"] += notes
     report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
     if device is not None:
         from .devices import device_projection

@@ -580,6 +580,17 @@ def _gate_value(value: Any, path: str) -> None:
         raise ShapeError(f"{path}: expected a number, true/false or null, got {value!r:.40}")
 
 
+_INTERVAL = optional(list_of(NUM))
+_PAIRED = optional(
+    {
+        "n": INT,
+        "right_to_wrong": INT,
+        "wrong_to_right": INT,
+        "difference": NUM,
+        "interval": list_of(NUM),
+        "p_value": NUM,
+    }
+)
 _TARGET = {
     "target": STR,
     "passed": BOOL,
@@ -594,6 +605,9 @@ _TARGET = {
         "kl_divergence_mean": NUM,
         "artifact_stop_rate": optional(NUM),
         "task_accuracy_artifact": optional(NUM),
+        "kl_divergence_interval": _INTERVAL,
+        "top1_agreement_interval": _INTERVAL,
+        "task_accuracy_paired": _PAIRED,
     },
     "latency": {
         "threads": INT,
@@ -610,7 +624,7 @@ _TARGET = {
     },
     "memory": {"peak_rss_bytes": NUM, "load_s": NUM},
     "roofline": {"fraction": optional(NUM), "read_bandwidth_gb_s": _SPREAD},
-    "gates": list_of({**_GATE, "value": _gate_value}),
+    "gates": list_of({**_GATE, "value": _gate_value, "detail": optional(STR)}),
     "golden": list_of(_GOLDEN),
 }
 _LADDER = {
@@ -625,6 +639,9 @@ _LADDER = {
     "perplexity_artifact_err": NUM,
     "perplexity_delta_pct": NUM,
     "task_accuracy_artifact": optional(NUM),
+    "kl_divergence_interval": _INTERVAL,
+    "top1_agreement_interval": _INTERVAL,
+    "task_accuracy_paired": _PAIRED,
 }
 _DEVICE = {
     "profile": {

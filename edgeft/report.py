@@ -32,6 +32,17 @@ Per entry: ``artifact.{path, format, runtime, quant, file_type, size_bytes, sha2
 ``fidelity.{kl_divergence_mean, kl_divergence_p99, kl_divergence_se, top1_agreement,
 perplexity_reference(_err), perplexity_artifact(_err), perplexity_delta_pct, task_accuracy_base,
 task_accuracy_reference, task_accuracy_artifact, artifact_stop_rate}`` (fractions 0–1);
+``fidelity.{kl_divergence_interval, top1_agreement_interval}`` (95%, ``[lo, hi]``, bootstrap over
+sequences; ``interval_method`` says how) and ``fidelity.per_sequence.{positions, kld_sum, top1}``
+(what they resample); ``fidelity.task_accuracy_paired.{n, both_right, right_to_wrong,
+wrong_to_right, both_wrong, difference, interval, confidence, p_value, method}`` — the artifact's
+right/wrong against the reference's on the same questions (difference = artifact − reference; see
+:mod:`edgeft.bench.stats`); ``answers[i].correct`` per question, in the order of
+``eval.question_ids`` (a hash of each question and its accepted answers), and the reference's in
+``reference.answers_correct``, so a later report can pair question by question. Ladder rows carry
+the intervals and ``task_accuracy_paired`` too. These keys are absent from reports (and bench stages
+cached) before they were added; readers treat them as optional. Gates may carry ``detail``: the
+evidence behind the value in words (the interval, the flips).
 ``latency.{threads, decode_tok_s, reference_decode_tok_s, speedup, prefill_tok_s, ttft_ms}``
 (medians) with the full spreads under ``latency.artifact`` / ``latency.reference``;
 ``memory.{peak_rss_bytes, load_s, reference_peak_rss_bytes}``;
@@ -48,6 +59,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from . import __version__
+from .bench.stats import describe_paired
 from .files import save_figure, write_atomic
 
 SCHEMA_VERSION = 2
@@ -72,6 +84,24 @@ def timed(perf: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": perf.get("run_id"), "timed_at": perf.get("timed_at"), "machine": perf.get("machine")}
 
 
+def question_id(example: dict[str, Any]) -> str:
+    """A short stable id of a held-out question: its prompt and accepted answers (what right/wrong means)."""
+    import hashlib
+
+    text = json.dumps({"prompt": example["messages"][:-1], "answers": example["answers"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def paired_task(ref_meta: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The artifact's right/wrong against the reference's, question by question (None without answers)."""
+    from .bench.stats import paired_accuracy
+
+    ref = ref_meta.get("answers") or []
+    if not ref or len(ref) != len(answers):
+        return None
+    return paired_accuracy([a["correct"] for a in ref], [a["correct"] for a in answers])
+
+
 def target_entry(
     target: str,
     quant: str,
@@ -84,7 +114,11 @@ def target_entry(
     """One target's report entry from its bench results and the stored reference."""
     perf, ref_perf = measured["performance"], ref_meta["performance"]
     lat, ref_lat = perf["latency"], ref_perf["latency"]
-    fidelity = dict(measured["fidelity"], task_accuracy_base=base_accuracy)
+    fidelity = dict(
+        measured["fidelity"],
+        task_accuracy_base=base_accuracy,
+        task_accuracy_paired=paired_task(ref_meta, measured["answers"]),
+    )
     examples = ref_meta["examples"]
     golden_rows = [
         {
@@ -146,6 +180,7 @@ def assemble(
             "dtype": "float32",
             "top_k": ref_meta["top_k"],
             "task_accuracy": ref_meta["task_accuracy"],
+            "answers_correct": [a["correct"] for a in ref_meta.get("answers", [])],
             "perplexity": ref_meta["perplexity"],
             "performance": ref_meta["performance"],
             "machine": ref_meta.get("machine"),
@@ -157,6 +192,7 @@ def assemble(
             "file": ref_meta["eval_file"],
             "examples": len(ref_meta["examples"]),
             "scored_positions": ref_meta["positions"],
+            "question_ids": [question_id(ex) for ex in ref_meta["examples"]],
         },
         "machine": machine,
     }
@@ -174,6 +210,9 @@ def ladder_row(
         "perplexity_artifact_err",
         "perplexity_delta_pct",
         "task_accuracy_artifact",
+        "kl_divergence_interval",
+        "top1_agreement_interval",
+        "task_accuracy_paired",
     )
     return {
         "stage": stage,
@@ -219,6 +258,34 @@ def _cell(text: Any) -> str:
     return _md(text)
 
 
+def _interval(iv: list[float] | None, fmt: str) -> str:
+    return "" if not iv else f" [{fmt.format(iv[0])}–{fmt.format(iv[1])}]"
+
+
+def _task_change(p: dict[str, Any] | None) -> str:
+    """Artifact − reference task accuracy in points with its paired 95% interval."""
+    if not p:
+        return "—"
+    lo, hi = p["interval"]
+    return f"{100 * p['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _flips(p: dict[str, Any] | None) -> str:
+    return "—" if not p else f"{p['right_to_wrong']} / {p['wrong_to_right']}"
+
+
+def _ladder_note(report: dict[str, Any]) -> str:
+    rows = [r for r in report["ladder"] if r.get("task_accuracy_paired")]
+    n = rows[0]["task_accuracy_paired"]["n"] if rows else report["eval"]["examples"]
+    return (
+        "95% intervals: mean KLD and top-1 by a bootstrap over the held-out conversations (whole sequences, "
+        "fixed seed); task accuracy paired with the reference question by question: Δ = row − reference in "
+        f"points (Bonett–Price interval); flips = of the {n} questions, those the reference got right and "
+        "this row wrong / wrong and right. An interval that spans 0 is a difference the eval set cannot tell "
+        "from noise."
+    )
+
+
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
     from .machine import same_machine, summary
@@ -260,16 +327,21 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         "",
         "## Fidelity ladder (each stage vs the fine-tuned fp32 reference; base = before fine-tuning)",
         "",
-        "| stage | runtime | type | MB | mean KLD | p99 KLD | top-1 | perplexity | Δppl | task acc |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| stage | runtime | type | MB | mean KLD [95% CI] | p99 KLD | top-1 [95% CI] | perplexity | Δppl | task acc "
+        "| Δ task acc, points [95% CI] | flips ✓→✗ / ✗→✓ |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["ladder"]:
         size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
+        task = r.get("task_accuracy_paired")
         lines.append(
-            f"| {_md(r['stage'])} | {_md(r['runtime'])} | {_md(r['quant'])} | {size} | {r['kl_divergence_mean']:.5f} | "
-            f"{r['kl_divergence_p99']:.4f} | {_pct(r['top1_agreement'])} | {r['perplexity_artifact']:.3f} ± "
-            f"{r['perplexity_artifact_err']:.3f} | {r['perplexity_delta_pct']:+.1f}% | {_pct(r['task_accuracy_artifact'])} |"
+            f"| {_md(r['stage'])} | {_md(r['runtime'])} | {_md(r['quant'])} | {size} | {r['kl_divergence_mean']:.5f}"
+            f"{_interval(r.get('kl_divergence_interval'), '{:.5f}')} | {r['kl_divergence_p99']:.4f} | "
+            f"{_pct(r['top1_agreement'])}{_interval(r.get('top1_agreement_interval'), '{:.1%}')} | "
+            f"{r['perplexity_artifact']:.3f} ± {r['perplexity_artifact_err']:.3f} | {r['perplexity_delta_pct']:+.1f}% | "
+            f"{_pct(r['task_accuracy_artifact'])} | {_task_change(task)} | {_flips(task)} |"
         )
+    lines += ["", _ladder_note(report)]
     if kld := report.get("merge", {}).get("kld_vs_adapter_on_nf4_base"):
         figures = ", ".join(f"`{k}` {v:.4g}" for k, v in kld.items())
         lines += [
@@ -330,16 +402,26 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
             f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
         ]
+        if task := t["fidelity"].get("task_accuracy_paired"):
+            lines += [
+                "",
+                f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
+                f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
+            ]
         if t.get("gates"):
-            lines += ["", "| gate | limit | value | result |", "|---|---:|---:|---|"]
+            lines += ["", "| gate | limit | value | result | evidence |", "|---|---:|---:|---|---|"]
             for g in t["gates"]:
                 value = (
                     "n/a"
                     if g["value"] is None
                     else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
                 )
+                detail = g.get("detail", "")
+                if task and detail == describe_paired(task):
+                    detail = "the paired comparison above"
                 lines.append(
-                    f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | {'pass' if g['passed'] else '**FAIL**'} |"
+                    f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
+                    f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
                 )
         if t.get("golden"):
             lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
@@ -354,12 +436,13 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             "",
             "## Regressions against the previous report",
             "",
-            "| target | metric | old | new | allowed |",
-            "|---|---|---:|---:|---:|",
+            "| target | metric | old | new | allowed | why |",
+            "|---|---|---:|---:|---:|---|",
         ]
         for r in report["regressions"]:
             lines.append(
-                f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |"
+                f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} "
+                f"| {_md(r.get('rule', ''))} |"
             )
     if report.get("stages"):
         lines += [
@@ -513,17 +596,21 @@ def _device_runs_section(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def render_junit(report: dict[str, Any]) -> str:
-    """One test case per gate per target (and per regression), for CI test-report viewers."""
+    """One test case per gate per target (and per regression), for CI test-report viewers. A gate
+    judged on an interval names it (and the flips) in its message, which passing cases carry as
+    ``system-out``."""
     cases = []
     for t in report["targets"]:
         for g in t.get("gates", []):
-            cases.append(
-                (t["target"], g["name"], g["passed"], f"{g['description']}: value {g['value']}, limit {g['limit']}")
-            )
+            message = f"{g['description']}: value {g['value']}, limit {g['limit']}"
+            if g.get("detail"):
+                message += f"; {g['detail']}"
+            cases.append((t["target"], g["name"], g["passed"], message))
     for r in report.get("regressions", []):
-        cases.append(
-            (r["target"], f"regression.{r['metric']}", False, f"{r['old']} -> {r['new']} (allowed {r['allowed']})")
-        )
+        message = f"{r['old']} -> {r['new']} (allowed {r['allowed']})"
+        if r.get("rule"):
+            message += f"; {r['rule']}"
+        cases.append((r["target"], f"regression.{r['metric']}", False, message))
     suite = ET.Element(
         "testsuite", name="edgeft.gates", tests=str(len(cases)), failures=str(sum(not c[2] for c in cases))
     )
@@ -531,6 +618,8 @@ def render_junit(report: dict[str, Any]) -> str:
         case = ET.SubElement(suite, "testcase", classname=f"edgeft.{target}", name=name)
         if not ok:
             ET.SubElement(case, "failure", message=message).text = message
+        else:
+            ET.SubElement(case, "system-out").text = message
     return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
 
 

@@ -253,6 +253,16 @@ def _(t, i):
     return build(config(t, "[gates]\nmin_top1 = 1.5\n")), ["[gates].min_top1", "<= 1"]
 
 
+@case("gates-drop-above-one")
+def _(t, i):
+    return build(config(t, "[gates]\nmax_task_accuracy_drop = 5\n")), ["[gates].max_task_accuracy_drop", "<= 1"]
+
+
+@case("gates-flips-not-whole")
+def _(t, i):
+    return build(config(t, "[gates]\nmax_flips = 2.5\n")), ["[gates].max_flips", "expected int"]
+
+
 @case("gates-negative-size")
 def _(t, i):
     return build(config(t, "[gates]\nmax_size_mb = -5\n")), ["[gates].max_size_mb", "positive number"]
@@ -656,6 +666,16 @@ def _(t, i):
 @case("flag-gate-not-a-number")
 def _(t, i):
     return build(config(t), "--gate", "max_kld=abc"), ["--gate max_kld", "expected a number"]
+
+
+@case("flag-gate-flips-fraction")
+def _(t, i):
+    return build(config(t), "--gate", "max_flips=2.5"), ["--gate max_flips", "expected a whole number"]
+
+
+@case("flag-gate-negative-drop")
+def _(t, i):
+    return build(config(t), "--gate", "max_task_accuracy_drop=-0.1"), ["max_task_accuracy_drop", ">= 0"]
 
 
 @case("flag-gate-nan")

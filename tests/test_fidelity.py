@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from edgeft.bench.fidelity import FidelityAccumulator, Sequence, log_softmax, perplexity
 from edgeft.bench.gates import evaluate_gates
@@ -170,3 +171,147 @@ def test_stored_reference_round_trip(tmp_path):
     stored = load(tmp_path)
     assert stored.k == 4 and [s.targets for s in stored.sequences()] == [[3, 4], [2]]
     assert stored.topk_ids[1].shape == (1, 4)
+
+
+def test_fidelity_keeps_per_sequence_sums_and_intervals_over_sequences():
+    rng = np.random.default_rng(3)
+    acc = FidelityAccumulator()
+    for length in (5, 9, 7, 12):
+        ref = rng.normal(size=(length, 30))
+        acc.add(
+            Sequence(tokens=list(range(length)), targets=list(range(1, length))), ref, ref + rng.normal(size=ref.shape)
+        )
+    r = acc.result()
+    per = r["per_sequence"]
+    assert per["positions"] == [4, 8, 6, 11] and len(per["kld_sum"]) == len(per["top1"]) == 4
+    assert sum(per["kld_sum"]) / sum(per["positions"]) == pytest.approx(r["kl_divergence_mean"])
+    assert sum(per["top1"]) / sum(per["positions"]) == pytest.approx(r["top1_agreement"])
+    lo, hi = r["kl_divergence_interval"]
+    assert lo <= r["kl_divergence_mean"] <= hi
+    lo, hi = r["top1_agreement_interval"]
+    assert 0 <= lo <= r["top1_agreement"] <= hi <= 1
+    assert "bootstrap over sequences" in r["interval_method"]
+    assert acc.result() == r  # a fixed seed: the same sums give the same report
+
+
+def _with_paired(ref_correct, art_correct, **over):
+    from edgeft.bench.stats import paired_accuracy
+
+    n = len(ref_correct)
+    return _entry(
+        fidelity={
+            "task_accuracy_reference": sum(ref_correct) / n,
+            "task_accuracy_artifact": sum(art_correct) / n,
+            "task_accuracy_paired": paired_accuracy(ref_correct, art_correct),
+            **over,
+        },
+        answers=[{"correct": c} for c in art_correct],
+    )
+
+
+def test_the_drop_gate_judges_the_interval_not_the_two_noisy_numbers():
+    # 78 questions, the reference right on 52. Noise: 1 lost, 4 gained (the demo's "ratio 1.058").
+    ref = [True] * 52 + [False] * 26
+    noise = [False] + [True] * 51 + [True] * 4 + [False] * 22
+    damaged = [False] * 20 + [True] * 32 + [True] + [False] * 25  # 20 lost, 1 gained
+    gates = GatesConfig(max_task_accuracy_drop=0.05, max_flips=3, min_task_accuracy_ratio=0.9)
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, noise), gates)}
+    assert by["max_task_accuracy_drop"]["passed"] and by["max_flips"]["passed"]
+    # the value is the largest drop the interval allows: minus its lower end
+    lo = _with_paired(ref, noise)["fidelity"]["task_accuracy_paired"]["interval"][0]
+    assert by["max_task_accuracy_drop"]["value"] == -lo
+    assert "95% CI" in by["max_task_accuracy_drop"]["detail"] and "1 went right→wrong" in by["max_flips"]["detail"]
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, damaged), gates)}
+    assert not by["max_task_accuracy_drop"]["passed"] and not by["max_flips"]["passed"]
+    assert by["max_flips"]["value"] == 20 and "a real drop" in by["max_task_accuracy_drop"]["detail"]
+    # a small, unproven loss: 3 lost of 78 cannot rule out a 9-point drop
+    three = [False] * 3 + [True] * 49 + [False] * 26
+    by = {g["name"]: g for g in evaluate_gates(_with_paired(ref, three), gates)}
+    assert by["max_flips"]["passed"] and not by["max_task_accuracy_drop"]["passed"]
+    assert 0.08 < by["max_task_accuracy_drop"]["value"] < 0.1
+    # without paired answers (a report made before them) the gate has nothing to judge and fails
+    assert not evaluate_gates(_entry(), GatesConfig(max_task_accuracy_drop=0.5))[0]["passed"]
+
+
+def test_count_gates_parse_as_whole_numbers():
+    from edgeft.bench.gates import parse_gate_flags
+    from edgeft.errors import ConfigError
+
+    g = parse_gate_flags(("max_flips=2", "max_task_accuracy_drop=0.05"), GatesConfig())
+    assert g.max_flips == 2 and isinstance(g.max_flips, int) and g.max_task_accuracy_drop == 0.05
+    with pytest.raises(ConfigError, match="max_flips: expected a whole number"):
+        parse_gate_flags(("max_flips=2.5",), GatesConfig())
+    with pytest.raises(ConfigError, match=r"max_task_accuracy_drop: expected a number <= 1"):
+        parse_gate_flags(("max_task_accuracy_drop=1.5",), GatesConfig())
+
+
+def _report(entry, ids=None, kld=None, positions=None, top1=None, iv=None):
+    fid = {}
+    if kld is not None:
+        fid["per_sequence"] = {"positions": positions, "kld_sum": kld, "top1": top1}
+        fid["kl_divergence_mean"] = sum(kld) / sum(positions)
+        fid["top1_agreement"] = sum(top1) / sum(positions)
+    if iv:
+        fid.update(iv)
+    entry = {**entry, "fidelity": {**entry["fidelity"], **fid}}
+    return {"targets": [entry], "eval": {"question_ids": ids} if ids else {}}
+
+
+def test_compare_to_pairs_sequences_and_questions_when_both_reports_can():
+    from edgeft.bench.gates import regressions
+
+    rng = np.random.default_rng(4)
+    positions = [int(x) for x in rng.integers(20, 60, size=40)]
+    kld = [float(x) for x in rng.exponential(size=40) * np.asarray(positions) * 0.05]
+    top1 = [int(p * 0.8) for p in positions]
+    ids = [f"q{i}" for i in range(40)]
+    correct = [True] * 30 + [False] * 10
+    old = _report(_with_paired(correct, correct), ids, kld, positions, top1)
+    # the same figures again, and a noise-sized wobble: nothing to report, nothing to note
+    notes: list[str] = []
+    assert regressions(old, old, notes=notes) == [] and notes == []
+    # every sequence 10% worse, 5 points less top-1: small, but seen on every sequence
+    worse = _report(
+        _with_paired(correct, correct), ids, [k * 1.1 for k in kld], positions, [int(p * 0.75) for p in positions]
+    )
+    found = {r["metric"]: r for r in regressions(worse, old)}
+    assert set(found) == {"kl_divergence_mean", "top1_agreement"}
+    assert "paired bootstrap over the 40 sequences" in found["kl_divergence_mean"]["rule"]
+    assert found["kl_divergence_mean"]["interval"][0] > 0 and found["top1_agreement"]["interval"][1] < 0
+    # 12 of the 30 questions lost: paired by question id, even in another order
+    lost = [False] * 12 + [True] * 18 + [False] * 10
+    order = list(reversed(range(40)))
+    new = _report(_with_paired(correct, lost), [ids[i] for i in order], kld, positions, top1)
+    new["targets"][0]["answers"] = [{"correct": lost[i]} for i in order]
+    found = {r["metric"]: r for r in regressions(new, old)}
+    assert set(found) == {"task_accuracy_artifact"}
+    assert "paired by question" in found["task_accuracy_artifact"]["rule"]
+    assert "12 went right→wrong" in found["task_accuracy_artifact"]["rule"]
+
+
+def test_compare_to_unpaired_reports_use_their_intervals_and_old_reports_the_old_rule():
+    from edgeft.bench.gates import NO_INTERVALS, NO_QUESTION_IDS, regressions
+
+    base = _entry()
+    old = _report(base, iv={"kl_divergence_interval": [0.18, 0.22], "top1_agreement_interval": [0.78, 0.82]})
+    near = _report(
+        _entry(fidelity={"kl_divergence_mean": 0.225, "top1_agreement": 0.78}),
+        iv={"kl_divergence_interval": [0.205, 0.245], "top1_agreement_interval": [0.76, 0.80]},
+    )
+    notes: list[str] = []
+    # 0.2 → 0.225 is outside the old interval, but not beyond both reports' noise (MOVER)
+    assert regressions(near, old, notes=notes) == []
+    far = _report(
+        _entry(fidelity={"kl_divergence_mean": 0.3, "top1_agreement": 0.7}),
+        iv={"kl_divergence_interval": [0.28, 0.32], "top1_agreement_interval": [0.68, 0.72]},
+    )
+    found = {r["metric"]: r for r in regressions(far, old, notes=notes)}
+    assert {"kl_divergence_mean", "top1_agreement"} <= set(found)
+    assert "MOVER" in found["kl_divergence_mean"]["rule"]
+    assert NO_INTERVALS not in notes and NO_QUESTION_IDS in notes  # _entry's answers carry no question ids
+    # an old report without intervals: KLD by the old rule, top-1 not compared, and the notes say so
+    notes = []
+    found = {r["metric"]: r for r in regressions(far, {"targets": [base]}, notes=notes)}
+    assert "kl_divergence_mean" in found and "top1_agreement" not in found
+    assert "without intervals" in found["kl_divergence_mean"]["rule"]
+    assert NO_INTERVALS in notes and NO_QUESTION_IDS in notes

@@ -8,16 +8,22 @@ each position predicting the next reply token.
 * mean KL divergence KL(reference ‖ artifact) of the next-token distributions,
 * top-1 agreement: both runtimes' most likely next token are the same,
 * perplexity of each on the reply tokens, with a ± standard error.
+
+KLD and top-1 carry 95% intervals from a bootstrap over *sequences* (see :mod:`.stats`), and the
+per-sequence sums they are computed from (``per_sequence``), so a later report can pair its
+figures with these sequence by sequence.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..data import Example, is_correct
+from .stats import BOOTSTRAP_METHOD, bootstrap_ratio
 
 
 @dataclass
@@ -40,14 +46,24 @@ class FidelityAccumulator:
     top1: list[bool] = field(default_factory=list)
     nll_ref: list[float] = field(default_factory=list)
     nll_art: list[float] = field(default_factory=list)
+    # per sequence: scored positions, Σ KLD, top-1 agreements (what the intervals resample)
+    seq_positions: list[int] = field(default_factory=list)
+    seq_kld: list[float] = field(default_factory=list)
+    seq_top1: list[int] = field(default_factory=list)
+
+    def _add_sequence(self, kld: np.ndarray, agree: np.ndarray) -> None:
+        self.kld += kld.tolist()
+        self.top1 += agree.tolist()
+        self.seq_positions.append(len(kld))
+        self.seq_kld.append(float(kld.sum()))
+        self.seq_top1.append(int(agree.sum()))
 
     def add(self, seq: Sequence, ref_logits: np.ndarray, art_logits: np.ndarray) -> None:
         pos = np.asarray(seq.targets) - 1
         tgt = np.asarray(seq.tokens)[seq.targets]
         lr = log_softmax(ref_logits[pos])
         la = log_softmax(art_logits[pos])
-        self.kld += (np.exp(lr) * (lr - la)).sum(-1).clip(min=0).tolist()
-        self.top1 += (lr.argmax(-1) == la.argmax(-1)).tolist()
+        self._add_sequence((np.exp(lr) * (lr - la)).sum(-1).clip(min=0), lr.argmax(-1) == la.argmax(-1))
         rows = np.arange(len(pos))
         self.nll_ref += (-lr[rows, tgt]).tolist()
         self.nll_art += (-la[rows, tgt]).tolist()
@@ -69,15 +85,16 @@ class FidelityAccumulator:
         p_rest = np.clip(1.0 - p.sum(-1), 1e-12, 1.0)
         q_rest = np.clip(1.0 - np.exp(qk).sum(-1), 1e-12, 1.0)
         kld = (p * (topk_logp - qk)).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
-        self.kld += kld.clip(min=0).tolist()
-        self.top1 += (topk_ids[:, 0] == la.argmax(-1)).tolist()
+        self._add_sequence(kld.clip(min=0), topk_ids[:, 0] == la.argmax(-1))
         self.nll_ref += (-target_logp.astype(np.float64)).tolist()
         self.nll_art += (-la[np.arange(len(pos)), tgt]).tolist()
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, Any]:
         ppl_ref, err_ref = perplexity(self.nll_ref)
         ppl_art, err_art = perplexity(self.nll_art)
         kld = np.asarray(self.kld)
+        kld_iv = bootstrap_ratio(self.seq_kld, self.seq_positions)
+        top1_iv = bootstrap_ratio(self.seq_top1, self.seq_positions)
         return {
             "positions": len(kld),
             "kl_divergence_mean": float(kld.mean()),
@@ -89,6 +106,10 @@ class FidelityAccumulator:
             "perplexity_artifact": ppl_art,
             "perplexity_artifact_err": err_art,
             "perplexity_delta_pct": 100.0 * (ppl_art / ppl_ref - 1.0),
+            "kl_divergence_interval": list(kld_iv) if kld_iv else None,
+            "top1_agreement_interval": list(top1_iv) if top1_iv else None,
+            "interval_method": BOOTSTRAP_METHOD,
+            "per_sequence": {"positions": self.seq_positions, "kld_sum": self.seq_kld, "top1": self.seq_top1},
         }
 
 
@@ -100,7 +121,7 @@ def perplexity(nll: list[float]) -> tuple[float, float]:
     return ppl, err
 
 
-def compare(reference, artifact, sequences: list[Sequence], progress=None) -> dict[str, float]:
+def compare(reference, artifact, sequences: list[Sequence], progress=None) -> dict[str, Any]:
     """Fidelity of ``artifact`` against ``reference`` (both :class:`Runtime`) on ``sequences``."""
     acc = FidelityAccumulator()
     for seq in sequences:
@@ -110,7 +131,7 @@ def compare(reference, artifact, sequences: list[Sequence], progress=None) -> di
     return acc.result()
 
 
-def compare_stored(stored, artifact, progress=None) -> dict[str, float]:
+def compare_stored(stored, artifact, progress=None) -> dict[str, Any]:
     """Fidelity of ``artifact`` against a :class:`~edgeft.bench.reference.StoredReference`."""
     acc = FidelityAccumulator()
     for seq, ids, logp, tlp in zip(stored.sequences(), stored.topk_ids, stored.topk_logp, stored.target_logp):
