@@ -1,4 +1,4 @@
-"""Two processes train one adapter with DDP on CPU (gloo), launched the way the README says."""
+"""Two processes train one adapter with DDP on CPU (gloo), launched the way docs/training.md says."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime_genai")
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 # Digits, whitespace runs and a list; not a whitespace run right before a digit, which onnxruntime-genai
-# splits differently from transformers (see the ONNX notes in the README).
+# splits differently from transformers (see docs/quantization.md, "Known difference").
 CHAT = [{"role": "user", "content": "Roast at 425°F for 25 minutes,  then   rest 10?\n\n- Yes"}]
 
 

@@ -215,7 +215,7 @@ def test_smollm2_importance_rounding_and_budget_beat_builder_int4_on_held_out_re
     smollm2_dir, edgeft_cache, tokenizer
 ):
     """The real model, with importance measured on 2048 task tokens and a short sweep (256 tokens: the
-    test checks the mechanism, the README the figures): the re-rounded all-int4 folder, at the
+    test checks the mechanism, docs/quantization.md the figures): the re-rounded all-int4 folder, at the
     builder's size, loses clearly less than the builder's int4 (measured 0.40 against 0.66), and
     within 1.15× its size the plan reaches the ONNX goal, ≤ 0.4× its KLD (measured 0.20); both
     still answer and stop."""
