@@ -64,6 +64,7 @@ class _Stages:
         entry = {"stage": name, "seconds": round(time.perf_counter() - start, 2), "cached": hit}
         # this process's own peak during the stage; runtimes benched in subprocesses report theirs apart
         entry["peak_rss_bytes"] = None if hit else rss.stop()
+        entry["start_rss_bytes"] = None if hit else rss.start_bytes
         if name in self.estimates:
             entry["estimated_peak_ram_bytes"] = self.estimates[name]
         self.log.append(entry)

@@ -45,13 +45,33 @@ def _status_kb(field_name: str) -> int | None:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc's ``malloc_trim``).
+
+    Without it a build process keeps what an earlier stage freed: measured on the Qwen2.5 0.5B
+    cooking build, RSS stayed at ~4 GB after training, so every later stage's peak (and the
+    machine's free memory) carried training's leftovers. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
-    """Peak RSS of this process between :meth:`start` and :meth:`stop` (bytes, or None if unknown)."""
+    """Peak RSS of this process between :meth:`start` and :meth:`stop` (bytes, or None if unknown);
+    ``start_bytes``: the RSS the stage started from (what earlier stages left behind)."""
 
     def __init__(self) -> None:
         self.resettable = False
+        self.start_bytes: int | None = None
 
     def start(self) -> None:
+        _release_freed_memory()
+        self.start_bytes = _status_kb("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
