@@ -48,9 +48,9 @@ def _status_kb(field_name: str) -> int | None:
 def _release_freed_memory() -> None:
     """Collect garbage and hand the C heap's free pages back to the OS (glibc's ``malloc_trim``).
 
-    Without it a build process keeps what an earlier stage freed: measured on the Qwen2.5 0.5B
-    cooking build, RSS stayed at ~4 GB after training, so every later stage's peak (and the
-    machine's free memory) carried training's leftovers. A no-op where there is no glibc."""
+    Without it a build process keeps what an earlier stage freed: on the Qwen2.5 0.5B cooking build
+    every stage after training peaked at 4.3-6.5 GB where its own estimate was 1.3-3.4 GB (the
+    quantize stages, which map the file tensor by tensor, at 4.3 GB). A no-op without glibc."""
     import ctypes
     import gc
 
