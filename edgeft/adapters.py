@@ -46,6 +46,16 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
+def rank_of(config: dict[str, Any], module: str) -> int:
+    """The rank peft gives ``module`` (e.g. ``model.layers.0.self_attn.q_proj``): the first key of
+    ``rank_pattern`` that matches the end of its name (peft's ``get_pattern_key``), else ``r``."""
+    pattern = config.get("rank_pattern") or {}
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return pattern[key]
+    return config["r"]
+
+
 def check_adapter(adapter_dir: Path, base_config: dict[str, Any], architecture: str) -> dict[str, Any]:
     """Raise ModelError unless the adapter fits a base model with ``base_config``; return its config."""
     from .models import LAYER_LINEARS, OTHER_ADAPTABLE
@@ -74,7 +84,8 @@ def check_adapter(adapter_dir: Path, base_config: dict[str, Any], architecture: 
         if module not in linears:
             raise ModelError(f"{weights}: tensor {name}: module {module!r} is not in the base model")
         n_in, n_out = linears[module]
-        want = (config["r"], n_in) if ab == "A" else (n_out, config["r"])
+        r = rank_of(config, name[: m.start("ab") - len(".lora_")].removeprefix("base_model.model."))
+        want = (r, n_in) if ab == "A" else (n_out, r)
         if tuple(shape) != want:
             raise ModelError(
                 f"{adapter_dir}: {module} lora_{ab} is {list(shape)}, the base model needs {list(want)}: "

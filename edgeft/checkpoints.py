@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import glob
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from .loading import read_json
+
 LOCK = ".lock"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
+_KEY = re.compile(r"^[0-9a-f]{16}$")  # folder_name's part of a stage key (sha256 hex)
 # Files a Trainer checkpoint of a LoRA adapter needs to resume; trainer_state.json is written last.
 _NEEDED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
@@ -60,10 +63,14 @@ def _try_lock(folder: Path) -> int | None:
 
 
 def remove_stale(parent: Path, final_name: str, keep: str | None = None) -> list[Path]:
-    """Remove ``parent/.NAME.ckpt-*`` folders other than ``keep`` that no live run holds."""
+    """Remove ``parent/.NAME.ckpt-KEY`` folders other than ``keep`` that no live run holds.
+
+    Only names :func:`folder_name` makes (16 hex digits of a key) are edgeft's: a user's
+    ``.adapter.ckpt-backup`` beside the adapter is not touched."""
     removed = []
-    for p in sorted(Path(parent).glob(f".{final_name}.ckpt-*")):
-        if p.name == keep or not p.is_dir() or p.is_symlink():
+    prefix = f".{final_name}.ckpt-"
+    for p in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
+        if p.name == keep or not _KEY.match(p.name[len(prefix) :]) or not p.is_dir() or p.is_symlink():
             continue
         fd = _try_lock(p)
         if fd is None:
@@ -120,7 +127,7 @@ def latest(folder: Path | None) -> Path | None:
 
 def _readable_state(path: Path) -> bool:
     try:
-        return isinstance(json.loads(path.read_text()).get("global_step"), int)
+        return isinstance(read_json(path).get("global_step"), int)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -134,6 +141,6 @@ def tokens_seen(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
     try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
-    except (OSError, ValueError, TypeError):
+        return int(read_json(checkpoint / "trainer_state.json").get("num_input_tokens_seen") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
         return 0

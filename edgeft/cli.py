@@ -1,7 +1,9 @@
 """The `edgeft` command: thin Click commands over the library; each calls one library function.
 
-User mistakes (:class:`edgeft.errors.EdgeftError`) print one line and exit 2 (a failed gate: 1);
-set EDGEFT_RAISE_ERRORS=1 to see the traceback instead.
+User mistakes (:class:`edgeft.errors.EdgeftError`) print one line and exit 2 (a failed gate: 1).
+Any other exception is a bug in edgeft: one ``edgeft: error: internal error (...)`` line and exit 3,
+never 1, which CI reads as a failed quality gate. Set EDGEFT_RAISE_ERRORS=1 to see the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from typing import Iterator
 import click
 
 from . import __version__
-from .errors import EdgeftError
+from .errors import EdgeftError, InternalError
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
+    """Every command's body: an error becomes one ``edgeft: error:`` line and its exit status.
+
+    Exception, not BaseException: Ctrl-C and sys.exit keep their meaning. RecursionError and
+    MemoryError are Exceptions and end here too; the line is built from the exception alone, so it
+    can still be printed once the stack has unwound.
+    """
     try:
         yield
     except EdgeftError as e:
@@ -29,6 +37,37 @@ def _user_errors() -> Iterator[None]:
             raise
         click.echo(f"edgeft: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except Exception as e:
+        if os.environ.get("EDGEFT_RAISE_ERRORS"):
+            raise
+        _internal_error(e)
+
+
+def _internal_error(e: BaseException) -> None:
+    """One line for an exception edgeft did not expect, and exit 3."""
+    from .errors import first_line
+
+    # A failed write to stdout (a full disk, a closed pipe) leaves its bytes buffered; the
+    # interpreter would retry at exit, print a second error and exit 120 instead of 3.
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _drop_stdout()
+    click.echo(
+        f"edgeft: error: internal error ({type(e).__name__}: {first_line(e, 200)}); this is a bug in edgeft, "
+        "rerun with EDGEFT_RAISE_ERRORS=1 for the traceback",
+        err=True,
+    )
+    sys.exit(InternalError.exit_code)  # 3: what the user's input does not explain
+
+
+def _drop_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (a test runner's buffer)
+        pass
 
 
 def _quiet_libraries() -> None:
@@ -234,9 +273,11 @@ def _print_summary(report: dict, out_dir: Path) -> None:
             tok_s,
             rss,
         )
-    console = Console()
+    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
+    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
+    console = Console(markup=False)
     if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
-        console = Console(width=120)
+        console = Console(width=120, markup=False)
     console.print(table)
     from .machine import summary
 
@@ -352,7 +393,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
         from .formats.gguf.export import export as run_export
         from .formats.gguf.types import UNQUANTIZED
         from .models import resolve_model
-        from .stage import check_output_dir
+        from .stage import check_output_dir, check_replaceable
         from .targets import get_target
 
         target = get_target(target_name)
@@ -361,6 +402,7 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
                 f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
             )
         check_output_dir(out_dir)
+        check_replaceable(out_dir)
         out = run_export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
         click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
 
@@ -375,13 +417,14 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
     with _user_errors():
         from .errors import ConfigError
         from .formats.gguf.quantize import quantize as run_quantize
-        from .stage import check_output_dir
+        from .stage import check_output_dir, check_replaceable
         from .targets import get_target
 
         target = get_target(target_name)
         if target.format != "gguf":
             raise ConfigError(f"--target {target_name}: `edgeft quantize` quantizes GGUF files; use `edgeft build`")
         check_output_dir(out_dir)
+        check_replaceable(out_dir)
         out = run_quantize(gguf_dir, out_dir, target.quant, threads)
         types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"]["tensor_types"].items())
         click.echo(f"gguf: {out.path / 'model.gguf'} [{types}]{' (cached)' if out.cached else ''}")
@@ -580,7 +623,7 @@ def _import_llama_bench(build_dir: Path, path: Path) -> None:
             s = (r[kind] or {}).get("tok_s")
             cells.append("" if not s else f"{s.get('median', s['mean']):.1f} ({(r[kind] or {}).get('tokens')} tok)")
         table.add_row(r["target"] or f"{r['model']} (not in this build)", str(r["threads"] or ""), *cells)
-    Console(stderr=False).print(table)
+    Console(stderr=False, markup=False).print(table)
     click.echo(f"stored as {stored}; {build_dir / 'report.md'} lists it under 'Measured on other machines'")
 
 
@@ -667,7 +710,9 @@ def targets() -> None:
 
 
 def main() -> None:
-    """Run the CLI; click's usage errors become one ``edgeft: error:`` line like ours (exit 2)."""
+    """Run the CLI; click's usage errors become one ``edgeft: error:`` line like ours (exit 2), and
+    an exception outside any command's body (Click's own machinery, the group callback) an internal
+    error like one inside it (exit 3)."""
     try:
         code = cli.main(prog_name="edgeft", standalone_mode=False)
     except click.ClickException as e:
@@ -677,6 +722,10 @@ def main() -> None:
     except click.Abort:
         click.echo("edgeft: aborted", err=True)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("EDGEFT_RAISE_ERRORS"):
+            raise
+        _internal_error(e)
     sys.exit(code if isinstance(code, int) else 0)
 
 

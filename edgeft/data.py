@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .loading import parse_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -74,7 +75,7 @@ def load_jsonl(path: Path, *, need_answers: bool = False) -> list[Example]:
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         ex = _check_line(obj, where)

@@ -2,8 +2,9 @@
 
 The CLI prints an :class:`EdgeftError` as one line and exits with its ``exit_code``: 2 for bad input,
 1 for a failed gate, 3 for :class:`InternalError` (something broke that the user's input does not
-explain). Any other exception is our bug and keeps its traceback. Set ``EDGEFT_RAISE_ERRORS=1`` to get
-the traceback for these errors too.
+explain). Any other exception is our bug: the CLI prints it as one ``internal error`` line and exits
+3 too (never 1, which CI would read as a failed gate). Set ``EDGEFT_RAISE_ERRORS=1`` to get the
+traceback of any of them.
 """
 
 

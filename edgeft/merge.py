@@ -10,9 +10,20 @@ Which base, for a QLoRA adapter (``strategy``):
   both figures go into the manifest. For an adapter edgeft trained with ``method = 'lora'``, ``auto``
   is ``fp`` (there is no 4-bit base to compare with) and ``dequant`` is refused.
 
-The delta is computed and applied in fp32 by peft (``safe_merge`` checks it is finite before the
-weights are changed); we check the merged weights once more before writing, because a broken adapter
-must not become a shipped artifact.
+How (``results["path"]`` in the manifest):
+
+- ``streaming`` (:mod:`edgeft.merge_stream`): one tensor at a time from the base's shards to the
+  output's, the delta computed in fp32 and each merged tensor checked finite before it is written;
+  memory is the interpreter and torch plus a few times the largest tensor, whatever the model's size;
+- ``peft (full load): <reason>``: adapters the streaming merge does not reproduce exactly (DoRA,
+  LoRA biases, trainable tokens, ...; the reason says which) are folded as before, the whole base in
+  fp32 torch and peft's ``merge_and_unload(safe_merge=True)``: about 8 bytes a parameter at the peak.
+
+The merged model is written in fp32 whatever the base's dtype (a bf16 base takes twice its size on
+disk: 32 GB for an 8B). It is the full-precision reference every artifact is measured against and
+the exporters' input; rounding it to bf16 would drop most of the adapter's delta on the way (a delta
+under 1/256 of a weight does not move a bf16 value) and put the NF4 values of ``dequant`` off their
+grid, so the reference would no longer compute what the adapter computes.
 """
 
 from __future__ import annotations
@@ -113,45 +124,63 @@ def mean_kld(teacher: Any, candidates: dict[str, Any], sequences: list[list[int]
 
 
 def compare_merges(
-    model_dir: Path, adapter_dir: Path, eval_file: Path
-) -> tuple[dict[str, float], dict[str, Any], list[list[int]]]:
-    """Both merges of a QLoRA adapter and their mean KLD against the adapter on the NF4 base.
+    model_dir: Path, adapter_dir: Path, eval_file: Path, merged: dict[str, Path]
+) -> tuple[dict[str, float], list[list[int]]]:
+    """Mean KLD of each written merge (``{strategy: folder}``) against the adapter on the NF4 base.
 
-    Returns ({strategy: mean KLD}, {strategy: merged fp32 model}, the token sequences measured on).
+    One candidate is loaded at a time, beside the NF4 teacher: the peak is one fp32 model (4 bytes a
+    parameter) plus the teacher (its 4-bit linears, about 0.6 bytes a parameter, and its embedding and
+    head in the compute dtype) plus the logits of one conversation; the teacher's forward passes run
+    once per candidate. Returns ({strategy: mean KLD}, the token sequences measured on).
     """
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .nf4 import adapter_on_nf4, load_dequantized
+    from .nf4 import adapter_on_nf4
 
     _, dtype = trained_on(adapter_dir)
-    candidates = {
-        "fp": _fold(_fp_base(model_dir), adapter_dir),
-        "dequant": _fold(load_dequantized(model_dir, dtype), adapter_dir),
-    }
-    teacher = adapter_on_nf4(model_dir, adapter_dir, dtype)
+    teacher = adapter_on_nf4(model_dir, adapter_dir, dtype).eval()
     with loading(model_dir, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sequences = held_out_sequences(tokenizer, eval_file)
-    kld = mean_kld(teacher.eval(), {k: m.eval() for k, m in candidates.items()}, sequences)
-    return kld, candidates, sequences
+    kld = {}
+    for name, folder in merged.items():
+        with loading(folder, f"the {name} merge"):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        kld.update(mean_kld(teacher, {name: model}, sequences))
+        del model
+    return kld, sequences
 
 
 def merge_adapter(
     model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None
 ) -> dict[str, Any]:
-    """Write base + adapter as one fp32 safetensors model into ``out_dir``. Does not touch inputs."""
-    from .nf4 import load_dequantized
+    """Write base + adapter as one fp32 safetensors model into ``out_dir``. Does not touch inputs.
 
+    ``auto`` writes both merges into scratch folders inside ``out_dir`` (twice the model on disk for
+    a while), measures them one at a time and keeps the closer one."""
+    from . import merge_stream
+
+    out_dir = Path(out_dir)
     _, dtype = trained_on(adapter_dir)
     results: dict[str, Any] = {"strategy": strategy}
-    if strategy == "fp":
-        merged = _fold(_fp_base(model_dir), adapter_dir)
-    elif strategy == "dequant":
-        merged = _fold(load_dequantized(model_dir, dtype), adapter_dir)
-    else:
-        kld, candidates, sequences = compare_merges(model_dir, adapter_dir, eval_file)
+    try:
+        plan = merge_stream.plan(model_dir, adapter_dir, nf4=strategy != "fp")
+        results["path"] = "streaming"
+    except merge_stream.Unsupported as e:
+        plan = None
+        results["path"] = f"peft (full load): {e}"
+    if strategy == "auto":
+        scratch = {s: out_dir / f".merge-{s}" for s in ("fp", "dequant")}
+        for s, folder in scratch.items():
+            folder.mkdir()
+            parameters = _write_merge(plan, model_dir, adapter_dir, folder, s, dtype)
+        kld, sequences = compare_merges(model_dir, adapter_dir, eval_file, scratch)
         chosen = min(kld, key=kld.get)
-        merged = candidates.pop(chosen)
+        for f in scratch[chosen].iterdir():
+            f.rename(out_dir / f.name)
+        for folder in scratch.values():
+            shutil.rmtree(folder)
         results.update(
             strategy=chosen,
             requested="auto",
@@ -159,16 +188,51 @@ def merge_adapter(
             kld_tokens=sum(map(len, sequences)),
             kld_conversations=len(sequences),
         )
-        del candidates
+    else:
+        parameters = _write_merge(plan, model_dir, adapter_dir, out_dir, strategy, dtype)
     results["compute_dtype"] = dtype if strategy != "fp" else None
-    save_merged(merged, model_dir, adapter_dir, out_dir)
-    results["parameters"] = sum(p.numel() for p in merged.parameters())
+    results["parameters"] = parameters
+    results["shards"] = len(list(out_dir.glob("*.safetensors")))
     return results
+
+
+def _write_merge(plan: Any, model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str, dtype: str) -> int:
+    """One strategy's merge into ``out_dir``, streamed when there is a plan, else through peft; returns
+    the number of parameters written."""
+    from . import merge_stream
+    from .nf4 import load_dequantized
+
+    if plan is not None:
+        merge_stream.write(plan, out_dir, dtype if strategy == "dequant" else None)
+        _write_side_files(plan.config, model_dir, adapter_dir, out_dir)
+        return plan.parameters
+    merged = _fold(_fp_base(model_dir) if strategy == "fp" else load_dequantized(model_dir, dtype), adapter_dir)
+    save_merged(merged, model_dir, adapter_dir, out_dir)
+    return sum(p.numel() for p in merged.parameters())
 
 
 def save_merged(merged: Any, model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     """A self-contained HF folder: safetensors weights, tokenizer files, generation config."""
     merged.save_pretrained(out_dir, safe_serialization=True)
+    _copy_side_files(model_dir, adapter_dir, out_dir)
+
+
+def _write_side_files(config: Any, model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """What ``save_pretrained`` writes beside the weights (config.json, generation_config.json), and the
+    tokenizer files, for a streamed merge."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(out_dir)
+    if not (Path(model_dir) / "generation_config.json").is_file():  # the one from_pretrained derives
+        with loading(model_dir, "the generation config"):
+            derived = GenerationConfig.from_pretrained(
+                model_dir, config_file_name="config.json", _from_model_config=True
+            )
+        derived.save_pretrained(out_dir)
+    _copy_side_files(model_dir, adapter_dir, out_dir)
+
+
+def _copy_side_files(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     for name in _TOKENIZER_FILES:
         for src_dir in (adapter_dir, model_dir):
             if (Path(src_dir) / name).is_file():

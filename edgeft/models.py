@@ -249,7 +249,10 @@ def check_model_dir(path: Path, any_architecture: bool = False) -> dict[str, Any
     if not path.is_dir():
         raise ModelError(f"{path}: expected a model folder, found a file")
     config_file = path / "config.json"
-    config = read_json_object(config_file, f"{path}: no config.json; expected a Hugging Face model folder")
+    config = read_json_object(
+        config_file, f"{path}: no config.json; expected a Hugging Face model folder", max_bytes=_MAX_CONFIG_BYTES
+    )
+    check_no_model_code(path, config)
     architectures = config.get("architectures") or []
     named = isinstance(architectures, list) and all(isinstance(a, str) for a in architectures) and architectures
     if not named or not (any_architecture or any(a in SUPPORTED_ARCHITECTURES for a in architectures)):
@@ -264,6 +267,43 @@ def check_model_dir(path: Path, any_architecture: bool = False) -> dict[str, Any
             raise ModelError(f"{config_file}: {key}: expected a positive integer, got {value!r}")
     _check_weights(path)
     return config
+
+
+# Real config.json files are a few KB (a long quantization_config: a few hundred).
+_MAX_CONFIG_BYTES = 4 << 20
+
+
+def check_no_model_code(path: Path, config: dict[str, Any] | None = None) -> None:
+    """Refuse a model folder that names Python code of its own for transformers to import.
+
+    transformers imports a folder's ``*.py`` when a config's ``auto_map`` names a class in it and
+    the caller passes ``trust_remote_code=True``, as llama.cpp's converter does for several
+    families (and a terminal prompt may ask the user to allow it when the caller passes nothing).
+    edgeft never runs code that came with a model, so a folder that asks for it is refused here,
+    before anything loads it: every command's model folder passes through :func:`check_model_dir`.
+    ``auto_map`` is read from every ``*config*.json`` at the top of the folder (config.json,
+    tokenizer_config.json, the processor files), which is where transformers looks for it.
+    """
+    path = Path(path)
+    for file in sorted(path.glob("*config*.json")):
+        if file.name == "config.json" and config is not None:
+            data = config
+        elif file.is_file():
+            data = read_json_object(file, f"{file}: missing", max_bytes=_MAX_CONFIG_BYTES)
+        else:
+            continue
+        auto_map = data.get("auto_map")
+        if auto_map is None:
+            continue
+        refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        named = [r for v in refs for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        # "module.Class" or "repo--module.Class": the module is a .py file in the folder (or a hub repo's)
+        modules = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in named if "." in r})
+        code = f" ({', '.join(modules)[:120]})" if modules else ""
+        raise ModelError(
+            f"{file}: auto_map names code that ships with the model{code}; edgeft never runs a model folder's "
+            "own code (trust_remote_code). Use a model whose architecture transformers implements, without auto_map"
+        )
 
 
 def _check_weights(path: Path) -> None:

@@ -206,8 +206,10 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
 def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
+    from .loading import read_json
+
     try:
-        old = json.loads(Path(path).read_text())
+        old = read_json(path)
     except FileNotFoundError:
         raise ConfigError(f"--compare-to {path}: report not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

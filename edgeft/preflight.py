@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import BenchConfig, BuildConfig
 from .errors import ConfigError, ModelError
-from .stage import check_output_dir
+from .stage import check_output_dir, check_replaceable
 from .targets import Target
 
 
@@ -142,6 +142,7 @@ def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
 
     where = str(cfg.source or "config")
     check_output_dir(out_dir)
+    check_replaceable(out_dir)  # the adapter folder is replaced as a whole
     arch, _ = check_model(cfg.model)
     _in_config(where, check_target_modules, arch, cfg.train.target_modules)
     check_training(cfg, where)
@@ -158,6 +159,7 @@ def check_merge(model: str, adapter: Path, out_dir: Path, strategy: str = "fp", 
     from .merge import check_strategy
 
     check_output_dir(out_dir)
+    check_replaceable(out_dir)  # the merged folder is replaced as a whole
     read_adapter_config(adapter)
     strategy = check_strategy(strategy, adapter, eval_file, "--strategy")
     if strategy == "auto":

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -191,8 +192,28 @@ def _spread(s: dict[str, float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}–{fmt.format(s['max'])}]"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+# Free text in report.md may come from another machine (a device's CPU name, warnings, runtime builds,
+# target names; see edgeft.untrusted): it is rendered so that it stays text on its own line. _md
+# backslash-escapes what markdown acts on within a line: '|' (table cells), '<' and '>' (HTML), '[' and
+# ']' (links, images that load a URL), '`' (code spans) and '\\' itself; line breaks become spaces, so
+# no text starts a heading or a row. _code puts text in a code span whose fence is longer than any
+# backtick run inside it (inside code spans escapes are literal).
+
+
+def _md(text: Any) -> str:
+    text = " ".join(str(text).splitlines())
+    return "".join("\\" + c if c in "\\`|<>[]" else c for c in text)
+
+
+def _code(text: Any) -> str:
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # a span drops one space each side
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _cell(text: Any) -> str:
+    return _md(text)
 
 
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
@@ -212,24 +233,27 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         return " †" + str(list(earlier).index(t.get("run_id")) + 1)
 
     lines = [
-        f"# edgeft report — {', '.join(t['target'] for t in report['targets'])}",
+        f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
         "",
-        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference `{ref['path']}` "
+        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
         f"({ref['size_bytes'] / 1e6:.0f} MB fp32) · {report['eval']['examples']} held-out questions, "
         f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
         "",
-        *[f"**Warning:** {w}" for w in report.get("warnings", [])],
+        *[f"**Warning:** {_md(w)}" for w in report.get("warnings", [])],
         *([""] if report.get("warnings") else []),
-        f"Machine: {summary(report['machine'])}"
+        f"Machine: {_md(summary(report['machine']))}"
         if report.get("machine", {}).get("cpu_model")
-        else f"Machine: {report.get('machine', {}).get('platform', 'unknown')}",
+        else f"Machine: {_md(report.get('machine', {}).get('platform', 'unknown'))}",
         *(
-            [f"(the device: measured there over SSH, `edgeft bench --remote {report['remote']['host']}`)"]
+            [f"(the device: measured there over SSH, {_code('edgeft bench --remote ' + report['remote']['host'])})"]
             if report.get("remote")
             else []
         ),
         "",
-        *[f"- {name}: `{build}`" for name, build in report.get("machine", {}).get("runtime_builds", {}).items()],
+        *[
+            f"- {_md(name)}: {_code(build)}"
+            for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
+        ],
         "",
         "## Fidelity ladder (each stage vs the fine-tuned fp32 reference; base = before fine-tuning)",
         "",
@@ -239,7 +263,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     for r in report["ladder"]:
         size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
         lines.append(
-            f"| {r['stage']} | {r['runtime']} | {r['quant']} | {size} | {r['kl_divergence_mean']:.5f} | "
+            f"| {_md(r['stage'])} | {_md(r['runtime'])} | {_md(r['quant'])} | {size} | {r['kl_divergence_mean']:.5f} | "
             f"{r['kl_divergence_p99']:.4f} | {_pct(r['top1_agreement'])} | {r['perplexity_artifact']:.3f} ± "
             f"{r['perplexity_artifact_err']:.3f} | {r['perplexity_delta_pct']:+.1f}% | {_pct(r['task_accuracy_artifact'])} |"
         )
@@ -261,7 +285,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         "",
         "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference fp32{run_mark(ref.get('timed', {}))} | {ref_lat['runtime_version']} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference fp32{run_mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -269,7 +293,8 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {t['target']} ({t['artifact']['quant']}){run_mark(lat.get('timed', {}))} | {t['artifact'].get('runtime', 'llama.cpp')} {a['runtime_version']} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){run_mark(lat.get('timed', {}))} | "
+            f"{_md(t['artifact'].get('runtime', 'llama.cpp'))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
@@ -282,7 +307,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
         lines += [
             "",
-            f"†{i} timed in an earlier run ({t.get('timed_at') or 'before runs were recorded'}; {where}){other}.",
+            f"†{i} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
         ]
     if earlier:
         lines += ["", "Speeds of rows from different runs compare with care: load on the machine differs between runs."]
@@ -293,12 +318,12 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         f"[min–max] {_spread(bw)}) ÷ weight bytes read per token (a projected ceiling, not a measurement).",
     ]
     for t in report["targets"]:
-        types = ", ".join(f"{k}×{v}" for k, v in t["artifact"].get("tensor_types", {}).items())
+        types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
         lines += [
             "",
-            f"## {t['target']} — {'passed' if t.get('passed') else '**FAILED**'}",
+            f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
             "",
-            f"`{t['artifact']['path']}` · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+            f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
             f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
         ]
         if t.get("gates"):
@@ -310,7 +335,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
                     else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
                 )
                 lines.append(
-                    f"| {g['description']} ({g['name']}) | {g['limit']} | {value} | {'pass' if g['passed'] else '**FAIL**'} |"
+                    f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | {'pass' if g['passed'] else '**FAIL**'} |"
                 )
         if t.get("golden"):
             lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
@@ -329,7 +354,9 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             "|---|---|---:|---:|---:|",
         ]
         for r in report["regressions"]:
-            lines.append(f"| {r['target']} | {r['metric']} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |")
+            lines.append(
+                f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} |"
+            )
     if report.get("stages"):
         lines += [
             "",
@@ -341,7 +368,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         for s in report["stages"]:
             rss, est = s.get("peak_rss_bytes"), s.get("estimated_peak_ram_bytes")
             lines.append(
-                f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
+                f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
                 f"| {'' if rss is None else f'{rss / 1e6:.0f}'} | {'' if est is None else f'{est / 1e6:.0f}'} |"
             )
     return "\n".join(lines) + "\n"
@@ -351,11 +378,11 @@ def _device_section(device: dict[str, Any]) -> list[str]:
     p = device["profile"]
     lines = [
         "",
-        f"## Projected on {p['name']} — projections from the device profile, not measurements",
+        f"## Projected on {_md(p['name'])} — projections from the device profile, not measurements",
         "",
-        f"Profile `{p['key']}`: {p['cores']}, {p['threads']} threads, ISA {' '.join(p['isa'])}; app RAM "
-        f"{p['app_ram_gb']:g} GB ({p['app_ram_source']}); decode bandwidth {p['effective_bandwidth_gb_s']:g} GB/s "
-        f"effective ({p['effective_bandwidth_source']}). Speeds and memory above were measured on this machine "
+        f"Profile {_code(p['key'])}: {_md(p['cores'])}, {_md(p['threads'])} threads, ISA {_md(' '.join(p['isa']))}; "
+        f"app RAM {p['app_ram_gb']:g} GB ({_md(p['app_ram_source'])}); decode bandwidth "
+        f"{p['effective_bandwidth_gb_s']:g} GB/s effective ({_md(p['effective_bandwidth_source'])}). Speeds and memory above were measured on this machine "
         f"with the device's thread count. Context for the RAM fit: {device['context_tokens']} tokens.",
         "",
         "| artifact | RAM needed MB (projected) | app RAM MB | fits (projected) | decode tok/s (projected) | decode tok/s measured here |",
@@ -365,7 +392,7 @@ def _device_section(device: dict[str, Any]) -> list[str]:
         fits = "yes" if t["fits"] else ("**no**" if t["format_supported"] else "**no** (format not supported)")
         tok_s = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.1f}"
         lines.append(
-            f"| {name} | {t['ram_needed_bytes'] / 1e6:.0f} | {t['app_ram_bytes'] / 1e6:.0f} | {fits} | {tok_s} | "
+            f"| {_md(name)} | {t['ram_needed_bytes'] / 1e6:.0f} | {t['app_ram_bytes'] / 1e6:.0f} | {fits} | {tok_s} | "
             f"{t['measured_decode_tok_s_here']:.1f} |"
         )
     lines += [
@@ -406,20 +433,24 @@ def _device_runs_section(runs: list[dict[str, Any]]) -> list[str]:
         for r in run["rows"]:
             art = r["target"] or f"{r.get('model')} (not in this build)"
             pre, dec = r.get("prefill") or {}, r.get("decode") or {}
-            pre_cell = _speed_cell(pre.get("tok_s"), "{:.0f}") + (f" (pp{pre['tokens']})" if pre.get("tokens") else "")
-            dec_cell = _speed_cell(dec.get("tok_s")) + (f" (tg{dec['tokens']})" if dec.get("tokens") else "")
+            pre_cell = _speed_cell(pre.get("tok_s"), "{:.0f}") + (
+                f" (pp{_md(pre['tokens'])})" if pre.get("tokens") else ""
+            )
+            dec_cell = _speed_cell(dec.get("tok_s")) + (f" (tg{_md(dec['tokens'])})" if dec.get("tokens") else "")
             rss = "" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 1e6:.0f}"
             kld = "" if r.get("kl_divergence_mean") is None else f"{r['kl_divergence_mean']:.4f}"
             lines.append(
-                f"| {_cell(where)} [{i}] | {_cell(run['source'])} | {_cell(art)} | {r.get('threads') or ''} | "
+                f"| {_cell(where)} [{i}] | {_cell(run['source'])} | {_cell(art)} | {_md(r.get('threads') or '')} | "
                 f"{pre_cell} | {dec_cell} | {rss} | {kld} | {_pct(r.get('task_accuracy')) if r.get('task_accuracy') is not None else ''} |"
             )
     lines.append("")
     for i, run in enumerate(runs, 1):
-        builds = "; ".join(f"{k}: {v}" for k, v in (run.get("machine") or {}).get("runtime_builds", {}).items())
+        builds = "; ".join(
+            f"{_md(k)}: {_code(v)}" for k, v in (run.get("machine") or {}).get("runtime_builds", {}).items()
+        )
         lines.append(
-            f"[{i}] measured {run.get('measured_at') or 'at an unknown time'}, imported {run.get('imported_at')}"
-            + (f" from `{run['file']}`" if run.get("file") else "")
+            f"[{i}] measured {_md(run.get('measured_at') or 'at an unknown time')}, imported {_md(run.get('imported_at'))}"
+            + (f" from {_code(run['file'])}" if run.get("file") else "")
             + (f"; {builds}" if builds else "")
         )
     return lines

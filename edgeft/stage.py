@@ -15,7 +15,10 @@ large files). The temporary directory is named after the process that writes it
 and leaves a concurrent run's alone.
 
 edgeft replaces only what it wrote: :func:`check_output_dir` refuses an output path that is a file,
-or a non-empty folder without an edgeft manifest.
+or a non-empty folder without an edgeft manifest (one carrying ``stage`` and ``edgeft_version``,
+which every manifest edgeft has written carries), and a stage folder is replaced only while it holds
+nothing but the files its manifest lists (:func:`check_replaceable`): a user's file put beside them
+is never deleted with them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from . import __version__
@@ -37,9 +40,13 @@ from .errors import OutputError
 from .files import write_atomic
 
 MANIFEST = "manifest.json"
-# .NAME.tmp-PID-HEX (a stage being written) and .NAME.old-PID-HEX (a replaced one being removed);
-# the PID group is absent in folders left by edgeft 0.1.
-_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+# .NAME.tmp-PID-HEX (a stage being written) and .NAME.old-PID-HEX (a replaced one being removed).
+# Only names with the writer's pid are edgeft's to sweep: the pid-less ones of the first releases are
+# left alone, since ".notes.old-20240101" could as well be a user's backup (it matches that shape).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# files.write_atomic's temporary file (mkstemp: ".NAME." + 8 random characters + ".tmp") left by a
+# run killed while writing a report or manifest.
+_ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _CHUNK = 1 << 20
 
 
@@ -69,13 +76,17 @@ def content_hash(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     manifest = read_manifest(path)
-    files = manifest["outputs"] if manifest and "outputs" in manifest else _file_hashes(path)
+    files = _outputs(manifest) or _file_hashes(path)  # no or malformed outputs: hashed file by file
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a folder, or None when it has none that reads as a JSON object (hostile
+    JSON included: nested past the recursion limit, larger than edgeft reads)."""
+    from .loading import read_json
+
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        manifest = read_json(Path(path) / MANIFEST)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return manifest if isinstance(manifest, dict) else None
@@ -120,6 +131,7 @@ def staged_dir(
     """
     final = Path(final)
     check_output_dir(final)
+    check_replaceable(final)  # before the work: refusing after hours of training would waste them
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(final.parent, final.name)
     tmp = final.parent / _scratch_name(final.name, "tmp")
@@ -166,8 +178,12 @@ def run_stage(
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst``; an older ``dst`` is moved aside first and removed only afterwards."""
+    """Put ``src`` at ``dst``; an older ``dst`` is moved aside first and removed only afterwards.
+
+    An older ``dst`` is checked again right before: a file the user put there while the stage ran
+    stops the replacement (the new result is dropped, the user's file and the old result stay)."""
     old = None
+    check_replaceable(dst)
     if dst.exists():
         old = dst.parent / _scratch_name(dst.name, "old")
         os.replace(dst, old)
@@ -207,28 +223,103 @@ def remove_stale_scratch(folder: Path, name: str | None = None) -> list[Path]:
         m = _SCRATCH.match(p.name)
         if not m or (name is not None and m["name"] != name) or not p.is_dir() or p.is_symlink():
             continue
-        if m["pid"] is None or not _alive(int(m["pid"])):
+        if not _alive(int(m["pid"])):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
-def is_edgeft_output(path: Path) -> bool:
-    """Whether ``path`` is a folder edgeft wrote: a stage folder, or a build/bench folder of them."""
-    path = Path(path)
-    if (read_manifest(path) or {}).get("stage"):
-        return True
-    # build/bench folders written before they carried a manifest of their own
-    return (path / "report.json").is_file() or any(
-        (read_manifest(p) or {}).get("stage") for p in path.iterdir() if p.is_dir()
+def is_edgeft_manifest(manifest: Any) -> bool:
+    """Whether a manifest is one edgeft wrote: a stage name and the edgeft version that wrote it.
+
+    Every manifest edgeft has written carries both (stage folders since the first release, build and
+    bench folders since they got a manifest of their own); a user's own ``manifest.json`` rarely does.
+    """
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("stage"), str)
+        and bool(manifest["stage"])
+        and isinstance(manifest.get("edgeft_version"), str)
     )
+
+
+def is_edgeft_output(path: Path) -> bool:
+    """Whether ``path`` is a folder edgeft wrote: its own manifest says so.
+
+    A ``report.json``, or a sub-folder with a stage manifest, is not enough: a user's folder may hold
+    either (a report copied for a paper, a stage folder copied out of a build) beside their own files.
+    """
+    return is_edgeft_manifest(read_manifest(path))
+
+
+def _outputs(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """A stage manifest's ``outputs`` (file → sha256); {} when absent or not of that shape."""
+    outputs = (manifest or {}).get("outputs")
+    if not isinstance(outputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in outputs.items()):
+        return {}
+    return outputs
+
+
+def foreign_entry(path: Path) -> str | None:
+    """The first entry of folder ``path`` that its manifest's ``outputs`` does not list, else None.
+
+    Allowed besides the listed files: the manifest itself, the folders that hold listed files, and
+    the scratch names edgeft leaves at the top of a folder when killed. A link is never edgeft's.
+    A build or bench folder's manifest lists no outputs, so anything in it is foreign here: such a
+    folder is never replaced as a whole.
+    """
+    path = Path(path)
+    listed = _outputs(read_manifest(path))
+    folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
+    for root, dirs, files in os.walk(path):
+        rel_root = Path(root).relative_to(path)
+        dirs.sort()
+        for name in sorted(files) + dirs:
+            rel = (rel_root / name).as_posix()
+            entry = Path(root) / name
+            if entry.is_symlink():
+                return rel
+            if rel_root == Path(".") and (name == MANIFEST or _SCRATCH.match(name) or _ATOMIC_TMP.match(name)):
+                continue
+            if name in dirs:
+                if rel not in folders:
+                    return rel
+            elif rel not in listed:
+                return rel
+        # do not descend into scratch folders (their content is the scratch's)
+        dirs[:] = [d for d in dirs if not (rel_root == Path(".") and _SCRATCH.match(d))]
+    return None
+
+
+def check_replaceable(path: Path, option: str = "--out") -> None:
+    """Refuse to replace folder ``path`` wholesale while it holds anything edgeft did not write there.
+
+    A folder that does not exist or is empty is fine. An existing stage folder may hold only what its
+    manifest's ``outputs`` lists (see :func:`foreign_entry`)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or not any(path.iterdir()):
+        return
+    manifest = read_manifest(path)
+    if is_edgeft_manifest(manifest) and "outputs" not in manifest:
+        raise OutputError(
+            f"{option} {path}: is the folder of an edgeft {manifest['stage']}, which holds the output of many stages; "
+            "edgeft does not replace it with one stage's output: choose another --out"
+        )
+    foreign = foreign_entry(path)
+    if foreign is not None:
+        what = "a link" if (path / foreign).is_symlink() else "not one of the files edgeft wrote there"
+        raise OutputError(
+            f"{option} {path}: holds {foreign}, {what} (its {MANIFEST} does not list it); edgeft replaces "
+            "this folder as a whole and will not delete it: move it elsewhere or choose another --out"
+        )
 
 
 def check_output_dir(path: Path, option: str = "--out") -> None:
     """Refuse an output path edgeft would have to destroy something of the user's to write.
 
-    Allowed: a path that does not exist, an empty folder, or a folder edgeft wrote earlier (it is
-    replaced, or reused when cached). Refused: a file, a symlink, any other non-empty folder.
+    Allowed: a path that does not exist, an empty folder, or a folder edgeft wrote earlier, which
+    its own manifest says (it is replaced, see :func:`check_replaceable`, written into, or reused
+    when cached). Refused: a file, a symlink, any other non-empty folder.
     """
     path = Path(path)
     if path.is_symlink():
@@ -244,7 +335,7 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
         raise OutputError(f"{option} {path}: is an existing file; edgeft writes a folder there and will not replace it")
     if any(path.iterdir()) and not is_edgeft_output(path):
         raise OutputError(
-            f"{option} {path}: folder exists and was not written by edgeft (no {MANIFEST}); "
+            f"{option} {path}: folder exists and was not written by edgeft (no {MANIFEST} of edgeft's); "
             "choose a new --out or empty it first"
         )
 
@@ -260,6 +351,13 @@ def output_dir(path: Path, stage: str, params: dict[str, Any]) -> Iterator[Path]
     """
     path = Path(path)
     check_output_dir(path)
+    if _outputs(read_manifest(path)):
+        # A stage folder: the manifest written below would replace its own, and the stage would
+        # then be taken for a foreign folder (or re-run over the build's files).
+        raise OutputError(
+            f"--out {path}: is the folder of an edgeft {read_manifest(path)['stage']} stage, not of a build "
+            "or bench; choose another --out"
+        )
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     manifest = {"stage": stage, "edgeft_version": __version__, "params": params}

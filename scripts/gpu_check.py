@@ -88,7 +88,7 @@ def main() -> int:
     start = time.monotonic()
     import torch
 
-    from edgeft.merge import compare_merges, merge, save_merged
+    from edgeft.merge import compare_merges, merge
     from edgeft.models import resolve_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -122,10 +122,10 @@ def main() -> int:
     if "qlora" not in runs:
         print(json.dumps({"train": runs}, indent=2))
         return 0
-    kld, merged, sequences = compare_merges(base, work / "adapter-qlora", eval_file)
-    for strategy, model in merged.items():
-        save_merged(model, base, work / "adapter-qlora", work / f"merged-qlora-{strategy}")
-    del merged
+    merged = {s: work / f"merged-qlora-{s}" for s in ("fp", "dequant")}
+    for strategy, folder in merged.items():  # each merge streamed to disk, then measured one at a time
+        merge(base, work / "adapter-qlora", folder, strategy)
+    kld, sequences = compare_merges(base, work / "adapter-qlora", eval_file, merged)
     _log(
         start,
         "qlora merges, mean KLD vs the adapter on the NF4 base "

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,32 +26,42 @@ class Run:
     peak_rss_bytes: int  # the process's own maximum resident set (getrusage of that child alone)
 
 
+# Runs the command and reports its peak RSS. A child's ru_maxrss starts at the RSS of the process
+# that forked it (the forked copy of its memory counts until exec), so measuring from pytest (hundreds
+# of MB of models and fixtures) would inflate every figure: this small launcher, exec'd fresh, forks
+# the command instead and writes the command's own figure to the file named in argv[1].
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))  # Linux reports kilobytes
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
 def run_edgeft(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
-    """``python -m edgeft.cli ARGS`` in ``cwd``; its exit status, output and peak RSS."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """``python -m edgeft.cli ARGS`` in ``cwd``; its exit status, output and its own peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "rss"
+        cmd = [sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), sys.executable, "-m", "edgeft.cli", *args]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeft.cli", *args],
+            cmd,
             cwd=cwd,
-            stdout=out,
-            stderr=err,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env={**os.environ, "EDGEFT_RAISE_ERRORS": "", **(env or {})},
+            start_new_session=True,  # a timeout kills the command with its launcher
         )
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
         try:
-            # wait4 reports the rusage of this one child, not the maximum over every child so far
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Run(
-            proc.returncode,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-            usage.ru_maxrss * 1024,  # Linux reports kilobytes
-        )
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        peak = int(rss_file.read_text()) if rss_file.is_file() else 0
+    return Run(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), peak)
 
 
 def assert_refused(run: Run, *fragments: str, code: int = 2) -> str:

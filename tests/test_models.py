@@ -50,7 +50,7 @@ def test_bad_model_folder_names_the_path(tmp_path: Path, case: str) -> None:
 
 
 def test_unknown_name_lists_builtin_models() -> None:
-    with pytest.raises(ModelError, match="built-in: gemma3-270m, smollm2-135m"):
+    with pytest.raises(ModelError, match="built-in: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"):
         resolve_model("smollm3-9000b")
 
 
@@ -146,3 +146,79 @@ def test_gemma3_folder_carries_a_chat_template_and_stops_on_end_of_turn(gemma3_d
     learned = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
     assert tok.decode(learned) == "165°F (74°C).<end_of_turn>\n"
     assert row["input_ids"][0] == tok.bos_token_id and row["input_ids"].count(tok.bos_token_id) == 1
+
+
+# --- built-ins split over raw part packages (the Qwen models) ----------------------------------
+
+
+def _fake_parts(site: Path, chunks: list[bytes]) -> list[str]:
+    """Installed distributions ``edgeft-fake-partN==1.0``, each holding data/partNN.bin."""
+    reqs = []
+    for i, chunk in enumerate(chunks, 1):
+        pkg = site / f"edgeft_fake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        info = site / f"edgeft_fake_part{i}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: edgeft-fake-part{i}\nVersion: 1.0\n")
+        reqs.append(f"edgeft-fake-part{i}==1.0")
+    return reqs
+
+
+@pytest.fixture
+def fake_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import dataclasses
+    import hashlib
+
+    from edgeft import models
+
+    chunks = [b"GGUF" + bytes(range(256)) * 4, b"tail" * 100]
+    site = tmp_path / "site"
+    reqs = _fake_parts(site, chunks)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    spec = dataclasses.replace(
+        BUILTIN_MODELS["qwen2.5-coder-0.5b"],
+        gguf_file="fake.gguf",
+        parts=tuple(reqs),
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+    )
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", spec)
+    return whole, site
+
+
+def test_parts_are_joined_once_in_order_and_checked(fake_builtin, tmp_path: Path) -> None:
+    from edgeft.models import builtin_gguf_path
+
+    whole, _ = fake_builtin
+    path = builtin_gguf_path("fake")
+    assert path.read_bytes() == whole and path.parent == tmp_path / "cache" / "gguf"
+    assert builtin_gguf_path("fake") == path  # the second call reuses the joined file
+    assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]  # nothing half-written beside it
+
+
+def test_a_changed_part_is_refused_and_leaves_nothing(fake_builtin, tmp_path: Path) -> None:
+    from edgeft.models import builtin_gguf_path
+
+    _, site = fake_builtin
+    part = site / "edgeft_fake_part2" / "data" / "part02.bin"
+    part.write_bytes(part.read_bytes()[:-1] + b"X")  # same size, one byte changed
+    with pytest.raises(ModelError, match="expected .* bytes and .*reinstall with"):
+        builtin_gguf_path("fake")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_a_missing_part_names_the_package_and_the_install(fake_builtin) -> None:
+    import shutil
+
+    from edgeft.models import builtin_gguf_path
+
+    _, site = fake_builtin
+    shutil.rmtree(site / "edgeft_fake_part2-1.0.dist-info")
+    with pytest.raises(
+        ModelError, match=r"edgeft-fake-part2==1.0 is not installed; run `pip install -e '.\[qwen05b\]'"
+    ):
+        builtin_gguf_path("fake")

@@ -26,16 +26,18 @@ SOURCE = "llama-bench"
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The test objects of a ``-o json`` array or a ``-o jsonl`` file (one object per line)."""
+    from ..loading import parse_json, read_text
+
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"--llama-bench {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--llama-bench {path}: cannot read ({e})") from None
     records: list[Any]
     try:
-        records = json.loads(text)
+        records = parse_json(text)
         if isinstance(records, dict):
             records = [records]
         where = [f"{path}: test {i + 1}" for i in range(len(records) if isinstance(records, list) else 0)]
@@ -45,7 +47,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(parse_json(line))
             except json.JSONDecodeError:
                 # Report the error of the reading that got further: a JSON array broken on line 9
                 # is better described by the array parse than by "line 2 is not an object".
@@ -68,18 +70,57 @@ def _check_record(rec: Any, where: str) -> None:
         raise ConfigError(f"{where}: expected a JSON object with llama-bench's fields, got {type(rec).__name__}")
     for key in ("n_prompt", "n_gen"):
         if not isinstance(rec.get(key), int) or isinstance(rec.get(key), bool) or rec[key] < 0:
-            raise ConfigError(f"{where}: {key}: expected a token count (integer ≥ 0), got {rec.get(key)!r}")
+            raise ConfigError(f"{where}: {key}: expected a token count (integer ≥ 0), got {_shown(rec.get(key))}")
     if rec["n_prompt"] == 0 and rec["n_gen"] == 0:
         raise ConfigError(f"{where}: n_prompt and n_gen are both 0; not a llama-bench test")
     if not _positive_number(rec.get("avg_ts")):
-        raise ConfigError(f"{where}: avg_ts: expected tokens per second (a number > 0), got {rec.get('avg_ts')!r}")
+        raise ConfigError(
+            f"{where}: avg_ts: expected tokens per second (a number > 0), got {_shown(rec.get('avg_ts'))}"
+        )
     samples = rec.get("samples_ts")
     if samples is not None and (not isinstance(samples, list) or not all(_positive_number(s) for s in samples)):
-        raise ConfigError(f"{where}: samples_ts: expected a list of tokens per second, got {samples!r}")
+        raise ConfigError(f"{where}: samples_ts: expected a list of tokens per second, got {_shown(samples)}")
+    # The optional fields the import reads (unknown ones are ignored): absent or null, else this type.
+    # A wrong type would otherwise surface as a crash far from the file (a list as a grouping key).
+    for key, (ok, expected) in _OPTIONAL.items():
+        value = rec.get(key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{where}: {key}: expected {expected}, got {_shown(value)}")
 
 
 def _positive_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and x == x and x != float("inf")
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _finite_non_negative(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < float("inf")
+
+
+_TEXT = (lambda x: isinstance(x, str), "a string")
+_OPTIONAL: dict[str, tuple[Any, str]] = {
+    "model_filename": _TEXT,
+    "model_type": _TEXT,
+    "model_size": (_count, "a byte count (integer >= 0)"),
+    "n_threads": (_count, "a thread count (integer >= 0)"),
+    "n_depth": (_count, "a token count (integer >= 0)"),
+    "stddev_ts": (_finite_non_negative, "a number >= 0"),
+    "cpu_info": _TEXT,
+    "gpu_info": _TEXT,
+    "backends": _TEXT,
+    "test_time": _TEXT,
+    "build_commit": _TEXT,
+    "build_number": (_count, "a build number (integer >= 0)"),
+}
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value's repr cut short: the error line names it, it does not reprint a hostile file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def speed(rec: dict[str, Any]) -> dict[str, Any]:

@@ -94,7 +94,7 @@ _META_KEYS = ("top_k", "examples")  # what reading the arrays back needs; a buil
 def load(folder: Path) -> StoredReference:
     """Read a stored reference; a missing, truncated or foreign file is a ModelError naming it."""
     from ..errors import ModelError
-    from ..loading import loading
+    from ..loading import loading, read_json
 
     folder = Path(folder)
     if not (folder / ARRAYS).is_file() or not (folder / META).is_file():
@@ -102,7 +102,7 @@ def load(folder: Path) -> StoredReference:
             f"{folder}: not a stored reference (expected {ARRAYS} and {META}); create one with `edgeft build` or `edgeft bench --reference HF_FOLDER`"
         )
     with loading(folder / META, "the stored reference"):
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        meta = read_json(folder / META)
     if not isinstance(meta, dict) or any(k not in meta for k in _META_KEYS):
         missing = next((k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta), "?")
         raise ModelError(f"{folder / META}: not a stored reference ({missing!r} missing)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import ConfigError
-from .inspect import GGUF_FILE, bytes_per_token, check_gguf_header, describe, find_artifact, kv_bytes_per_token
+from .inspect import GGUF_FILE, bytes_per_token, check_gguf, describe, find_artifact, kv_bytes_per_token
 from .types import GGUF_QUANT_TYPES, UNQUANTIZED
 
 NAME = "gguf"
@@ -59,7 +59,7 @@ def needs_quantize(quant: str) -> bool:
 
 
 def check_artifact(path: Path) -> None:
-    check_gguf_header(path)
+    check_gguf(path)
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:

@@ -42,6 +42,24 @@ def _check_installed(folder: Path) -> Path:
     return script
 
 
+# The converter asks transformers for tokenizers with trust_remote_code=True (Qwen, ChatGLM, GLM,
+# DeepSeek, Hunyuan, ...), which imports a *.py file that a model folder's auto_map names. Model
+# folders are refused up front when they carry one (models.check_no_model_code); in case one gets
+# here anyway, the converter runs with transformers' only loader of such code replaced by a refusal.
+# The script's own folder, not the working folder, goes first on sys.path (as `python script.py`).
+_NO_MODEL_CODE = """\
+import os, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(script))
+import transformers.dynamic_module_utils as dynamic
+def refuse(class_reference, *args, **kwargs):
+    raise ValueError(f"the model asks to run its own code ({class_reference}); edgeft never runs it")
+dynamic.get_class_from_dynamic_module = refuse
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def command(model_dir: Path, out_file: Path, outtype: str) -> tuple[list[str], dict[str, str]]:
     """The converter's command line and environment (also used by scripts/compare_exporters.py)."""
     folder = converter_dir()
@@ -51,7 +69,8 @@ def command(model_dir: Path, out_file: Path, outtype: str) -> tuple[list[str], d
         "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     env["HF_HUB_OFFLINE"] = "1"  # it must read the folder, never the hub
-    return [sys.executable, str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out_file)], env
+    argv = [str(script), str(model_dir), "--outtype", outtype, "--outfile", str(out_file)]
+    return [sys.executable, "-c", _NO_MODEL_CODE, *argv], env
 
 
 def convert(model_dir: Path, out_file: Path, outtype: str) -> dict[str, Any]:

@@ -51,15 +51,36 @@ def find_artifact(path: Path) -> Path | None:
     return None
 
 
+def check_gguf(path: Path) -> None:
+    """Magic and version, then every count, length and offset of the header against the file
+    (:mod:`.header`): what passes can be handed to gguf-py or llama.cpp without it reading past the
+    end or allocating what the file only claims to hold."""
+    from .header import check_gguf_layout
+
+    check_gguf_header(path)
+    check_gguf_layout(path)
+
+
 def read_gguf(path: Path):
     """gguf-py's reader over ``path``; a file it cannot parse is a ModelError naming it."""
     from gguf import GGUFReader
 
     from ...loading import loading
 
-    check_gguf_header(path)
+    check_gguf(path)
     with loading(path, "GGUF"):
         return GGUFReader(path)
+
+
+def _int_field(reader, key: str, path: Path) -> int | None:
+    """An integer metadata value, None when absent; another type is the file's error, not a crash."""
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelError(f"{path}: GGUF metadata {key}: expected an integer, got {str(value)[:40]!r}")
+    return value
 
 
 def tensor_type_counts(path: Path, reader=None) -> dict[str, int]:
@@ -74,8 +95,7 @@ def describe(path: Path, reader=None) -> dict[str, Any]:
     from gguf import Keys
 
     reader = reader or read_gguf(path)
-    field = reader.get_field(Keys.General.FILE_TYPE)
-    ftype = int(field.contents()) if field is not None else None
+    ftype = _int_field(reader, Keys.General.FILE_TYPE, path)
     names = {v: k for k, v in GGUF_QUANT_TYPES.items()}
     return {
         "size_bytes": Path(path).stat().st_size,
@@ -97,7 +117,7 @@ def bytes_per_token(path: Path, reader=None) -> int:
     total = 0
     for t in tensors:
         n_bytes = int(t.n_bytes)
-        if t.name == "token_embd.weight" and not tied:
+        if t.name == "token_embd.weight" and not tied and int(t.n_elements):
             rows = int(t.n_elements) // int(t.shape[0])  # shape[0] is the row length (ggml's ne0)
             n_bytes //= rows
         total += n_bytes
@@ -110,13 +130,12 @@ def kv_bytes_per_token(path: Path, reader=None) -> int | None:
     reader = reader or read_gguf(path)
 
     def value(key: str) -> int | None:
-        field = reader.get_field(key)
-        return int(field.contents()) if field is not None else None
+        return _int_field(reader, key, path)
 
     arch_field = reader.get_field("general.architecture")
-    if arch_field is None:
+    arch = arch_field.contents() if arch_field is not None else None
+    if not isinstance(arch, str):
         return None
-    arch = arch_field.contents()
     layers, heads = value(f"{arch}.block_count"), value(f"{arch}.attention.head_count")
     kv_heads, width = value(f"{arch}.attention.head_count_kv") or heads, value(f"{arch}.embedding_length")
     if not (layers and heads and kv_heads and width):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import ConfigError, ModelError
 from ...stage import StageOutput, content_hash, run_stage
-from .inspect import GGUF_FILE, check_gguf_header, tensor_type_counts
+from .inspect import GGUF_FILE, check_gguf, tensor_type_counts
 from .types import GGUF_QUANT_TYPES
 
 
@@ -114,7 +114,7 @@ def quantize(
     src = Path(gguf_dir) / GGUF_FILE
     if not src.is_file():
         raise ModelError(f"{gguf_dir}: expected an exported {GGUF_FILE} there")
-    check_gguf_header(src)
+    check_gguf(src)  # llama.cpp's quantizer reads it next: every count checked against the file
     inputs = {"gguf": content_hash(gguf_dir)}
     params: dict[str, Any] = {"quant": quant}
     matrix, metadata, provenance = None, None, {}

@@ -53,9 +53,11 @@ PRE_TOKENIZERS: dict[str, tuple[str | None, tuple[tuple[Any, ...], ...]]] = {
 
 
 def read_tokenizer_json(model_dir: Path) -> dict[str, Any]:
+    from ...loading import read_json
+
     path = Path(model_dir) / "tokenizer.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         raise ModelError(f"{path}: missing; GGUF export needs a fast (tokenizer.json) tokenizer") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -185,9 +185,27 @@ def _mixed(
 
 # bytes per parameter of a MatMulNBits folder: 4 or 8 bits plus an fp32 scale per block of 32
 _BYTES_PER_PARAM = {"fp32": 4.0, "int8": 1.125, "int4": 0.625}
-# fp32 copies of the model the onnxruntime-genai builder holds while it writes a folder: the HF model,
-# the graph's initializers, packed q/k/v (measured: 6.56 GB peak for a 0.5B model of 2.52 GB)
-_BUILDER_COPIES = 2.3
+
+
+def _builder_peak(quant: str, shape) -> tuple[int, str]:
+    """Peak RSS of the onnxruntime-genai builder's process with edgeft's glue (see :mod:`.export`):
+    the largest tensor twice (the builder's transposed copy beside its mapped pages) or, quantized,
+    the quantized weights held until the save beside the largest fp32 weight being quantized and its
+    quantized copies; plus the mapped bytes read between two releases. Measured on Qwen2.5-Coder-0.5B
+    (2.52 GB, largest tensor 0.54 GB): fp32 1.74 GB, int8 2.01 GB, int4 1.72 GB (the builder alone:
+    3.65, 7.18, 6.72 GB); this gives 2.12, 2.59, 2.14 GB (BASELINE_BYTES is 0.9 GB, the process's own
+    was 0.4 GB)."""
+    from ...resources import BASELINE_BYTES
+    from .export import RELEASE_EVERY_BYTES
+
+    largest = 4 * shape.largest_tensor
+    held, basis = 2 * largest, "onnxruntime-genai builder: the largest tensor twice"
+    if quant != "fp32":
+        per_param = _BYTES_PER_PARAM[quant]
+        held = max(held, largest + int(per_param * shape.parameters) + int(2 * largest * per_param / 4))
+        # the quantizer reads the weights from a temporary fp32 copy on disk (deleted after the export)
+        basis += f", or the largest beside the {quant} weights"
+    return BASELINE_BYTES + held + RELEASE_EVERY_BYTES, basis
 
 
 def resource_estimates(target, shape, ladder_export: bool) -> list:
@@ -196,13 +214,12 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
     from ...resources import BASELINE_BYTES, StageEstimate
 
     n = shape.parameters
-    builder = BASELINE_BYTES + int(_BUILDER_COPIES * 4 * n)
-    basis = f"onnxruntime-genai builder: ~{_BUILDER_COPIES} fp32 copies"
     size = int(_BYTES_PER_PARAM.get(target.quant, 4.0) * n)
     out = []
     needs_fp32 = ladder_export or target.quant == "fp32" or any(k in target.options for k in EDGEFT_KEYS)
     if needs_fp32:
-        out.append(StageEstimate(f"export {CONVERSION}", builder, 4 * n, basis))
+        peak, basis = _builder_peak("fp32", shape)
+        out.append(StageEstimate(f"export {CONVERSION}", peak, 4 * n, basis))
     if ladder_export:
         out.append(StageEstimate(f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "onnxruntime: the fp32 graph"))
     if which := target.options.get("imatrix"):
@@ -211,6 +228,7 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
     if any(k in target.options for k in PLAN_KEYS):
         out.append(StageEstimate("sensitivity onnx", BASELINE_BYTES + 8 * n, 0, "fp32 and int4 sessions"))
     if target.quant != "fp32" or target.options:
-        out.append(StageEstimate(f"export {target.name}", builder, size, basis))
+        peak, basis = _builder_peak(target.quant, shape)
+        out.append(StageEstimate(f"export {target.name}", peak, size, basis))
     out.append(StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "onnxruntime-genai: the folder"))
     return out
