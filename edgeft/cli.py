@@ -106,6 +106,12 @@ def _train_device(cfg, device: str | None, flag: str) -> None:
 
 
 _DEVICES = click.Choice(["auto", "cpu", "cuda"])
+_BASIS = {  # how a projected decode range reads (edgeft.decode_model)
+    "fit": "estimate [band] from a fit to runs on the device",
+    "prior": "low–high between an assumed per-token cost and bandwidth alone, the low end the estimate",
+    "ceiling": "≤ bandwidth alone, an upper bound",
+    "none": "no bytes per token known",
+}
 
 
 @click.group()
@@ -286,12 +292,27 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     if report.get("remote"):
         where = f"measured on {report['remote']['host']} over SSH: {where}"
     click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for t in report["targets"]:
+        sus = t["latency"].get("sustained")
+        if sus:
+            click.echo(
+                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
+                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
+                f"{sus['seconds']:.0f} s)"
+            )
     for w in report.get("warnings", []):
         click.echo(f"edgeft: warning: {w}", err=True)
     if report.get("device"):
+        from .decode_model import describe_range
+
         d = report["device"]
         for name, t in d["targets"].items():
-            tok_s = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.0f} tok/s decode"
+            decode = t.get("decode_model") or {
+                "basis": "ceiling",
+                "estimate": t["decode_tok_s"],
+                "high": t["decode_tok_s"],
+            }
+            tok_s = f"{describe_range(decode, '{:.0f}')} tok/s decode ({decode.get('basis')})"
             click.echo(
                 f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
                 f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
@@ -521,6 +542,14 @@ def verify(bundle: Path) -> None:
     type=click.Path(path_type=Path),
     help="with --build: import llama-bench's `-o json`/`-o jsonl` output as a measured device run (runs nothing)",
 )
+@click.option(
+    "--sustained",
+    "sustained_s",
+    type=click.FloatRange(0, 3600),
+    metavar="SECONDS",
+    help="after the latency runs, decode continuously this long per artifact and report the first and last 20% "
+    "of the tokens apart, so throttling shows (a phone, a fanless board)",
+)
 @_gate_option
 @_compare_option
 def bench(
@@ -541,6 +570,7 @@ def bench(
     remote_edgeft: str,
     remote_dir: str,
     llama_bench_file: Path | None,
+    sustained_s: float | None,
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
@@ -572,6 +602,8 @@ def bench(
             cfg.bench.threads = profile.threads
         if threads is not None:
             cfg.bench.threads = threads
+        if sustained_s is not None:
+            cfg.bench.sustained_s = sustained_s
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         from .progress import rich_progress
 
@@ -645,6 +677,7 @@ def recommend(
 
     Exit 1 when no built target meets the budget."""
     with _user_errors():
+        from .decode_model import describe_range
         from .devices import get_device
         from .devices import recommend as choose
 
@@ -660,7 +693,14 @@ def recommend(
             runs = list(dict.fromkeys(r["timed"]["run_id"] for r in result["rows"]))
             for r in result["rows"]:
                 acc = "n/a" if r["task_accuracy"] is None else f"{100 * r['task_accuracy']:.1f}%"
-                proj = "n/a" if r["decode_tok_s_projected"] is None else f"{r['decode_tok_s_projected']:.1f}"
+                proj = describe_range(
+                    {
+                        "estimate": r["decode_tok_s_projected"],
+                        "low": r["decode_tok_s_projected_low"],
+                        "high": r["decode_tok_s_projected_high"],
+                        "basis": r["decode_basis"],
+                    }
+                )
                 here = f"{r['decode_tok_s_measured_here']:.1f}"
                 if len(runs) > 1:
                     here += f" †{runs.index(r['timed']['run_id']) + 1}"
@@ -678,23 +718,84 @@ def recommend(
                     click.echo(f"†{i} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
                 click.echo("tok/s here comes from different runs: compare those rows with care")
             click.echo(
-                f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are projected)"
+                f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are "
+                f"projected: {_BASIS[result['rows'][0]['decode_basis']] if result['rows'] else ''}; --min-tok-s compares "
+                "the estimate)"
             )
         if result["choice"] is None:
             sys.exit(1)
 
 
-@cli.command()
-def devices() -> None:
-    """List the device profiles (`edgeft bench --device NAME`)."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def devices(ctx: click.Context) -> None:
+    """List the device profiles (`edgeft bench --device NAME`); `devices calibrate` fits one to your runs."""
+    if ctx.invoked_subcommand is not None:
+        return
     with _user_errors():
         from .devices import available_devices
 
         for key, d in available_devices().items():
+            fit = d.fit_for("llama.cpp")
+            if fit is not None:
+                decode = f"decode {fit.per_token_ms:.2f} ms/token + {fit.bandwidth_gb_s:.1f} GB/s (fitted, llama.cpp)"
+            else:
+                decode = f"decode bandwidth {d.effective_bandwidth_gb_s:g} GB/s effective (published/assumed)"
+            click.echo(f"{key:17} {d.threads} threads · app RAM {d.app_ram_gb:g} GB · {decode} · {d.name}")
+
+
+@devices.command("calibrate")
+@click.argument("name")
+@click.option(
+    "--llama-bench",
+    "llama_bench_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="llama-bench -o json/jsonl output measured on the device (repeatable); its tgN tests are fitted",
+)
+@click.option(
+    "--report",
+    "report_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="an edgeft report.json measured on the device (repeatable); every target's decode speed is fitted",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="the profile to write (default: NAME-calibrated.toml here)"
+)
+def devices_calibrate(
+    name: str, llama_bench_files: tuple[Path, ...], report_files: tuple[Path, ...], out: Path | None
+) -> None:
+    """Fit a device's per-token cost and bandwidth from its own runs and write a profile of your own.
+
+    NAME is the profile to start from (`rpi5`, or a .toml path); runs of at least two artifact sizes
+    at one thread count are needed. Use the written file with `--device FILE`."""
+    with _user_errors():
+        import shlex
+
+        from .bench.device_runs import now
+        from .calibrate import calibrate, write_profile
+
+        args = [name, *(a for p in llama_bench_files for a in ("--llama-bench", str(p)))]
+        args += [a for p in report_files for a in ("--report", str(p))]
+        command = shlex.join(["edgeft", "devices", "calibrate", *args])
+        result, key = calibrate(name, list(llama_bench_files), list(report_files), now(), command)
+        path = write_profile(out or Path(f"{Path(key).stem}-calibrated.toml"), result.profile_text)
+        for f in result.fits:
             click.echo(
-                f"{key:17} {d.threads} threads · app RAM {d.app_ram_gb:g} GB · decode bandwidth "
-                f"{d.effective_bandwidth_gb_s:g} GB/s effective · {d.name}"
+                f"{f.runtime}, {f.threads} threads: {f.per_token_ms:.2f} ms per token + {f.bandwidth_gb_s:.2f} GB/s "
+                f"(band ±{f.uncertainty_pct:.0f}%), from {len(f.runs)} runs"
             )
+            for r in f.runs:
+                click.echo(
+                    f"  {r.model[:40]:40} {r.type[:24]:24} {r.size_bytes / 1e6:8.1f} MB  measured {r.tok_s:7.1f}  "
+                    f"fitted {r.fitted_tok_s:7.1f} tok/s  ({r.residual_pct:+.1f}%)"
+                )
+        for note in result.notes:
+            click.echo(f"note: {note}")
+        for w in result.warnings:
+            click.echo(f"edgeft: warning: {w}", err=True)
+        click.echo(f"wrote {path} ({result.threads} threads); use it with --device {path}")
 
 
 @cli.command()

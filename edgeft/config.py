@@ -180,6 +180,11 @@ class BenchConfig:
     ladder_export: bool = _help(
         "also measure the unquantized f32 export (separates conversion from quantization loss)", True
     )
+    sustained_s: float = _help(
+        "after the latency runs, decode continuously this many seconds and report the first and last 20% of the "
+        "tokens apart, so throttling shows (0: off; `edgeft bench --sustained`)",
+        0.0,
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "prompt_tokens", "decode_tokens", "repeats", "top_k"):
@@ -192,6 +197,7 @@ class BenchConfig:
         for name in ("max_new_tokens", "prompt_tokens", "decode_tokens"):
             _check("bench", name, getattr(self, name), 1, BENCH_CONTEXT)
         _check("bench", "decode_tokens", self.decode_tokens, 2)  # the first token is timed as TTFT
+        _check("bench", "sustained_s", self.sustained_s, 0, 3600)
         if self.prompt_tokens + self.decode_tokens > BENCH_CONTEXT:
             raise ConfigError(
                 f"[bench]: prompt_tokens + decode_tokens = {self.prompt_tokens + self.decode_tokens} exceeds the "

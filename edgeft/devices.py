@@ -10,19 +10,24 @@ are assumptions say so.
 
 * fits — RAM needed (the peak RSS measured here at the bench context, plus the KV cache for any
   longer context) against the app's usable RAM;
-* decode tok/s — effective bandwidth ÷ weight bytes read per token (decode on these devices is
-  memory-bound: the Raspberry Pi 5 reaches 84–91% of its measured read bandwidth on every
-  quantization). Prefill is compute-bound and is not projected.
+* decode tok/s — the per-token floor model of :mod:`edgeft.decode_model`: each token costs a fixed
+  ``t0`` plus its weight bytes ÷ a bandwidth. A profile may carry fits (``[[decode_fit]]``: ``t0``
+  and bandwidth for one runtime and thread count, the runs they came from and the residuals),
+  published or made with ``edgeft devices calibrate``; without one for the profile's thread count
+  the projection is a range from a ``t0`` prior (``per_token_ms_prior``, sourced) up to the
+  bandwidth-only ceiling. Every decode projection is a range with its basis. Prefill is
+  compute-bound and is not projected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
 from .errors import ConfigError
 from .targets import targets_dir
 
@@ -45,12 +50,36 @@ class DeviceProfile:
     formats: tuple[str, ...]
     bandwidth_measured_gb_s: float | None = None
     bandwidth_measured_source: str | None = None
+    per_token_ms_prior: float | None = None  # t0 assumed where no fit applies (see decode_model)
+    per_token_ms_prior_source: str | None = None
+    based_on: str | None = None  # the profile a calibrated one was made from
+    decode_fit: tuple[DecodeFit, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+        return _lists(asdict(self))
+
+    def fit_for(self, runtime: str | None, threads: int | None = None) -> DecodeFit | None:
+        """The fit for ``runtime`` at ``threads`` (default: the profile's thread count), if any."""
+        want = self.threads if threads is None else threads
+        return next((f for f in self.decode_fit if f.runtime == runtime and f.threads == want), None)
 
 
-_OPTIONAL = {"bandwidth_measured_gb_s", "bandwidth_measured_source"}
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    return value
+
+
+_OPTIONAL = {
+    "bandwidth_measured_gb_s",
+    "bandwidth_measured_source",
+    "per_token_ms_prior",
+    "per_token_ms_prior_source",
+    "based_on",
+    "decode_fit",
+}
 
 
 def devices_dir() -> Path:
@@ -76,7 +105,19 @@ def _load(path: Path) -> DeviceProfile:
         if f.name == "key" or f.name not in raw:
             continue
         v = raw[f.name]
-        if f.name in ("isa", "formats"):
+        if f.name == "decode_fit":
+            if not isinstance(v, list):
+                raise ConfigError(f"{path}: decode_fit: expected [[decode_fit]] tables, got {v!r:.60}")
+            v = tuple(fit_from_table(t, f"{path}: decode_fit[{i}]") for i, t in enumerate(v))
+            seen = [(x.runtime, x.threads) for x in v]
+            if len(set(seen)) < len(seen):
+                twice = next(k for k in seen if seen.count(k) > 1)
+                raise ConfigError(f"{path}: decode_fit: two fits for {twice[0]} at {twice[1]} threads; keep one")
+        elif f.name == "per_token_ms_prior":
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < float("inf"):
+                raise ConfigError(f"{path}: per_token_ms_prior: expected milliseconds (a number >= 0), got {v!r}")
+            v = float(v)
+        elif f.name in ("isa", "formats"):
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{path}: {f.name}: expected a list of strings, got {v!r}")
             v = tuple(v)
@@ -91,6 +132,10 @@ def _load(path: Path) -> DeviceProfile:
             raise ConfigError(f"{path}: {f.name}: expected a non-empty string, got {v!r}")
         values[f.name] = v
     profile = DeviceProfile(**values)
+    if (profile.per_token_ms_prior is None) != (profile.per_token_ms_prior_source is None):
+        raise ConfigError(
+            f"{path}: per_token_ms_prior and per_token_ms_prior_source go together (a figure and its source)"
+        )
     if profile.app_ram_gb > profile.ram_gb:
         raise ConfigError(f"{path}: app_ram_gb: {profile.app_ram_gb} is more than ram_gb {profile.ram_gb}")
     return profile
@@ -127,11 +172,17 @@ def project(
     measured_context: int,
     context: int,
 ) -> dict[str, Any]:
-    """What one artifact would need and do on ``profile`` (every number here is a projection)."""
+    """What one artifact would need and do on ``profile`` (every number here is a projection).
+
+    ``decode_tok_s`` is the estimate; ``decode_tok_s_low``/``_high`` the range and ``decode_basis``
+    what it rests on (``fit``, ``prior``, ``ceiling``; see :mod:`edgeft.decode_model`)."""
     extra_kv = max(0, context - measured_context) * (kv_bytes_per_token or 0)
     need = peak_rss_bytes + extra_kv
     app_ram = int(profile.app_ram_gb * 1e9)
     supported = fmt in profile.formats
+    runtime = _runtime(fmt)
+    fit = profile.fit_for(runtime)
+    decode = project_decode(bytes_per_token, fit, profile.effective_bandwidth_gb_s, profile.per_token_ms_prior)
     return {
         "projected": True,
         "format_supported": supported,
@@ -139,11 +190,53 @@ def project(
         "ram_needed_bytes": need,
         "app_ram_bytes": app_ram,
         "fits": supported and need <= app_ram,
-        "decode_tok_s": profile.effective_bandwidth_gb_s * 1e9 / bytes_per_token if bytes_per_token else None,
+        "decode_tok_s": decode["estimate"],
+        "decode_tok_s_low": decode["low"],
+        "decode_tok_s_high": decode["high"],
+        "decode_tok_s_ceiling": decode["ceiling"],
+        "decode_basis": decode["basis"],
+        "decode_model": decode,
         "prefill_tok_s": None,  # compute-bound: not projected from bandwidth
-        "method": f"decode = {profile.effective_bandwidth_gb_s:g} GB/s effective ÷ {bytes_per_token / 1e6:.1f} MB read per token; "
+        "method": f"decode {describe_range(decode)} tok/s: {decode_basis_text(profile, runtime, decode, bytes_per_token, fit)}; "
         "RAM = peak RSS measured here + KV cache beyond the measured context",
     }
+
+
+def _runtime(fmt: str) -> str | None:
+    from .errors import EdgeftError
+    from .formats import get_format
+
+    try:
+        return get_format(fmt).RUNTIME
+    except EdgeftError:
+        return None
+
+
+def decode_basis_text(
+    profile: DeviceProfile, runtime: str | None, decode: dict[str, Any], bytes_per_token: int, fit: DecodeFit | None
+) -> str:
+    """One sentence on what a decode projection rests on."""
+    mb = bytes_per_token / 1e6
+    if decode["basis"] == "fit" and fit is not None:
+        lo, hi = fit.sizes
+        text = (
+            f"1 / ({fit.per_token_ms:.2f} ms + {mb:.1f} MB ÷ {fit.bandwidth_gb_s:.2f} GB/s), fitted for {runtime} at "
+            f"{fit.threads} threads on {len(fit.runs)} runs of {lo / 1e6:.0f}–{hi / 1e6:.0f} MB ({fit.source.split(': ')[0]}); "
+            f"band ±{decode['uncertainty_pct']:.0f}% per token (the fit's worst residual or the runs' spread)"
+        )
+        if decode["extrapolated"]:
+            text += ", doubled: this size is outside the fitted ones"
+        return text
+    others = sorted({f.threads for f in profile.decode_fit if f.runtime == runtime})
+    no_fit = f"no fit for {runtime} at {profile.threads} threads" + (
+        f" (fits exist at {', '.join(map(str, others))} threads)" if others else ""
+    )
+    if decode["basis"] == "prior":
+        return (
+            f"from 1 / ({profile.per_token_ms_prior:g} ms + {mb:.1f} MB ÷ {profile.effective_bandwidth_gb_s:g} GB/s) "
+            f"(per-token cost: {profile.per_token_ms_prior_source}) up to bandwidth alone, a ceiling; {no_fit}"
+        )
+    return f"bandwidth alone ({profile.effective_bandwidth_gb_s:g} GB/s ÷ {mb:.1f} MB), a ceiling; {no_fit} and no per-token prior"
 
 
 def device_projection(
@@ -206,7 +299,7 @@ def recommend(
         if max_kld is not None and kld > max_kld:
             reasons.append(f"KLD {kld:.4f} > {max_kld:g}")
         if min_tok_s is not None and (p["decode_tok_s"] or 0) < min_tok_s:
-            reasons.append(f"decode {p['decode_tok_s'] or 0:.1f} < {min_tok_s:g} tok/s (projected)")
+            reasons.append(f"decode {p['decode_tok_s'] or 0:.1f} < {min_tok_s:g} tok/s (projected {p['decode_basis']})")
         rows.append(
             {
                 "target": name,
@@ -217,6 +310,9 @@ def recommend(
                 "decode_tok_s_measured_here": results["performance"]["latency"]["decode_tok_s"]["median"],
                 "timed": {k: results["performance"].get(k) for k in ("run_id", "timed_at", "machine")},
                 "decode_tok_s_projected": p["decode_tok_s"],
+                "decode_tok_s_projected_low": p["decode_tok_s_low"],
+                "decode_tok_s_projected_high": p["decode_tok_s_high"],
+                "decode_basis": p["decode_basis"],
                 "ram_needed_bytes_projected": p["ram_needed_bytes"],
                 "fits_projected": p["fits"],
                 "meets": not reasons,

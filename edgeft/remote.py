@@ -562,6 +562,7 @@ _LATENCY = {
     "prefill_tok_s": _SPREAD,
     "decode_tok_s": _SPREAD,
 }
+_CPU_STATE = optional({"temperature_c": optional(map_of({"c": NUM})), "cpu_mhz": optional(map_of(NUM))})
 _GATE = {"name": STR, "description": STR, "limit": ANY, "passed": BOOL}
 _GOLDEN = {
     "question": STR,
@@ -594,7 +595,19 @@ _TARGET = {
         "artifact_stop_rate": optional(NUM),
         "task_accuracy_artifact": optional(NUM),
     },
-    "latency": {"threads": INT, "decode_tok_s": NUM, "speedup": NUM, "artifact": _LATENCY, "timed": _TIMED},
+    "latency": {
+        "threads": INT,
+        "decode_tok_s": NUM,
+        "speedup": NUM,
+        "artifact": _LATENCY,
+        "timed": _TIMED,
+        "device_state": optional(
+            {"affinity": optional({"pinned_to": optional(list_of(INT))}), "before": _CPU_STATE, "after": _CPU_STATE}
+        ),
+        "sustained": optional(
+            {"first": {"tok_s": NUM}, "last": {"tok_s": NUM}, "change_pct": NUM, "seconds": NUM, "tokens": NUM}
+        ),
+    },
     "memory": {"peak_rss_bytes": NUM, "load_s": NUM},
     "roofline": {"fraction": optional(NUM), "read_bandwidth_gb_s": _SPREAD},
     "gates": list_of({**_GATE, "value": _gate_value}),
@@ -633,6 +646,11 @@ _DEVICE = {
             "ram_needed_bytes": NUM,
             "app_ram_bytes": NUM,
             "decode_tok_s": optional(NUM),
+            "decode_basis": optional(STR),
+            "decode_model": optional(
+                {"basis": optional(STR), "estimate": optional(NUM), "low": optional(NUM), "high": optional(NUM)}
+            ),
+            "method": optional(STR),
             "measured_decode_tok_s_here": NUM,
         }
     ),

@@ -22,8 +22,9 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
   and each runtime's build (``runtime_builds``: llama.cpp's system info, torch's CPU kernels);
 * ``device`` (with ``edgeft bench --device``): ``profile`` (the profile file's fields, sources
   included), ``projected: true``, ``context_tokens`` and per target ``{fits, format_supported,
-  ram_needed_bytes, app_ram_bytes, decode_tok_s, prefill_tok_s: null, method}`` — projections,
-  never mixed into the measured sections;
+  ram_needed_bytes, app_ram_bytes, decode_tok_s (the estimate), decode_tok_s_low, decode_tok_s_high,
+  decode_tok_s_ceiling, decode_basis (fit / prior / ceiling, see edgeft.decode_model), decode_model,
+  prefill_tok_s: null, method}`` — projections, never mixed into the measured sections;
 * ``run_id`` and ``warnings``: every speed row has ``timed.{run_id, timed_at, machine}``; rows timed
   in another run than this report's are marked in report.md.
 
@@ -111,6 +112,8 @@ def target_entry(
             "artifact": lat,
             "reference": ref_lat,
             "timed": timed(perf),
+            "device_state": perf.get("device_state"),  # pinning, temperature and clocks around the runs
+            "sustained": perf.get("sustained"),  # with --sustained: first and last 20% of a long decode
         },
         "memory": {
             "peak_rss_bytes": perf["peak_rss_bytes"],
@@ -298,6 +301,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
+    lines += _cpu_state_section(report["targets"])
     if report.get("device"):
         lines += _device_section(report["device"])
     if report.get("device_runs"):
@@ -374,7 +378,49 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
+    """Pinning, temperature and clock around each artifact's timed runs, and its sustained decode;
+    nothing when none of it was recorded or readable (an x86 container has no thermal zones)."""
+    from .bench.device_state import fastest_clock, hottest
+
+    def pair(state: dict[str, Any], read: Any, fmt: str) -> str:
+        a, b = (read(state.get(k) or {}) for k in ("before", "after"))
+        return (
+            ""
+            if a is None and b is None
+            else f"{'–' if a is None else fmt.format(a)} → {'–' if b is None else fmt.format(b)}"
+        )
+
+    rows = []
+    for t in targets:
+        state, sus = t["latency"].get("device_state") or {}, t["latency"].get("sustained")
+        pinned = (state.get("affinity") or {}).get("pinned_to")
+        cells = [
+            "cores " + ",".join(map(str, pinned)) if pinned else "",
+            pair(state, hottest, "{:.0f}"),
+            pair(state, fastest_clock, "{:.0f}"),
+            ""
+            if not sus
+            else f"{sus['first']['tok_s']:.1f} → {sus['last']['tok_s']:.1f} ({sus['change_pct']:+.0f}%, {sus['seconds']:.0f} s)",
+        ]
+        if any(cells):
+            rows.append(f"| {_md(t['target'])} | " + " | ".join(_md(c) for c in cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "CPU state around the timed runs (big.LITTLE: pinned to the big cores; hottest thermal zone and fastest "
+        "core clock before → after; `--sustained`: decode tok/s of the first → last 20% of a continuous decode):",
+        "",
+        "| artifact | pinned | °C | MHz | sustained decode tok/s |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def _device_section(device: dict[str, Any]) -> list[str]:
+    from .decode_model import describe_range
+
     p = device["profile"]
     lines = [
         "",
@@ -385,22 +431,29 @@ def _device_section(device: dict[str, Any]) -> list[str]:
         f"{p['effective_bandwidth_gb_s']:g} GB/s effective ({_md(p['effective_bandwidth_source'])}). Speeds and memory above were measured on this machine "
         f"with the device's thread count. Context for the RAM fit: {device['context_tokens']} tokens.",
         "",
-        "| artifact | RAM needed MB (projected) | app RAM MB | fits (projected) | decode tok/s (projected) | decode tok/s measured here |",
-        "|---|---:|---:|---|---:|---:|",
+        "| artifact | RAM needed MB (projected) | app RAM MB | fits (projected) | decode tok/s (projected range) | basis | decode tok/s measured here |",
+        "|---|---:|---:|---|---:|---|---:|",
     ]
+    methods = []
     for name, t in device["targets"].items():
         fits = "yes" if t["fits"] else ("**no**" if t["format_supported"] else "**no** (format not supported)")
-        tok_s = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.1f}"
+        # reports written before the per-token model carry only the bandwidth-only figure: a ceiling
+        decode = t.get("decode_model") or {"basis": "ceiling", "estimate": t["decode_tok_s"], "high": t["decode_tok_s"]}
         lines.append(
-            f"| {_md(name)} | {t['ram_needed_bytes'] / 1e6:.0f} | {t['app_ram_bytes'] / 1e6:.0f} | {fits} | {tok_s} | "
-            f"{t['measured_decode_tok_s_here']:.1f} |"
+            f"| {_md(name)} | {t['ram_needed_bytes'] / 1e6:.0f} | {t['app_ram_bytes'] / 1e6:.0f} | {fits} | "
+            f"{_md(describe_range(decode))} | {_md(decode.get('basis', ''))} | {t['measured_decode_tok_s_here']:.1f} |"
         )
+        methods.append(f"- {_md(name)}: {_md(t.get('method', ''))}")
     lines += [
         "",
-        "Method: decode = effective bandwidth ÷ weight bytes read per token, a ceiling: the effective figures "
-        "come from 0.5B+ models, where decode is memory-bound; a model this small spends more of each token on "
-        "fixed overheads (compare the roofline column above). RAM = peak RSS measured here + KV cache for "
-        "context beyond the measured one. Prefill is compute-bound and not projected.",
+        "Decode model: each token costs a fixed time t0 plus its weight bytes ÷ a bandwidth. **fit**: t0 and "
+        "bandwidth fitted to runs on the device (published, or `edgeft devices calibrate`), estimate [band: the "
+        "fit's worst residual or the runs' spread, at least ±5%, doubled outside the fitted sizes]; **prior**: no "
+        "fit for this runtime and thread count, from t0 taken from another device up to bandwidth alone; "
+        "**ceiling**: bandwidth alone, an upper bound. RAM = peak RSS measured here + KV cache for context beyond "
+        "the measured one. Prefill is compute-bound and not projected.",
+        "",
+        *methods,
     ]
     return lines
 

@@ -412,7 +412,7 @@ def test_bench_on_a_device_profile_projects_fit_and_speed_apart_from_measurement
 
     # An app budget of 100 MB: too small for any artifact; 1 thread: the run uses the profile's count.
     text = (devices_dir() / "rpi5.toml").read_text()
-    text = text.replace("app_ram_gb = 7.5", "app_ram_gb = 0.1").replace("threads = 4", "threads = 1")
+    text = text.replace("app_ram_gb = 7.5", "app_ram_gb = 0.1").replace("threads = 4", "threads = 1", 1)
     profile = tmp_path / "tiny-board.toml"
     profile.write_text(text)
     out = tmp_path / "bench"
@@ -426,7 +426,11 @@ def test_bench_on_a_device_profile_projects_fit_and_speed_apart_from_measurement
     assert d["projected"] is True and d["profile"]["key"] == "tiny-board"
     p = d["targets"]["gguf-q4"]
     assert p["fits"] is False and p["ram_needed_bytes"] == t["memory"]["peak_rss_bytes"] > p["app_ram_bytes"]
-    assert p["decode_tok_s"] == pytest.approx(10e9 / t["roofline"]["bytes_per_token"])
+    # the profile's fit is for 4 threads: at 1 the range runs from the per-token prior up to bandwidth alone
+    assert p["decode_basis"] == "prior" and p["decode_tok_s_high"] == pytest.approx(
+        10e9 / t["roofline"]["bytes_per_token"]
+    )
+    assert p["decode_tok_s"] == pytest.approx(1000 / (3.35 + t["roofline"]["bytes_per_token"] / 10e6))
     assert p["kv_bytes_per_token"] == 30 * 3 * 128 * 2  # SmolLM2: 30 layers, 3 KV heads of 64+64, f16
     # Measured sections hold no projected figure; the projection has its own labelled section.
     assert t["latency"]["decode_tok_s"] == t["latency"]["artifact"]["decode_tok_s"]["median"]
@@ -544,7 +548,7 @@ def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(
 
     # Same thread count as the config's [bench] (2): nothing is measured again, the report gains the projection.
     profile = tmp_path / "two-core-board.toml"
-    profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", "threads = 2"))
+    profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", "threads = 2", 1))
     try:
         proc = edgeft(
             "build", "--config", str(config), "--target", "gguf-q4", "--out", str(built),

@@ -76,6 +76,26 @@ def test_llamacpp_probe_runs_in_own_process_without_torch(tiny: dict[str, Path])
     _check_spread(report["latency"]["decode_tok_s"], 1)
 
 
+def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(tiny: dict[str, Path], tmp_path) -> None:
+    from .test_device_state import fake_sysfs
+
+    # CPU 0 "big", CPU 1 "little" (a fake /sys: the probe process pins itself to CPU 0, nothing else)
+    root = fake_sysfs(tmp_path, [1024, 512], {"cpu-thermal": 55_000}, [2_400_000, 1_800_000])
+    report = run_probe(
+        "llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1,
+        sustained_s=0.5, sysfs_root=root,
+    )  # fmt: skip
+    state = report["device_state"]
+    assert state["affinity"]["big_little"] is True and state["affinity"]["pinned_to"] == [0]
+    for when in ("before", "after"):
+        assert state[when]["temperature_c"]["thermal_zone0"]["c"] == 55.0
+        assert state[when]["cpu_mhz"] == {"cpu0": 2400.0, "cpu1": 1800.0}
+    sus = report["sustained"]
+    assert sus["seconds"] >= 0.5 and len(sus["series"]) >= 2 and sus["first"]["tok_s"] > 0 < sus["last"]["tok_s"]
+    plain = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    assert plain["sustained"] is None and set(plain["device_state"]) == {"affinity", "before", "after"}
+
+
 def test_probe_peak_rss_is_not_the_parents(tiny: dict[str, Path]) -> None:
     """A large parent must not leak its high-water mark into the probe (ru_maxrss survives exec)."""
     import psutil

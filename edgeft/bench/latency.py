@@ -106,3 +106,77 @@ def measure_latency(runtime, *, prompt_tokens: int = 512, decode_tokens: int = 1
         "prefill_tok_s": spread([r.n_prompt / r.ttft_s for r in runs]),
         "decode_tok_s": spread([r.decode_tok_s for r in runs]),
     }
+
+
+def measure_sustained(
+    runtime,
+    seconds: float,
+    *,
+    chunk_tokens: int = 256,
+    prompt_tokens: int = 64,
+    part: float = 0.2,
+    root=None,
+    clock=None,
+) -> dict:
+    """Decode back to back for ``seconds`` and compare the first and the last ``part`` of the tokens.
+
+    A phone or a fanless board throttles once it is hot: a 10-second benchmark measures the cool
+    device. Decoding runs as consecutive generations of ``chunk_tokens`` tokens from a short prompt
+    (the KV cache bounds one generation, so a long run is a chain of them); each chunk's decode
+    speed is timed without its prompt, and the hottest thermal zone and fastest CPU clock are read
+    after each (see :mod:`edgeft.bench.device_state`; None where unreadable). ``first``/``last`` are
+    the chunks from each end that hold at least ``part`` of the tokens (at least one chunk, at most
+    half of them, so the two never share one: the run goes on until there are two).
+    """
+    import time
+
+    from .device_state import ROOT, fastest_clock, hottest, snapshot
+
+    if not seconds > 0 or not 0 < part <= 0.5:
+        raise ConfigError(f"sustained decode: need seconds > 0 and 0 < part <= 0.5, got {seconds} and {part}")
+    clock = clock or time.perf_counter
+    root = ROOT if root is None else root
+    chat, n_prompt = build_prompt(runtime, prompt_tokens)
+    n_ctx = getattr(runtime, "n_ctx", None)
+    chunk = min(chunk_tokens, n_ctx - n_prompt - 1) if n_ctx else chunk_tokens
+    if chunk < 2:
+        raise ConfigError(f"sustained decode: no room for tokens after the {n_prompt}-token prompt in n_ctx={n_ctx}")
+    prompt = runtime.tokenize(runtime.render_chat(chat))
+    series = []
+    start = clock()
+    while len(series) < 2 or clock() - start < seconds:
+        _clear_prompt_cache(runtime, prompt)
+        g = runtime.generate(chat, max_new_tokens=chunk, ignore_eos=True)
+        state = snapshot(root)
+        series.append(
+            {
+                "at_s": clock() - start,
+                "tokens": g.n_tokens - 1,  # the first token belongs to the prompt's time
+                "decode_s": g.total_s - g.ttft_s,
+                "tok_s": g.decode_tok_s,
+                "temperature_c": hottest(state),
+                "cpu_mhz": fastest_clock(state),
+            }
+        )
+    total = sum(c["tokens"] for c in series)
+
+    def end(chunks: list[dict]) -> dict:
+        taken: list[dict] = []
+        for c in chunks:
+            taken.append(c)
+            if sum(t["tokens"] for t in taken) >= part * total or len(taken) >= len(series) // 2:
+                break
+        tokens = sum(c["tokens"] for c in taken)
+        return {"chunks": len(taken), "tokens": tokens, "tok_s": tokens / sum(c["decode_s"] for c in taken)}
+
+    first, last = end(series), end(series[::-1])
+    return {
+        "seconds": clock() - start,
+        "tokens": total,
+        "chunk_tokens": chunk,
+        "part": part,
+        "first": first,
+        "last": last,
+        "change_pct": 100 * (last["tok_s"] - first["tok_s"]) / first["tok_s"],
+        "series": series,
+    }

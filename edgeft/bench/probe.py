@@ -9,7 +9,13 @@ torch, a reference model and the eval set in memory. So the launcher, :func:`run
 which prints one JSON line::
 
     {"pid", "runtime", "model", "threads", "load_s", "rss_after_load_bytes", "peak_rss_bytes",
-     "torch_imported", "run_id", "timed_at", "machine", "latency": {...measure_latency(...)...}}
+     "torch_imported", "run_id", "timed_at", "machine", "latency": {...measure_latency(...)...},
+     "device_state": {"affinity", "before", "after"}, "sustained": {...} | null}
+
+``device_state`` (see :mod:`edgeft.bench.device_state`): on a big.LITTLE CPU the probe pins itself to
+the big cores before loading the model (``affinity`` says what it did and why), and reads temperature
+and clocks before and after the timed runs. ``--sustained SECONDS`` then decodes continuously for
+that long and reports the first and last 20% of the tokens apart (:func:`measure_sustained`).
 
 ``run_id`` names the edgeft process that asked for the timing (:data:`RUN_ID`): a report compares
 speeds only between rows timed in the same run, and says which rows were timed in another.
@@ -62,22 +68,39 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
+def probe(
+    runtime: str,
+    model: Path,
+    threads: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    repeats: int,
+    sustained_s: float = 0.0,
+    sysfs_root: Path | None = None,
+) -> dict:
     """Load, measure and report; meant to run in its own process (see the module docstring)."""
     import psutil
 
     from ..machine import describe
-    from .latency import measure_latency
+    from .device_state import ROOT, pin_big_cores, snapshot
+    from .latency import measure_latency, measure_sustained
 
     model = Path(model)
     if not model.exists():
         raise ModelError(f"{model}: no such model file or folder")
+    root = ROOT if sysfs_root is None else Path(sysfs_root)
+    affinity = pin_big_cores(threads, root)  # before the runtime starts its threads: they inherit it
     start = time.perf_counter()
     rt = _load(runtime, model, threads)
     load_s = time.perf_counter() - start
     rss_after_load = psutil.Process().memory_info().rss
+    sustained = None
     try:
+        before = snapshot(root)
         latency = measure_latency(rt, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats)
+        after = snapshot(root)
+        if sustained_s > 0:
+            sustained = measure_sustained(rt, sustained_s, root=root)
     finally:
         rt.close()
     return {
@@ -93,6 +116,8 @@ def probe(runtime: str, model: Path, threads: int, prompt_tokens: int, decode_to
         "timed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": describe(),
         "latency": latency,
+        "device_state": {"affinity": affinity, "before": before, "after": after},
+        "sustained": sustained,
     }
 
 
@@ -104,6 +129,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sustained", type=float, default=0.0, help="then decode continuously this many seconds")
+    parser.add_argument("--sysfs-root", type=Path, default=None, help="where /sys is read from (tests)")
     return parser.parse_args(argv)
 
 
@@ -111,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the probe process: one JSON line on stdout, or one error line on stderr."""
     a = _args(argv)
     try:
-        result = probe(a.runtime, a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.repeats)
+        result = probe(
+            a.runtime, a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.repeats, a.sustained, a.sysfs_root
+        )
     except EdgeftError as e:
         if os.environ.get("EDGEFT_RAISE_ERRORS"):
             raise
@@ -129,6 +158,8 @@ def run_probe(
     decode_tokens: int,
     repeats: int,
     timeout: float = 900,
+    sustained_s: float = 0.0,
+    sysfs_root: Path | None = None,
 ) -> dict:
     """Run :func:`probe` in a child Python process and return its report.
 
@@ -147,6 +178,11 @@ def run_probe(
         "--decode-tokens", str(decode_tokens),
         "--repeats", str(repeats),
     ]  # fmt: skip
+    if sustained_s > 0:
+        cmd += ["--sustained", repr(float(sustained_s))]
+        timeout += sustained_s
+    if sysfs_root is not None:
+        cmd += ["--sysfs-root", str(sysfs_root)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGEFT_RUN_ID": RUN_ID}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

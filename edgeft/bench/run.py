@@ -149,7 +149,10 @@ def reference(
 def _params(cfg: BenchConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(cfg)
+    params = asdict(cfg)
+    if not params.get("sustained_s"):
+        del params["sustained_s"]  # off: stages cached before the option existed stay valid
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +188,15 @@ def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: 
     step = progress("artifact: latency and memory (subprocess)", 1)
     # Same prompt and decode lengths as the stored reference was timed with, so speeds compare.
     ref_lat = stored.meta["performance"]["latency"]
-    perf = run_probe(fmt.RUNTIME, artifact, threads, ref_lat["prompt_tokens"], ref_lat["decode_tokens"], cfg.repeats)
+    perf = run_probe(
+        fmt.RUNTIME,
+        artifact,
+        threads,
+        ref_lat["prompt_tokens"],
+        ref_lat["decode_tokens"],
+        cfg.repeats,
+        sustained_s=cfg.sustained_s,
+    )
     step()
     info = fmt.describe(artifact)
     return {
