@@ -19,7 +19,7 @@ from typing import Iterator
 import click
 
 from . import __version__
-from .errors import EdgeftError, InternalError
+from .errors import ConfigError, EdgeftError, InternalError
 
 
 @contextmanager
@@ -186,12 +186,17 @@ def build(
         from .bench.gates import parse_gate_flags
         from .config import config_as_dict
         from .pipeline import build as run_build
-        from .targets import parse_target_list
+        from .targets import apply_overrides, available_targets, parse_target_list
 
         cfg = _load_cfg(config, model)
         _train_device(cfg, train_device, "--train-device")
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
-        targets = parse_target_list(target_spec)
+        for name in cfg.targets:
+            if name not in available_targets():
+                raise ConfigError(
+                    f"{cfg.source}: [targets.{name}]: no such target; valid targets: {', '.join(available_targets())}"
+                )
+        targets = apply_overrides(parse_target_list(target_spec), cfg.targets, str(cfg.source))
         profile = None
         if device is not None:
             from .devices import get_device

@@ -275,6 +275,8 @@ class BuildConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # [targets.<name>]: format options of a named target set for this config (e.g. a size budget)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: Path | None = None  # the file this config came from, for messages
 
 
@@ -344,7 +346,7 @@ def load_config(path: Path | None) -> BuildConfig:
 
 def config_from_dict(raw: dict[str, Any], path: Path) -> BuildConfig:
     source = str(path)
-    top_known = {"model", *_TABLES}
+    top_known = {"model", "targets", *_TABLES}
     for key in raw:
         if key not in top_known:
             raise ConfigError(f"{source}: unknown key {key!r}; expected one of: {', '.join(sorted(top_known))}")
@@ -354,6 +356,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> BuildConfig:
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
         parts[name] = _build(cls, table, f"[{name}].", source)
+    targets = _target_overrides(raw.get("targets", {}), source)
     model = raw.get("model", BuildConfig.model)
     if not isinstance(model, str):
         raise ConfigError(f"{source}: model: expected a string, got {model!r}")
@@ -365,7 +368,19 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> BuildConfig:
         p = getattr(parts["data"], key)
         if p is not None and not p.is_absolute():
             setattr(parts["data"], key, (base / p).resolve())
-    return BuildConfig(model=model, source=path, **parts)
+    return BuildConfig(model=model, targets=targets, source=path, **parts)
+
+
+def _target_overrides(table: Any, source: str) -> dict[str, dict[str, Any]]:
+    """``[targets.<name>]`` tables: shape only here; each is checked against its target's format when
+    a build names the target (:func:`edgeft.targets.apply_overrides`), and a name no target has is
+    refused then too, so a typo cannot silently leave the built-in budget in place."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [targets] must hold tables, e.g. [targets.gguf-q4-mixed]")
+    for name, options in table.items():
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: targets.{name}: expected a table of the target's options")
+    return {name: dict(options) for name, options in table.items()}
 
 
 def config_as_dict(cfg: BuildConfig) -> dict[str, Any]:

@@ -74,13 +74,16 @@ def plan(sensitivity: dict[str, Any], max_bytes: int, units: int = 50_000) -> di
 def write_sensitivity(folder: Path, result: dict[str, Any], filename: str = "sensitivity.json") -> dict[str, Any]:
     """Write a sweep's figures into ``folder`` and return what its stage manifest records.
 
-    The sweep's wall time goes to the manifest only, so the same inputs give a byte-identical file."""
+    The sweep's wall time (and ``timings``, seconds per step, when given) goes to the manifest only,
+    so the same inputs give a byte-identical file."""
     seconds = result.pop("seconds")
+    timings = result.pop("timings", None)
     (Path(folder) / filename).write_text(json.dumps(result, indent=1))
     ranked = sorted(result["groups"], key=lambda g: -max(o["added_kld"] for o in g["options"]))
-    return {
+    made = {
         "base_kld": result["base_kld"],
         "probes": result["probes"],
         "seconds": seconds,
         "most_sensitive": [g["name"] for g in ranked[:5]],
     }
+    return {**made, "timings": timings} if timings else made

@@ -87,6 +87,30 @@ def get_target(name: str) -> Target:
     return targets[name]
 
 
+def with_overrides(target: Target, overrides: dict[str, Any], where: str) -> Target:
+    """``target`` with the format options a build config sets for it (``[targets.<name>]``), checked
+    as a target file's would be: a size budget is a property of the model as much as of the target,
+    so a config for a larger model can keep the target's name and raise its ``max_size_mb``."""
+    fmt = get_format(target.format)
+    unknown = set(overrides) - set(fmt.TARGET_KEYS)
+    if unknown:
+        expected = ", ".join(fmt.TARGET_KEYS) or "none"
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; a {target.format} target takes {expected}")
+    options = {**target.options, **overrides}
+    fmt.check_target(target.name, target.quant, options, where)
+    return Target(
+        name=target.name, format=target.format, quant=target.quant, description=target.description, options=options
+    )
+
+
+def apply_overrides(targets: list[Target], overrides: dict[str, dict[str, Any]], source: str) -> list[Target]:
+    """Each target with its ``[targets.<name>]`` table from the build config applied."""
+    return [
+        with_overrides(t, overrides[t.name], f"{source}: [targets.{t.name}]") if t.name in overrides else t
+        for t in targets
+    ]
+
+
 def parse_target_list(spec: str) -> list[Target]:
     """``gguf-q8,gguf-q4`` → targets, in order, duplicates dropped."""
     names = [s.strip() for s in spec.split(",") if s.strip()]

@@ -76,3 +76,49 @@ def test_the_validation_file_resolves_against_the_config_folder(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_a_config_sets_a_targets_options_for_its_model(tmp_path):
+    from edgeft.targets import apply_overrides, parse_target_list
+
+    cfg = load_config(write(tmp_path, "[targets.gguf-q4-mixed]\nmax_size_mb = 450\n"))
+    targets = apply_overrides(parse_target_list("gguf-q4,gguf-q4-mixed"), cfg.targets, str(cfg.source))
+    assert targets[0] == parse_target_list("gguf-q4")[0]  # targets the config does not name: as shipped
+    mixed = targets[1]
+    assert mixed.name == "gguf-q4-mixed" and mixed.options["max_size_mb"] == 450
+    assert mixed.options["mix"] == parse_target_list("gguf-q4-mixed")[0].options["mix"]  # the rest kept
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[targets.gguf-q4-mixed]\nmax_size_mb = -1\n", "[targets.gguf-q4-mixed]: max_size_mb: expected a positive"),
+        ("[targets.gguf-q4-mixed]\nbudget = 3\n", "[targets.gguf-q4-mixed]: unknown key 'budget'; a gguf target takes"),
+        ("[targets.gguf-q4-mixed]\nquant = 'Q2_K'\n", "[targets.gguf-q4-mixed]: unknown key 'quant'"),
+    ],
+)
+def test_a_bad_target_override_names_the_table_and_key(tmp_path, text, fragment):
+    from edgeft.targets import apply_overrides, parse_target_list
+
+    cfg = load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(parse_target_list("gguf-q4-mixed"), cfg.targets, str(cfg.source))
+    assert fragment in str(e.value) and str(cfg.source) in str(e.value)
+
+
+def test_targets_must_be_tables(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[targets\] must hold tables"):
+        load_config(write(tmp_path, "targets = 3\n"))
+    with pytest.raises(ConfigError, match="targets.gguf-q4: expected a table"):
+        load_config(write(tmp_path, "[targets]\ngguf-q4 = 3\n"))
+
+
+def test_build_refuses_an_override_of_a_target_that_does_not_exist(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    path = write(tmp_path, "[targets.gguf-q9-mixed]\nmax_size_mb = 450\n")
+    result = CliRunner().invoke(cli, ["build", "--config", str(path), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "[targets.gguf-q9-mixed]: no such target" in result.output

@@ -99,6 +99,27 @@ def test_a_budget_no_mix_meets_is_one_clear_error():
         plan(sens, 1000)
 
 
+def test_probe_tokens_shrink_with_the_model_and_layers_are_probed_in_runs(tokenizer):
+    from edgeft.calibration import build_set
+    from edgeft.formats.gguf.mixed import Layout, multiplied_weights, probe_set
+    from edgeft.formats.gguf.sweep import depth_blocks
+
+    calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=8192, chunk_tokens=512, task_share=0.5)
+    calib = calib.spread(2048)
+
+    def layout(params: int, untied: bool) -> Layout:
+        shapes = {"token_embd.weight": (1000, params // 2000), "blk.0.attn_q.weight": (1000, params // 2000)}
+        return Layout(shapes | ({"output.weight": (1000, params // 2000)} if untied else {}), 0, {})
+
+    assert multiplied_weights(layout(10**9, untied=True)) == 10**9  # the looked-up embedding is free
+    assert probe_set(calib, multiplied_weights(layout(135 * 10**6, untied=False))) is calib
+    assert probe_set(calib, multiplied_weights(layout(10**9, untied=True))) is calib
+    assert probe_set(calib, multiplied_weights(layout(3 * 10**9, untied=True))).chunks.shape == (1, 512)
+    assert depth_blocks(1) == [[0]] and depth_blocks(3) == [[0], [1, 2]]
+    blocks = depth_blocks(30)
+    assert blocks[0] == [0] and sum(blocks, []) == list(range(30)) and {len(b) for b in blocks[1:]} <= {4, 5}
+
+
 # ---------------------------------------------------------------- the sweep and the file (llama.cpp)
 
 
@@ -138,7 +159,7 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, t
     layout = Layout.of(tiny["f32"] / "model.gguf")
     assert [g["name"] for g in sens["groups"]] == list(layout.groups)
     assert set(layout.groups) == {"token_embd", *(f"blk.{i}.{k}" for i in range(3) for k in ("attn", "ffn"))}
-    assert sens["probes"] == 1 + len(layout.groups)
+    assert sens["probes"] == 1 + len(layout.groups) and sens["method"] == "exact"  # 3 layers: cheaper than roles
     added = {g["name"]: g["options"][0]["added_kld"] for g in sens["groups"]}
     assert all(g["options"][1]["added_kld"] == 0 for g in sens["groups"])  # the highest type is the baseline
     assert max(added.values()) > 3 * min(added.values())  # groups differ: there is something to choose
@@ -153,6 +174,8 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, t
     written = {t.name: t.tensor_type.name for t in read_gguf(q.path / "model.gguf").tensors if len(t.shape) >= 2}
     assert written == assign(layout, planned["levels"])
     assert {"Q4_0", "Q8_0"} == set(written.values())  # the budget forced a real mix
+    # the written file scored on the sweep's tokens: the exact probes' sum predicts it closely
+    assert planned["measured_kld"] == pytest.approx(planned["predicted_kld"], rel=0.25)
 
     # the opposite plan: the groups the plan kept at Q8_0 go to Q4_0 and as many others as fit go up
     kept_high = [g for g, lvl in planned["levels"].items() if lvl == "Q8_0"]
@@ -180,9 +203,17 @@ def test_same_inputs_give_a_byte_identical_mixed_gguf(tiny, tmp_path):
 
     files = []
     for run in ("a", "b"):
-        sens = sensitivity_stage(tiny["f32"], tmp_path / run / "sens", tiny["calib"], ("Q4_K", "Q8_0"), threads=2)
+        mix = ("Q4_K", "Q8_0")
+        sens = sensitivity_stage(tiny["f32"], tmp_path / run / "sens", tiny["calib"], mix, threads=2, method="proxy")
         q = quantize(tiny["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, sensitivity_dir=sens.path, max_size_mb=30)
-        files.append((_sha(sens.path / "sensitivity.json"), _sha(q.path / "model.gguf")))
+        written = sorted(p.name for p in sens.path.iterdir() if p.name != "manifest.json")
+        assert written == [
+            "reference-tokens.npy",
+            "reference-topk-ids.npy",
+            "reference-topk-logp.npy",
+            "sensitivity.json",
+        ]
+        files.append([_sha(sens.path / name) for name in written] + [_sha(q.path / "model.gguf")])
     assert files[0] == files[1]
 
 
@@ -244,3 +275,159 @@ def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(t
     assert len(lines) == 1 and proc.stderr.strip().endswith(lines[0])
     assert "--target tiny-mixed: max_size_mb = 1: the smallest file this mix can make is" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "sensitivity-q4_0-q8_0").exists()
+
+
+# ---------------------------------------------------------------- the sweep's parts (llama.cpp, tiny model)
+
+
+def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_mix(tiny, tmp_path):
+    """llama.cpp quantizes each tensor on its own: copying tensors out of files quantized with every
+    tensor at one type gives exactly the file llama.cpp writes for the mix (importance matrix too)."""
+    from edgeft.formats.gguf.levels import GGUFFile, assemble
+    from edgeft.formats.gguf.mixed import Layout
+    from edgeft.formats.gguf.quantize import quantize_file
+
+    f32 = tiny["f32"] / "model.gguf"
+    layout = Layout.of(f32)
+    rng = np.random.default_rng(0)
+    matrix = {n: rng.uniform(0.1, 4, layout.shapes[n][0]).astype(np.float32) for n in layout.shapes}
+    mix = ("Q4_K", "Q5_0", "Q8_0")
+    levels = {}
+    for level in mix:
+        types = {n: t for g in layout.groups for n, t in layout.types(g, level).items()}
+        quantize_file(f32, tmp_path / f"{level}.gguf", "Q8_0", 2, imatrix=matrix, tensor_types=types)
+        levels[level] = GGUFFile(tmp_path / f"{level}.gguf")
+    picks = {g: mix[i % 3] for i, g in enumerate(layout.groups)}
+    wanted = {n: t for g, lv in picks.items() for n, t in layout.types(g, lv).items()}
+    quantize_file(f32, tmp_path / "direct.gguf", "Q8_0", 2, imatrix=matrix, tensor_types=wanted)
+    sources = {n: levels[lv] for g, lv in picks.items() for n in layout.groups[g]}
+    assemble(levels["Q8_0"], sources, tmp_path / "assembled.gguf")
+    assert len(set(wanted.values())) == 3
+    assert _sha(tmp_path / "assembled.gguf") == _sha(tmp_path / "direct.gguf")
+
+
+def test_ggml_dequantizes_level_tensors_as_gguf_py_does(tiny, tmp_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgeft.formats.gguf.levels import GGUFFile, dequantized_rows, weighted_errors
+    from edgeft.formats.gguf.mixed import Layout
+    from edgeft.formats.gguf.quantize import quantize_file
+
+    f32 = tiny["f32"] / "model.gguf"
+    layout = Layout.of(f32)
+    exact = GGUFFile(f32)
+    for level in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0"):
+        types = {n: t for g in layout.groups for n, t in layout.types(g, level).items()}
+        quantize_file(f32, tmp_path / "l.gguf", "Q8_0", 2, tensor_types=types)
+        file = GGUFFile(tmp_path / "l.gguf")
+        for name in ("blk.0.attn_q.weight", "blk.2.ffn_down.weight"):
+            t = file.tensors[name]
+            ours = np.concatenate([v.copy() for _, v in dequantized_rows(t, max_values=3000)])
+            theirs = dequantize(t.read().reshape(ours.shape[0], -1), gguf.GGMLQuantizationType(t.type))
+            np.testing.assert_array_equal(ours, theirs)
+            err = weighted_errors(exact.tensors[name], t)
+            w = exact.tensors[name].read().view(np.float32).reshape(ours.shape)
+            np.testing.assert_allclose(err.columns, ((theirs - w) ** 2).sum(0), rtol=1e-5)
+            assert err.rows.sum() == pytest.approx(err.columns.sum(), rel=1e-9)
+
+
+def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torch(tiny):
+    """The in-place logits view equals LlamaCppRuntime's copy, observing the inputs changes nothing,
+    and the inputs' mean squares llama.cpp saw are those torch's imatrix collector sees."""
+    from edgeft.formats.gguf.imatrix import collect
+    from edgeft.formats.gguf.mixed import Layout
+    from edgeft.formats.gguf.scoring import ActivationStats, Scorer
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+    f32 = tiny["f32"] / "model.gguf"
+    chunks = tiny["calib"].chunks[:2]
+    layout = Layout.of(f32)
+    stats = ActivationStats({n: s[0] for n, s in layout.shapes.items()})
+    with Scorer(f32, chunks.shape[1], 2, observe=stats) as observed, Scorer(f32, chunks.shape[1], 2) as plain:
+        rt = LlamaCppRuntime(f32, n_threads=2, n_ctx=int(chunks.shape[1]))
+        try:
+            for chunk in chunks:
+                a = np.array(observed.logits(chunk))
+                np.testing.assert_array_equal(a, plain.logits(chunk))
+                np.testing.assert_array_equal(a, rt.logits([int(t) for t in chunk]))
+        finally:
+            rt.close()
+    means = stats.mean_squares()
+    assert set(means) == set(layout.shapes)  # every layer weight, and the tied head as token_embd
+    assert stats.counts["token_embd.weight"] == chunks.size
+    torch_side = collect(tiny["hf"], f32, chunks, threads=2)
+    for name, (sums, count) in torch_side.items():
+        assert count == chunks.size
+        # llama.cpp keeps its KV cache in f16: on this loud model the figures agree to a percent or two
+        assert np.linalg.norm(means[name] - sums / count) <= 0.03 * np.linalg.norm(sums / count), name
+
+
+def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(tiny, tmp_path):
+    """Per position the top-k figure never exceeds the full KL divergence and equals it with k = vocab;
+    over probes that each lower one group, it ranks the probes as the full figure does."""
+    from edgeft.formats.gguf.mixed import Layout
+    from edgeft.formats.gguf.quantize import quantize_file
+    from edgeft.formats.gguf.scoring import Scorer, TopKReference
+
+    f32 = tiny["f32"] / "model.gguf"
+    layout = Layout.of(f32)
+    top = {n: t for g in layout.groups for n, t in layout.types(g, "Q8_0").items()}
+    chunks = tiny["calib"].chunks[:2]
+    with Scorer(f32, chunks.shape[1], 2) as ref:
+        exact = [np.array(ref.logits(c), dtype=np.float64) for c in chunks]
+    vocab = exact[0].shape[1]
+    references = {k: TopKReference(k) for k in (256, vocab)}
+    for logits in exact:
+        for r in references.values():
+            r.add(logits.astype(np.float32))
+        logits -= np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    figures = {}
+    for group in ("token_embd", "blk.0.attn", "blk.1.attn", "blk.2.ffn", None):
+        types = {**top, **(layout.types(group, "Q4_0") if group else {})}
+        quantize_file(f32, tmp_path / "q.gguf", "Q8_0", 2, tensor_types=types)
+        full, by_k = [], {k: [] for k in references}
+        with Scorer(tmp_path / "q.gguf", chunks.shape[1], 2) as q:
+            for i, chunk in enumerate(chunks):
+                lq = np.array(q.logits(chunk), dtype=np.float64)
+                for k, r in references.items():
+                    by_k[k].append(r.kld(i, lq.astype(np.float32)))
+                lq -= np.logaddexp.reduce(lq, axis=1, keepdims=True)
+                full.append((np.exp(exact[i]) * (exact[i] - lq)).sum(1))
+        full = np.concatenate(full)
+        top_k, all_k = np.concatenate(by_k[256]), np.concatenate(by_k[vocab])
+        assert (top_k <= full + 1e-9).all()  # merging the tail into one bin only lowers KL
+        np.testing.assert_allclose(all_k, full, rtol=1e-5, atol=1e-5)  # log-probs stored as float32
+        figures[group] = (full.mean(), top_k.mean())
+    base = figures.pop(None)
+    added = {g: (f - base[0], t - base[1]) for g, (f, t) in figures.items()}
+    print(added)
+    assert sorted(added, key=lambda g: added[g][0]) == sorted(added, key=lambda g: added[g][1])
+
+
+def test_the_proxy_orders_layer_groups_like_the_end_to_end_probes(tiny, tmp_path):
+    """On the uneven tiny llama, the predicted added KLD of each layer group (local errors calibrated by
+    role and depth probes) ranks the groups as probing each one alone does."""
+    from edgeft.formats.gguf.sweep import measure
+
+    mix = ("Q4_0", "Q8_0")
+    f32 = tiny["f32"] / "model.gguf"
+    runs = {m: measure(f32, tiny["calib"].chunks, mix, tmp_path / m, threads=2, method=m) for m in ("exact", "proxy")}
+    low = {m: {g["name"]: g["options"][0]["added_kld"] for g in r["groups"]} for m, r in runs.items()}
+    layers = [g for g in low["exact"] if g.startswith("blk.")]
+    proxy = runs["proxy"]
+    assert proxy["probes"] == 1 + 1 + 7 + 2  # base, the embedding, one per role, layer 0 and layers 1-2
+    assert {g["name"]: g["options"][0]["source"] for g in proxy["groups"]} == {
+        g: "probe" if g == "token_embd" else "proxy" for g in low["exact"]
+    }
+    assert low["proxy"]["token_embd"] == low["exact"]["token_embd"]  # measured alike
+    rank = {m: np.argsort(np.argsort([low[m][g] for g in layers])) for m in low}
+    assert np.corrcoef(rank["exact"], rank["proxy"])[0, 1] >= 0.8, low
+    assert max(layers, key=low["exact"].get) == max(layers, key=low["proxy"].get)
+    # the fit reproduces every role probe; the loud layer 1 reads its inputs loud, but layer 0's rounding
+    # is what travels furthest here: the depth factors carry that
+    for row in proxy["calibration"]:
+        if row["probe"].startswith("role:"):
+            assert row["fitted_kld"] == pytest.approx(max(0.0, row["added_kld"]), rel=1e-6)
+    depth = {c["probe"].split("@")[0]: c["depth_factor"] for c in proxy["calibration"] if "depth_factor" in c}
+    assert depth["depth:0-0"] > depth["depth:1-2"]

@@ -4,17 +4,22 @@ A target with ``max_size_mb`` (and optionally ``mix``, candidate tensor types fr
 goes through two steps after the F32 export:
 
 1. stage ``sensitivity``: the tensors are grouped (the token embedding, the output head when it is
-   not tied, each layer's attention, each layer's feed-forward). For every group and every candidate
-   type below the highest, llama.cpp quantizes a file with *only that group* at that type and every
-   other tensor at the highest, and we measure how much mean KL divergence against the F32 export
-   (llama.cpp on both sides, every position of a few calibration chunks) that one change adds.
+   not tied, each layer's attention, each layer's feed-forward), and for every group and every
+   candidate type below the highest we need how much mean KL divergence against the F32 export
+   (llama.cpp on both sides, every position of a few calibration chunks) lowering *only that group*
+   to that type adds, everything else at the highest. llama.cpp quantizes the F32 file once per type
+   (:mod:`.levels`); a probe file is assembled from those by copying tensor bytes. Past a few layers
+   the layer groups' figures are predicted from each tensor's layer-local rounding error and
+   calibrated by a few end-to-end probes rather than probed one by one (:mod:`.sweep` says how;
+   ``sensitivity.json`` says which figures were measured and which predicted).
 2. the plan: one type per group, chosen to minimise the summed added KLD with the whole file at most
    ``max_size_mb`` (:func:`edgeft.precision_plan.plan`, an exact multiple-choice knapsack over byte
-   units; sizes are computed from the tensor shapes, not guessed). llama.cpp then writes that plan through ``tt_overrides`` in its C API,
-   one exact-name pattern per tensor, in the usual ``quantize`` stage.
+   units; sizes are computed from the tensor shapes, not guessed). llama.cpp then writes that plan
+   through ``tt_overrides`` in its C API, one exact-name pattern per tensor, in the usual ``quantize``
+   stage, which scores the written file on the sweep's own tokens (:func:`confirm`).
 
 Summing per-group effects assumes they add up, which holds while each is small against the whole;
-the plan's predicted KLD sits beside the measured one in the manifest so a reader can check it.
+the quantize manifest puts the measured KLD beside the predicted one so a reader can check it.
 
 Types whose 256-value blocks do not divide a tensor's rows (K-quants on SmolLM2's 576-wide rows)
 are replaced for that tensor by the 32-value-block type of the same size class (:data:`FALLBACK`),
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -130,84 +134,14 @@ class Layout:
         return sum(tensor_bytes(self.shapes[n], t) for n, t in types.items())
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def role_of(name: str) -> str | None:
+    """A layer tensor's role (``attn_q``, ``ffn_down``, …), the same in every layer; None outside layers."""
+    m = re.match(r"blk\.\d+\.(.+?)(?:\.weight)?$", name)
+    return m.group(1) if m else None
 
 
-def _mean_kld(path: Path, chunks: np.ndarray, ref: list[np.ndarray], threads: int) -> float:
-    from ...runtimes.llamacpp import LlamaCppRuntime
-
-    rt = LlamaCppRuntime(path, n_threads=threads or None, n_ctx=int(chunks.shape[1]))
-    try:
-        total, n = 0.0, 0
-        for chunk, lr in zip(chunks, ref):
-            la = _log_softmax(rt.logits([int(t) for t in chunk]))
-            total += float((np.exp(lr) * (lr - la)).sum(dtype=np.float64))
-            n += len(chunk)
-    finally:
-        rt.close()
-    return total / n
-
-
-def measure(
-    f32_path: Path,
-    chunks: np.ndarray,
-    mix: tuple[str, ...],
-    scratch: Path,
-    *,
-    threads: int = 0,
-    imatrix: dict[str, np.ndarray] | None = None,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> dict[str, Any]:
-    """Every group's added KLD at every ``mix`` level below the highest (see the module docstring)."""
-    from ...runtimes.llamacpp import LlamaCppRuntime
-    from .quantize import quantize_file
-
-    layout = Layout.of(f32_path)
-    top = mix[-1]
-    rt = LlamaCppRuntime(f32_path, n_threads=threads or None, n_ctx=int(chunks.shape[1]))
-    try:
-        ref = [_log_softmax(rt.logits([int(t) for t in c])) for c in chunks]
-    finally:
-        rt.close()
-    everything_top = {n: t for g in layout.groups for n, t in layout.types(g, top).items()}
-    probe = Path(scratch) / "probe.gguf"
-
-    def kld_with(types: dict[str, str]) -> float:
-        quantize_file(f32_path, probe, "Q8_0", threads, imatrix=imatrix, tensor_types=types)
-        try:
-            return _mean_kld(probe, chunks, ref, threads)
-        finally:
-            probe.unlink(missing_ok=True)
-
-    start = time.perf_counter()
-    base = kld_with(everything_top)
-    advance = progress("sensitivity", len(layout.groups)) if progress else (lambda: None)
-    groups = []
-    for group, names in layout.groups.items():
-        entry: dict[str, Any] = {"name": group, "tensors": names, "options": []}
-        seen: dict[tuple[str, ...], float] = {tuple(everything_top[n] for n in names): 0.0}
-        for level in reversed(mix):
-            types = layout.types(group, level)
-            key = tuple(types[n] for n in names)
-            if key not in seen:  # a level that resolves to types already measured costs nothing new
-                seen[key] = kld_with({**everything_top, **types}) - base
-            entry["options"].append(
-                {"level": level, "types": sorted(set(key)), "bytes": layout.nbytes(types), "added_kld": seen[key]}
-            )
-        entry["options"].reverse()
-        groups.append(entry)
-        advance()
-    return {
-        "mix": list(mix),
-        "base_kld": base,
-        "positions": int(chunks.size),
-        "fixed_bytes": layout.fixed_bytes,
-        "groups": groups,
-        "probes": 1 + sum(len({tuple(o["types"]) for o in g["options"]}) - 1 for g in groups),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+def layer_of(name: str) -> int:
+    return int(name.split(".")[1])
 
 
 def check_budget(layout: Layout, mix: tuple[str, ...], max_size_mb: float) -> None:
@@ -221,6 +155,27 @@ def assign(layout: Layout, levels: dict[str, str]) -> dict[str, str]:
     return {n: t for g, level in levels.items() for n, t in layout.types(g, level).items()}
 
 
+# Tokens × weights multiplied per token that one probe scores at most: the default 2,048 calibration
+# tokens up to a model of 1 B such weights, fewer above (whole chunks, at least one), so a probe's cost
+# stops growing with the model. The end-to-end probes of a large model lower a tensor in every layer
+# or a run of layers at once: a signal many times one group's.
+PROBE_TOKEN_WEIGHTS = 2048 * 1_000_000_000
+REFERENCE_FILES = ("reference-tokens.npy", "reference-topk-ids.npy", "reference-topk-logp.npy")
+
+
+def multiplied_weights(layout: Layout) -> int:
+    """Weights a forward pass multiplies by, per token: every quantizable tensor but a token embedding
+    that is only looked up (an untied model has its own ``output`` head)."""
+    untied = "output.weight" in layout.shapes
+    return sum(math.prod(s) for n, s in layout.shapes.items() if not (untied and n == "token_embd.weight"))
+
+
+def probe_set(calibration: Any, weights: int) -> Any:
+    """``calibration``, or whole chunks spread over it, within :data:`PROBE_TOKEN_WEIGHTS`."""
+    tokens = max(int(calibration.chunks.shape[1]), PROBE_TOKEN_WEIGHTS // max(1, weights))
+    return calibration if calibration.chunks.size <= tokens else calibration.spread(tokens)
+
+
 def sensitivity_stage(
     gguf_dir: Path,
     out_dir: Path,
@@ -229,8 +184,11 @@ def sensitivity_stage(
     threads: int = 0,
     imatrix_dir: Path | None = None,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    method: str = "auto",
 ) -> StageOutput:
-    """Cached stage: F32 GGUF (+ imatrix) + calibration chunks → ``out_dir/sensitivity.json``."""
+    """Cached stage: F32 GGUF (+ imatrix) + calibration chunks → ``out_dir/sensitivity.json``, and the
+    F32 export's top-k reference on the chunks scored (``reference-*.npy``), which the quantize stage
+    scores the planned file against (:func:`confirm`)."""
 
     from . import imatrix as im
 
@@ -243,10 +201,35 @@ def sensitivity_stage(
         inputs["imatrix"] = content_hash(imatrix_dir)
         matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
         im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
-    params = {"mix": list(mix), "calibration": calibration.describe()}
+    params: dict[str, Any] = {"mix": list(mix), "calibration": calibration.describe()}
+    if method != "auto":
+        params["method"] = method
 
     def work(tmp: Path) -> dict[str, Any]:
-        result = measure(src, calibration.chunks, mix, tmp, threads=threads, imatrix=matrix, progress=progress)
-        return write_sensitivity(tmp, result, SENSITIVITY_FILE)
+        from .sweep import measure
+
+        scored = probe_set(calibration, multiplied_weights(Layout.of(src)))
+        result = measure(
+            src, scored.chunks, mix, tmp, threads=threads, imatrix=matrix, progress=progress, method=method
+        )
+        arrays = result.pop("reference")
+        for name, key in zip(REFERENCE_FILES, ("tokens", "topk_ids", "topk_logp")):
+            np.save(tmp / name, arrays[key], allow_pickle=False)
+        made = write_sensitivity(tmp, result, SENSITIVITY_FILE)
+        return {**made, "method": result["method"], "scored": scored.describe()["recipe"].get("spread", "all")}
 
     return run_stage(out_dir, "sensitivity", inputs, params, work)
+
+
+def confirm(gguf_path: Path, sensitivity_dir: Path, threads: int = 0) -> float | None:
+    """Mean KL divergence of ``gguf_path`` against the F32 export on the sweep's own tokens (its stored
+    top-k reference), comparable with ``base_kld`` + a plan's predicted added KLD; None for a sweep
+    written without a reference."""
+    paths = [Path(sensitivity_dir) / n for n in REFERENCE_FILES]
+    if not all(p.is_file() for p in paths):
+        return None
+    from .scoring import TopKReference
+    from .sweep import score
+
+    tokens, ids, logp = (np.load(p, allow_pickle=False) for p in paths)
+    return score(Path(gguf_path), tokens, TopKReference.from_arrays(ids, logp), threads)

@@ -118,7 +118,7 @@ def quantize(
     inputs = {"gguf": content_hash(gguf_dir)}
     params: dict[str, Any] = {"quant": quant}
     matrix, metadata, provenance = None, None, {}
-    tensor_types, plan = None, None
+    tensor_types, plan, sensitivity = None, None, {}
     if sensitivity_dir is not None:
         import json
 
@@ -168,7 +168,13 @@ def quantize(
         if plan is not None:
             if size > plan["max_bytes"]:  # the plan's sizes come from the shapes: a bug, not bad input
                 raise RuntimeError(f"mixed plan predicted {plan['predicted_bytes']} bytes, llama.cpp wrote {size}")
-            results["mixed"] = plan
+            # the written file scored on the sweep's own tokens, beside what the sweep predicted for it
+            measured = mixed.confirm(out, sensitivity_dir, threads)
+            if measured is not None:
+                predicted = sensitivity["base_kld"] + plan["predicted_added_kld"]
+                results["mixed"] = {**plan, "predicted_kld": predicted, "measured_kld": measured}
+            else:
+                results["mixed"] = plan
         return results
 
     return run_stage(out_dir, "quantize", inputs, params, work)
