@@ -150,3 +150,19 @@ def test_a_stage_starts_from_the_memory_earlier_stages_freed():
     assert rss.start_bytes is not None and rss.start_bytes - before < 100e6
     assert rss.stop() >= rss.start_bytes - (1 << 20)
     assert len(pins) == 4000
+
+
+def test_every_stage_a_mixed_target_runs_has_an_estimate(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The plan names stages as the build does, so the report can put estimate and measurement side
+    by side (the sweep's estimate once went unmatched under another name)."""
+    from edgeft.formats.gguf import sensitivity_stage_name
+
+    shape = resources.shape_from_safetensors(smollm2_dir)
+    targets = parse_target_list("gguf-q4-mixed")
+    plan = resources.plan(load_config(None), targets, tmp_path / "out", shape)
+    names = [s.stage for s in plan.stages]
+    assert (
+        sensitivity_stage_name(targets[0]) == "sensitivity q4_k-q5_k-q8_0"
+        and sensitivity_stage_name(targets[0]) in names
+    )
+    assert {"quantize gguf-q4-mixed", "bench gguf-q4-mixed"} <= set(names)

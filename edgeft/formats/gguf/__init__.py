@@ -120,19 +120,34 @@ def _imatrix(target, merged_dir: Path, source: Path, out_dir: Path, run: Run, th
     ).path
 
 
+def sensitivity_stage_name(target) -> str:
+    """The sweep's stage name (its folder: spaces as dashes): named by the mix and the importance matrix,
+    not the target, since one sweep serves every budget over them."""
+    from .mixed import DEFAULT_MIX
+
+    label = "-".join(target.options.get("mix", DEFAULT_MIX)).lower()
+    if which := target.options.get("imatrix"):
+        label += f"-imat-{which}"
+    return f"sensitivity {label}"
+
+
 def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, threads: int, calibration, progress):
     """The sensitivity sweep a mixed target plans from: on the imatrix's calibration set, else the task's.
     One sweep serves every budget over the same mix and matrix, so it is named by those, not the target."""
     from .mixed import DEFAULT_MIX, sensitivity_stage
 
     which = target.options.get("imatrix") or "task"
-    mix = tuple(target.options.get("mix", DEFAULT_MIX))
     chunks = calibration(which, "sensitivity")
-    label = "-".join(mix).lower() + (f"-imat-{which}" if imatrix_dir else "")
     return run(
-        f"sensitivity {label}",
+        sensitivity_stage_name(target),
         lambda: sensitivity_stage(
-            source, Path(out_dir) / f"sensitivity-{label}", chunks, mix, threads, imatrix_dir, progress
+            source,
+            Path(out_dir) / sensitivity_stage_name(target).replace(" ", "-"),
+            chunks,
+            tuple(target.options.get("mix", DEFAULT_MIX)),
+            threads,
+            imatrix_dir,
+            progress,
         ),
     ).path
 
@@ -160,7 +175,9 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         out.append(StageEstimate(f"imatrix {which}", BASELINE_BYTES + 4 * n, 0, "one fp32 copy (torch)"))
     if target.options.get("max_size_mb") is not None:
         out.append(
-            StageEstimate("sensitivity", BASELINE_BYTES + 2 * size + 4 * n, 0, "F32 export mapped + probe models")
+            StageEstimate(
+                sensitivity_stage_name(target), BASELINE_BYTES + 2 * size + 4 * n, 0, "F32 export mapped + probe models"
+            )
         )
     out.append(StageEstimate(f"quantize {target.name}", by_tensor, size, "llama.cpp, tensor by tensor"))
     return [*out, bench]
