@@ -286,7 +286,10 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     from rich.table import Table
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned fp32 reference)")
+    from .report import dtype_short
+
+    ref_type = dtype_short(report["reference"].get("dtype"))
+    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned {ref_type} reference)")
     columns = ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "Δ task [95% CI]", "✓→✗ / ✗→✓")
     for col in (*columns, "decode tok/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col.startswith("Δ task"))
