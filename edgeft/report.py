@@ -277,8 +277,8 @@ def _reference_dtype_line(ref: dict[str, Any]) -> list[str]:
     return [
         "",
         f"**Reference computed in {dtype_short(ref['dtype'])}**{why}: every row is measured against the "
-        f"{dtype_short(ref['dtype'])} model, which is itself a little off the fp32 one (edgeft's docs/report.md "
-        "gives the figure measured on SmolLM2-135M).",
+        f"{dtype_short(ref['dtype'])} model, itself a little off the fp32 one (how much, measured on SmolLM2-135M: "
+        "edgeft's docs/report.md, section A bf16 reference).",
     ]
 
 
