@@ -104,55 +104,6 @@ def test_a_small_model_fits_and_the_disk_adds_up(tmp_path: Path, smollm2_dir: Pa
     assert [s.stage for s in plan.stages].count("export") == 1  # the shared F32 export counts once
 
 
-def test_peak_rss_is_per_stage_not_the_largest_so_far() -> None:
-    import numpy as np
-
-    rss = resources.PeakRSS()
-    rss.start()
-    if not rss.resettable:
-        pytest.skip("this kernel does not reset the peak RSS (/proc/self/clear_refs)")
-    block = np.ones(300_000_000 // 8)  # 300 MB touched
-    big = rss.stop()
-    del block
-    rss.start()
-    small = rss.stop()
-    assert big - small > 250e6, (big, small)
-
-
-def test_build_refuses_before_training_when_ram_is_short(tmp_path: Path, tokenizer) -> None:
-    """Through the CLI: a machine declared at 1 GB refuses the build in one line, exit 2, nothing written."""
-    cfg = tiny_build_config(tmp_path, tokenizer, "max_steps = 1\n")
-    args = ["build", "--config", str(cfg), "--target", "gguf-q8", "--out", "out"]
-    run = run_edgeft(args, tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
-    assert_refused(run, "needs about", "GB of RAM", "this machine has 1.0 GB")
-    assert not (tmp_path / "out").exists()
-    dry = run_edgeft([*args, "--dry-run"], tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
-    assert dry.returncode == 0, dry.stderr
-    shown = json.loads(dry.stdout)["resources"]
-    assert shown["machine_ram_bytes"] == 10**9 and shown["peak_ram_bytes"] > 10**9
-    assert "resource plan (estimates)" in dry.stderr and "would refuse" in dry.stderr
-
-
-def test_a_stage_starts_from_the_memory_earlier_stages_freed():
-    """PeakRSS.start hands freed heap back to the OS first, so a stage's start RSS (and peak) does not
-    carry what an earlier stage allocated and freed. Small live blocks between the freed ones keep
-    glibc from trimming the heap by itself (measured: ~255 MB stay resident without the trim)."""
-    from edgeft.resources import PeakRSS, _status_kb
-
-    before = _status_kb("VmRSS")
-    blocks, pins = [], []
-    for _ in range(4000):
-        blocks.append(bytearray(b"\x01" * (1 << 16)))  # 64 KiB: from the heap, not a mapping of its own
-        pins.append(bytearray(b"\x02" * 600))
-    assert _status_kb("VmRSS") - before > 200e6
-    del blocks
-    rss = PeakRSS()
-    rss.start()
-    assert rss.start_bytes is not None and rss.start_bytes - before < 100e6
-    assert rss.stop() >= rss.start_bytes - (1 << 20)
-    assert len(pins) == 4000
-
-
 # ------------------------------------------------------------------------------- reference precision
 # An 8B model trained on a GPU: the host holds only what the torch passes need. One fp32 copy for
 # them is 0.9 + 32.1 = 33.0 GB, a bf16 copy 0.9 + 16.1 = 17.0 GB; every other stage stays under 8 GB.
@@ -228,3 +179,52 @@ def test_dry_run_shows_the_reference_dtype_and_the_flag_forces_it(tmp_path: Path
     assert json.loads(forced.stdout)["config"]["bench"]["reference_dtype"] == "float32"
     assert "would refuse: " in forced.stderr and "stage reference needs about 33.0 GB" in forced.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_peak_rss_is_per_stage_not_the_largest_so_far() -> None:
+    import numpy as np
+
+    rss = resources.PeakRSS()
+    rss.start()
+    if not rss.resettable:
+        pytest.skip("this kernel does not reset the peak RSS (/proc/self/clear_refs)")
+    block = np.ones(300_000_000 // 8)  # 300 MB touched
+    big = rss.stop()
+    del block
+    rss.start()
+    small = rss.stop()
+    assert big - small > 250e6, (big, small)
+
+
+def test_build_refuses_before_training_when_ram_is_short(tmp_path: Path, tokenizer) -> None:
+    """Through the CLI: a machine declared at 1 GB refuses the build in one line, exit 2, nothing written."""
+    cfg = tiny_build_config(tmp_path, tokenizer, "max_steps = 1\n")
+    args = ["build", "--config", str(cfg), "--target", "gguf-q8", "--out", "out"]
+    run = run_edgeft(args, tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
+    assert_refused(run, "needs about", "GB of RAM", "this machine has 1.0 GB")
+    assert not (tmp_path / "out").exists()
+    dry = run_edgeft([*args, "--dry-run"], tmp_path, env={"EDGEFT_RAM_BYTES": str(10**9)})
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)["resources"]
+    assert shown["machine_ram_bytes"] == 10**9 and shown["peak_ram_bytes"] > 10**9
+    assert "resource plan (estimates)" in dry.stderr and "would refuse" in dry.stderr
+
+
+def test_a_stage_starts_from_the_memory_earlier_stages_freed():
+    """PeakRSS.start hands freed heap back to the OS first, so a stage's start RSS (and peak) does not
+    carry what an earlier stage allocated and freed. Small live blocks between the freed ones keep
+    glibc from trimming the heap by itself (measured: ~255 MB stay resident without the trim)."""
+    from edgeft.resources import PeakRSS, _status_kb
+
+    before = _status_kb("VmRSS")
+    blocks, pins = [], []
+    for _ in range(4000):
+        blocks.append(bytearray(b"\x01" * (1 << 16)))  # 64 KiB: from the heap, not a mapping of its own
+        pins.append(bytearray(b"\x02" * 600))
+    assert _status_kb("VmRSS") - before > 200e6
+    del blocks
+    rss = PeakRSS()
+    rss.start()
+    assert rss.start_bytes is not None and rss.start_bytes - before < 100e6
+    assert rss.stop() >= rss.start_bytes - (1 << 20)
+    assert len(pins) == 4000
