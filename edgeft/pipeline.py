@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .bench.run import Progress, _no_progress
 from .config import BenchConfig, BuildConfig, GatesConfig
 from .errors import ConfigError
+from .resources import ReferenceDtype
 from .stage import StageOutput
 from .targets import Target
 
@@ -117,9 +118,9 @@ def _build_stages(
     old: dict[str, Any] | None,
     device: Any,
     context: int,
-    ref_dtype: Any,
+    ref_dtype: ReferenceDtype,
 ) -> BuildResult:
-    """``ref_dtype``: the :class:`~edgeft.resources.ReferenceDtype` the plan chose for the torch passes."""
+    """``ref_dtype``: what the plan chose for the torch passes (the reference, bench-base)."""
     from .bench.run import bench, bench_adapter_nf4, bench_base, reference
     from .formats import get_format
     from .merge import merge
