@@ -19,6 +19,7 @@ from typing import Iterator
 import click
 
 from . import __version__
+from .config import REFERENCE_DTYPES
 from .errors import ConfigError, EdgeftError, InternalError
 
 
@@ -128,6 +129,12 @@ _gate_option = click.option(
     metavar="NAME=VALUE",
     help="quality gate on top of [gates], e.g. --gate max_kld=0.1 (repeatable)",
 )
+_reference_dtype_option = click.option(
+    "--reference-dtype",
+    type=click.Choice(REFERENCE_DTYPES),
+    help="what torch computes the reference in (overrides [bench].reference_dtype; auto: float32 where one fp32 "
+    "copy fits this machine's RAM, else bfloat16)",
+)
 _compare_option = click.option(
     "--compare-to",
     type=click.Path(path_type=Path),
@@ -168,6 +175,7 @@ def _device_options(f):
 @_gate_option
 @_compare_option
 @_device_options
+@_reference_dtype_option
 @click.option("--dry-run", is_flag=True, help="print the resolved config, targets and RAM/disk plan; do nothing")
 def build(
     target_spec: str,
@@ -179,6 +187,7 @@ def build(
     compare_to: Path | None,
     device: str | None,
     context: int,
+    reference_dtype: str | None,
     dry_run: bool,
 ) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
@@ -190,6 +199,8 @@ def build(
 
         cfg = _load_cfg(config, model)
         _train_device(cfg, train_device, "--train-device")
+        if reference_dtype:
+            cfg.bench.reference_dtype = reference_dtype
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         for name in cfg.targets:
             if name not in available_targets():
@@ -275,7 +286,10 @@ def _print_summary(report: dict, out_dir: Path) -> None:
     from rich.table import Table
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned fp32 reference)")
+    from .report import dtype_short
+
+    ref_type = dtype_short(report["reference"].get("dtype"))
+    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned {ref_type} reference)")
     columns = ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "Δ task [95% CI]", "✓→✗ / ✗→✓")
     for col in (*columns, "decode tok/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col.startswith("Δ task"))
@@ -579,6 +593,7 @@ def verify(bundle: Path) -> None:
     help="after the latency runs, decode continuously this long per artifact and report the first and last 20% "
     "of the tokens apart, so throttling shows (a phone, a fanless board)",
 )
+@_reference_dtype_option
 @_gate_option
 @_compare_option
 def bench(
@@ -600,6 +615,7 @@ def bench(
     remote_dir: str,
     llama_bench_file: Path | None,
     sustained_s: float | None,
+    reference_dtype: str | None,
 ) -> None:
     """Measure artifacts against the fine-tuned reference; writes report.json/md, junit.xml, a plot.
 
@@ -633,6 +649,8 @@ def bench(
             cfg.bench.threads = threads
         if sustained_s is not None:
             cfg.bench.sustained_s = sustained_s
+        if reference_dtype:
+            cfg.bench.reference_dtype = reference_dtype  # with an HF --reference: the stage it runs
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
         from .progress import rich_progress
 

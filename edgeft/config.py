@@ -67,6 +67,8 @@ class DataConfig:
 DEVICES = ("auto", "cpu", "cuda")
 MAX_VALIDATION_SHARE = 0.5  # holding out more than half the training data is a mistake, not a choice
 MERGE_STRATEGIES = ("fp", "dequant", "auto")
+REFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}  # how reports and messages write a torch dtype
 
 
 @dataclass
@@ -185,8 +187,19 @@ class BenchConfig:
         "tokens apart, so throttling shows (0: off; `edgeft bench --sustained`)",
         0.0,
     )
+    reference_dtype: str = _help(
+        "what the torch passes (the reference and the base model's row) load the model in: `auto` (float32 when "
+        "one fp32 copy fits this machine's RAM, else bfloat16; the report says which and why), `float32` or "
+        "`bfloat16` (half the memory; its own rounding moves the reference a little, see docs/report.md)",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise ConfigError(
+                f"[bench].reference_dtype: expected one of {', '.join(map(repr, REFERENCE_DTYPES))}, "
+                f"got {self.reference_dtype!r}"
+            )
         for name in ("max_new_tokens", "prompt_tokens", "decode_tokens", "repeats", "top_k"):
             _check("bench", name, getattr(self, name), 0, open_lo=True)
         for name in ("threads", "max_eval", "golden"):

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .bench.run import Progress, _no_progress
 from .config import BenchConfig, BuildConfig, GatesConfig
 from .errors import ConfigError
+from .resources import ReferenceDtype
 from .stage import StageOutput
 from .targets import Target
 
@@ -95,7 +96,17 @@ def build(
     old = _read_old_report(compare_to)
     estimates = {s.stage: s.peak_ram for s in resources.stages}
     with output_dir(out_dir, "build", {"targets": [t.name for t in targets], "config": str(cfg.source or "")}):
-        return _build_stages(cfg, targets, out_dir, _Stages(on_stage, estimates), progress, old, device, context)
+        return _build_stages(
+            cfg,
+            targets,
+            out_dir,
+            _Stages(on_stage, estimates),
+            progress,
+            old,
+            device,
+            context,
+            resources.reference_dtype,
+        )
 
 
 def _build_stages(
@@ -107,7 +118,9 @@ def _build_stages(
     old: dict[str, Any] | None,
     device: Any,
     context: int,
+    ref_dtype: ReferenceDtype,
 ) -> BuildResult:
+    """``ref_dtype``: what the plan chose for the torch passes (the reference, bench-base)."""
     from .bench.run import bench, bench_adapter_nf4, bench_base, reference
     from .formats import get_format
     from .merge import merge
@@ -124,8 +137,13 @@ def _build_stages(
     merged = stages.run(
         "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
     )
-    ref = stages.run("reference", lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress))
-    base = stages.run("bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress))
+    ref = stages.run(
+        "reference",
+        lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress, ref_dtype),
+    )
+    base = stages.run(
+        "bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress, ref_dtype)
+    )
     nf4_row = None
     if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
         nf4_row = stages.run(
@@ -268,12 +286,20 @@ def finish_report(
         """A ladder row's fidelity with its answers paired against the reference's."""
         return dict(results["fidelity"], task_accuracy_paired=paired_task(ref_meta, results.get("answers") or []))
 
+    from .config import DTYPE_SHORT
+
+    def torch_type(results: dict[str, Any]) -> str:
+        """A torch row's type column: the dtype it ran in (stages cached before it was recorded: fp32)."""
+        return DTYPE_SHORT.get(results.get("dtype", "float32"), "fp32")
+
     ladder = []
     if base_results:
-        ladder.append(ladder_row("base", "torch", paired(base_results), None, "fp32"))
+        ladder.append(ladder_row("base", "torch", paired(base_results), None, torch_type(base_results)))
     if nf4_results:
         ladder.append(ladder_row(NF4_ROW, "torch", paired(nf4_results), None, "nf4"))
-    ladder.append(ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], "fp32"))
+    ladder.append(
+        ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], torch_type(ref_meta))
+    )
     for label, results in conversions:
         art = results["artifact"]
         ladder.append(
@@ -364,10 +390,13 @@ def _same_run_reference(
         return ref_meta, []
     fresh = retime_reference(ref_meta, bcfg)
     if fresh is None:
+        from .config import DTYPE_SHORT
+
         when = ref_meta["performance"].get("timed_at", "an earlier run")
+        short = DTYPE_SHORT.get(ref_meta.get("dtype", "float32"), "fp32")
         return ref_meta, [
-            f"the fp32 reference was timed in another run ({when}) and its model is not here to time again: "
-            "the × fp32 column compares timings from two runs"
+            f"the {short} reference was timed in another run ({when}) and its model is not here to time again: "
+            f"the × {short} column compares timings from two runs"
         ]
     return {**ref_meta, "performance": fresh}, []
 
@@ -475,16 +504,19 @@ def bench_artifacts(
     if not stored:
         from .data import load_jsonl
         from .models import resolve_model
+        from .resources import machine_reference_dtype
 
         eval_path = eval_file or cfg.data.eval
         if eval_path is None:
             raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
         load_jsonl(eval_path, need_answers=True)
+        ref_dtype = machine_reference_dtype(Path(reference_dir), cfg.bench.reference_dtype)
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen]}):
         if not stored:
             hf = resolve_model(str(reference_dir))
             reference_dir = stages.run(
-                "reference", lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress)
+                "reference",
+                lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress, ref_dtype),
             ).path
         measured = []
         for name, path in chosen:

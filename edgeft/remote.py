@@ -680,6 +680,8 @@ _REPORT = {
         "path": STR,
         "size_bytes": NUM,
         "top_k": INT,
+        "dtype": optional(STR),
+        "dtype_reason": optional(STR),
         "performance": {"latency": _LATENCY, "peak_rss_bytes": NUM, "load_s": NUM},
         "machine": _MACHINE,
         "timed": _TIMED,

@@ -6,10 +6,13 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
   ``gates`` — the *first* target's entry, so one-target consumers need not look further;
 * ``passed`` — every gate of every target passed (and no ``--compare-to`` regression);
 * ``targets`` — one entry per target, each with the keys above plus ``passed``;
-* ``ladder`` — fidelity of every stage against the fine-tuned fp32 reference: ``base``, for QLoRA
+* ``ladder`` — fidelity of every stage against the fine-tuned reference (fp32, or bf16 where fp32 did
+  not fit this machine: ``reference.dtype``; torch rows' ``quant`` is the dtype they ran in): ``base``, for QLoRA
   builds ``adapter on NF4 base`` (the adapter on its 4-bit base in torch, the model as trained; quant
   ``nf4``), ``reference``, each format's unquantized export (``gguf-f32 export``) and each target;
-* ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``;
+* ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``: ``dtype``
+  ``float32`` or ``bfloat16`` (the weights in ``path`` are fp32 either way), and ``dtype_reason`` where
+  it is not float32 (e.g. ``fp32 would need 33.0 GB, this machine has 25.8 GB``);
 * ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
 * ``training`` (builds): ``method``, ``steps``, ``validation`` (``{source, examples}``: the
   ``[data].validation`` file or ``held out of the training data``; null without validation),
@@ -177,7 +180,8 @@ def assemble(
             "path": ref_meta["model"],
             "stored": str(ref_dir),
             "size_bytes": ref_meta["model_size_bytes"],
-            "dtype": "float32",
+            "dtype": ref_meta.get("dtype", "float32"),  # references stored before it was recorded: fp32
+            **({"dtype_reason": ref_meta["dtype_reason"]} if ref_meta.get("dtype_reason") else {}),
             "top_k": ref_meta["top_k"],
             "task_accuracy": ref_meta["task_accuracy"],
             "answers_correct": [a["correct"] for a in ref_meta.get("answers", [])],
@@ -258,6 +262,26 @@ def _cell(text: Any) -> str:
     return _md(text)
 
 
+def dtype_short(dtype: Any) -> str:
+    """``float32`` → ``fp32``, ``bfloat16`` → ``bf16``; anything else (another machine's) as safe text."""
+    from .config import DTYPE_SHORT
+
+    return DTYPE_SHORT.get(dtype or "float32") or _md(dtype)
+
+
+def _reference_dtype_line(ref: dict[str, Any]) -> list[str]:
+    """Why the reference is not fp32, where it is not: every figure below is measured against it."""
+    if (ref.get("dtype") or "float32") == "float32":
+        return []
+    why = f" ({_md(ref['dtype_reason'])})" if ref.get("dtype_reason") else ""
+    return [
+        "",
+        f"**Reference computed in {dtype_short(ref['dtype'])}**{why}: every row is measured against the "
+        f"{dtype_short(ref['dtype'])} model, itself a little off the fp32 one (how much, measured on SmolLM2-135M: "
+        "edgeft's docs/report.md, section A bf16 reference).",
+    ]
+
+
 def _interval(iv: list[float] | None, fmt: str) -> str:
     return "" if not iv else f" [{fmt.format(iv[0])}–{fmt.format(iv[1])}]"
 
@@ -292,6 +316,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
 
     ref = report["reference"]
     ref_lat = ref["performance"]["latency"]
+    ref_type = dtype_short(ref.get("dtype"))
     run_id = report.get("run_id")
     earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
 
@@ -306,8 +331,10 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
         "",
         f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
-        f"({ref['size_bytes'] / 1e6:.0f} MB fp32) · {report['eval']['examples']} held-out questions, "
+        f"({ref['size_bytes'] / 1e6:.0f} MB fp32{'' if ref_type == 'fp32' else f', computed in {ref_type}'}) · "
+        f"{report['eval']['examples']} held-out questions, "
         f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
+        *_reference_dtype_line(ref),
         "",
         *[f"**Warning:** {_md(w)}" for w in report.get("warnings", [])],
         *([""] if report.get("warnings") else []),
@@ -325,7 +352,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
         ],
         "",
-        "## Fidelity ladder (each stage vs the fine-tuned fp32 reference; base = before fine-tuning)",
+        f"## Fidelity ladder (each stage vs the fine-tuned {ref_type} reference; base = before fine-tuning)",
         "",
         "| stage | runtime | type | MB | mean KLD [95% CI] | p99 KLD | top-1 [95% CI] | perplexity | Δppl | task acc "
         "| Δ task acc, points [95% CI] | flips ✓→✗ / ✗→✓ |",
@@ -358,9 +385,9 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
         f"{ref_lat['prompt_tokens']}-token prompt, {ref_lat['decode_tokens']} decoded tokens)",
         "",
-        "| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × fp32 | peak RSS MB | load s | roofline |",
+        f"| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × {ref_type} | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference fp32{run_mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference {ref_type}{run_mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -653,7 +680,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
             fontsize=8,
         )
     ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel("mean KL divergence vs fp32 reference")
+    ax.set_ylabel(f"mean KL divergence vs {dtype_short(report['reference'].get('dtype'))} reference")
     ax.set_yscale("log")
     ax.set_title(f"size vs fidelity ({report['targets'][0]['latency']['threads']} threads, decode median)")
     ax.grid(True, which="both", alpha=0.3)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import DTYPE_SHORT
 from .errors import ConfigError
 
 GB = 1e9
@@ -29,6 +30,8 @@ BASELINE_BYTES = int(0.9 * GB)
 # A build refuses when a stage's estimate is above this share of the machine's RAM: the estimates
 # are rough, and the OS, page cache and the user's other work need room too.
 RAM_SHARE = 0.9
+# Bytes per parameter of a model torch holds for forward passes (the reference, bench-base), by dtype.
+TORCH_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 # ---------------------------------------------------------------------------------------- measured
@@ -107,6 +110,22 @@ class StageEstimate:
     peak_ram: int  # bytes of RSS the stage's process is expected to reach
     disk: int  # bytes the stage leaves behind (its output)
     basis: str  # what the estimate counts, for the person reading --dry-run
+    hint: str = ""  # how to make it fit, when the plan is refused at this stage (else a generic one)
+
+
+@dataclass(frozen=True)
+class ReferenceDtype:
+    """The dtype the whole-model torch passes (the reference, bench-base) load the model in, and why."""
+
+    name: str = "float32"  # "float32" | "bfloat16"
+    why: str = ""  # empty for the default fp32; else what chose it, as the report's header says it
+
+    @property
+    def short(self) -> str:
+        return DTYPE_SHORT[self.name]
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "why": self.why}
 
 
 @dataclass
@@ -116,6 +135,7 @@ class ResourcePlan:
     ram_total: int | None
     disk_free: int | None
     notes: list[str] = field(default_factory=list)
+    reference_dtype: ReferenceDtype = ReferenceDtype()
 
     @property
     def peak(self) -> StageEstimate:
@@ -134,6 +154,7 @@ class ResourcePlan:
             "disk_bytes": self.disk,
             "machine_ram_bytes": self.ram_total,
             "disk_free_bytes": self.disk_free,
+            "reference_dtype": self.reference_dtype.to_dict(),
             "notes": self.notes,
         }
 
@@ -220,15 +241,60 @@ def training_estimate(shape: ModelShape, cfg: Any) -> StageEstimate:
     return StageEstimate("train", BASELINE_BYTES + weights + acts, 0, basis)
 
 
+def torch_copy_bytes(shape: ModelShape, dtype: str) -> int:
+    """Peak RSS of a torch process holding one copy of the model in ``dtype`` for forward passes.
+
+    Anonymous memory, what must fit. Loading a bf16 copy from the fp32 folder also maps the fp32 file
+    while it converts (measured on Qwen2.5 0.5B: 1.46 GB anonymous + 2.49 GB of file pages at the
+    peak, 1.55 GB once loaded): page cache, which the kernel drops when memory is short, but the
+    stage's measured high-water mark counts it on a machine with room to spare."""
+    return BASELINE_BYTES + TORCH_BYTES[dtype] * shape.parameters
+
+
+def reference_dtype(shape: ModelShape, choice: str, ram_total: int | None) -> ReferenceDtype:
+    """``[bench].reference_dtype`` resolved: ``auto`` is float32 where one fp32 copy fits this machine's
+    RAM (or the RAM is unknown), else bfloat16, whether or not that fits (:func:`check_fits` says)."""
+    if choice != "auto":
+        return ReferenceDtype(choice, "" if choice == "float32" else f"[bench].reference_dtype = {choice!r}")
+    need = torch_copy_bytes(shape, "float32")
+    if not ram_total or need <= RAM_SHARE * ram_total:
+        return ReferenceDtype()
+    return ReferenceDtype("bfloat16", f"fp32 would need {need / GB:.1f} GB, this machine has {ram_total / GB:.1f} GB")
+
+
+def machine_reference_dtype(model_dir: Path, choice: str) -> ReferenceDtype:
+    """:func:`reference_dtype` for a local HF folder on this machine (``edgeft bench --reference HF_FOLDER``,
+    which has no build plan)."""
+    from .machine import ram_bytes
+
+    return reference_dtype(shape_from_safetensors(model_dir), choice, _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes())
+
+
+_FP32_HINT = "; set [bench].reference_dtype = 'auto' (bf16 where fp32 does not fit) or 'bfloat16'"
+# The unquantized export's ladder row is measured on the whole fp32 file: refused where fp32 does not fit.
+LADDER_EXPORT_HINT = "; set [bench].ladder_export = false (the unquantized export's row holds the whole fp32 model)"
+
+
+def _torch_pass(stage: str, shape: ModelShape, dtype: ReferenceDtype) -> StageEstimate:
+    """A stage that runs the whole model in torch, in the build's reference dtype."""
+    peak = torch_copy_bytes(shape, dtype.name)
+    if dtype.name == "float32":
+        # refused only where fp32 was asked for: `auto` picks fp32 only where it fits
+        return StageEstimate(stage, peak, 0, "one fp32 copy (torch forward passes)", _FP32_HINT)
+    fp32 = torch_copy_bytes(shape, "float32")
+    return StageEstimate(stage, peak, 0, f"one {dtype.short} copy for torch, fp32 would need {fp32 / GB:.1f} GB")
+
+
 def plan(cfg: Any, targets: list[Any], out_dir: Path, shape: ModelShape | None = None) -> ResourcePlan:
     """Estimated peak RAM of each stage of ``edgeft build`` and the disk the build leaves, with what
-    this machine has."""
+    this machine has; and the dtype of the torch passes that fits it (:func:`reference_dtype`)."""
     from .formats import get_format
     from .machine import ram_bytes
 
     shape = shape or model_shape(str(cfg.model))
     fp32 = shape.fp32_bytes
-    one_copy = BASELINE_BYTES + fp32
+    ram_total = _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes()
+    ref_dtype = reference_dtype(shape, cfg.bench.reference_dtype, ram_total)
     stages: list[StageEstimate] = []
     from .models import BUILTIN_MODELS
 
@@ -237,8 +303,8 @@ def plan(cfg: Any, targets: list[Any], out_dir: Path, shape: ModelShape | None =
         stages.append(StageEstimate("model", BASELINE_BYTES + int(1.3 * fp32), fp32, "fp32 model from the GGUF"))
     stages.append(training_estimate(shape, cfg))
     stages.append(_merge_estimate(shape, cfg))
-    stages.append(StageEstimate("reference", one_copy, 0, "one fp32 copy (torch forward passes)"))
-    stages.append(StageEstimate("bench-base", one_copy, 0, "one fp32 copy (torch forward passes)"))
+    stages.append(_torch_pass("reference", shape, ref_dtype))
+    stages.append(_torch_pass("bench-base", shape, ref_dtype))
     seen: set[str] = set()
     for target in targets:
         for est in get_format(target.format).resource_estimates(target, shape, cfg.bench.ladder_export):
@@ -247,7 +313,7 @@ def plan(cfg: Any, targets: list[Any], out_dir: Path, shape: ModelShape | None =
                 stages.append(est)
     out_dir = Path(out_dir).absolute()
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("/"))
-    return ResourcePlan(shape, stages, _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes(), _free_disk(existing))
+    return ResourcePlan(shape, stages, ram_total, _free_disk(existing), reference_dtype=ref_dtype)
 
 
 def _merge_estimate(shape: ModelShape, cfg: Any) -> StageEstimate:
@@ -272,7 +338,7 @@ def check_fits(resources: ResourcePlan, where: str) -> None:
         raise ConfigError(
             f"{where}: stage {peak.stage} needs about {peak.peak_ram / GB:.1f} GB of RAM ({peak.basis}, "
             f"{resources.model.parameters / 1e9:.2f} B parameters); this machine has {resources.ram_total / GB:.1f} GB"
-            f"{_hint(peak.stage)}"
+            f"{peak.hint or _hint(peak.stage)}"
         )
     if resources.disk_free is not None and resources.disk > resources.disk_free:
         raise ConfigError(
@@ -303,6 +369,9 @@ def render(resources: ResourcePlan) -> str:
         f"  peak {resources.peak.peak_ram / GB:.2f} GB ({resources.peak.stage}) of {ram} RAM; "
         f"disk {resources.disk / GB:.2f} GB of {disk}"
     )
+    if resources.reference_dtype.why:
+        ref = resources.reference_dtype
+        lines.append(f"  reference and bench-base computed in {ref.short} ({ref.why})")
     return "\n".join(lines)
 
 

@@ -57,6 +57,10 @@ def test_paths_resolve_against_the_config_folder(tmp_path):
         ("[train]\neval_steps = -1\n", "[train].eval_steps: expected a number >= 0"),
         ("[train]\nvalidation_share = 1\n", "[train].validation_share: expected a number <= 0.5"),
         ("[train]\nmax_steps = 4\neval_steps = 5\n", "[train].eval_steps = 5 exceeds [train].max_steps = 4"),
+        (
+            "[bench]\nreference_dtype = 'float16'\n",
+            "[bench].reference_dtype: expected one of 'auto', 'float32', 'bfloat16', got 'float16'",
+        ),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, fragment):

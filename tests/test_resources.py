@@ -84,7 +84,8 @@ def test_an_8b_build_is_refused_on_24_gb_naming_the_stage_and_numbers(tmp_path: 
     cfg = load_config(None)
     plan = resources.plan(cfg, parse_target_list("gguf-q4"), tmp_path / "out", shape)
     by_stage = {s.stage: s for s in plan.stages}
-    assert by_stage["reference"].peak_ram > 32e9  # one fp32 copy of 8.03 B parameters
+    assert by_stage["model"].peak_ram > 32e9  # the built-in's fp32 copy of 8.03 B parameters
+    assert by_stage["reference"].peak_ram > 16e9  # one bf16 copy: an fp32 one would not fit
     assert by_stage["export"].peak_ram < 8e9  # tensor by tensor: the largest tensor, not the model
     with pytest.raises(ConfigError) as err:
         resources.check_fits(plan, "edgeft.toml")
@@ -101,6 +102,83 @@ def test_a_small_model_fits_and_the_disk_adds_up(tmp_path: Path, smollm2_dir: Pa
     resources.check_fits(plan, "edgeft.toml")  # fits any machine that runs the tests
     assert plan.disk == sum(s.disk for s in plan.stages)
     assert [s.stage for s in plan.stages].count("export") == 1  # the shared F32 export counts once
+
+
+# ------------------------------------------------------------------------------- reference precision
+# An 8B model trained on a GPU: the host holds only what the torch passes need. One fp32 copy for
+# them is 0.9 + 32.1 = 33.0 GB, a bf16 copy 0.9 + 16.1 = 17.0 GB; every other stage stays under 8 GB.
+
+
+def _gpu_8b_plan(tmp_path: Path, monkeypatch, ram: int, dtype: str = "auto", ladder_export: bool = False):
+    monkeypatch.setenv("EDGEFT_RAM_BYTES", str(ram))
+    monkeypatch.setenv("EDGEFT_DISK_FREE_BYTES", str(10**12))
+    cfg = load_config(None)
+    cfg.model = str(sparse_llama(tmp_path / "llama8b", LLAMA_8B))
+    cfg.train.device, cfg.bench.ladder_export, cfg.bench.reference_dtype = "cuda", ladder_export, dtype
+    return resources.plan(cfg, parse_target_list("gguf-q4"), tmp_path / "out")
+
+
+def test_the_reference_is_computed_in_bf16_where_its_fp32_copy_would_not_fit(tmp_path: Path, monkeypatch) -> None:
+    plan = _gpu_8b_plan(tmp_path, monkeypatch, 24 * 2**30)  # 25.8 GB: 23.2 GB usable
+    by_stage = {s.stage: s for s in plan.stages}
+    assert plan.reference_dtype.name == "bfloat16"
+    assert plan.reference_dtype.why == "fp32 would need 33.0 GB, this machine has 25.8 GB"
+    for stage in ("reference", "bench-base"):  # the base model's torch pass runs in the same dtype
+        assert 16.9e9 < by_stage[stage].peak_ram < 17.0e9
+        assert by_stage[stage].basis == "one bf16 copy for torch, fp32 would need 33.0 GB"
+    assert plan.peak.stage == "reference"
+    resources.check_fits(plan, "edgeft.toml")  # fits: the build goes ahead
+    assert plan.to_dict()["reference_dtype"] == {"name": "bfloat16", "why": plan.reference_dtype.why}
+    assert "reference and bench-base computed in bf16 (fp32 would need 33.0 GB" in resources.render(plan)
+
+
+def test_a_reference_that_fits_in_neither_dtype_is_refused_with_both_estimates(tmp_path: Path, monkeypatch) -> None:
+    plan = _gpu_8b_plan(tmp_path, monkeypatch, 16 * 2**30)  # 17.2 GB: 15.5 GB usable
+    with pytest.raises(ConfigError) as err:
+        resources.check_fits(plan, "edgeft.toml")
+    assert str(err.value) == (
+        "edgeft.toml: stage reference needs about 17.0 GB of RAM (one bf16 copy for torch, fp32 would need "
+        "33.0 GB, 8.03 B parameters); this machine has 17.2 GB; use a machine with more memory"
+    )
+
+
+def test_fp32_where_it_fits_and_a_forced_dtype_is_kept_either_way(tmp_path: Path, monkeypatch) -> None:
+    roomy = _gpu_8b_plan(tmp_path / "a", monkeypatch, 64 * 2**30)
+    assert roomy.reference_dtype == resources.ReferenceDtype("float32", "")  # as before the option existed
+    assert {s.stage: s.basis for s in roomy.stages}["reference"] == "one fp32 copy (torch forward passes)"
+    assert "computed in" not in resources.render(roomy)
+    forced = _gpu_8b_plan(tmp_path / "b", monkeypatch, 64 * 2**30, dtype="bfloat16")
+    assert forced.reference_dtype == resources.ReferenceDtype("bfloat16", "[bench].reference_dtype = 'bfloat16'")
+    fp32 = _gpu_8b_plan(tmp_path / "c", monkeypatch, 24 * 2**30, dtype="float32")
+    with pytest.raises(ConfigError, match=r"stage reference needs about 33\.0 GB.*\[bench\]\.reference_dtype = 'auto'"):
+        resources.check_fits(fp32, "edgeft.toml")
+
+
+def test_the_f32_exports_ladder_row_is_refused_with_the_knob_that_drops_it(tmp_path: Path, monkeypatch) -> None:
+    """With the default ladder_export the unquantized GGUF is benched whole: as big as an fp32 copy."""
+    plan = _gpu_8b_plan(tmp_path, monkeypatch, 24 * 2**30, ladder_export=True)
+    assert plan.reference_dtype.name == "bfloat16"
+    with pytest.raises(ConfigError, match=r"stage bench gguf-f32 needs .*\[bench\]\.ladder_export = false"):
+        resources.check_fits(plan, "edgeft.toml")
+
+
+def test_dry_run_shows_the_reference_dtype_and_the_flag_forces_it(tmp_path: Path) -> None:
+    model = sparse_llama(tmp_path / "llama8b", LLAMA_8B)
+    cfg = tmp_path / "edgeft.toml"
+    cfg.write_text(f'model = "{model}"\n[train]\ndevice = "cuda"\n[bench]\nladder_export = false\n')
+    args = ["build", "--config", str(cfg), "--out", "out", "--dry-run"]
+    env = {"EDGEFT_RAM_BYTES": str(24 * 2**30), "EDGEFT_DISK_FREE_BYTES": str(10**12)}
+    dry = run_edgeft(args, tmp_path, env=env)
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)
+    assert shown["config"]["bench"]["reference_dtype"] == "auto"
+    assert shown["resources"]["reference_dtype"]["name"] == "bfloat16"
+    assert "computed in bf16" in dry.stderr and "would refuse" not in dry.stderr
+    forced = run_edgeft([*args, "--reference-dtype", "float32"], tmp_path, env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["config"]["bench"]["reference_dtype"] == "float32"
+    assert "would refuse: " in forced.stderr and "stage reference needs about 33.0 GB" in forced.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_peak_rss_is_per_stage_not_the_largest_so_far() -> None:

@@ -20,6 +20,9 @@ that long and reports the first and last 20% of the tokens apart (:func:`measure
 ``run_id`` names the edgeft process that asked for the timing (:data:`RUN_ID`): a report compares
 speeds only between rows timed in the same run, and says which rows were timed in another.
 
+``--dtype bfloat16`` (torch only) loads the model as the reference was computed where fp32 did not
+fit; the timing then is the bf16 reference's.
+
 ``peak_rss_bytes`` is the process's high-water resident set (``getrusage``), interpreter and
 numpy included. Only ``--runtime torch`` imports torch, so a llama.cpp probe runs on a device
 without it (``torch_imported`` says whether it was loaded).
@@ -35,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import DTYPE_SHORT
 from ..errors import ConfigError, EdgeftError, InternalError, ModelError
 from ..runtimes import RUNTIMES
 
@@ -42,11 +46,11 @@ from ..runtimes import RUNTIMES
 RUN_ID = os.environ.get("EDGEFT_RUN_ID") or f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 
-def _load(runtime: str, model: Path, threads: int):
+def _load(runtime: str, model: Path, threads: int, dtype: str | None = None):
     """The runtime named ``runtime`` with ``model`` loaded; imports only that runtime's backend."""
     from ..runtimes import load_runtime
 
-    return load_runtime(runtime, model, threads=threads, scoring=False)
+    return load_runtime(runtime, model, threads=threads, scoring=False, dtype=dtype)
 
 
 def _peak_rss_bytes() -> int:
@@ -77,6 +81,7 @@ def probe(
     repeats: int,
     sustained_s: float = 0.0,
     sysfs_root: Path | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Load, measure and report; meant to run in its own process (see the module docstring)."""
     import psutil
@@ -91,7 +96,7 @@ def probe(
     root = ROOT if sysfs_root is None else Path(sysfs_root)
     affinity = pin_big_cores(threads, root)  # before the runtime starts its threads: they inherit it
     start = time.perf_counter()
-    rt = _load(runtime, model, threads)
+    rt = _load(runtime, model, threads, dtype)
     load_s = time.perf_counter() - start
     rss_after_load = psutil.Process().memory_info().rss
     sustained = None
@@ -112,6 +117,7 @@ def probe(
         "rss_after_load_bytes": rss_after_load,
         "peak_rss_bytes": _peak_rss_bytes(),
         "torch_imported": "torch" in sys.modules,
+        **({"dtype": dtype} if dtype else {}),
         "run_id": RUN_ID,
         "timed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": describe(),
@@ -131,6 +137,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sustained", type=float, default=0.0, help="then decode continuously this many seconds")
     parser.add_argument("--sysfs-root", type=Path, default=None, help="where /sys is read from (tests)")
+    parser.add_argument("--dtype", choices=list(DTYPE_SHORT), default=None, help="torch only: load the weights in")
     return parser.parse_args(argv)
 
 
@@ -139,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     a = _args(argv)
     try:
         result = probe(
-            a.runtime, a.model, a.threads, a.prompt_tokens, a.decode_tokens, a.repeats, a.sustained, a.sysfs_root
+            a.runtime,
+            a.model,
+            a.threads,
+            a.prompt_tokens,
+            a.decode_tokens,
+            a.repeats,
+            a.sustained,
+            a.sysfs_root,
+            a.dtype,
         )
     except EdgeftError as e:
         if os.environ.get("EDGEFT_RAISE_ERRORS"):
@@ -160,8 +175,10 @@ def run_probe(
     timeout: float = 900,
     sustained_s: float = 0.0,
     sysfs_root: Path | None = None,
+    dtype: str = "float32",
 ) -> dict:
-    """Run :func:`probe` in a child Python process and return its report.
+    """Run :func:`probe` in a child Python process and return its report. ``dtype``: torch's (the
+    reference's); float32 asks for nothing, so the command line is as it was without the option.
 
     The probe exits 2 when the user's input is at fault (it could not load the model): that is
     raised as ModelError with the probe's message. A crash, any other failure or a time-out is not
@@ -183,6 +200,8 @@ def run_probe(
         timeout += sustained_s
     if sysfs_root is not None:
         cmd += ["--sysfs-root", str(sysfs_root)]
+    if dtype != "float32":
+        cmd += ["--dtype", dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDGEFT_RUN_ID": RUN_ID}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

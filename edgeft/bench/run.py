@@ -1,8 +1,9 @@
 """Bench stages: the stored reference (torch), each artifact against it (no torch), the base model.
 
-* ``reference`` — runs the fine-tuned fp32 model once: top-k next-token log-probs on the held-out
-  replies, its greedy answers and task accuracy, and its own latency and memory (in a subprocess).
-  The folder it writes is all a device needs to benchmark an artifact.
+* ``reference`` — runs the fine-tuned model once, in fp32 (or bf16 where fp32 does not fit, see
+  :func:`edgeft.resources.reference_dtype`): top-k next-token log-probs on the held-out replies, its
+  greedy answers and task accuracy, and its own latency and memory (in a subprocess). The folder it
+  writes is all a device needs to benchmark an artifact; its meta says the dtype.
 * ``bench`` — one artifact against a stored reference: fidelity, task accuracy, golden prompts,
   latency and memory in the runtime's own subprocess, weight bytes per token. Imports no torch.
 * ``bench-base`` — the base model's row of the fidelity ladder (torch): how far fine-tuning moved it.
@@ -20,11 +21,13 @@ from typing import Any, Callable
 
 from ..config import BenchConfig
 from ..data import is_correct, load_jsonl
+from ..resources import ReferenceDtype
 from ..stage import StageOutput, content_hash, run_stage
 from . import reference as stored_reference
 from .fidelity import compare_stored, reply_sequences, task_accuracy
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
+FP32 = ReferenceDtype()
 
 
 def _no_progress(desc: str, total: int) -> Callable[[], None]:
@@ -42,7 +45,12 @@ def _machine() -> dict[str, Any]:
 
 
 def _probe(
-    runtime: str, model: Path, cfg: BenchConfig, prompt_tokens: int | None = None, decode_tokens: int | None = None
+    runtime: str,
+    model: Path,
+    cfg: BenchConfig,
+    prompt_tokens: int | None = None,
+    decode_tokens: int | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Time ``model`` in its runtime's own process; lengths default to the config's."""
     from .probe import run_probe
@@ -54,6 +62,7 @@ def _probe(
         prompt_tokens or cfg.prompt_tokens,
         decode_tokens or cfg.decode_tokens,
         cfg.repeats,
+        dtype=dtype,
     )
 
 
@@ -72,13 +81,15 @@ def _answers(examples, replies: list[str], stops: list[bool] | None = None) -> l
 # reference (torch)
 
 
-def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, out: Path, progress: Progress) -> dict:
+def measure_reference(
+    reference_dir: Path, eval_file: Path, cfg: BenchConfig, out: Path, progress: Progress, dtype: ReferenceDtype
+) -> dict:
     from ..runtimes.torch import TorchRuntime
 
     examples = load_jsonl(eval_file, need_answers=True)
     if cfg.max_eval:
         examples = examples[: cfg.max_eval]
-    rt = TorchRuntime(reference_dir, threads=_threads(cfg))
+    rt = TorchRuntime(reference_dir, threads=_threads(cfg), dtype=dtype.name)
     sequences = reply_sequences(rt.tokenizer, examples)
     arrays = stored_reference.record(rt, sequences, cfg.top_k, progress("reference: top-k log-probs", len(sequences)))
     step = progress("reference: answers to held-out questions", 1)
@@ -86,7 +97,7 @@ def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, ou
     step()
     rt.close()
     step = progress("reference: latency and memory (subprocess)", 1)
-    perf = _probe("torch", reference_dir, cfg)
+    perf = _probe("torch", reference_dir, cfg, dtype=dtype.name)
     step()
     nll = [-float(x) for a in arrays["target_logp"] for x in a]
     from .fidelity import perplexity
@@ -96,6 +107,8 @@ def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, ou
         "top_k": cfg.top_k,
         "model": str(reference_dir),
         "model_size_bytes": _dir_size(reference_dir),
+        "dtype": dtype.name,  # what torch computed it in; the folder's weights are fp32 either way
+        **({"dtype_reason": dtype.why} if dtype.why else {}),
         "eval_file": str(eval_file),
         "examples": [{"messages": ex.messages, "answers": ex.answers} for ex in examples],
         "answers": _answers(examples, replies),
@@ -108,7 +121,7 @@ def measure_reference(reference_dir: Path, eval_file: Path, cfg: BenchConfig, ou
         "machine": _machine(),
     }
     stored_reference.save(out, arrays, meta)
-    return {"task_accuracy": meta["task_accuracy"], "perplexity": ppl, "positions": len(nll)}
+    return {"task_accuracy": meta["task_accuracy"], "perplexity": ppl, "positions": len(nll), "dtype": dtype.name}
 
 
 def retime_reference(ref_meta: dict[str, Any], cfg: BenchConfig) -> dict[str, Any] | None:
@@ -129,20 +142,25 @@ def retime_reference(ref_meta: dict[str, Any], cfg: BenchConfig) -> dict[str, An
     if not (model / "config.json").is_file() or not has_torch:
         return None
     lat = ref_meta["performance"]["latency"]
-    return _probe("torch", model, cfg, lat["prompt_tokens"], lat["decode_tokens"])
+    return _probe("torch", model, cfg, lat["prompt_tokens"], lat["decode_tokens"], ref_meta.get("dtype", "float32"))
 
 
 def reference(
-    reference_dir: Path, eval_file: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
+    reference_dir: Path,
+    eval_file: Path,
+    out_dir: Path,
+    cfg: BenchConfig,
+    progress: Progress = _no_progress,
+    dtype: ReferenceDtype = FP32,
 ) -> StageOutput:
+    """Cached stage; ``dtype``: the plan's (``[bench].reference_dtype`` resolved for this machine)."""
     inputs = {"reference": content_hash(reference_dir), "eval": content_hash(eval_file)}
-    params = _params(cfg)
     return run_stage(
         out_dir,
         "reference",
         inputs,
-        params,
-        lambda tmp: measure_reference(reference_dir, eval_file, cfg, tmp, progress),
+        _torch_params(_params(cfg), dtype),
+        lambda tmp: measure_reference(reference_dir, eval_file, cfg, tmp, progress, dtype),
     )
 
 
@@ -152,7 +170,16 @@ def _params(cfg: BenchConfig) -> dict[str, Any]:
     params = asdict(cfg)
     if not params.get("sustained_s"):
         del params["sustained_s"]  # off: stages cached before the option existed stay valid
+    # `auto` is resolved per machine; the torch stages key on what it resolved to (_torch_params), and
+    # the stages measured against the reference on its content
+    del params["reference_dtype"]
     return params
+
+
+def _torch_params(params: dict[str, Any], dtype: ReferenceDtype) -> dict[str, Any]:
+    """A whole-model torch stage's key: a bf16 run is never reused as fp32 or the other way round.
+    fp32 adds nothing, so stages cached before the option existed stay valid."""
+    return params if dtype.name == "float32" else {**params, "dtype": dtype.name}
 
 
 # What a bench stage's results hold; bumped when a report starts to need something they lacked, so
@@ -254,16 +281,23 @@ def _torch_row(rt: Any, ref_dir: Path, cfg: BenchConfig, progress: Progress, lab
 
 
 def bench_base(
-    base_dir: Path, ref_dir: Path, out_dir: Path, cfg: BenchConfig, progress: Progress = _no_progress
+    base_dir: Path,
+    ref_dir: Path,
+    out_dir: Path,
+    cfg: BenchConfig,
+    progress: Progress = _no_progress,
+    dtype: ReferenceDtype = FP32,
 ) -> StageOutput:
+    """The base model's ladder row, in the reference's dtype (one whole-model torch copy, like it)."""
     inputs = {"base": content_hash(base_dir), "reference": content_hash(ref_dir)}
 
     def work(tmp: Path) -> dict[str, Any]:
         from ..runtimes.torch import TorchRuntime
 
-        return _torch_row(TorchRuntime(base_dir, threads=_threads(cfg)), ref_dir, cfg, progress, "base")
+        rt = TorchRuntime(base_dir, threads=_threads(cfg), dtype=dtype.name)
+        return {**_torch_row(rt, ref_dir, cfg, progress, "base"), "dtype": dtype.name}
 
-    return run_stage(out_dir, "bench-base", inputs, _bench_params(cfg), work)
+    return run_stage(out_dir, "bench-base", inputs, _torch_params(_bench_params(cfg), dtype), work)
 
 
 def bench_adapter_nf4(

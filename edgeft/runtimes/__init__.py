@@ -20,9 +20,15 @@ RUNTIMES: dict[str, str] = {
 }
 
 
-def load_runtime(name: str, model: Path, *, threads: int, scoring: bool = False):
+def load_runtime(name: str, model: Path, *, threads: int, scoring: bool = False, dtype: str | None = None):
     """``name``'s runtime with ``model`` loaded. ``scoring`` keeps logits at every position
-    (fidelity); without it only the last position's, as an app decodes (timing)."""
+    (fidelity); without it only the last position's, as an app decodes (timing). ``dtype``: torch
+    only, what it loads the weights in (the reference's); an artifact's precision is its file's."""
     if name not in RUNTIMES:
         raise ConfigError(f"runtime {name!r}: expected one of {', '.join(RUNTIMES)}")
-    return importlib.import_module(RUNTIMES[name]).load(Path(model), threads, scoring)
+    module = importlib.import_module(RUNTIMES[name])
+    if dtype is None:
+        return module.load(Path(model), threads, scoring)
+    if name != "torch":
+        raise ConfigError(f"runtime {name}: --dtype applies to torch only, got {dtype!r}")
+    return module.load(Path(model), threads, scoring, dtype=dtype)

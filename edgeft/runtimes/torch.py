@@ -1,4 +1,8 @@
-"""The full-precision reference runtime: transformers on torch, fp32, CPU (or CUDA when present)."""
+"""The full-precision reference runtime: transformers on torch, CPU (or CUDA when present).
+
+fp32 by default; ``dtype="bfloat16"`` loads the (fp32) folder in bf16, half the memory, for a model
+whose fp32 copy does not fit (see :func:`edgeft.resources.reference_dtype`). Logits leave it as fp32
+either way, so log-softmax and top-k are computed at full precision."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .base import Generation
 
 
@@ -31,10 +36,16 @@ class _Clock:
 class TorchRuntime:
     name = "torch"
 
-    def __init__(self, model_dir: Path, threads: int = 0, model: Any = None):
+    def __init__(self, model_dir: Path, threads: int = 0, model: Any = None, dtype: str = "float32"):
         """``model``: an already loaded model to run where it was placed (an adapter on a 4-bit base);
-        ``model_dir`` then supplies the tokenizer only."""
+        ``model_dir`` then supplies the tokenizer only. ``dtype``: what the weights are loaded in,
+        ``float32`` or ``bfloat16`` (:data:`edgeft.config.DTYPE_SHORT`)."""
         import torch
+
+        from ..config import DTYPE_SHORT
+
+        if dtype not in DTYPE_SHORT:
+            raise ConfigError(f"torch dtype {dtype!r}: expected one of {', '.join(DTYPE_SHORT)}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads > 0:
@@ -48,7 +59,7 @@ class TorchRuntime:
         with loading(model_dir, "the model with transformers"):
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             if model is None:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
                 model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.eval()
         self.device = next(self.model.parameters()).device
@@ -119,6 +130,6 @@ class TorchRuntime:
         del self.model
 
 
-def load(model: Path, threads: int, scoring: bool) -> TorchRuntime:
+def load(model: Path, threads: int, scoring: bool, dtype: str = "float32") -> TorchRuntime:
     del scoring  # torch always returns every position's logits
-    return TorchRuntime(model, threads=threads)
+    return TorchRuntime(model, threads=threads, dtype=dtype)

@@ -156,7 +156,7 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
     """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
     :mod:`edgeft.resources`). The exporter and llama.cpp's quantizer work tensor by tensor over
     memory-mapped files; the imatrix is a torch forward pass over one fp32 copy."""
-    from ...resources import BASELINE_BYTES, StageEstimate
+    from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
     from .types import FILE_BITS_PER_WEIGHT
 
     n, largest = shape.parameters, 4 * shape.largest_tensor
@@ -166,7 +166,11 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
     bench = StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "llama.cpp: the file + KV cache")
     out = [export] if needs_quantize(target.quant) or target.quant == "F32" or ladder_export else []
     if ladder_export:
-        out.append(StageEstimate(f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "llama.cpp: the F32 file"))
+        out.append(
+            StageEstimate(
+                f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "llama.cpp: the F32 file", LADDER_EXPORT_HINT
+            )
+        )
     if target.quant == "F32":
         return out
     if not needs_quantize(target.quant):

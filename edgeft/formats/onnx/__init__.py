@@ -211,7 +211,7 @@ def _builder_peak(quant: str, shape) -> tuple[int, str]:
 def resource_estimates(target, shape, ladder_export: bool) -> list:
     """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
     :mod:`edgeft.resources`)."""
-    from ...resources import BASELINE_BYTES, StageEstimate
+    from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
 
     n = shape.parameters
     size = int(_BYTES_PER_PARAM.get(target.quant, 4.0) * n)
@@ -221,7 +221,11 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         peak, basis = _builder_peak("fp32", shape)
         out.append(StageEstimate(f"export {CONVERSION}", peak, 4 * n, basis))
     if ladder_export:
-        out.append(StageEstimate(f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "onnxruntime: the fp32 graph"))
+        out.append(
+            StageEstimate(
+                f"bench {CONVERSION}", BASELINE_BYTES + 4 * n, 0, "onnxruntime: the fp32 graph", LADDER_EXPORT_HINT
+            )
+        )
     if which := target.options.get("imatrix"):
         inlined = BASELINE_BYTES + 8 * n
         out.append(StageEstimate(f"imatrix onnx {which}", inlined, 0, "fp32 graph inlined + its session"))
