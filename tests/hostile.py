@@ -1,5 +1,5 @@
-"""Helpers for the hostile-input tests (``test_hostile_*.py``): run the real CLI in its own process,
-measure its peak RSS, and check that it refused cleanly and touched nothing outside its output.
+"""Helpers for the hostile-input tests (``test_hostile_*.py``): check that the real CLI (run by
+``tests/cli.py``) refused cleanly and touched nothing outside its output.
 
 A hostile case passes when the process exits 2 (bad input) or 3 (an internal error, never 1, which
 is a failed gate's status), prints exactly one ``edgeft: error:`` line and no traceback, and every
@@ -10,58 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    peak_rss_bytes: int  # the process's own maximum resident set (getrusage of that child alone)
-
-
-# Runs the command and reports its peak RSS. A child's ru_maxrss starts at the RSS of the process
-# that forked it (the forked copy of its memory counts until exec), so measuring from pytest (hundreds
-# of MB of models and fixtures) would inflate every figure: this small launcher, exec'd fresh, forks
-# the command instead and writes the command's own figure to the file named in argv[1].
-_LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss * 1024))  # Linux reports kilobytes
-sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
-"""
-
-
-def run_edgeft(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Run:
-    """``python -m edgeft.cli ARGS`` in ``cwd``; its exit status, output and its own peak RSS."""
-    with tempfile.TemporaryDirectory() as tmp:
-        rss_file = Path(tmp) / "rss"
-        cmd = [sys.executable, "-S", "-c", _LAUNCHER, str(rss_file), sys.executable, "-m", "edgeft.cli", *args]
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "EDGEFT_RAISE_ERRORS": "", **(env or {})},
-            start_new_session=True,  # a timeout kills the command with its launcher
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        peak = int(rss_file.read_text()) if rss_file.is_file() else 0
-    return Run(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), peak)
+from .cli import Run
 
 
 def assert_refused(run: Run, *fragments: str, code: int = 2) -> str:

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from .cli import run_edgeft
 from .tiny import make_tiny_llama
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
@@ -756,19 +755,6 @@ def snapshot(*roots: Path) -> dict[str, str]:
     }
 
 
-def run_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeft.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,  # refusals take well under a second; a case that starts real work is a bug
-        env={**os.environ, "EDGEFT_RAISE_ERRORS": ""},
-    )
-    return proc, time.perf_counter() - start
-
-
 def test_the_corpus_covers_every_class():
     prefixes = {name.split("-")[0] for name in CASES}
     assert len(CASES) >= 40
@@ -799,7 +785,10 @@ def test_bad_input_is_one_line_and_exit_2(name, inputs, tmp_path):
     out_before = snapshot(out) if out.is_dir() else (out.read_bytes() if out.is_file() else None)
     before = snapshot(work, inputs.model.parent)
 
-    proc, seconds = run_cli(args, work)
+    start = time.perf_counter()
+    # refusals take well under a second; a case that starts real work is a bug
+    proc = run_edgeft(args, work, timeout=120)
+    seconds = time.perf_counter() - start
     if log := os.environ.get("EDGEFT_CORPUS_LOG"):  # the corpus as a table, for issue notes
         with open(log, "a") as f:
             f.write(f"{name}\t{seconds:.2f}\t{proc.returncode}\t{proc.stderr.strip()[:300]}\n")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .cli import run_edgeft
+
 pytestmark = pytest.mark.integration
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
@@ -48,17 +50,6 @@ def config(tmp_path_factory) -> Path:
     return cfg
 
 
-def edgeft(*args: str, env: dict | None = None, prelude: str = "") -> subprocess.CompletedProcess:
-    code = prelude + "import sys; from edgeft.cli import main; sys.argv[0] = 'edgeft'; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
@@ -70,7 +61,7 @@ def cached_stages(out: Path) -> dict[str, bool]:
 @pytest.fixture(scope="module")
 def built(config, tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("out") / "demo"
-    proc = edgeft("build", "--config", str(config), "--target", TARGETS, "--out", str(out))
+    proc = run_edgeft(["build", "--config", str(config), "--target", TARGETS, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -141,7 +132,7 @@ def test_memory_is_the_runtimes_own(built):
 
 def test_second_build_is_a_cache_hit(config, built):
     before = {p: p.stat().st_mtime_ns for p in built.rglob("model.gguf")}
-    proc = edgeft("build", "--config", str(config), "--target", TARGETS, "--out", str(built))
+    proc = run_edgeft(["build", "--config", str(config), "--target", TARGETS, "--out", str(built)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(cached_stages(built).values()), cached_stages(built)
     assert before == {p: p.stat().st_mtime_ns for p in built.rglob("model.gguf")}
@@ -155,7 +146,7 @@ def test_second_build_is_a_cache_hit(config, built):
 
 
 def test_new_target_runs_only_its_own_stages(config, built):
-    proc = edgeft("build", "--config", str(config), "--target", "gguf-q6", "--out", str(built))
+    proc = run_edgeft(["build", "--config", str(config), "--target", "gguf-q6", "--out", str(built)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, hit in cached_stages(built).items() if not hit] == ["quantize gguf-q6", "bench gguf-q6"]
     # The new artifact was timed now, so the cached reference was timed again in this run.
@@ -168,8 +159,8 @@ def test_new_target_runs_only_its_own_stages(config, built):
 
 
 def test_failing_gate_exits_1_with_junit_failure(config, built):
-    proc = edgeft(
-        "build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--gate", "max_size_mb=1"
+    proc = run_edgeft(
+        ["build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--gate", "max_size_mb=1"]
     )
     assert proc.returncode == 1
     assert "gate failed: gguf-q4: max_size_mb" in proc.stderr
@@ -189,16 +180,8 @@ def test_bench_runs_without_torch(built, tmp_path):
         "sys.meta_path.insert(0, _Block())\n"
     )
     out = tmp_path / "bench"
-    proc = edgeft(
-        "bench",
-        "--build",
-        str(built),
-        "--target",
-        "gguf-q8,gguf-q4_0",
-        "--out",
-        str(out),
-        "--threads",
-        "2",
+    proc = run_edgeft(
+        ["bench", "--build", str(built), "--target", "gguf-q8,gguf-q4_0", "--out", str(out), "--threads", "2"],
         prelude=block,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -274,8 +257,8 @@ def test_compare_to_a_report_from_another_machine_warns_and_skips_speed(built, t
     old_path = tmp_path / "old.json"
     old_path.write_text(json.dumps(old))
     out = tmp_path / "bench"
-    proc = edgeft(
-        "bench", "--build", str(built), "--target", "gguf-q4_0", "--out", str(out), "--compare-to", str(old_path)
+    proc = run_edgeft(
+        ["bench", "--build", str(built), "--target", "gguf-q4_0", "--out", str(out), "--compare-to", str(old_path)]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "measured on another machine (Some Other CPU" in proc.stderr
@@ -321,7 +304,7 @@ TORCH_BLOCK = (
 
 def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
     pytest.importorskip("onnxruntime_genai")
-    proc = edgeft("build", "--config", str(config), "--target", "gguf-q8,onnx-int4", "--out", str(built))
+    proc = run_edgeft(["build", "--config", str(config), "--target", "gguf-q8,onnx-int4", "--out", str(built)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = report(built)
     assert [(t["target"], t["artifact"]["runtime"]) for t in r["targets"]] == [
@@ -343,7 +326,7 @@ def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
     # On a device: the ONNX folder benches against the stored reference without torch.
     out = tmp_path / "bench"
     args = ("bench", "--build", str(built), "--target", "onnx-int4", "--out", str(out), "--threads", "2")
-    proc = edgeft(*args, prelude=TORCH_BLOCK)
+    proc = run_edgeft(args, prelude=TORCH_BLOCK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = report(out)["targets"][0]
     assert again["fidelity"]["kl_divergence_mean"] == pytest.approx(onnx["fidelity"]["kl_divergence_mean"], rel=1e-3)
@@ -357,7 +340,7 @@ def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
     targets = ["gguf-q4"] + (["onnx-int4"] if (built / "onnx-int4").is_dir() else [])
     for target in targets:
         bundle = tmp_path / f"app-{target}"
-        proc = edgeft("package", "--build", str(built), "--target", target, "--out", str(bundle))
+        proc = run_edgeft(["package", "--build", str(built), "--target", target, "--out", str(bundle)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         m = json.loads((bundle / "manifest.json").read_text())
         assert m["target"] == target and m["license"] == "Apache-2.0" and m["base_model"] == "smollm2-135m"
@@ -367,7 +350,7 @@ def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
         assert m["fidelity"]["kl_divergence_mean"] == bench["fidelity"]["kl_divergence_mean"]
         assert {"tokenizer.json", "chat_template.jinja"} <= set(m["files"])
         for path in (bundle, bundle.with_name(bundle.name + ".zip")):
-            ok = edgeft("verify", str(path))
+            ok = run_edgeft(["verify", str(path)])
             assert ok.returncode == 0 and "files match" in ok.stdout, ok.stderr
         # What an app does with it: load the bundle's artifact and answer, stopping on <|im_end|>.
         artifact = bundle / "model.gguf" if target.startswith("gguf") else bundle
@@ -390,19 +373,19 @@ def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(bundle, copy)
         tamper(copy)
-        bad = edgeft("verify", str(copy))
+        bad = run_edgeft(["verify", str(copy)])
         assert bad.returncode == 2 and expect in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     # A zip with one byte changed inside the model fails too (zip CRC or sha256).
     z = tmp_path / "app-gguf-q4.zip"
     data = bytearray(z.read_bytes())
     data[len(data) // 2] ^= 0xFF
     z.write_bytes(bytes(data))
-    assert edgeft("verify", str(z)).returncode == 2
+    assert run_edgeft(["verify", str(z)]).returncode == 2
     # --out over a folder of the user's is refused, nothing written.
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("mine")
-    proc = edgeft("package", "--build", str(built), "--target", "gguf-q4", "--out", str(mine))
+    proc = run_edgeft(["package", "--build", str(built), "--target", "gguf-q4", "--out", str(mine)])
     assert proc.returncode == 2 and "not an edgeft bundle" in proc.stderr
     assert [p.name for p in mine.iterdir()] == ["keep.txt"] and not (tmp_path / "mine.zip").exists()
 
@@ -416,7 +399,9 @@ def test_bench_on_a_device_profile_projects_fit_and_speed_apart_from_measurement
     profile = tmp_path / "tiny-board.toml"
     profile.write_text(text)
     out = tmp_path / "bench"
-    proc = edgeft("bench", "--build", str(built), "--target", "gguf-q4", "--out", str(out), "--device", str(profile))
+    proc = run_edgeft(
+        ["bench", "--build", str(built), "--target", "gguf-q4", "--out", str(out), "--device", str(profile)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny-board (projected): gguf-q4 does NOT fit" in proc.stdout
     r = report(out)
@@ -439,19 +424,19 @@ def test_bench_on_a_device_profile_projects_fit_and_speed_apart_from_measurement
 
 
 def test_recommend_picks_the_smallest_target_within_budget(built):
-    proc = edgeft("recommend", "--build", str(built), "--device", "rpi5", "--json")
+    proc = run_edgeft(["recommend", "--build", str(built), "--device", "rpi5", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     rows = {row["target"]: row for row in r["rows"]}
     assert {"gguf-q8", "gguf-q4", "gguf-q4_0"} <= set(rows) and r["projected"] is True
     assert r["choice"] == min(rows.values(), key=lambda row: row["size_bytes"])["target"]  # no budget: smallest
     q8 = rows["gguf-q8"]["kl_divergence_mean"]
-    proc = edgeft("recommend", "--build", str(built), "--device", "rpi5", "--max-kld", str(q8), "--json")
+    proc = run_edgeft(["recommend", "--build", str(built), "--device", "rpi5", "--max-kld", str(q8), "--json"])
     r = json.loads(proc.stdout)
     within = [row for row in r["rows"] if row["kl_divergence_mean"] <= q8]
     assert r["choice"] == min(within, key=lambda row: row["size_bytes"])["target"]
     assert all(not row["meets"] and "KLD" in row["why_not"] for row in r["rows"] if row["kl_divergence_mean"] > q8)
-    none = edgeft("recommend", "--build", str(built), "--device", "rpi4", "--min-tok-s", "1e9")
+    none = run_edgeft(["recommend", "--build", str(built), "--device", "rpi4", "--min-tok-s", "1e9"])
     assert none.returncode == 1 and "none meets the budget" in none.stdout
     # targets added by later builds were timed in other runs: the text marks each run once
     runs = {row["timed"]["run_id"] for row in r["rows"]}
@@ -473,7 +458,7 @@ def _forget_device_runs(build: Path) -> None:
 def test_llama_bench_json_joins_the_build_report(built):
     sample = Path(__file__).resolve().parent / "data" / "llama-bench-cooking.json"
     try:
-        proc = edgeft("bench", "--build", str(built), "--llama-bench", str(sample))
+        proc = run_edgeft(["bench", "--build", str(built), "--llama-bench", str(sample)])
         assert proc.returncode == 0, proc.stderr[-3000:]
         stored = list((built / "devices").glob("llama-bench-*.json"))
         assert len(stored) == 1
@@ -503,10 +488,7 @@ def test_bench_remote_over_ssh_brings_the_device_report_back(config, built, devi
     try:
         with LoopbackSSHServer(tmp_path / "sshd") as server:
             common = ["--remote-ssh", server.ssh_command(), "--remote-dir", "edgeft-remote"]
-            proc = edgeft(
-                "bench", "--build", str(built), "--target", "gguf-q4", "--config", str(config), "--out", str(out),
-                "--remote", "pi@127.0.0.1", "--remote-edgeft", remote_edgeft, *common,
-            )  # fmt: skip
+            proc = run_edgeft(["bench", "--build", str(built), "--target", "gguf-q4", "--config", str(config), "--out", str(out), "--remote", "pi@127.0.0.1", "--remote-edgeft", remote_edgeft, *common])  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-3000:]
             r = report(out)
             assert r["remote"]["host"] == "pi@127.0.0.1"
@@ -533,8 +515,8 @@ def test_bench_remote_over_ssh_brings_the_device_report_back(config, built, devi
                 (["--remote", "pi@127.0.0.1", "--remote-edgeft", "/nonexistent/edgeft", *common], "does not run there"),
                 (["--remote", "pi@127.0.0.1", "--remote-ssh", "ssh -p 1 -o BatchMode=yes"], "ssh failed"),
             ):
-                bad = edgeft(
-                    "bench", "--build", str(built), "--target", "gguf-q4", "--out", str(tmp_path / "x"), *extra
+                bad = run_edgeft(
+                    ["bench", "--build", str(built), "--target", "gguf-q4", "--out", str(tmp_path / "x"), *extra]
                 )
                 assert bad.returncode == 2, bad.stderr[-2000:]
                 assert message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
@@ -550,10 +532,7 @@ def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(
     profile = tmp_path / "two-core-board.toml"
     profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", "threads = 2", 1))
     try:
-        proc = edgeft(
-            "build", "--config", str(config), "--target", "gguf-q4", "--out", str(built),
-            "--device", str(profile), "--context", "4096",
-        )  # fmt: skip
+        proc = run_edgeft(["build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--device", str(profile), "--context", "4096"])  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert all(cached_stages(built).values())
         d = report(built)["device"]
@@ -561,14 +540,14 @@ def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(
         assert d["targets"]["gguf-q4"]["fits"] is True
         assert "two-core-board (projected): gguf-q4 fits" in proc.stdout
     finally:  # the other tests expect the build's report without a device section
-        assert edgeft("build", "--config", str(config), "--target", TARGETS, "--out", str(built)).returncode == 0
+        assert run_edgeft(["build", "--config", str(config), "--target", TARGETS, "--out", str(built)]).returncode == 0
 
 
 def test_imatrix_target_builds_from_the_training_data_and_records_it(config, built):
     from edgeft.formats.gguf.inspect import read_gguf
     from edgeft.stage import read_manifest
 
-    proc = edgeft("build", "--config", str(config), "--target", "gguf-q4_0,gguf-q4_0-imat", "--out", str(built))
+    proc = run_edgeft(["build", "--config", str(config), "--target", "gguf-q4_0,gguf-q4_0-imat", "--out", str(built)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages = cached_stages(built)
     assert stages["imatrix task"] is False and stages["quantize gguf-q4_0"] is True  # only the new path ran

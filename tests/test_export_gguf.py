@@ -24,6 +24,7 @@ from edgeft.formats.gguf import fallback
 from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
 from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
+from .cli import run_edgeft
 from .tiny import make_tiny_llama, make_tiny_model
 
 pytest.importorskip("llama_cpp")
@@ -328,12 +329,8 @@ def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tm
 def test_cli_export_of_an_unknown_pre_tokenizer_is_one_line_exit_2(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
-
     folder = _with_pre_tokenizer(tiny_models["tied"], tmp_path / "ws", {"type": "WhitespaceSplit"})
-    command = [sys.executable, "-m", "edgeft.cli", "export", "--model", str(folder), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_edgeft(["export", "--model", folder, "--out", tmp_path / "out"], timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -20,21 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.hostile import Run, assert_refused, run_edgeft, snapshot
+from .cli import ROOT, run_edgeft
+from .hostile import assert_refused, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
-# The child process imports this checkout's edgeft, whatever is installed.
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 MiB = 1 << 20
-
-
-def edgeft(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
-    return run_edgeft(list(args), cwd, env={**ENV, **(env or {})}, timeout=timeout)
-
-
-def edgeft_measured(cwd: Path, *args: str, timeout: float = 120) -> Run:
-    """``edgeft(...)``: run_edgeft measures the command's own peak RSS (from a small launcher)."""
-    return edgeft(cwd, *args, timeout=timeout)
 
 
 def assert_ok(run) -> None:
@@ -81,14 +70,14 @@ def make_build(root: Path, *, config: object = None, tokenizer: object = None, b
 
 
 def package(cwd: Path, out: str = "app", *extra: str, **kw):
-    return edgeft(cwd, "package", "--build", "build", "--target", "gguf-q4", "--out", out, *extra, **kw)
+    return run_edgeft(["package", "--build", "build", "--target", "gguf-q4", "--out", out, *extra], cwd, **kw)
 
 
 def test_a_genuine_bundle_verifies_and_is_replaced_by_the_next(tmp_path):
     make_build(tmp_path)
     assert_ok(package(tmp_path))
     for path in ("app", "app.zip"):
-        run = edgeft(tmp_path, "verify", path)
+        run = run_edgeft(["verify", path], tmp_path)
         assert_ok(run)
         assert "files match" in run.stdout
     assert (tmp_path / "app" / "Modelfile").read_text().splitlines() == [
@@ -205,11 +194,11 @@ def test_package_never_touches_what_is_planted_at_its_old_temporary_names(tmp_pa
     (planted / "keep.txt").write_text("mine too")
     (tmp_path / ".app.zip.tmp-4242").symlink_to(victim)
     before = snapshot(tmp_path)
-    run = package(tmp_path, env={"PYTHONPATH": os.pathsep.join((str(pin), ENV["PYTHONPATH"]))})
+    run = package(tmp_path, env={"PYTHONPATH": os.pathsep.join((str(pin), str(ROOT)))})
     assert_ok(run)
     after = snapshot(tmp_path, skip=tmp_path / "app")
     assert {k: v for k, v in after.items() if k != str(tmp_path / "app.zip")} == before
-    assert_ok(edgeft(tmp_path, "verify", "app.zip"))
+    assert_ok(run_edgeft(["verify", "app.zip"], tmp_path))
 
 
 def test_package_refuses_a_link_in_the_build_folder(tmp_path):
@@ -242,11 +231,11 @@ def test_package_refuses_a_link_in_an_onnx_folder(tmp_path):
     (art / "notes.txt").symlink_to(secret)
     before = snapshot(tmp_path)
     args = ["package", "--build", "build", "--target", "onnx-int4", "--out", "app"]
-    assert_refused(edgeft(tmp_path, *args), "notes.txt", "symbolic link")
+    assert_refused(run_edgeft(args, tmp_path), "notes.txt", "symbolic link")
     assert snapshot(tmp_path) == before
     (art / "notes.txt").unlink()
-    assert_ok(edgeft(tmp_path, *args))
-    assert_ok(edgeft(tmp_path, "verify", "app.zip"))
+    assert_ok(run_edgeft(args, tmp_path))
+    assert_ok(run_edgeft(["verify", "app.zip"], tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -262,7 +251,7 @@ def test_package_refuses_names_it_cannot_write_or_print(tmp_path, args, fragment
     make_build(tmp_path)
     before = snapshot(tmp_path)
     base = ["package", "--build", "build", "--target", "gguf-q4"]
-    assert_refused(edgeft(tmp_path, *base, *args), fragment)
+    assert_refused(run_edgeft([*base, *args], tmp_path), fragment)
     assert snapshot(tmp_path) == before
 
 
@@ -373,8 +362,8 @@ def test_a_huge_readme_is_read_only_as_far_as_its_front_matter(tmp_path):
     with open(folder / "README.md", "ab") as f:  # written a chunk at a time: see edgeft_measured
         for _ in range(96):
             f.write(b"x" * MiB)
-    run = edgeft_measured(
-        tmp_path, "package", "--build", "build", "--target", "gguf-q4", "--out", "app", "--model", "base-model"
+    run = run_edgeft(
+        ["package", "--build", "build", "--target", "gguf-q4", "--out", "app", "--model", "base-model"], tmp_path
     )
     assert_ok(run)
     assert "licence apache-2.0" in run.stdout
@@ -456,10 +445,10 @@ def local_entry(name: bytes, data: bytes) -> bytes:
     return header + name + data
 
 
-def verify(tmp_path: Path, data: bytes, name: str = "bundle.zip", measure: bool = False):
+def verify(tmp_path: Path, data: bytes, name: str = "bundle.zip"):
     (tmp_path / name).write_bytes(data)
     before = snapshot(tmp_path)
-    run = (edgeft_measured if measure else edgeft)(tmp_path, "verify", name)
+    run = run_edgeft(["verify", name], tmp_path)  # measures its peak RSS too
     assert snapshot(tmp_path) == before
     return run
 
@@ -483,13 +472,13 @@ def bomb(tmp_path_factory) -> bytes:
 
 
 def test_verify_a_zip_bomb_manifest_is_refused_unread(tmp_path, bomb):
-    run = verify(tmp_path, bomb, measure=True)
+    run = verify(tmp_path, bomb)
     assert_refused(run, "manifest.json", "at most")
     assert run.peak_rss_bytes < 300 * MiB, run.peak_rss_bytes
 
 
 def test_verify_a_zip_bomb_lying_about_its_size_stops_at_the_size(tmp_path, bomb):
-    run = verify(tmp_path, patch_entry(bomb, "b/manifest.json", usize=600), measure=True)
+    run = verify(tmp_path, patch_entry(bomb, "b/manifest.json", usize=600))
     assert_refused(run, "manifest.json", "inflates past")
     assert run.peak_rss_bytes < 300 * MiB, run.peak_rss_bytes
 
@@ -504,7 +493,7 @@ def test_verify_a_zip_bomb_in_a_data_file_stops_at_the_manifest_size(tmp_path):
         with z.open("b/model.gguf", "w") as w:  # a chunk at a time: see edgeft_measured
             for _ in range(128):
                 w.write(bytes(MiB))
-    run = verify(tmp_path, patch_entry(buf.getvalue(), "b/model.gguf", usize=100), measure=True)
+    run = verify(tmp_path, patch_entry(buf.getvalue(), "b/model.gguf", usize=100))
     assert_refused(run, "model.gguf", "inflates past")
     assert run.peak_rss_bytes < 300 * MiB, run.peak_rss_bytes
 
@@ -732,7 +721,7 @@ def test_verify_folder_a_fifo_in_a_bundle_does_not_hang(tmp_path):
     (folder / "model.gguf").unlink()
     os.mkfifo(folder / "model.gguf")
     before = snapshot(tmp_path)
-    assert_refused(edgeft(tmp_path, "verify", "b", timeout=60), "model.gguf", "not a regular file")
+    assert_refused(run_edgeft(["verify", "b"], tmp_path, timeout=60), "model.gguf", "not a regular file")
     assert snapshot(tmp_path) == before
 
 
@@ -740,7 +729,7 @@ def test_verify_folder_a_huge_manifest_is_refused_unread(tmp_path):
     folder = bundle_folder(tmp_path)
     with open(folder / "manifest.json", "r+b") as f:
         f.truncate(512 * MiB)  # sparse: no disk, but a whole read would cost 512 MiB
-    run = edgeft_measured(tmp_path, "verify", "b")
+    run = run_edgeft(["verify", "b"], tmp_path)
     assert_refused(run, "manifest.json", "at most")
     assert run.peak_rss_bytes < 100 * MiB, run.peak_rss_bytes
 
@@ -749,7 +738,7 @@ def test_verify_folder_a_file_larger_than_its_manifest_says_is_not_read(tmp_path
     folder = bundle_folder(tmp_path)
     with open(folder / "model.gguf", "r+b") as f:
         f.truncate(512 * MiB)
-    run = edgeft_measured(tmp_path, "verify", "b")
+    run = run_edgeft(["verify", "b"], tmp_path)
     assert_refused(run, "model.gguf", "contents changed")
     assert run.peak_rss_bytes < 100 * MiB, run.peak_rss_bytes
 
@@ -758,9 +747,9 @@ def test_verify_folder_with_too_many_entries_is_refused(tmp_path):
     folder = bundle_folder(tmp_path)
     for i in range(1100):
         (folder / f"extra{i}").touch()
-    assert_refused(edgeft(tmp_path, "verify", "b"), "at most 1000")
+    assert_refused(run_edgeft(["verify", "b"], tmp_path), "at most 1000")
 
 
 def test_verify_folder_listing_names_that_collide_on_macos_is_refused(tmp_path):
     bundle_folder(tmp_path, FILES | {"MODEL.gguf": b"other"})
-    assert_refused(edgeft(tmp_path, "verify", "b"), "differ only in case")
+    assert_refused(run_edgeft(["verify", "b"], tmp_path), "differ only in case")

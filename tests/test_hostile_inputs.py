@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .hostile import Run, assert_refused, run_edgeft, snapshot
+from .cli import Run, run_edgeft
+from .hostile import assert_refused, snapshot
 
 NESTED = "[" * 200_000  # past Python's recursion limit in json.loads: RecursionError
 RSS_MARGIN = 64 << 20  # over the same command refusing a benign input

@@ -32,7 +32,8 @@ import pytest
 
 from edgeft import __version__
 
-from .hostile import assert_refused, run_edgeft, snapshot
+from .cli import run_edgeft
+from .hostile import assert_refused, snapshot
 
 HOST = "pi@device"
 RSS_BOUND = 250e6  # measured: 60 to 130 MB, the test process's own RSS at fork included

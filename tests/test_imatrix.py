@@ -22,7 +22,7 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer) -> dict[str, Path]:
+def outlier_llama(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """A tiny llama with a few loud input channels, as trained LLMs have (outlier features): the case
     where weighting rounding error by activation size matters. Its F32 GGUF beside it."""
     import torch
@@ -77,11 +77,11 @@ def test_calibration_errors_name_the_setting(tokenizer, tmp_path):
         build_set("task", tokenizer, one, tokens=1 << 20, chunk_tokens=2048, task_share=0.5)
 
 
-def test_imatrix_holds_every_linear_input_with_its_token_count(tiny, task_set, tmp_path):
+def test_imatrix_holds_every_linear_input_with_its_token_count(outlier_llama, task_set, tmp_path):
     from edgeft.formats.gguf import imatrix as im
     from edgeft.formats.gguf.inspect import read_gguf
 
-    stats = im.collect(tiny["hf"], tiny["f32"] / "model.gguf", task_set.chunks, threads=2)
+    stats = im.collect(outlier_llama["hf"], outlier_llama["f32"] / "model.gguf", task_set.chunks, threads=2)
     per_layer = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
     assert set(stats) == {f"blk.{i}.{t}.weight" for i in range(2) for t in per_layer}
     tokens = task_set.chunks.size
@@ -119,15 +119,15 @@ def _mean_kld(ref_file: Path, q_file: Path, token_lists: list[list[int]]) -> flo
         q.close()
 
 
-def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(tiny, task_set, tokenizer, tmp_path):
+def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(outlier_llama, task_set, tokenizer, tmp_path):
     from edgeft.data import load_jsonl
     from edgeft.formats.gguf.imatrix import imatrix_stage
     from edgeft.formats.gguf.inspect import read_gguf
     from edgeft.formats.gguf.quantize import quantize
 
-    imat = imatrix_stage(tiny["hf"], tiny["f32"], tmp_path / "imatrix-task", task_set, threads=2)
-    plain = quantize(tiny["f32"], tmp_path / "q4_0", "Q4_0", threads=2)
-    weighted = quantize(tiny["f32"], tmp_path / "q4_0-imat", "Q4_0", threads=2, imatrix_dir=imat.path)
+    imat = imatrix_stage(outlier_llama["hf"], outlier_llama["f32"], tmp_path / "imatrix-task", task_set, threads=2)
+    plain = quantize(outlier_llama["f32"], tmp_path / "q4_0", "Q4_0", threads=2)
+    weighted = quantize(outlier_llama["f32"], tmp_path / "q4_0-imat", "Q4_0", threads=2, imatrix_dir=imat.path)
     a, b = read_gguf(plain.path / "model.gguf"), read_gguf(weighted.path / "model.gguf")
     qa = {t.name: bytes(t.data) for t in a.tensors}
     qb = {t.name: bytes(t.data) for t in b.tensors}
@@ -139,7 +139,7 @@ def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(tiny, t
         for ex in load_jsonl(COOKING / "eval.jsonl")[:12]
     ]
     held_out = [list(t["input_ids"] if hasattr(t, "keys") else t) for t in held_out]
-    f32 = tiny["f32"] / "model.gguf"
+    f32 = outlier_llama["f32"] / "model.gguf"
     kld_plain = _mean_kld(f32, plain.path / "model.gguf", held_out)
     kld_imat = _mean_kld(f32, weighted.path / "model.gguf", held_out)
     assert kld_imat < 0.9 * kld_plain, (kld_imat, kld_plain)
@@ -154,19 +154,19 @@ def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(tiny, t
     assert json.loads((imat.path / "manifest.json").read_text())["results"]["calibration"]["source"] == "task"
 
 
-def test_same_inputs_give_a_byte_identical_gguf(tiny, task_set, tmp_path):
+def test_same_inputs_give_a_byte_identical_gguf(outlier_llama, task_set, tmp_path):
     from edgeft.formats.gguf.imatrix import imatrix_stage
     from edgeft.formats.gguf.quantize import quantize
 
     files = []
     for run in ("a", "b"):
-        imat = imatrix_stage(tiny["hf"], tiny["f32"], tmp_path / run / "imatrix", task_set, threads=2)
-        q = quantize(tiny["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, imatrix_dir=imat.path)
+        imat = imatrix_stage(outlier_llama["hf"], outlier_llama["f32"], tmp_path / run / "imatrix", task_set, threads=2)
+        q = quantize(outlier_llama["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, imatrix_dir=imat.path)
         files.append((_sha(imat.path / "imatrix.gguf"), _sha(q.path / "model.gguf")))
     assert files[0] == files[1]
 
 
-def test_malformed_or_mismatched_imatrix_is_refused(tiny, tokenizer, tmp_path):
+def test_malformed_or_mismatched_imatrix_is_refused(outlier_llama, tokenizer, tmp_path):
     from edgeft.calibration import build_set
     from edgeft.formats.gguf import imatrix as im
     from edgeft.formats.gguf.export import export
@@ -176,14 +176,14 @@ def test_malformed_or_mismatched_imatrix_is_refused(tiny, tokenizer, tmp_path):
     bad.mkdir()
     (bad / "imatrix.gguf").write_bytes(b"GGUF" + b"\0" * 40)
     with pytest.raises(ModelError, match="imatrix.gguf"):
-        quantize(tiny["f32"], tmp_path / "q-bad", "Q4_0", imatrix_dir=bad)
+        quantize(outlier_llama["f32"], tmp_path / "q-bad", "Q4_0", imatrix_dir=bad)
     # a matrix measured on another model (other widths) names the first entry that does not fit
     other_hf = make_tiny_llama(tmp_path / "other", tokenizer, hidden=64, intermediate=128)
     other_f32 = export(other_hf, tmp_path / "other-f32", "f32").path
     calib = build_set("general", tokenizer, None, tokens=256, chunk_tokens=128, task_share=0.5)
     other = im.imatrix_stage(other_hf, other_f32, tmp_path / "imatrix-other", calib, threads=2)
     with pytest.raises(ModelError, match=r"blk\.0\.attn_k\.weight has 64 values, the tensor 256 columns"):
-        quantize(tiny["f32"], tmp_path / "q-other", "Q4_0", imatrix_dir=other.path)
+        quantize(outlier_llama["f32"], tmp_path / "q-other", "Q4_0", imatrix_dir=other.path)
     assert not (tmp_path / "q-bad").exists() and not (tmp_path / "q-other").exists()
 
 

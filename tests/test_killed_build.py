@@ -11,12 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from .cli import start_edgeft
 from .tiny import tiny_build_config
 
 
@@ -31,11 +31,11 @@ def config(tmp_path_factory, tokenizer) -> Path:
 
 
 def start(config: Path, out: Path, targets: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgeft.cli", "build", "--config", str(config), "--target", targets, "--out", str(out)],
+    # start_edgeft gives it a process group of its own: the kill reaches the probe subprocesses too
+    return start_edgeft(
+        ["build", "--config", config, "--target", targets, "--out", out],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the kill reaches the probe subprocesses too
     )
 
 

@@ -25,7 +25,7 @@ HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
+def tied_and_untied(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
     """HF folders and f32 GGUF files of a tied and an untied tiny llama."""
     from edgeft.formats.gguf.export import write_gguf
 
@@ -39,10 +39,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny: dict[str, Path]) -> Iterator:
+def runtime(tied_and_untied: dict[str, Path]) -> Iterator:
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-    rt = LlamaCppRuntime(tiny["tied.gguf"], n_threads=1, n_ctx=512, scoring=False)
+    rt = LlamaCppRuntime(tied_and_untied["tied.gguf"], n_threads=1, n_ctx=512, scoring=False)
     yield rt
     rt.close()
 
@@ -66,8 +66,8 @@ def test_measure_latency_rejects_prompt_beyond_context(runtime) -> None:
         measure_latency(runtime, prompt_tokens=500, decode_tokens=64, repeats=1)
 
 
-def test_llamacpp_probe_runs_in_own_process_without_torch(tiny: dict[str, Path]) -> None:
-    report = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+def test_llamacpp_probe_runs_in_own_process_without_torch(tied_and_untied: dict[str, Path]) -> None:
+    report = run_probe("llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
     assert report["pid"] != os.getpid()
     assert report["runtime"] == "llama.cpp" and report["torch_imported"] is False
     assert report["peak_rss_bytes"] >= report["rss_after_load_bytes"] > 0
@@ -76,13 +76,15 @@ def test_llamacpp_probe_runs_in_own_process_without_torch(tiny: dict[str, Path])
     _check_spread(report["latency"]["decode_tok_s"], 1)
 
 
-def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(tiny: dict[str, Path], tmp_path) -> None:
+def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(
+    tied_and_untied: dict[str, Path], tmp_path
+) -> None:
     from .test_device_state import fake_sysfs
 
     # CPU 0 "big", CPU 1 "little" (a fake /sys: the probe process pins itself to CPU 0, nothing else)
     root = fake_sysfs(tmp_path, [1024, 512], {"cpu-thermal": 55_000}, [2_400_000, 1_800_000])
     report = run_probe(
-        "llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1,
+        "llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1,
         sustained_s=0.5, sysfs_root=root,
     )  # fmt: skip
     state = report["device_state"]
@@ -92,24 +94,24 @@ def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(tiny: d
         assert state[when]["cpu_mhz"] == {"cpu0": 2400.0, "cpu1": 1800.0}
     sus = report["sustained"]
     assert sus["seconds"] >= 0.5 and len(sus["series"]) >= 2 and sus["first"]["tok_s"] > 0 < sus["last"]["tok_s"]
-    plain = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    plain = run_probe("llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
     assert plain["sustained"] is None and set(plain["device_state"]) == {"affinity", "before", "after"}
 
 
-def test_probe_peak_rss_is_not_the_parents(tiny: dict[str, Path]) -> None:
+def test_probe_peak_rss_is_not_the_parents(tied_and_untied: dict[str, Path]) -> None:
     """A large parent must not leak its high-water mark into the probe (ru_maxrss survives exec)."""
     import psutil
 
     ballast = np.ones(1_500_000_000 // 8)  # 1.5 GB resident in this (parent) process
     parent_rss = psutil.Process().memory_info().rss
-    report = run_probe("llama.cpp", tiny["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+    report = run_probe("llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
     assert parent_rss > 1.4e9
     assert report["peak_rss_bytes"] < parent_rss / 2
     del ballast
 
 
-def test_torch_probe(tiny: dict[str, Path]) -> None:
-    report = run_probe("torch", tiny["tied"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
+def test_torch_probe(tied_and_untied: dict[str, Path]) -> None:
+    report = run_probe("torch", tied_and_untied["tied"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
     assert report["pid"] != os.getpid() and report["torch_imported"] is True
     assert report["peak_rss_bytes"] >= report["rss_after_load_bytes"] > 0
     assert abs(report["latency"]["prompt_tokens"] - 64) <= 8
@@ -135,9 +137,9 @@ def _tensor_bytes(path: Path) -> int:
 
 # GGUFReader parses the 49k-token vocabulary in Python (~2 s a file), so each file is read once here.
 @pytest.mark.parametrize("kind", ["tied", "untied"])
-def test_bytes_per_token_counts_embedding_rows_read(tiny: dict[str, Path], tokenizer, kind: str) -> None:
+def test_bytes_per_token_counts_embedding_rows_read(tied_and_untied: dict[str, Path], tokenizer, kind: str) -> None:
     """Tied: the embedding is the output layer, read whole. Untied: the lookup reads one row."""
-    path = tiny[f"{kind}.gguf"]
+    path = tied_and_untied[f"{kind}.gguf"]
     unread_rows = 0 if kind == "tied" else len(tokenizer) - 1
     row = HIDDEN * 4  # one f32 row of token_embd
     assert gguf_bytes_per_token(path) == _tensor_bytes(path) - unread_rows * row

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 
 from edgeft.errors import ConfigError
 
+from .cli import run_edgeft
 from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
@@ -124,7 +123,7 @@ def test_probe_tokens_shrink_with_the_model_and_layers_are_probed_in_runs(tokeni
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer) -> dict:
+def uneven_llama(tmp_path_factory, tokenizer) -> dict:
     """A tiny llama whose groups differ in sensitivity (see make_uneven_tiny_llama)."""
     from edgeft.calibration import build_set
     from edgeft.formats.gguf.export import export
@@ -148,15 +147,15 @@ def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
         b.close()
 
 
-def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, tmp_path):
+def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, tokenizer, tmp_path):
     from edgeft.formats.gguf.inspect import read_gguf
     from edgeft.formats.gguf.mixed import SENSITIVITY_FILE, Layout, assign, sensitivity_stage
     from edgeft.formats.gguf.quantize import quantize
 
     mix = ("Q4_0", "Q8_0")
-    sens_dir = sensitivity_stage(tiny["f32"], tmp_path / "sens", tiny["calib"], mix, threads=2).path
+    sens_dir = sensitivity_stage(uneven_llama["f32"], tmp_path / "sens", uneven_llama["calib"], mix, threads=2).path
     sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
-    layout = Layout.of(tiny["f32"] / "model.gguf")
+    layout = Layout.of(uneven_llama["f32"] / "model.gguf")
     assert [g["name"] for g in sens["groups"]] == list(layout.groups)
     assert set(layout.groups) == {"token_embd", *(f"blk.{i}.{k}" for i in range(3) for k in ("attn", "ffn"))}
     assert sens["probes"] == 1 + len(layout.groups) and sens["method"] == "exact"  # 3 layers: cheaper than roles
@@ -168,7 +167,9 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, t
     low = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, "Q4_0")) for g in layout.groups)
     high = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, "Q8_0")) for g in layout.groups)
     max_mb = (low + 0.5 * (high - low)) / 1e6
-    q = quantize(tiny["f32"], tmp_path / "mixed", "Q4_0", threads=2, sensitivity_dir=sens_dir, max_size_mb=max_mb)
+    q = quantize(
+        uneven_llama["f32"], tmp_path / "mixed", "Q4_0", threads=2, sensitivity_dir=sens_dir, max_size_mb=max_mb
+    )
     planned = q.manifest["results"]["mixed"]
     assert q.manifest["results"]["size_bytes"] <= max_mb * 1e6
     written = {t.name: t.tensor_type.name for t in read_gguf(q.path / "model.gguf").tensors if len(t.shape) >= 2}
@@ -188,24 +189,28 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(tiny, tokenizer, t
     from edgeft.formats.gguf.quantize import quantize_file
 
     quantize_file(
-        tiny["f32"] / "model.gguf", tmp_path / "opposite.gguf", "Q4_0", 2, tensor_types=assign(layout, opposite)
+        uneven_llama["f32"] / "model.gguf", tmp_path / "opposite.gguf", "Q4_0", 2, tensor_types=assign(layout, opposite)
     )
     assert (tmp_path / "opposite.gguf").stat().st_size <= max_mb * 1e6
-    f32 = tiny["f32"] / "model.gguf"
+    f32 = uneven_llama["f32"] / "model.gguf"
     kld_plan = _held_out_kld(f32, q.path / "model.gguf", tokenizer)
     kld_opposite = _held_out_kld(f32, tmp_path / "opposite.gguf", tokenizer)
     assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
 
 
-def test_same_inputs_give_a_byte_identical_mixed_gguf(tiny, tmp_path):
+def test_same_inputs_give_a_byte_identical_mixed_gguf(uneven_llama, tmp_path):
     from edgeft.formats.gguf.mixed import sensitivity_stage
     from edgeft.formats.gguf.quantize import quantize
 
     files = []
     for run in ("a", "b"):
         mix = ("Q4_K", "Q8_0")
-        sens = sensitivity_stage(tiny["f32"], tmp_path / run / "sens", tiny["calib"], mix, threads=2, method="proxy")
-        q = quantize(tiny["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, sensitivity_dir=sens.path, max_size_mb=30)
+        sens = sensitivity_stage(
+            uneven_llama["f32"], tmp_path / run / "sens", uneven_llama["calib"], mix, threads=2, method="proxy"
+        )
+        q = quantize(
+            uneven_llama["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, sensitivity_dir=sens.path, max_size_mb=30
+        )
         written = sorted(p.name for p in sens.path.iterdir() if p.name != "manifest.json")
         assert written == [
             "reference-tokens.npy",
@@ -250,12 +255,7 @@ def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(t
     out = tmp_path / "build"
 
     def build(*extra):
-        return subprocess.run(
-            [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", str(target), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        return run_edgeft(["build", "--config", cfg, "--target", target, "--out", out, *extra], timeout=900)
 
     proc = build()
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
@@ -280,14 +280,14 @@ def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(t
 # ---------------------------------------------------------------- the sweep's parts (llama.cpp, tiny model)
 
 
-def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_mix(tiny, tmp_path):
+def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_mix(uneven_llama, tmp_path):
     """llama.cpp quantizes each tensor on its own: copying tensors out of files quantized with every
     tensor at one type gives exactly the file llama.cpp writes for the mix (importance matrix too)."""
     from edgeft.formats.gguf.levels import GGUFFile, assemble
     from edgeft.formats.gguf.mixed import Layout
     from edgeft.formats.gguf.quantize import quantize_file
 
-    f32 = tiny["f32"] / "model.gguf"
+    f32 = uneven_llama["f32"] / "model.gguf"
     layout = Layout.of(f32)
     rng = np.random.default_rng(0)
     matrix = {n: rng.uniform(0.1, 4, layout.shapes[n][0]).astype(np.float32) for n in layout.shapes}
@@ -306,7 +306,7 @@ def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_
     assert _sha(tmp_path / "assembled.gguf") == _sha(tmp_path / "direct.gguf")
 
 
-def test_ggml_dequantizes_level_tensors_as_gguf_py_does(tiny, tmp_path):
+def test_ggml_dequantizes_level_tensors_as_gguf_py_does(uneven_llama, tmp_path):
     import gguf
     from gguf.quants import dequantize
 
@@ -314,7 +314,7 @@ def test_ggml_dequantizes_level_tensors_as_gguf_py_does(tiny, tmp_path):
     from edgeft.formats.gguf.mixed import Layout
     from edgeft.formats.gguf.quantize import quantize_file
 
-    f32 = tiny["f32"] / "model.gguf"
+    f32 = uneven_llama["f32"] / "model.gguf"
     layout = Layout.of(f32)
     exact = GGUFFile(f32)
     for level in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0"):
@@ -332,7 +332,7 @@ def test_ggml_dequantizes_level_tensors_as_gguf_py_does(tiny, tmp_path):
             assert err.rows.sum() == pytest.approx(err.columns.sum(), rel=1e-9)
 
 
-def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torch(tiny):
+def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torch(uneven_llama):
     """The in-place logits view equals LlamaCppRuntime's copy, observing the inputs changes nothing,
     and the inputs' mean squares llama.cpp saw are those torch's imatrix collector sees."""
     from edgeft.formats.gguf.imatrix import collect
@@ -340,8 +340,8 @@ def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torc
     from edgeft.formats.gguf.scoring import ActivationStats, Scorer
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-    f32 = tiny["f32"] / "model.gguf"
-    chunks = tiny["calib"].chunks[:2]
+    f32 = uneven_llama["f32"] / "model.gguf"
+    chunks = uneven_llama["calib"].chunks[:2]
     layout = Layout.of(f32)
     stats = ActivationStats({n: s[0] for n, s in layout.shapes.items()})
     with Scorer(f32, chunks.shape[1], 2, observe=stats) as observed, Scorer(f32, chunks.shape[1], 2) as plain:
@@ -356,24 +356,24 @@ def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torc
     means = stats.mean_squares()
     assert set(means) == set(layout.shapes)  # every layer weight, and the tied head as token_embd
     assert stats.counts["token_embd.weight"] == chunks.size
-    torch_side = collect(tiny["hf"], f32, chunks, threads=2)
+    torch_side = collect(uneven_llama["hf"], f32, chunks, threads=2)
     for name, (sums, count) in torch_side.items():
         assert count == chunks.size
         # llama.cpp keeps its KV cache in f16: on this loud model the figures agree to a percent or two
         assert np.linalg.norm(means[name] - sums / count) <= 0.03 * np.linalg.norm(sums / count), name
 
 
-def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(tiny, tmp_path):
+def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(uneven_llama, tmp_path):
     """Per position the top-k figure never exceeds the full KL divergence and equals it with k = vocab;
     over probes that each lower one group, it ranks the probes as the full figure does."""
     from edgeft.formats.gguf.mixed import Layout
     from edgeft.formats.gguf.quantize import quantize_file
     from edgeft.formats.gguf.scoring import Scorer, TopKReference
 
-    f32 = tiny["f32"] / "model.gguf"
+    f32 = uneven_llama["f32"] / "model.gguf"
     layout = Layout.of(f32)
     top = {n: t for g in layout.groups for n, t in layout.types(g, "Q8_0").items()}
-    chunks = tiny["calib"].chunks[:2]
+    chunks = uneven_llama["calib"].chunks[:2]
     with Scorer(f32, chunks.shape[1], 2) as ref:
         exact = [np.array(ref.logits(c), dtype=np.float64) for c in chunks]
     vocab = exact[0].shape[1]
@@ -405,14 +405,17 @@ def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(tiny, tmp
     assert sorted(added, key=lambda g: added[g][0]) == sorted(added, key=lambda g: added[g][1])
 
 
-def test_the_proxy_orders_layer_groups_like_the_end_to_end_probes(tiny, tmp_path):
+def test_the_proxy_orders_layer_groups_like_the_end_to_end_probes(uneven_llama, tmp_path):
     """On the uneven tiny llama, the predicted added KLD of each layer group (local errors calibrated by
     role and depth probes) ranks the groups as probing each one alone does."""
     from edgeft.formats.gguf.sweep import measure
 
     mix = ("Q4_0", "Q8_0")
-    f32 = tiny["f32"] / "model.gguf"
-    runs = {m: measure(f32, tiny["calib"].chunks, mix, tmp_path / m, threads=2, method=m) for m in ("exact", "proxy")}
+    f32 = uneven_llama["f32"] / "model.gguf"
+    runs = {
+        m: measure(f32, uneven_llama["calib"].chunks, mix, tmp_path / m, threads=2, method=m)
+        for m in ("exact", "proxy")
+    }
     low = {m: {g["name"]: g["options"][0]["added_kld"] for g in r["groups"]} for m, r in runs.items()}
     layers = [g for g in low["exact"] if g.startswith("blk.")]
     proxy = runs["proxy"]

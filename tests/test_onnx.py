@@ -32,23 +32,23 @@ def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer) -> Path:
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("onnx") / "tiny", tokenizer)
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny, tmp_path_factory) -> dict[str, Path]:
+def tiny_onnx(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     from edgeft.formats.onnx.export import export
 
     root = tmp_path_factory.mktemp("onnx-out")
-    return {q: export(tiny, root / q, q, {}).path for q in ("fp32", "int4")}
+    return {q: export(tiny_llama_dir, root / q, q, {}).path for q in ("fp32", "int4")}
 
 
-def test_fp32_export_gives_torch_logits(tiny, tiny_onnx):
+def test_fp32_export_gives_torch_logits(tiny_llama_dir, tiny_onnx):
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
     from edgeft.runtimes.torch import TorchRuntime
 
-    ref, art = TorchRuntime(tiny, threads=1), OnnxGenaiRuntime(tiny_onnx["fp32"], threads=1)
+    ref, art = TorchRuntime(tiny_llama_dir, threads=1), OnnxGenaiRuntime(tiny_onnx["fp32"], threads=1)
     ids = ref.tokenize(ref.render_chat(CHAT))
     assert art.tokenize(art.render_chat(CHAT)) == ids  # the folder's tokenizer and template
     assert kld(ref.logits(ids), art.logits(ids)) < 1e-6
@@ -70,13 +70,13 @@ def test_int4_folder_is_what_an_app_loads(tiny_onnx):
     assert long.n_tokens == 6 and not long.stopped
 
 
-def test_export_is_cached_by_model_and_options(tiny, tmp_path):
+def test_export_is_cached_by_model_and_options(tiny_llama_dir, tmp_path):
     from edgeft.formats.onnx.export import export
 
-    first = export(tiny, tmp_path / "o", "int8", {"block_size": 64})
+    first = export(tiny_llama_dir, tmp_path / "o", "int8", {"block_size": 64})
     assert not first.cached and first.manifest["results"]["builder_options"] == ["hf_token=false", "block_size=64"]
-    assert export(tiny, tmp_path / "o", "int8", {"block_size": 64}).cached
-    assert not export(tiny, tmp_path / "o", "int8", {"block_size": 128}).cached
+    assert export(tiny_llama_dir, tmp_path / "o", "int8", {"block_size": 64}).cached
+    assert not export(tiny_llama_dir, tmp_path / "o", "int8", {"block_size": 128}).cached
 
 
 def test_broken_folders_are_named(tiny_onnx, tmp_path):
@@ -97,10 +97,10 @@ def test_broken_folders_are_named(tiny_onnx, tmp_path):
         detect_artifact(short)
 
 
-def test_a_model_the_builder_cannot_export_is_one_line(tiny, tmp_path):
+def test_a_model_the_builder_cannot_export_is_one_line(tiny_llama_dir, tmp_path):
     from edgeft.formats.onnx.export import write_onnx
 
-    broken = shutil.copytree(tiny, tmp_path / "no-tokenizer")
+    broken = shutil.copytree(tiny_llama_dir, tmp_path / "no-tokenizer")
     (broken / "tokenizer.json").unlink()
     (broken / "tokenizer_config.json").unlink()
     out = tmp_path / "out"
@@ -143,7 +143,7 @@ MIXED_PLAN = [{"match": {"name": "/model/layers.1/mlp/down_proj/MatMul"}, "type"
     [("fp32", {}, None), ("int4", {}, None), ("int4", {"algo_config": "k_quant_last"}, None), ("int4", {}, MIXED_PLAN)],
     ids=["fp32", "int4-tied", "k_quant_last", "mixed-plan"],
 )
-def test_the_memory_glue_writes_the_builders_own_bytes(tiny, tiny_onnx, tmp_path, quant, options, overrides):
+def test_the_memory_glue_writes_the_builders_own_bytes(tiny_llama_dir, tiny_onnx, tmp_path, quant, options, overrides):
     from edgeft.formats.onnx.export import write_onnx
 
     folders = {}
@@ -153,7 +153,7 @@ def test_the_memory_glue_writes_the_builders_own_bytes(tiny, tiny_onnx, tmp_path
             continue
         folders[stock] = tmp_path / f"stock-{stock}"
         folders[stock].mkdir()
-        write_onnx(tiny, folders[stock], quant, options, overrides=overrides, stock=stock)
+        write_onnx(tiny_llama_dir, folders[stock], quant, options, overrides=overrides, stock=stock)
     assert _file_hashes(folders[False]) == _file_hashes(folders[True])
 
 

@@ -8,8 +8,6 @@ SmolLM2 tokenizer), and the plan against the opposite plan on held-out KLD.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 from edgeft.errors import ConfigError
 
+from .cli import run_edgeft
 from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
@@ -71,10 +70,10 @@ def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer) -> dict:
+def uneven_onnx(tmp_path_factory, tokenizer) -> dict:
     """A tiny tied llama whose MatMuls differ in sensitivity (see make_uneven_tiny_llama)."""
-    tiny = uneven_onnx_exports(tmp_path_factory.mktemp("onnx-mixed"), tokenizer, seed=3, calib_tokens=2048)
-    return {**tiny, "calib": tiny["calib"].spread(512)}
+    uneven_onnx = uneven_onnx_exports(tmp_path_factory.mktemp("onnx-mixed"), tokenizer, seed=3, calib_tokens=2048)
+    return {**uneven_onnx, "calib": uneven_onnx["calib"].spread(512)}
 
 
 def _nodes(folder: Path) -> dict[str, int]:
@@ -95,16 +94,18 @@ def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
     return held_out_kld(OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2), tokenizer, 12)
 
 
-def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer, tmp_path):
+def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(uneven_onnx, tokenizer, tmp_path):
     from edgeft.formats.onnx.export import export
     from edgeft.formats.onnx.inspect import describe
     from edgeft.formats.onnx.mixed import HEAD, SENSITIVITY_FILE, overrides, read_plan, sensitivity_stage
 
-    sens_dir = sensitivity_stage(tiny["fp32"], tiny["int4"], tmp_path / "sens", tiny["calib"], threads=2).path
+    sens_dir = sensitivity_stage(
+        uneven_onnx["fp32"], uneven_onnx["int4"], tmp_path / "sens", uneven_onnx["calib"], threads=2
+    ).path
     sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
     groups = {g["name"]: g for g in sens["groups"]}
     # one group per MatMul the builder quantizes, named as the builder names them
-    assert set(groups) == set(_nodes(tiny["int4"]))
+    assert set(groups) == set(_nodes(uneven_onnx["int4"]))
     assert len(groups) == 3 * 5 + 1 and HEAD in groups
     assert sens["probes"] == 1 + len(groups)
     # the tied embedding shares the int4 head; at int8 it would be an fp32 table of its own
@@ -115,7 +116,7 @@ def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer,
     assert max(added.values()) > 3 * min(v for v in added.values() if v > 0)
     # the all-int4 size the plan starts from is the real one, within the slack for graph growth
     all_int4 = sens["fixed_bytes"] + sum(g["options"][0]["bytes"] for g in sens["groups"])
-    assert 0 <= all_int4 - describe(tiny["int4"])["size_bytes"] < 16_384
+    assert 0 <= all_int4 - describe(uneven_onnx["int4"])["size_bytes"] < 16_384
 
     # room for about half the body's extra int8 bytes (the head's int8 option, with its fp32 table, never fits)
     extra = sum(g["options"][1]["bytes"] - g["options"][0]["bytes"] for n, g in groups.items() if n != HEAD)
@@ -123,7 +124,7 @@ def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer,
     assert chosen["levels"][HEAD] == "int4"
     promoted = overrides(chosen["levels"])
     assert 0 < len(promoted) < len(groups) - 1  # the budget forced a real mix
-    out = export(tiny["hf"], tmp_path / "mixed", "int4", {}, overrides=promoted).path
+    out = export(uneven_onnx["hf"], tmp_path / "mixed", "int4", {}, overrides=promoted).path
     written = _nodes(out)
     assert {n for n, b in written.items() if b == 8} == {o["match"]["name"] for o in promoted}
     assert describe(out)["size_bytes"] <= chosen["max_bytes"]
@@ -136,19 +137,19 @@ def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(tiny, tokenizer,
         if opt["int8"] - opt["int4"] <= room:
             opposite.append({"match": {"name": name}, "type": "int8"})
             room -= opt["int8"] - opt["int4"]
-    other = export(tiny["hf"], tmp_path / "opposite", "int4", {}, overrides=opposite).path
+    other = export(uneven_onnx["hf"], tmp_path / "opposite", "int4", {}, overrides=opposite).path
     assert describe(other)["size_bytes"] <= chosen["max_bytes"]
-    kld_plan = _held_out_kld(tiny["fp32"], out, tokenizer)
-    kld_opposite = _held_out_kld(tiny["fp32"], other, tokenizer)
+    kld_plan = _held_out_kld(uneven_onnx["fp32"], out, tokenizer)
+    kld_opposite = _held_out_kld(uneven_onnx["fp32"], other, tokenizer)
     assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
 
 
-def test_a_budget_below_the_all_int4_folder_is_refused(tiny):
+def test_a_budget_below_the_all_int4_folder_is_refused(uneven_onnx):
     from edgeft.formats.onnx.mixed import check_budget
 
     with pytest.raises(ConfigError, match=r"max_size_mb = 0.5: the smallest file this mix can make is [\d.]+ MB"):
-        check_budget({"max_size_mb": 0.5}, tiny["fp32"], tiny["int4"])
-    check_budget({"max_size_mb": 500}, tiny["fp32"], tiny["int4"])
+        check_budget({"max_size_mb": 0.5}, uneven_onnx["fp32"], uneven_onnx["int4"])
+    check_budget({"max_size_mb": 500}, uneven_onnx["fp32"], uneven_onnx["int4"])
 
 
 @pytest.mark.parametrize(
@@ -180,12 +181,7 @@ def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the
     out = tmp_path / "build"
 
     def build():
-        return subprocess.run(
-            [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", str(target), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        return run_edgeft(["build", "--config", cfg, "--target", target, "--out", out], timeout=900)
 
     proc = build()
     assert proc.returncode == 0, proc.stderr[-2000:]

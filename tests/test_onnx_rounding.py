@@ -8,13 +8,12 @@ tokenizer) against the builder's folder: same bytes on disk, less held-out KL di
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from .cli import run_edgeft
 from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
@@ -101,23 +100,23 @@ def test_without_importance_a_block_keeps_the_builders_rounding():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tokenizer) -> dict:
+def loud_onnx(tmp_path_factory, tokenizer) -> dict:
     """A tiny tied llama with loud channels, its fp32 and builder-int4 exports and a task calibration set."""
     return uneven_onnx_exports(tmp_path_factory.mktemp("onnx-rounding"), tokenizer, seed=5, calib_tokens=1024)
 
 
-def test_importance_is_each_matmul_inputs_mean_square(tiny):
+def test_importance_is_each_matmul_inputs_mean_square(loud_onnx):
     """The ONNX graph's MatMul inputs, measured by onnxruntime, against the same inputs hooked in torch."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgeft.formats.onnx.rounding import importance_stage, read_importance
 
-    stage = importance_stage(tiny["fp32"], tiny["root"] / "imatrix-onnx-task", tiny["calib"], threads=2)
+    stage = importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2)
     importance = read_importance(stage.path)
-    assert len(importance) == 3 * 5 + 1 and stage.manifest["results"]["tokens"] == tiny["calib"].chunks.size
+    assert len(importance) == 3 * 5 + 1 and stage.manifest["results"]["tokens"] == loud_onnx["calib"].chunks.size
 
-    model = AutoModelForCausalLM.from_pretrained(tiny["hf"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(loud_onnx["hf"], dtype=torch.float32).eval()
     seen: dict[str, list] = {}
     modules = {
         "/model/layers.0/attn/qkv_proj/MatMul": model.model.layers[0].self_attn.q_proj,
@@ -127,7 +126,7 @@ def test_importance_is_each_matmul_inputs_mean_square(tiny):
     for name, module in modules.items():
         module.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0][0]))
     with torch.no_grad():
-        for chunk in tiny["calib"].chunks:
+        for chunk in loud_onnx["calib"].chunks:
             model(input_ids=torch.as_tensor(chunk, dtype=torch.long)[None])
     for name in modules:
         x = torch.cat(seen[name]).double()
@@ -148,7 +147,7 @@ def _matmulnbits_initializers(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(tiny, tokenizer, tmp_path):
+def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(loud_onnx, tokenizer, tmp_path):
     import onnx
 
     from edgeft.formats.onnx.export import export
@@ -157,37 +156,37 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(t
     from edgeft.formats.onnx.rounding import importance_stage, pack, read_importance, round_int4
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
-    stage = importance_stage(tiny["fp32"], tiny["root"] / "imatrix-onnx-task", tiny["calib"], threads=2)
-    out = export(tiny["hf"], tmp_path / "imat", "int4", {}, rounding=(tiny["fp32"], stage.path))
+    stage = importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2)
+    out = export(loud_onnx["hf"], tmp_path / "imat", "int4", {}, rounding=(loud_onnx["fp32"], stage.path))
     assert out.manifest["results"]["rounding"]["matmuls"] == 3 * 5 + 1
-    builder, ours = describe(tiny["int4"]), describe(out.path)
+    builder, ours = describe(loud_onnx["int4"]), describe(out.path)
     assert ours["size_bytes"] == builder["size_bytes"] and ours["tensor_types"] == builder["tensor_types"]
     plain, written = (
-        onnx.load(str(tiny["int4"] / "model.onnx"), load_external_data=False),
+        onnx.load(str(loud_onnx["int4"] / "model.onnx"), load_external_data=False),
         onnx.load(str(out.path / "model.onnx"), load_external_data=False),
     )
     assert plain.graph.node == written.graph.node  # the same graph; only initializer values changed
 
     # every block on disk is the rounding of the fp32 weight by its importance, the tied head included
-    fp32 = load_decoder(tiny["fp32"])
+    fp32 = load_decoder(loud_onnx["fp32"])
     layout = Layout.of(fp32)
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in fp32.graph.initializer}
     importance = read_importance(stage.path)
-    on_disk, builders = _matmulnbits_initializers(out.path), _matmulnbits_initializers(tiny["int4"])
+    on_disk, builders = _matmulnbits_initializers(out.path), _matmulnbits_initializers(loud_onnx["int4"])
     assert set(on_disk) == set(layout.weights)
     for name, (b, s) in on_disk.items():
         levels, scales = round_int4(weights[layout.weights[name]], importance[name])
         assert np.array_equal(b, pack(levels)) and np.array_equal(s, scales), name
     assert sum(not np.array_equal(on_disk[n][0], builders[n][0]) for n in on_disk) == len(on_disk)
 
-    ref = OnnxGenaiRuntime(tiny["fp32"], threads=2)
-    kld_builder = held_out_kld(ref, OnnxGenaiRuntime(tiny["int4"], threads=2), tokenizer, 12)
+    ref = OnnxGenaiRuntime(loud_onnx["fp32"], threads=2)
+    kld_builder = held_out_kld(ref, OnnxGenaiRuntime(loud_onnx["int4"], threads=2), tokenizer, 12)
     kld_ours = held_out_kld(ref, OnnxGenaiRuntime(out.path, threads=2), tokenizer, 12)
     # a random tiny model is far from linear in its weights (KLD ~2 at int4): a margin is for SmolLM2
     assert kld_ours < kld_builder, (kld_ours, kld_builder)
 
 
-def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(tiny, tmp_path):
+def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(loud_onnx, tmp_path):
     """Small models may keep initializers inside model.onnx: the same rounding lands there."""
     import shutil
 
@@ -197,15 +196,15 @@ def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(ti
     from edgeft.formats.onnx.rounding import importance_stage, read_importance, reround
 
     importance = read_importance(
-        importance_stage(tiny["fp32"], tiny["root"] / "imatrix-onnx-task", tiny["calib"], threads=2).path
+        importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2).path
     )
     external, inline = tmp_path / "external", tmp_path / "inline"
     for folder in (external, inline):
-        shutil.copytree(tiny["int4"], folder)  # copies, not the stage's hard links: rewritten in place
+        shutil.copytree(loud_onnx["int4"], folder)  # copies, not the stage's hard links: rewritten in place
     model = load_decoder(inline)
     (inline / "model.onnx.data").unlink()
     onnx.save(model, str(inline / "model.onnx"))
-    assert reround(inline, tiny["fp32"], importance) == reround(external, tiny["fp32"], importance)
+    assert reround(inline, loud_onnx["fp32"], importance) == reround(external, loud_onnx["fp32"], importance)
     ours, theirs = _matmulnbits_initializers(inline), _matmulnbits_initializers(external)
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -239,12 +238,7 @@ def test_imatrix_targets_build_alone_and_under_a_budget(tmp_path, tokenizer):
     )
     out = tmp_path / "build"
     targets = f"{tmp_path / 't-imat.toml'},{tmp_path / 't-mixed-imat.toml'}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", targets, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_edgeft(["build", "--config", cfg, "--target", targets, "--out", out], timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "imatrix-onnx-task" / "importance.npz").is_file()
     assert (out / "sensitivity-onnx-int4-int8-imat-task" / "sensitivity.json").is_file()

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 
+from .cli import run_edgeft
 from .tiny import COOKING, TINY_BENCH, make_tiny_llama
 
 pytestmark = pytest.mark.integration
@@ -30,15 +29,6 @@ pytestmark = pytest.mark.integration
 RIGHT, WRONG = 40, 20
 NEVER = "no such answer anywhere"
 GATES = "[gates]\nmax_task_accuracy_drop = 0.15\nmax_flips = 3\nmin_task_accuracy_ratio = 0.5\n"
-
-
-def edgeft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgeft", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +60,22 @@ def setup(tmp_path_factory, tokenizer) -> dict:
     shutil.copy(quantize(f32, root / "q2k", "Q2_K").path / "model.gguf", root / "gguf-q2_k" / "model.gguf")
 
     out = root / "bench"
-    proc = edgeft(
-        "bench",
-        "--reference",
-        str(hf),
-        "--eval",
-        str(root / "eval.jsonl"),
-        "--config",
-        str(root / "edgeft.toml"),
-        "--artifact",
-        str(root / "gguf-f16"),
-        "--artifact",
-        str(root / "gguf-q2_k"),
-        "--out",
-        str(out),
+    proc = run_edgeft(
+        [
+            "bench",
+            "--reference",
+            str(hf),
+            "--eval",
+            str(root / "eval.jsonl"),
+            "--config",
+            str(root / "edgeft.toml"),
+            "--artifact",
+            str(root / "gguf-f16"),
+            "--artifact",
+            str(root / "gguf-q2_k"),
+            "--out",
+            str(out),
+        ]
     )
     return {"root": root, "out": out, "proc": proc, "report": json.loads((out / "report.json").read_text())}
 
@@ -150,24 +142,26 @@ def test_compare_to_pairs_the_old_report_and_calls_the_damage_a_regression(setup
     (root / "swapped" / "gguf-f16").mkdir(parents=True)
     shutil.copy(root / "gguf-q2_k" / "model.gguf", root / "swapped" / "gguf-f16" / "model.gguf")
     out = root / "again"
-    proc = edgeft(
-        "bench",
-        "--reference",
-        str(setup["out"] / "reference"),
-        "--config",
-        str(root / "edgeft.toml"),
-        "--gate",
-        "max_task_accuracy_drop=1",
-        "--gate",
-        "max_flips=100",
-        "--gate",
-        "min_task_accuracy_ratio=0",
-        "--artifact",
-        str(root / "swapped" / "gguf-f16"),
-        "--out",
-        str(out),
-        "--compare-to",
-        str(old),
+    proc = run_edgeft(
+        [
+            "bench",
+            "--reference",
+            str(setup["out"] / "reference"),
+            "--config",
+            str(root / "edgeft.toml"),
+            "--gate",
+            "max_task_accuracy_drop=1",
+            "--gate",
+            "max_flips=100",
+            "--gate",
+            "min_task_accuracy_ratio=0",
+            "--artifact",
+            str(root / "swapped" / "gguf-f16"),
+            "--out",
+            str(out),
+            "--compare-to",
+            str(old),
+        ]
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

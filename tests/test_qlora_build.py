@@ -4,9 +4,8 @@ adapter on its NF4 base joins the fidelity ladder; the loss curve lands beside t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+from .cli import run_edgeft
 from .tiny import tiny_build_config
 
 
@@ -19,12 +18,7 @@ def test_a_qlora_build_reports_the_merge_it_kept_the_adapter_on_nf4_row_and_the_
         train_rows=16,
     )
     out = tmp_path / "build"
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgeft", "build", "--config", str(cfg), "--target", "gguf-q8", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_edgeft(["build", "--config", cfg, "--target", "gguf-q8", "--out", out], timeout=900)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: a gate on a random tiny model may fail
 
     adapter = json.loads((out / "adapter" / "manifest.json").read_text())

@@ -15,7 +15,7 @@ from edgeft.config import BenchConfig
 from edgeft.errors import ConfigError
 from edgeft.resources import ReferenceDtype
 
-from .hostile import run_edgeft
+from .cli import run_edgeft
 from .tiny import COOKING, make_tiny_llama
 
 # (stage, dtype) → bounds on the bf16 torch model against the stored fp32 reference of the same tiny

@@ -14,7 +14,8 @@ from edgeft.config import load_config
 from edgeft.errors import ConfigError
 from edgeft.targets import parse_target_list
 
-from .hostile import assert_refused, run_edgeft
+from .cli import run_edgeft
+from .hostile import assert_refused
 from .tiny import tiny_build_config
 
 # Llama-3.1-8B's shapes (config.json of meta-llama/Llama-3.1-8B): 8.03 B parameters.
