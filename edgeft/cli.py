@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +81,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # bitsandbytes warns on import that an optional hub-fetched CPU kernel is missing; we never fetch.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft 0.21 calls transformers 5's deprecated `gradient_checkpointing` names whenever it wraps a
+    # model (training, QLoRA, loading an adapter): a notice for peft's maintainers, not for the user.
+    warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
 
 def _load_cfg(config: Path | None, model: str | None):
