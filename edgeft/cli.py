@@ -79,8 +79,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-load "Loading weights" bars; the training progress bar is unaffected.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # bitsandbytes warns on import that an optional hub-fetched CPU kernel is missing; we never fetch.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes warns on import that an optional hub-fetched CPU kernel is missing, and the
+    # `kernels` package that would fetch it says it skipped its trust check offline; we never fetch.
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # peft 0.21 calls transformers 5's deprecated `gradient_checkpointing` names whenever it wraps a
     # model (training, QLoRA, loading an adapter): a notice for peft's maintainers, not for the user.
     warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
