@@ -76,11 +76,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers, one test file each at a time (tests/conftest.py groups them): while one worker
+# waits on a subprocess, llama.cpp or a single-threaded step, the other uses the core.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
+# The unit tests alone: nothing that builds, trains or runs a model end to end (`slow`).
 test-fast: lint
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not integration"
 
 clean:
 	rm -rf out .pytest_cache

@@ -14,6 +14,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "integration: uses the real SmolLM2-135M model end to end (deselect with -m 'not integration')",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow: builds, trains or runs a model through a runtime end to end; seconds to minutes "
+        "(deselect with -m 'not slow': make test-fast)",
+    )
+
+
+# Under pytest-xdist (`make test`: --dist loadgroup) a group runs on one worker, in order. One group a
+# file keeps each module fixture (a whole build, in tests/test_build.py) built once; files that write
+# the same entries of the shared model cache share a group, so two workers never race to create one.
+SHARED_CACHE_GROUPS = {
+    "test_onnx.py": "smollm2-onnx-exports",
+    "test_onnx_mixed.py": "smollm2-onnx-exports",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_CACHE_GROUPS.get(name, name)))
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def config(tmp_path_factory) -> Path:
     cfg.write_text(
         f'model = "smollm2-135m"\n'
         f'[data]\ntrain = "{COOKING / "train.jsonl"}"\neval = "{COOKING / "eval.jsonl"}"\n'
-        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 96\n"
+        "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 96\neval_steps = 2\n"  # one validation pass, not two
         "[bench]\nthreads = 2\nmax_eval = 8\nmax_new_tokens = 24\nprompt_tokens = 64\ndecode_tokens = 16\n"
         "repeats = 2\ntop_k = 32\ngolden = 2\n"
         "[gates]\nmax_size_mb = 500\n"
