@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .layout import Layout, layer_of, resolve, role_of
 from .levels import GGUFFile, assemble, weighted_errors
-from .mixed import Layout, layer_of, resolve, role_of
+from .llama_quantize import quantize_file
 from .scoring import ActivationStats, Scorer, TopKReference, mean_kld
 
 DEPTH_BLOCK = 5  # layers per depth probe after layer 0
@@ -101,8 +102,6 @@ class _Files:
     """The level files in ``folder`` (every tensor at one mix level) and probe files assembled from them."""
 
     def __init__(self, f32_path: Path, folder: Path, layout: Layout, mix: tuple[str, ...], threads: int, imatrix):
-        from .quantize import quantize_file
-
         self.folder, self.top = folder, mix[-1]
         self.levels: dict[str, GGUFFile] = {}
         for level in mix:
