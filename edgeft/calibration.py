@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from .data import load_jsonl
 from .errors import ConfigError
+from .files import data_dir
 
 SOURCES = ("task", "general", "mix")
 
 
 def calibration_dir() -> Path:
-    from .targets import data_dir
-
     return data_dir("calibration")
 
 
@@ -67,8 +67,6 @@ class CalibrationSet:
 
 
 def _task_ids(tokenizer: Any, train_path: Path) -> list[int]:
-    from .data import load_jsonl
-
     ids: list[int] = []
     for ex in load_jsonl(train_path):
         out = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)

@@ -691,8 +691,10 @@ def _import_llama_bench(build_dir: Path, path: Path) -> None:
     from rich.table import Table
 
     from .bench.device_runs import import_llama_bench
+    from .report import refold
 
     record, stored = import_llama_bench(build_dir, path)
+    refold(build_dir)
     table = Table(title=f"llama-bench on {record['machine']['cpu_model'] or 'an unnamed CPU'} (measured there)")
     for col in ("artifact", "threads", "prefill tok/s", "decode tok/s"):
         table.add_column(col, justify="left" if col == "artifact" else "right")

@@ -5,6 +5,8 @@ Every small file edgeft writes beside an artifact (reports, manifests, device ru
 (never a fixed ``.NAME.tmp`` an attacker could have planted as a symlink), and ``os.replace`` then
 renames that file over the target. A rename replaces a symlink at the target rather than writing
 through it, so a link left at ``report.json`` is dropped, never followed.
+
+:func:`data_dir` finds the data folders edgeft ships (``targets``, ``calibration``).
 """
 
 from __future__ import annotations
@@ -46,3 +48,11 @@ def save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return write_atomic(path, buf.getvalue())
+
+
+def data_dir(name: str) -> Path:
+    """A data folder the repository keeps at its root (``targets``, ``calibration``): there in a
+    checkout or an editable install, else the copy a wheel carries in ``edgeft/_data/`` (setup.py)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / name
+    return checkout if checkout.is_dir() else package / "_data" / name

@@ -354,7 +354,7 @@ def _bench_remote(
     from .bench import device_runs
     from .bench.probe import RUN_ID
     from .remote import remote_bench
-    from .report import write_reports
+    from .report import refold, write_reports
     from .stage import output_dir
 
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen], "remote": remote.host}):
@@ -372,7 +372,7 @@ def _bench_remote(
     if build_dir is not None:
         record = device_runs.from_report(report, f"edgeft bench --remote {remote.host}", device_runs.now())
         device_runs.save(build_dir, f"remote-{remote.host}", record)
-        device_runs.refold(build_dir)
+        refold(build_dir)
     return report
 
 

@@ -62,7 +62,9 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from . import __version__
+from .bench import device_runs
 from .bench.stats import describe_paired
+from .errors import ConfigError
 from .files import save_figure, write_atomic
 
 SCHEMA_VERSION = 2
@@ -713,3 +715,22 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         with open(summary, "a") as fh:
             fh.write(md)
     return paths
+
+
+def refold(build_dir: Path) -> bool:
+    """Rewrite the build's report (json, md, junit, plot) with its stored device runs; False when the
+    build has no report yet (the next `edgeft build` will include them)."""
+    path = Path(build_dir) / "report.json"
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_text())
+    except RecursionError:
+        raise ConfigError(f"{path}: unreadable report (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable report ({e})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
+    report["device_runs"] = device_runs.load_all(build_dir)
+    write_reports(report, Path(build_dir))
+    return True

@@ -16,6 +16,7 @@ from typing import Any
 import tomllib
 
 from .errors import ConfigError
+from .files import data_dir
 from .formats import FORMATS, get_format
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -29,14 +30,6 @@ class Target:
     quant: str
     description: str = ""
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # the format's own knobs
-
-
-def data_dir(name: str) -> Path:
-    """A data folder the repository keeps at its root (``targets``, ``calibration``): there in a
-    checkout or an editable install, else the copy a wheel carries in ``edgeft/_data/`` (setup.py)."""
-    package = Path(__file__).resolve().parent
-    checkout = package.parent / name
-    return checkout if checkout.is_dir() else package / "_data" / name
 
 
 def targets_dir() -> Path:

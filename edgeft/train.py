@@ -13,37 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .data import Example, load_jsonl
+from .data import IGNORE_INDEX, Example, load_jsonl, tokenize_example
 from .errors import ConfigError
 from .loading import loading
 from .stage import StageOutput, cached, content_hash, read_manifest, run_stage, stage_key
 from .validation import best_of, eval_every, history, make_keep_best, split_validation
 
-IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
 LOSS_POINTS = 50  # train-loss log entries per run, about
-
-
-def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> dict[str, list[int]]:
-    """Token ids of the whole conversation and labels that keep only the assistant replies.
-
-    Each assistant turn's tokens are found by rendering the conversation up to that turn with and
-    without it: the chat template renders prefixes identically, so the difference is exactly the
-    reply (its end-of-turn token included, which is what teaches the model to stop).
-    """
-    ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(ex.messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_ids(tokenizer.apply_chat_template(ex.messages[:i], add_generation_prompt=True, tokenize=True)))
-        end = len(_ids(tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=True)))
-        labels[start:end] = ids[start:end]
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
-
-
-def _ids(out: Any) -> list[int]:
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 class _PadCollator:

@@ -150,27 +150,6 @@ def load_all(build_dir: Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: str(r.get("imported_at") or ""))
 
 
-def refold(build_dir: Path) -> bool:
-    """Rewrite the build's report (json, md, junit, plot) with its stored device runs; False when the
-    build has no report yet (the next `edgeft build` will include them)."""
-    from ..report import write_reports
-
-    path = Path(build_dir) / "report.json"
-    if not path.is_file():
-        return False
-    try:
-        report = json.loads(path.read_text())
-    except RecursionError:
-        raise ConfigError(f"{path}: unreadable report (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable report ({e})") from None
-    if not isinstance(report, dict):
-        raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
-    report["device_runs"] = load_all(build_dir)
-    write_reports(report, Path(build_dir))
-    return True
-
-
 def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: Any) -> dict[str, Any]:
     """A device run from a full edgeft report measured on the device (``--remote``): speed, memory
     and fidelity per target, the device's own machine description."""
@@ -230,7 +209,7 @@ def build_targets(build_dir: Path) -> dict[str, Path]:
 
 
 def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Path]:
-    """Store a llama-bench JSON file as a device run of ``build_dir`` and refold its report."""
+    """Store a llama-bench JSON file as a device run of ``build_dir`` (the caller refolds its report)."""
     import hashlib
 
     from ..formats.gguf.inspect import read_gguf
@@ -246,5 +225,4 @@ def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Pat
     record = llama_bench.device_run(path, sizes, now())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     stored = save(build_dir, f"llama-bench-{digest}", record)
-    refold(build_dir)
     return record, stored

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Example, is_correct
+from ..data import IGNORE_INDEX, Example, is_correct, tokenize_example
 from .stats import BOOTSTRAP_METHOD, bootstrap_ratio
 
 
@@ -143,8 +143,6 @@ def compare_stored(stored, artifact, progress=None) -> dict[str, Any]:
 
 def reply_sequences(tokenizer, examples: list[Example], max_len: int = 1024) -> list[Sequence]:
     """Token ids of each held-out conversation and the positions of its assistant reply tokens."""
-    from ..train import IGNORE_INDEX, tokenize_example
-
     seqs = []
     for ex in examples:
         row = tokenize_example(tokenizer, ex, max_len)
