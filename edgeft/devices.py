@@ -27,8 +27,11 @@ from typing import Any
 
 import tomllib
 
+from .config import BENCH_CONTEXT
 from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
-from .errors import ConfigError
+from .errors import ConfigError, EdgeftError
+from .formats import get_format
+from .stage import read_manifest
 from .targets import targets_dir
 
 
@@ -203,9 +206,6 @@ def project(
 
 
 def _runtime(fmt: str) -> str | None:
-    from .errors import EdgeftError
-    from .formats import get_format
-
     try:
         return get_format(fmt).RUNTIME
     except EdgeftError:
@@ -243,10 +243,6 @@ def device_projection(
     device: DeviceProfile, measured: list[tuple[str, str, dict[str, Any]]], context: int
 ) -> dict[str, Any]:
     """Each artifact on a device profile: fit and decode speed, projected (never a measurement)."""
-    from .config import BENCH_CONTEXT
-    from .errors import EdgeftError
-    from .formats import get_format
-
     rows = {}
     for name, _, results in measured:
         art, perf = results["artifact"], results["performance"]
@@ -274,8 +270,6 @@ def recommend(
 ) -> dict[str, Any]:
     """Among a build's benchmarked targets, the smallest that the device runs, that fits, is within
     ``max_kld`` (measured here) and reaches ``min_tok_s`` decode (projected); ties go to the faster."""
-    from .stage import read_manifest
-
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
         raise ConfigError(f"--build {build_dir}: no such build folder")

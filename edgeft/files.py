@@ -11,6 +11,7 @@ through it, so a link left at ``report.json`` is dropped, never followed.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -43,8 +44,6 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 def save_figure(fig, path: Path) -> Path:
     """A matplotlib figure as a PNG at ``path``, written like :func:`write_atomic` (savefig to a path
     would open it and follow a link there)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return write_atomic(path, buf.getvalue())

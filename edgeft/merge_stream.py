@@ -40,7 +40,9 @@ from typing import Any
 
 from .errors import ModelError
 from .loading import loading
+from .nf4 import quant_config, require_bitsandbytes
 from .shards import FLOAT_DTYPES, MAX_SHARD_BYTES, OutTensor, StoredTensor, read_tensor, stored_tensors, write_shards
+from .weights import weight_files
 
 DELTA_BLOCK_BYTES = 64 << 20  # fp32 rows of B @ A computed at a time
 
@@ -292,8 +294,6 @@ def _nf4_weights(skeleton: Any) -> set[str]:
 
 def _base_tensors(model_dir: Path) -> dict[str, StoredTensor]:
     """Every tensor of the base's shards; shards named by an index must all be there."""
-    from .weights import weight_files
-
     out: dict[str, StoredTensor] = {}
     for path in weight_files(model_dir):
         out.update(stored_tensors(path))
@@ -372,8 +372,6 @@ def nf4_round_trip(w: Any, compute_dtype: str) -> Any:
     settings of :func:`edgeft.nf4.quant_config`, moved to the CPU), dequantized by bitsandbytes."""
     import bitsandbytes as bnb
     import torch
-
-    from .nf4 import quant_config, require_bitsandbytes
 
     require_bitsandbytes()
     cfg = quant_config(compute_dtype)

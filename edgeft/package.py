@@ -53,9 +53,11 @@ from .bundle_zip import (
     zip_layout,
     zip_manifest_bytes,
 )
-from .config import BENCH_CONTEXT
+from .config import BENCH_CONTEXT, load_config
 from .errors import ConfigError, EdgeftError, ModelError, OutputError, first_line
 from .files import write_atomic
+from .formats import detect_artifact
+from .models import BUILTIN_MODELS
 
 BUNDLE_FORMAT = 1
 # Tokenizer files an app's tokenizer library reads (the GGUF file also embeds its own copy).
@@ -173,8 +175,6 @@ def _is_count(v: Any) -> bool:
 
 def _license(model: str | None) -> str:
     """The base model's licence: a builtin's from its card, a folder's from its README front matter."""
-    from .models import BUILTIN_MODELS
-
     if model is None:
         return "unknown (the build's config was not found)"
     if model in BUILTIN_MODELS:
@@ -274,8 +274,6 @@ def _modelfile(stops: list[dict[str, Any]], context: int, where: str) -> str:
 
 def _build_model_name(build_dir: Path) -> str | None:
     """The `model =` of the config the build ran with, when that config is still where it was."""
-    from .config import load_config
-
     try:
         manifest = _read_build_json(build_dir / "manifest.json", "build manifest")
     except ModelError:
@@ -310,8 +308,6 @@ def _copy_in(src: Path, dest: Path) -> tuple[str, int]:
 
 def package(build_dir: Path, target: str, out: Path, model: str | None = None) -> dict[str, Any]:
     """Write the bundle folder ``out`` and ``out.zip`` for ``target`` of the build in ``build_dir``."""
-    from .formats import detect_artifact
-
     build_dir, out = Path(build_dir), Path(out)
     if not _TARGET_NAME.fullmatch(target) or len(target) > _TEXT_MAX_CHARS:
         raise ConfigError(f"--target {show(target)}: not a target name (lower-case letters, digits, '.', '_', '-')")

@@ -19,12 +19,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench.run import Progress, _no_progress
-from .config import BenchConfig, BuildConfig, GatesConfig
+from .bench import device_runs
+from .bench import reference as stored_reference
+from .bench.bandwidth import measure_read_bandwidth
+from .bench.device_runs import load_all as load_device_runs
+from .bench.gates import evaluate_gates, regressions
+from .bench.probe import RUN_ID
+from .bench.run import (
+    Progress,
+    _no_progress,
+    bench,
+    bench_adapter_nf4,
+    bench_base,
+    reference,
+    reference_row,
+    retime_reference,
+)
+from .calibration import build_set
+from .config import DTYPE_SHORT, BenchConfig, BuildConfig, GatesConfig
+from .data import load_jsonl
+from .devices import device_projection
 from .errors import ConfigError
-from .resources import ReferenceDtype
-from .stage import StageOutput
-from .targets import Target
+from .formats import FORMATS, detect_artifact, get_format
+from .loading import loading, read_json
+from .machine import describe, same_machine, summary
+from .merge import merge
+from .models import model_stage, resolve_model
+from .preflight import check_build, check_reference
+from .remote import remote_bench
+from .report import assemble, ladder_row, paired_task, refold, target_entry, write_reports
+from .resources import PeakRSS, ReferenceDtype, machine_reference_dtype
+from .stage import StageOutput, check_output_dir, output_dir, read_manifest
+from .targets import Target, parse_target_list
+from .train import train
+from .training_report import training_summary
 
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
 NF4_ROW, NF4_ROW_DIR = "adapter on NF4 base", "bench-adapter-nf4"  # QLoRA builds' ladder row and its stage folder
@@ -54,7 +82,6 @@ class _Stages:
         """Run stage ``name`` once per build: formats ask for shared stages (the export) per target."""
         if name in self._done:
             return self._done[name]
-        from .resources import PeakRSS
 
         self.on_stage(name, "start")
         rss = PeakRSS()
@@ -88,9 +115,6 @@ def build(
     """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report.
 
     ``device`` (a :class:`edgeft.devices.DeviceProfile`) adds its projected fit and decode speed."""
-    from .preflight import check_build
-    from .stage import output_dir
-
     out_dir = Path(out_dir)
     resources = check_build(cfg, targets, out_dir)  # every input and the RAM/disk plan, before any work
     old = _read_old_report(compare_to)
@@ -121,12 +145,6 @@ def _build_stages(
     ref_dtype: ReferenceDtype,
 ) -> BuildResult:
     """``ref_dtype``: what the plan chose for the torch passes (the reference, bench-base)."""
-    from .bench.run import bench, bench_adapter_nf4, bench_base, reference
-    from .formats import get_format
-    from .merge import merge
-    from .models import model_stage
-    from .train import train
-
     bcfg = cfg.bench
 
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
@@ -206,9 +224,6 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
         if source not in made:
             from transformers import AutoTokenizer
 
-            from .calibration import build_set
-            from .loading import loading
-
             with loading(merged_dir, "the merged model's tokenizer"):
                 tokenizer = AutoTokenizer.from_pretrained(merged_dir)
             c = cfg.calibration
@@ -225,7 +240,6 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
 def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    from .loading import read_json
 
     try:
         old = read_json(path)
@@ -260,15 +274,6 @@ def finish_report(
     ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets;
     ``nf4_results`` the bench-adapter-nf4 stage's (QLoRA builds), a ladder row too.
     """
-    from .bench import reference as stored_reference
-    from .bench.bandwidth import measure_read_bandwidth
-    from .bench.device_runs import load_all as load_device_runs
-    from .bench.gates import evaluate_gates, regressions
-    from .bench.probe import RUN_ID
-    from .bench.run import reference_row
-    from .machine import same_machine, summary
-    from .report import assemble, ladder_row, paired_task, target_entry, write_reports
-
     ref_meta = stored_reference.load(ref_dir).meta
     ref_meta, timing_notes = _same_run_reference(ref_meta, measured, bcfg)
     base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
@@ -285,8 +290,6 @@ def finish_report(
     def paired(results: dict[str, Any]) -> dict[str, Any]:
         """A ladder row's fidelity with its answers paired against the reference's."""
         return dict(results["fidelity"], task_accuracy_paired=paired_task(ref_meta, results.get("answers") or []))
-
-    from .config import DTYPE_SHORT
 
     def torch_type(results: dict[str, Any]) -> str:
         """A torch row's type column: the dtype it ran in (stages cached before it was recorded: fp32)."""
@@ -325,16 +328,12 @@ def finish_report(
         report["warnings"] += notes
     report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
     if device is not None:
-        from .devices import device_projection
-
         report["device"] = device_projection(device, measured, context)
     report["device_runs"] = load_device_runs(out_dir)  # kept across rebuilds: see bench/device_runs.py
     report["stages"] = stages or []
     if merge:
         report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
     if training:
-        from .training_report import training_summary
-
         report["training"] = training_summary(training)  # loss histories and the kept step
     write_reports(report, out_dir)
     return report
@@ -351,12 +350,6 @@ def _bench_remote(
     device_file: Path | None,
     context: int,
 ) -> dict[str, Any]:
-    from .bench import device_runs
-    from .bench.probe import RUN_ID
-    from .remote import remote_bench
-    from .report import refold, write_reports
-    from .stage import output_dir
-
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen], "remote": remote.host}):
         report = remote_bench(
             remote,
@@ -382,16 +375,11 @@ def _same_run_reference(
     """Speed ratios only mean something between timings of one run: when an artifact was timed now
     and the (cached) reference earlier, time the reference again now. Where that cannot be done,
     say so; the report marks every row timed in another run."""
-    from .bench.probe import RUN_ID
-    from .bench.run import retime_reference
-
     timed_now = [name for name, _, r in measured if r["performance"].get("run_id") == RUN_ID]
     if not timed_now or ref_meta["performance"].get("run_id") == RUN_ID:
         return ref_meta, []
     fresh = retime_reference(ref_meta, bcfg)
     if fresh is None:
-        from .config import DTYPE_SHORT
-
         when = ref_meta["performance"].get("timed_at", "an earlier run")
         short = DTYPE_SHORT.get(ref_meta.get("dtype", "float32"), "fp32")
         return ref_meta, [
@@ -403,8 +391,6 @@ def _same_run_reference(
 
 def this_machine(measured: list[tuple[str, str, dict[str, Any]]], ref_meta: dict[str, Any]) -> dict[str, Any]:
     """This machine, with each runtime's build (llama.cpp's instruction sets, torch's kernels)."""
-    from .machine import describe
-
     builds = {}
     for perf in [ref_meta["performance"], *(r["performance"] for _, _, r in measured)]:
         lat = perf["latency"]
@@ -438,12 +424,6 @@ def bench_artifacts(
     With ``remote`` (an :class:`edgeft.remote.Remote`) the measuring happens on that device over
     SSH; its report lands in ``out_dir`` and, for a build, is stored as one of the build's device runs.
     """
-    from .bench.run import bench, reference
-    from .formats import FORMATS, detect_artifact, get_format
-    from .preflight import check_reference
-    from .stage import check_output_dir, output_dir, read_manifest
-    from .targets import parse_target_list
-
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     old = _read_old_report(compare_to)
@@ -502,10 +482,6 @@ def bench_artifacts(
         )
     eval_path = None
     if not stored:
-        from .data import load_jsonl
-        from .models import resolve_model
-        from .resources import machine_reference_dtype
-
         eval_path = eval_file or cfg.data.eval
         if eval_path is None:
             raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")

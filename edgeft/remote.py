@@ -41,11 +41,16 @@ import sys
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+from .bench.device_runs import from_report
+from .bench.reference import ARRAYS, META
 from .errors import ConfigError, InternalError, first_line
+from .files import write_atomic
+from .report import render_junit, render_markdown
 from .untrusted import (
     ANY,
     BOOL,
@@ -247,8 +252,6 @@ def _q(path: str) -> str:
 
 def files_to_send(reference_dir: Path, artifacts: list[tuple[str, Path]], extra: dict[str, Path]) -> dict[str, Path]:
     """Remote path (relative to the run folder) → local file, for the reference, artifacts and ``extra``."""
-    from .bench.reference import ARRAYS, META
-
     # A stored reference is these two files to the device; nothing else in the folder is sent (a
     # link left there, e.g. to a key, would otherwise be read and uploaded to the device).
     out: dict[str, Path] = {f"ref/{name}": Path(reference_dir) / name for name in (ARRAYS, META)}
@@ -273,8 +276,6 @@ def _sha256(path: Path) -> str:
 
 def bench_toml(cfg: Any) -> str:
     """The [bench] and [gates] tables of ``cfg`` as TOML, so the device measures with the same settings."""
-    from dataclasses import fields
-
     lines = []
     for table in ("bench", "gates"):
         lines.append(f"[{table}]")
@@ -393,8 +394,6 @@ def remote_bench(
     finally:
         remote.run(f"rm -rf {_q(run_dir)}", "removing the run folder", keep_stdout=False)
     if plot is not None:
-        from .files import write_atomic
-
         write_atomic(Path(out_dir) / "report.png", plot)  # replaced by this machine's plot where it can draw one
     report["remote"] = {
         "host": remote.host,
@@ -404,7 +403,6 @@ def remote_bench(
         "edgeft_version": remote_version,
         "workdir": remote.workdir,
     }
-    from . import __version__
 
     if remote_version != __version__:
         report.setdefault("warnings", []).append(
@@ -744,8 +742,6 @@ def device_report(raw: bytes, host: str, names: list[str]) -> dict[str, Any]:
     report.update({k: report["targets"][0][k] for k in _FIRST})
     # The checks above cover what is read here; rendering once more catches what they cannot say
     # (e.g. a value of the right type that a format rejects) before anything is written.
-    from .bench.device_runs import from_report
-    from .report import render_junit, render_markdown
 
     try:
         render_markdown(report)

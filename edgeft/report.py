@@ -54,6 +54,7 @@ evidence behind the value in words (the interval, the flips).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -63,9 +64,15 @@ from xml.etree import ElementTree as ET
 
 from . import __version__
 from .bench import device_runs
-from .bench.stats import describe_paired
+from .bench.bandwidth import decode_roofline
+from .bench.device_state import fastest_clock, hottest
+from .bench.stats import describe_paired, paired_accuracy
+from .config import DTYPE_SHORT
+from .decode_model import describe_range
 from .errors import ConfigError
 from .files import save_figure, write_atomic
+from .machine import same_machine, summary
+from .training_report import LOSS_PLOT, markdown_section, write_loss_plot
 
 SCHEMA_VERSION = 2
 
@@ -73,8 +80,6 @@ SCHEMA_VERSION = 2
 def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
     """Decode speed against bandwidth ÷ bytes per token, with the best-of-N bandwidth (as STREAM
     reports the achievable figure: the median moved between 33 and 62 GB/s here with other load)."""
-    from .bench.bandwidth import decode_roofline
-
     ceiling = decode_roofline(bandwidth["max"], bytes_per_token)
     return {
         "read_bandwidth_gb_s": bandwidth,
@@ -91,16 +96,12 @@ def timed(perf: dict[str, Any]) -> dict[str, Any]:
 
 def question_id(example: dict[str, Any]) -> str:
     """A short stable id of a held-out question: its prompt and accepted answers (what right/wrong means)."""
-    import hashlib
-
     text = json.dumps({"prompt": example["messages"][:-1], "answers": example["answers"]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def paired_task(ref_meta: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The artifact's right/wrong against the reference's, question by question (None without answers)."""
-    from .bench.stats import paired_accuracy
-
     ref = ref_meta.get("answers") or []
     if not ref or len(ref) != len(answers):
         return None
@@ -266,8 +267,6 @@ def _cell(text: Any) -> str:
 
 def dtype_short(dtype: Any) -> str:
     """``float32`` → ``fp32``, ``bfloat16`` → ``bf16``; anything else (another machine's) as safe text."""
-    from .config import DTYPE_SHORT
-
     return DTYPE_SHORT.get(dtype or "float32") or _md(dtype)
 
 
@@ -314,8 +313,6 @@ def _ladder_note(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
-    from .machine import same_machine, summary
-
     ref = report["reference"]
     ref_lat = ref["performance"]["latency"]
     ref_type = dtype_short(ref.get("dtype"))
@@ -378,8 +375,6 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
     if report.get("training"):
-        from .training_report import markdown_section
-
         lines += markdown_section(report["training"], loss_plot)
     lines += [
         "",
@@ -499,7 +494,6 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
 def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
     """Pinning, temperature and clock around each artifact's timed runs, and its sustained decode;
     nothing when none of it was recorded or readable (an x86 container has no thermal zones)."""
-    from .bench.device_state import fastest_clock, hottest
 
     def pair(state: dict[str, Any], read: Any, fmt: str) -> str:
         a, b = (read(state.get(k) or {}) for k in ("before", "after"))
@@ -537,8 +531,6 @@ def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
 
 
 def _device_section(device: dict[str, Any]) -> list[str]:
-    from .decode_model import describe_range
-
     p = device["profile"]
     lines = [
         "",
@@ -699,8 +691,6 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
     if report.get("training"):
-        from .training_report import LOSS_PLOT, write_loss_plot
-
         (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
         if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT

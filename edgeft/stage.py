@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 from . import __version__
 from .errors import OutputError
 from .files import write_atomic
+from .loading import read_json
 
 MANIFEST = "manifest.json"
 # .NAME.tmp-PID-HEX (a stage being written) and .NAME.old-PID-HEX (a replaced one being removed).
@@ -83,8 +84,6 @@ def content_hash(path: Path) -> str:
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest of a folder, or None when it has none that reads as a JSON object (hostile
     JSON included: nested past the recursion limit, larger than edgeft reads)."""
-    from .loading import read_json
-
     try:
         manifest = read_json(Path(path) / MANIFEST)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints as ckpt
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, load_jsonl, tokenize_example
 from .errors import ConfigError
 from .loading import loading
+from .models import adaptable_modules, architecture_of, check_model_dir
+from .nf4 import load_nf4
 from .stage import StageOutput, cached, content_hash, read_manifest, run_stage, stage_key
 from .validation import best_of, eval_every, history, make_keep_best, split_validation
 
@@ -85,8 +89,6 @@ def _load_base(model_dir: Path, cfg: TrainConfig, device: str, dtype: str) -> An
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
     from peft import prepare_model_for_kbit_training
 
-    from .nf4 import load_nf4
-
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = load_nf4(model_dir, dtype, f"cuda:{rank}" if device == "cuda" else "cpu")
     # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks.
@@ -134,8 +136,6 @@ def train_adapter(
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from . import checkpoints as ckpt
 
     device = resolve_device(cfg.device)
     _, world = distributed()
@@ -282,8 +282,6 @@ def check_target_modules(architecture: str, modules: list[str]) -> None:
     peft matches a name against the end of each module's dotted path; one that matches nothing
     would otherwise fail (or, mixed with valid names, silently adapt less) after the model loaded.
     """
-    from .models import adaptable_modules
-
     known = adaptable_modules(architecture)
     for m in modules:
         if m.rsplit(".", 1)[-1] not in known:
@@ -306,11 +304,6 @@ def train(
     A run killed mid-way resumes from its last checkpoint when run again (see :mod:`edgeft.checkpoints`).
     Under torchrun/accelerate every rank trains and rank 0 alone writes the stage.
     """
-    from dataclasses import asdict
-
-    from . import checkpoints as ckpt
-    from .models import architecture_of, check_model_dir
-
     check_target_modules(architecture_of(check_model_dir(model_dir)), cfg.target_modules)
     inputs = {"model": content_hash(model_dir), "train_data": content_hash(train_file)}
     if validation_file is not None:  # it picks the kept checkpoint

@@ -20,12 +20,17 @@ import json
 import os
 import re
 import stat
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
 from ..files import write_atomic
+from ..formats import FORMATS, detect_artifact, get_format
+from ..formats.gguf.inspect import read_gguf
+from ..stage import read_manifest
 from ..untrusted import ANY, NUM, STR, Oversized, ShapeError, check_shape, cleaned, list_of, map_of, optional
+from . import llama_bench
 
 DIR = "devices"
 _MAX_SLUG = 100  # file names stay far below the 255 bytes file systems allow
@@ -187,16 +192,11 @@ def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: 
 
 
 def now() -> str:
-    from datetime import datetime, timezone
-
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def build_targets(build_dir: Path) -> dict[str, Path]:
     """The build's quantized/exported targets: name → artifact path (the shapes `edgeft bench --build` reads)."""
-    from ..formats import FORMATS, detect_artifact, get_format
-    from ..stage import read_manifest
-
     build_dir = Path(build_dir)
     if not build_dir.is_dir() or (read_manifest(build_dir) or {}).get("stage") != "build":
         raise ConfigError(f"--build {build_dir}: not an `edgeft build --out` folder (no build manifest.json)")
@@ -210,11 +210,6 @@ def build_targets(build_dir: Path) -> dict[str, Path]:
 
 def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Path]:
     """Store a llama-bench JSON file as a device run of ``build_dir`` (the caller refolds its report)."""
-    import hashlib
-
-    from ..formats.gguf.inspect import read_gguf
-    from . import llama_bench
-
     build_dir, path = Path(build_dir), Path(path)
     llama_bench.read_records(path)  # refuse a bad file before reading any GGUF
     sizes = {

@@ -4,6 +4,7 @@ and ``--compare-to``: regressions against an older report that exceed the measur
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable, NamedTuple
 
 from ..config import GatesConfig
@@ -106,8 +107,6 @@ def evaluate_gates(entry: dict[str, Any], gates: GatesConfig) -> list[dict[str, 
 
 def parse_gate_flags(flags: tuple[str, ...], gates: GatesConfig) -> GatesConfig:
     """Apply ``--gate name=value`` flags on top of the config's ``[gates]``."""
-    from dataclasses import replace
-
     updates: dict[str, Any] = {}
     for flag in flags:
         name, sep, raw = flag.partition("=")

@@ -10,7 +10,10 @@ min and max: on shared machines single runs vary by ±20%.
 
 from __future__ import annotations
 
+import time
+
 from ..errors import ConfigError
+from .device_state import ROOT, fastest_clock, hottest, snapshot
 from .stats import spread
 
 WARMUP_TOKENS = 8  # the warm-up run's decode budget: enough to start every code path
@@ -128,10 +131,6 @@ def measure_sustained(
     the chunks from each end that hold at least ``part`` of the tokens (at least one chunk, at most
     half of them, so the two never share one: the run goes on until there are two).
     """
-    import time
-
-    from .device_state import ROOT, fastest_clock, hottest, snapshot
-
     if not seconds > 0 or not 0 < part <= 0.5:
         raise ConfigError(f"sustained decode: need seconds > 0 and 0 < part <= 0.5, got {seconds} and {part}")
     clock = clock or time.perf_counter

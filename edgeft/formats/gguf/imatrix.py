@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError, ModelError
+from ...loading import loading
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, read_gguf
+from .types import K_QUANTS
 
 IMATRIX_FILE = "imatrix.gguf"
 SUM = ".in_sum2"
@@ -52,8 +54,6 @@ def collect(
     """GGUF tensor name → (sum of squared input activations per column [float64], token count)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from ...loading import loading
 
     name_map, shapes = _name_map(gguf_path)
     if threads > 0:
@@ -118,8 +118,6 @@ def read(path: Path) -> dict[str, np.ndarray]:
     """GGUF tensor name → per-column mean squared activation, what ``llama_model_quantize`` takes.
 
     A file that is not an imatrix, or has a count of zero or non-finite values, is refused naming it."""
-    from ...loading import loading
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: imatrix file not found")
@@ -166,8 +164,6 @@ def scope(imatrix: dict[str, np.ndarray], gguf_path: Path, quant: str) -> tuple[
     matrix, 0.2101 with it on every tensor, 0.1759 with it on the K-quant tensors only; Q4_0 0.8381
     without, 0.5479 with it on every tensor. So a K-quant mix gets the matrix on its 256-multiple
     rows only, a legacy type on every tensor."""
-    from .types import K_QUANTS
-
     if quant not in K_QUANTS:
         return imatrix, "all"
     widths = {t.name: int(t.shape[0]) for t in read_gguf(gguf_path).tensors}

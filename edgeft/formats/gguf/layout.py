@@ -9,14 +9,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
-
 from .inspect import read_gguf
 from .types import FALLBACK
 
 
 def _block(type_name: str) -> tuple[int, int]:
     """(values per block, bytes per block) from gguf-py's table."""
+    import gguf  # 0.3-1 s to import (its vocab module pulls mistral_common): not on the CLI's start-up path
+
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
 
 

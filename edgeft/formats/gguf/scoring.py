@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,9 +147,6 @@ class Scorer:
     """A GGUF file in llama.cpp, scoring chunks of ``n_ctx`` tokens from position 0 (every position's logits)."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, threads: int = 0, observe: ActivationStats | None = None) -> None:
-        import logging
-        import os
-
         import llama_cpp
 
         logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # load chatter; failures raise below

@@ -11,8 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from ...calibration import SOURCES
 from ...errors import ConfigError
-from .inspect import check_artifact, describe, find_artifact
+from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
+from . import mixed
+from .export import RELEASE_EVERY_BYTES, export
+from .inspect import check_artifact, describe, find_artifact, genai_config
+from .rounding import importance_stage
 from .types import KNOBS, PRECISIONS
 
 NAME = "onnx"
@@ -71,8 +76,6 @@ def _check_plan_keys(quant: str, options: dict[str, Any], planning: list[str], w
 
 
 def _check_imatrix(quant: str, options: dict[str, Any], where: str) -> None:
-    from ...calibration import SOURCES
-
     if options["imatrix"] not in SOURCES:
         raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
     if quant != "int4":
@@ -90,8 +93,6 @@ def bytes_per_token(folder: Path) -> int:
 
 def kv_bytes_per_token(folder: Path) -> int | None:
     """KV-cache bytes per context token: the builder's CPU graphs keep past keys/values in fp32."""
-    from .inspect import genai_config
-
     d = genai_config(folder)["model"]["decoder"]
     try:
         return int(d["num_hidden_layers"]) * int(d["num_key_value_heads"]) * int(d["head_size"]) * 2 * 4
@@ -100,8 +101,6 @@ def kv_bytes_per_token(folder: Path) -> int | None:
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
-    from .export import export
-
     out = run(f"export {CONVERSION}", lambda: export(merged_dir, Path(out_dir) / CONVERSION, "fp32", {}))
     return CONVERSION, out.path
 
@@ -110,8 +109,6 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
     """``target``'s onnxruntime-genai folder: export and quantization are one builder run. A target
     with a size budget first measures every MatMul's sensitivity on the task's calibration set and
     has the builder keep the plan's MatMuls at int8 (see :mod:`.mixed`)."""
-    from .export import export
-
     if target.quant == "fp32" and not target.options:
         return conversion(merged_dir, out_dir, run)[1]
     knobs = {k: v for k, v in target.options.items() if k not in EDGEFT_KEYS}
@@ -133,7 +130,6 @@ def _importance(target, merged_dir: Path, out_dir: Path, run: Run, threads: int,
     which = target.options.get("imatrix")
     if not which:
         return None
-    from .rounding import importance_stage
 
     fp32 = conversion(merged_dir, out_dir, run)[1]
     calib = calibration(which)
@@ -146,9 +142,6 @@ def _importance(target, merged_dir: Path, out_dir: Path, run: Run, threads: int,
 def _mixed(
     target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: Run, threads, calibration, progress, rounding
 ):
-    from . import mixed
-    from .export import export
-
     fp32 = conversion(merged_dir, out_dir, run)[1]
     # the all-int4 folder this plan starts from: onnx-int4 itself when the knobs are the defaults
     base = "onnx-int4" if not knobs else f"{target.name}-all-int4"
@@ -195,9 +188,6 @@ def _builder_peak(quant: str, shape) -> tuple[int, str]:
     (2.52 GB, largest tensor 0.54 GB): fp32 1.74 GB, int8 2.01 GB, int4 1.72 GB (the builder alone:
     3.65, 7.18, 6.72 GB); this gives 2.12, 2.59, 2.14 GB (BASELINE_BYTES is 0.9 GB, the process's own
     was 0.4 GB)."""
-    from ...resources import BASELINE_BYTES
-    from .export import RELEASE_EVERY_BYTES
-
     largest = 4 * shape.largest_tensor
     held, basis = 2 * largest, "onnxruntime-genai builder: the largest tensor twice"
     if quant != "fp32":
@@ -211,8 +201,6 @@ def _builder_peak(quant: str, shape) -> tuple[int, str]:
 def resource_estimates(target, shape, ladder_export: bool) -> list:
     """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
     :mod:`edgeft.resources`)."""
-    from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
-
     n = shape.parameters
     size = int(_BYTES_PER_PARAM.get(target.quant, 4.0) * n)
     out = []
