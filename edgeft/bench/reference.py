@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from ..data import Example
+from ..divergence import log_softmax
 from ..errors import ModelError
 from ..loading import loading, read_json
-from .fidelity import Sequence, log_softmax
+from .fidelity import Sequence
 
 ARRAYS = "reference.npz"
 META = "reference.json"

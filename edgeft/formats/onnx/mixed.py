@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ...divergence import kl_divergence
 from ...errors import ConfigError, ModelError
 from ...precision_plan import check_fits, plan, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
@@ -131,7 +132,7 @@ def measure(
         total = 0.0
         for chunk, lr in zip(chunks, ref):
             la = probe.log_probs(chunk, weights)
-            total += float((np.exp(lr) * (lr - la)).sum(dtype=np.float64))
+            total += float(kl_divergence(lr, la).sum())
         return total / chunks.size
 
     start = time.perf_counter()
