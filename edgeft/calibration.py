@@ -21,7 +21,7 @@ import numpy as np
 
 from .data import load_jsonl
 from .errors import ConfigError
-from .files import data_dir
+from .files import data_dir, sha256_file
 
 SOURCES = ("task", "general", "mix")
 
@@ -131,8 +131,6 @@ def build_set(
         "token_budget": tokens,
         "task_share": task_share if source == "mix" else None,
         "chunks_taken": taken,
-        "general_text_sha256": hashlib.sha256(general_text_path().read_bytes()).hexdigest()
-        if taken.get("general")
-        else None,
+        "general_text_sha256": sha256_file(general_text_path()) if taken.get("general") else None,
     }
     return CalibrationSet(source, np.concatenate(parts), recipe)

@@ -11,12 +11,15 @@ through it, so a link left at ``report.json`` is dropped, never followed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import OutputError
+
+_HASH_CHUNK = 1 << 20
 
 
 def write_atomic(path: Path, data: str | bytes) -> Path:
@@ -55,3 +58,12 @@ def data_dir(name: str) -> Path:
     package = Path(__file__).resolve().parent
     checkout = package.parent / name
     return checkout if checkout.is_dir() else package / "_data" / name
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read a block at a time (artifacts may be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

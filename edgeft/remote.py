@@ -30,7 +30,6 @@ it has the shape read here, and every string in it is made safe to print and ren
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -49,7 +48,7 @@ from . import __version__
 from .bench.device_runs import from_report
 from .bench.reference import ARRAYS, META
 from .errors import ConfigError, InternalError, first_line
-from .files import write_atomic
+from .files import sha256_file, write_atomic
 from .report import render_junit, render_markdown
 from .untrusted import (
     ANY,
@@ -266,14 +265,6 @@ def files_to_send(reference_dir: Path, artifacts: list[tuple[str, Path]], extra:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bench_toml(cfg: Any) -> str:
     """The [bench] and [gates] tables of ``cfg`` as TOML, so the device measures with the same settings."""
     lines = []
@@ -342,7 +333,7 @@ def remote_bench(
         if device_file is not None:
             extra["device.toml"] = Path(device_file)
         files = files_to_send(reference_dir, artifacts, extra)
-        digests = {rel: _sha256(path) for rel, path in files.items()}
+        digests = {rel: sha256_file(path) for rel, path in files.items()}
         objects = f"{remote.workdir}/objects"
         listing = remote.run(f"mkdir -p {_q(objects)} && ls -1 {_q(objects)}", f"listing {objects}")
         if listing.returncode != 0:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
-from ..files import write_atomic
+from ..files import sha256_file, write_atomic
 from ..formats import FORMATS, detect_artifact, get_format
 from ..formats.gguf.inspect import read_gguf
 from ..stage import read_manifest
@@ -218,6 +218,6 @@ def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Pat
         if artifact.suffix == ".gguf"
     }
     record = llama_bench.device_run(path, sizes, now())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = sha256_file(path)[:12]
     stored = save(build_dir, f"llama-bench-{digest}", record)
     return record, stored

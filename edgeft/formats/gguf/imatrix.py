@@ -15,13 +15,13 @@ token embedding gets no entry: it is looked up, not multiplied, and llama.cpp qu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import ConfigError, ModelError
+from ...files import sha256_file
 from ...loading import loading
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, read_gguf
@@ -180,7 +180,7 @@ def imatrix_stage(merged_dir: Path, gguf_dir: Path, out_dir: Path, calibration: 
         stats = collect(Path(merged_dir), gguf_path, calibration.chunks, threads)
         dataset = f"edgeft calibration {calibration.source} sha256:{calibration.sha256}"
         write(tmp / IMATRIX_FILE, stats, dataset, int(calibration.chunks.shape[0]), int(calibration.chunks.shape[1]))
-        digest = hashlib.sha256((tmp / IMATRIX_FILE).read_bytes()).hexdigest()
+        digest = sha256_file(tmp / IMATRIX_FILE)
         return {
             "imatrix_sha256": digest,
             "calibration": calibration.describe(),
