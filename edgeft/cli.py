@@ -44,7 +44,7 @@ from .pipeline import build as run_build
 from .preflight import check_merge, check_train
 from .progress import rich_progress, stage_printer
 from .remote import Remote
-from .report import dtype_short, refold
+from .report import dtype_short, refold, timed_in_run
 from .resources import check_fits as check_resources_fit
 from .resources import plan as plan_resources
 from .resources import render as render_resources
@@ -711,7 +711,7 @@ def recommend(
                 )
                 here = f"{r['decode_tok_s_measured_here']:.1f}"
                 if len(runs) > 1:
-                    here += f" †{runs.index(r['timed']['run_id']) + 1}"
+                    here += " " + timed_in_run(runs.index(r["timed"]["run_id"]) + 1)
                 click.echo(
                     f"{r['target']:{w}} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
                     f"{here:>10} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
@@ -721,7 +721,7 @@ def recommend(
                 for i, run in enumerate(runs, 1):
                     t = next(r["timed"] for r in result["rows"] if r["timed"]["run_id"] == run)
                     where = machine_summary(t["machine"]) if t.get("machine") else "machine not recorded"
-                    click.echo(f"†{i} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
+                    click.echo(f"{timed_in_run(i)} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
                 click.echo("tok/s here comes from different runs: compare those rows with care")
             click.echo(
                 f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are "

@@ -311,6 +311,12 @@ def _ladder_note(report: dict[str, Any]) -> str:
     )
 
 
+def timed_in_run(number: int) -> str:
+    """The mark on a speed timed in another run than the rows beside it, and on its footnote: one
+    number per run, so rows measured under different load are not compared unawares."""
+    return f"†{number}"
+
+
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
     ref = report["reference"]
@@ -324,7 +330,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         if run_id is None or t.get("run_id") == run_id:
             return ""
         earlier.setdefault(t.get("run_id"), t)
-        return " †" + str(list(earlier).index(t.get("run_id")) + 1)
+        return " " + timed_in_run(list(earlier).index(t.get("run_id")) + 1)
 
     lines = [
         f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
@@ -407,7 +413,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
         lines += [
             "",
-            f"†{i} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
+            f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
         ]
     if earlier:
         lines += ["", "Speeds of rows from different runs compare with care: load on the machine differs between runs."]
