@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .config import BENCH_CONTEXT
 from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
 from .errors import ConfigError, EdgeftError
 from .formats import get_format
+from .loading import read_toml
 from .stage import read_manifest
 from .targets import targets_dir
 
@@ -90,12 +89,7 @@ def devices_dir() -> Path:
 
 
 def _load(path: Path) -> DeviceProfile:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read device profile ({e})") from None
+    raw = read_toml(path, "device profile")
     known = {f.name for f in fields(DeviceProfile)} - {"key"}
     unknown = set(raw) - known
     if unknown:
