@@ -25,6 +25,7 @@ from .decode_model import DecodeFit, FitRun, fit_by_threads, fit_to_table
 from .devices import _load, device_file, devices_dir, get_device
 from .errors import ConfigError, OutputError
 from .files import write_atomic
+from .formats import default_runtime
 from .loading import read_json_object
 from .untrusted import INT, NUM, STR, ShapeError, check_shape, cleaned, list_of, optional, safe_text
 
@@ -104,7 +105,7 @@ def runs_from_report(path: Path) -> list[tuple[str, FitRun]]:
             raise ConfigError(
                 f"--report {path}: target {t['target']}: decode speed, bytes per token and threads must be > 0"
             )
-        runtime = art.get("runtime") or ("llama.cpp" if art.get("format", "gguf") == "gguf" else str(art.get("format")))
+        runtime = art.get("runtime") or default_runtime(art.get("format", "gguf"))
         out.append(
             (
                 runtime,

@@ -28,7 +28,7 @@ from typing import Any
 from .config import BENCH_CONTEXT
 from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
 from .errors import ConfigError, EdgeftError
-from .formats import get_format
+from .formats import FORMATS, get_format
 from .loading import read_toml
 from .stage import read_manifest
 from .targets import targets_dir
@@ -118,6 +118,11 @@ def _load(path: Path) -> DeviceProfile:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{path}: {f.name}: expected a list of strings, got {v!r}")
             v = tuple(v)
+            unknown = [x for x in v if x not in FORMATS] if f.name == "formats" else []
+            if unknown:
+                raise ConfigError(
+                    f"{path}: formats: unknown format {unknown[0]!r}; expected names from {', '.join(FORMATS)}"
+                )
         elif f.name == "threads":
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{path}: threads: expected a positive integer, got {v!r}")
@@ -240,13 +245,13 @@ def device_projection(
     rows = {}
     for name, _, results in measured:
         art, perf = results["artifact"], results["performance"]
+        fmt = get_format(art["format"])  # recorded by the bench from the registry
         try:
-            kv = get_format(art["format"]).kv_bytes_per_token(Path(art["path"]))
+            kv = fmt.kv_bytes_per_token(Path(art["path"]))
         except EdgeftError:
             kv = None
         lat = perf["latency"]
-        # llama.cpp allocates its cache for the bench context; onnxruntime-genai for each request.
-        measured_ctx = BENCH_CONTEXT if art["format"] == "gguf" else lat["prompt_tokens"] + lat["decode_tokens"]
+        measured_ctx = BENCH_CONTEXT if fmt.KV_CACHE_AT_OPEN else lat["prompt_tokens"] + lat["decode_tokens"]
         rows[name] = project(
             device,
             art["format"],

@@ -5,7 +5,7 @@ A bundle is a folder, and the same folder as a zip beside it::
     cooking-q4/
       model.gguf                      the artifact (GGUF file, or an ONNX folder's files)
       tokenizer.json, tokenizer_config.json, chat_template.jinja
-      Modelfile                       GGUF only: `ollama create NAME -f Modelfile`
+      Modelfile                       formats Ollama loads (GGUF): `ollama create NAME -f Modelfile`
       manifest.json                   what the app needs to know, and every file's sha256
 
 ``manifest.json`` holds ``edgeft_bundle`` (format version), the target, format, runtime and quant
@@ -265,9 +265,13 @@ def _modelfile_string(text: str, where: str, token: int) -> str:
     return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
-def _modelfile(stops: list[dict[str, Any]], context: int, where: str) -> str:
+def _modelfile(artifact_file: str, stops: list[dict[str, Any]], context: int, where: str) -> str:
     # Ollama reads the chat template from the GGUF's metadata; the stops and context are ours.
-    lines = ["# Ollama: ollama create NAME -f Modelfile", "FROM ./model.gguf", f"PARAMETER num_ctx {int(context)}"]
+    lines = [
+        "# Ollama: ollama create NAME -f Modelfile",
+        f"FROM ./{artifact_file}",
+        f"PARAMETER num_ctx {int(context)}",
+    ]
     lines += [f"PARAMETER stop {_modelfile_string(s['text'], where, s['id'])}" for s in stops if s["text"]]
     return "\n".join(lines) + "\n"
 
@@ -332,19 +336,16 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
 
     model_cfg = _read_build_json(merged / "config.json", "model config")
-    if fmt.NAME == "onnx":
+    if fmt.ARTIFACT_FILE is None:
         # Sub-folders are not part of a genai folder; links and special files are refused by _copy_in.
         sources = {
             p.name: p for p in sorted(artifact.iterdir()) if p.name != MANIFEST and (p.is_symlink() or not p.is_dir())
         }
-        genai_path = artifact / "genai_config.json"
-        genai = _read_build_json(genai_path, "genai_config")
-        context = genai["model"].get("context_length") if isinstance(genai.get("model"), dict) else None
-        context_where = genai_path
     else:
-        sources = {"model.gguf": artifact}
+        sources = {fmt.ARTIFACT_FILE: artifact}
         sources |= {n: merged / n for n in TOKENIZER_FILES if (merged / n).is_file()}
-        context, context_where = None, merged / "config.json"
+    context, context_where = fmt.context_length(artifact, _read_build_json)
+    context_where = context_where or merged / "config.json"
     context = context or model_cfg.get("max_position_embeddings") or 2048
     if not _is_count(context):
         raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
@@ -380,8 +381,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "memory": {
             # Measured, not projected: the runtime's peak RSS while benchmarking (bench context).
             "min_ram_bytes": _field(perf, "peak_rss_bytes", where, _is_figure, figure),
-            # llama.cpp allocates its KV cache for the whole bench context; onnxruntime-genai per request.
-            "measured_context_tokens": BENCH_CONTEXT if fmt.NAME == "gguf" else None,
+            "measured_context_tokens": BENCH_CONTEXT if fmt.KV_CACHE_AT_OPEN else None,
             "weights_bytes": _field(bench, "artifact.size_bytes", where, _is_figure, figure),
             "measured_on": perf.get("machine"),
         },
@@ -406,7 +406,9 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "license": _license(model),
         "files": {},
     }
-    modelfile = _modelfile(stops, context, str(merged / "tokenizer.json")) if fmt.NAME == "gguf" else None
+    modelfile = (
+        _modelfile(fmt.ARTIFACT_FILE, stops, context, str(merged / "tokenizer.json")) if fmt.OLLAMA_MODELFILE else None
+    )
     _write_bundle(out, sources, manifest, modelfile)
     return manifest
 

@@ -49,6 +49,7 @@ from .bench.device_runs import from_report
 from .bench.reference import ARRAYS, META
 from .errors import ConfigError, InternalError, first_line
 from .files import sha256_file, write_atomic
+from .formats import shipped_name
 from .report import render_junit, render_markdown
 from .untrusted import (
     ANY,
@@ -255,12 +256,12 @@ def files_to_send(reference_dir: Path, artifacts: list[tuple[str, Path]], extra:
     # link left there, e.g. to a key, would otherwise be read and uploaded to the device).
     out: dict[str, Path] = {f"ref/{name}": Path(reference_dir) / name for name in (ARRAYS, META)}
     for name, path in artifacts:
-        if path.is_dir():  # an ONNX folder: every file but the stage manifest
+        if path.is_dir():  # a folder artifact: every file but the stage manifest
             for f in sorted(path.rglob("*")):
                 if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
                     out[f"art/{name}/{f.relative_to(path).as_posix()}"] = f
-        else:  # a GGUF file: the name a folder artifact is found by
-            out[f"art/{name}/model.gguf"] = path
+        else:  # a one-file artifact, under the name its folder is found by on the device
+            out[f"art/{name}/{shipped_name(path) or path.name}"] = path
     out.update(extra)
     return out
 

@@ -71,6 +71,7 @@ from .config import DTYPE_SHORT
 from .decode_model import describe_range
 from .errors import ConfigError
 from .files import save_figure, write_atomic
+from .formats import default_runtime
 from .machine import same_machine, summary
 from .training_report import LOSS_PLOT, markdown_section, write_loss_plot
 
@@ -399,7 +400,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         a = lat["artifact"]
         lines.append(
             f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){run_mark(lat.get('timed', {}))} | "
-            f"{_md(t['artifact'].get('runtime', 'llama.cpp'))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"{_md(t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from ..files import sha256_file, write_atomic
-from ..formats import FORMATS, detect_artifact, get_format
+from ..formats import FORMATS, default_runtime, detect_artifact, get_format
 from ..formats.gguf.inspect import read_gguf
 from ..stage import read_manifest
 from ..untrusted import ANY, NUM, STR, Oversized, ShapeError, check_shape, cleaned, list_of, map_of, optional
@@ -168,7 +168,7 @@ def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: 
                 "model_type": t["artifact"].get("quant"),
                 "size_bytes": t["artifact"]["size_bytes"],
                 "threads": t["latency"]["threads"],
-                "runtime": f"{t['artifact'].get('runtime', 'llama.cpp')} {lat.get('runtime_version', '')}".strip(),
+                "runtime": f"{t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format'))} {lat.get('runtime_version', '')}".strip(),
                 "prefill": {"tokens": lat.get("prompt_tokens"), "tok_s": lat["prefill_tok_s"]},
                 "decode": {"tokens": lat.get("decode_tokens"), "tok_s": lat["decode_tok_s"]},
                 "other_tests": [],

@@ -26,6 +26,13 @@ RUNTIME = "llama.cpp"
 TARGET_KEYS: tuple[str, ...] = ("imatrix", "max_size_mb", "mix")
 ARTIFACT_HINT = "a .gguf file or a folder holding model.gguf"
 CONVERSION = "gguf-f32"  # the unquantized export every quantized type is made from
+# One file; stage folders, bundles and uploads to a device all name it this (the folder is found by it).
+ARTIFACT_FILE = GGUF_FILE
+# llama.cpp allocates its KV cache for the whole context it is opened with (the bench context), so
+# the peak RSS a bench measures is the memory at that context, whatever the request's length.
+KV_CACHE_AT_OPEN = True
+# Ollama imports a GGUF file: a bundle carries a Modelfile (FROM ./ARTIFACT_FILE) for it.
+OLLAMA_MODELFILE = True
 
 __all__ = ["bytes_per_token", "describe", "find_artifact", "kv_bytes_per_token", "GGUF_FILE"]
 
@@ -176,3 +183,8 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         )
     out.append(StageEstimate(f"quantize {target.name}", by_tensor, size, "llama.cpp, tensor by tensor"))
     return [*out, bench]
+
+
+def context_length(artifact: Path, read_json: Callable[[Path, str], dict[str, Any]]) -> tuple[Any, Path | None]:
+    """None: a GGUF's context is the model's (``max_position_embeddings``), which the caller reads."""
+    return None, None

@@ -31,6 +31,12 @@ EDGEFT_KEYS: tuple[str, ...] = ("imatrix", *PLAN_KEYS)  # handled by edgeft, nev
 TARGET_KEYS: tuple[str, ...] = (*KNOBS, *EDGEFT_KEYS)
 ARTIFACT_HINT = "an onnxruntime-genai folder (genai_config.json, model.onnx)"
 CONVERSION = "onnx-fp32"
+# A folder (genai_config.json, model.onnx, its data, tokenizer files): its files keep their names.
+ARTIFACT_FILE = None
+# onnxruntime-genai allocates its KV cache per request: memory was measured at the bench's prompt +
+# decode tokens, not at a fixed context.
+KV_CACHE_AT_OPEN = False
+OLLAMA_MODELFILE = False  # Ollama does not load ONNX
 
 __all__ = ["check_artifact", "describe", "find_artifact"]
 
@@ -224,3 +230,11 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         out.append(StageEstimate(f"export {target.name}", peak, size, basis))
     out.append(StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "onnxruntime-genai: the folder"))
     return out
+
+
+def context_length(artifact: Path, read_json: Callable[[Path, str], dict[str, Any]]) -> tuple[Any, Path | None]:
+    """(the context the folder was built for, the file saying so): genai_config's, unchecked (the
+    caller checks it); ``read_json(path, what)`` is the caller's reader for files of a build."""
+    path = Path(artifact) / "genai_config.json"
+    genai = read_json(path, "genai_config")
+    return (genai["model"].get("context_length") if isinstance(genai.get("model"), dict) else None), path
