@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .build_layout import BENCH_PREFIX
 from .config import BENCH_CONTEXT
 from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
 from .errors import ConfigError, EdgeftError
@@ -273,10 +274,10 @@ def recommend(
     if not build_dir.is_dir():
         raise ConfigError(f"--build {build_dir}: no such build folder")
     measured = []
-    for bench_dir in sorted(build_dir.glob("bench-*")):
-        results = (read_manifest(bench_dir) or {}).get("results")
-        if results and read_manifest(bench_dir).get("stage") == "bench" and "roofline" in results:
-            measured.append((bench_dir.name.removeprefix("bench-"), results["artifact"]["file_type"], results))
+    for folder in sorted(build_dir.glob(f"{BENCH_PREFIX}*")):
+        results = (read_manifest(folder) or {}).get("results")
+        if results and read_manifest(folder).get("stage") == "bench" and "roofline" in results:
+            measured.append((folder.name.removeprefix(BENCH_PREFIX), results["artifact"]["file_type"], results))
     if not measured:
         raise ConfigError(f"--build {build_dir}: no benchmarked targets; run `edgeft build --target ...` first")
     projection = device_projection(device, measured, context)

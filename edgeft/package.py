@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from . import __version__
+from .build_layout import MERGED, bench_dir
 from .bundle_zip import (
     CHUNK,
     MANIFEST,
@@ -323,7 +324,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         )
     _check_bundle_out(out)
     fmt, artifact = detect_artifact(build_dir / target, f"--target {target}:")
-    bench_path = build_dir / f"bench-{target}" / "manifest.json"
+    bench_path = bench_dir(build_dir, target) / "manifest.json"
     bench = _read_build_json(bench_path, "bench results").get("results") if bench_path.is_file() else None
     if not bench:
         raise ConfigError(
@@ -331,7 +332,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         )
     if not isinstance(bench, dict):
         raise ModelError(f"{bench_path}: results: expected an object, got {show(bench)}")
-    merged = build_dir / "merged"
+    merged = build_dir / MERGED
     if not (merged / "config.json").is_file():
         raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
 

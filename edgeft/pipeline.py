@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import build_layout as layout
 from .bench import device_runs
 from .bench import reference as stored_reference
 from .bench.bandwidth import measure_read_bandwidth
@@ -55,7 +56,7 @@ from .train import train
 from .training_report import training_summary
 
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
-NF4_ROW, NF4_ROW_DIR = "adapter on NF4 base", "bench-adapter-nf4"  # QLoRA builds' ladder row and its stage folder
+NF4_ROW = "adapter on NF4 base"  # QLoRA builds' ladder row (its stage folder: build_layout.BENCH_NF4)
 
 
 @dataclass
@@ -150,23 +151,26 @@ def _build_stages(
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
     adapter = stages.run(
         "train",
-        lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train, validation_file=cfg.data.validation),
+        lambda: train(
+            base_dir, cfg.data.train, out_dir / layout.ADAPTER, cfg.train, validation_file=cfg.data.validation
+        ),
     )
     merged = stages.run(
-        "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
+        "merge", lambda: merge(base_dir, adapter.path, out_dir / layout.MERGED, cfg.merge.strategy, cfg.data.eval)
     )
     ref = stages.run(
         "reference",
-        lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress, ref_dtype),
+        lambda: reference(merged.path, cfg.data.eval, out_dir / layout.REFERENCE, bcfg, progress, ref_dtype),
     )
     base = stages.run(
-        "bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress, ref_dtype)
+        "bench-base",
+        lambda: bench_base(base_dir, ref.path, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype),
     )
     nf4_row = None
     if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
         nf4_row = stages.run(
             "bench adapter-nf4",
-            lambda: bench_adapter_nf4(base_dir, adapter.path, ref.path, out_dir / NF4_ROW_DIR, bcfg, progress),
+            lambda: bench_adapter_nf4(base_dir, adapter.path, ref.path, out_dir / layout.BENCH_NF4, bcfg, progress),
         ).manifest["results"]
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
@@ -182,7 +186,8 @@ def _build_stages(
         for fmt in dict.fromkeys(get_format(t.format) for t in targets):
             label, path = fmt.conversion(merged.path, out_dir, stages.run)
             results = stages.run(
-                f"bench {label}", lambda p=path, n=label: bench(p, ref.path, out_dir / f"bench-{n}", bcfg, progress)
+                f"bench {label}",
+                lambda p=path, n=label: bench(p, ref.path, layout.bench_dir(out_dir, n), bcfg, progress),
             ).manifest["results"]
             conversions.append((label, results))
     measured = [
@@ -190,7 +195,8 @@ def _build_stages(
             t.name,
             t.quant,
             stages.run(
-                f"bench {t.name}", lambda t=t, p=p: bench(p, ref.path, out_dir / f"bench-{t.name}", bcfg, progress)
+                f"bench {t.name}",
+                lambda t=t, p=p: bench(p, ref.path, layout.bench_dir(out_dir, t.name), bcfg, progress),
             ).manifest["results"],
         )
         for t, p in artifacts
@@ -435,28 +441,19 @@ def bench_artifacts(
         build_dir = Path(build_dir)
         if not build_dir.is_dir():
             raise ConfigError(f"--build {build_dir}: no such build folder")
-        reference_dir = reference_dir or build_dir / "reference"
+        reference_dir = reference_dir or build_dir / layout.REFERENCE
         formats = [get_format(f) for f in FORMATS]
-        names = (
-            [t.name for t in parse_target_list(target_spec)]
-            if target_spec
-            else sorted(
-                p.name
-                for p in build_dir.iterdir()
-                if (read_manifest(p) or {}).get("stage") in ("export", "quantize")
-                and p.name not in {f.CONVERSION for f in formats}
-            )
-        )
+        names = [t.name for t in parse_target_list(target_spec)] if target_spec else layout.built_targets(build_dir)
         for name in names:
             if not (build_dir / name).is_dir():
                 raise ConfigError(
                     f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
                 )
             chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
-        base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
-        nf4_results = (read_manifest(build_dir / NF4_ROW_DIR) or {}).get("results")
+        base_results = (read_manifest(layout.bench_dir(build_dir, "base")) or {}).get("results")
+        nf4_results = (read_manifest(build_dir / layout.BENCH_NF4) or {}).get("results")
         for f in formats:
-            results = (read_manifest(build_dir / f"bench-{f.CONVERSION}") or {}).get("results")
+            results = (read_manifest(layout.bench_dir(build_dir, f.CONVERSION)) or {}).get("results")
             if results:
                 conversions.append((f.CONVERSION, results))
     for a in artifacts or []:
@@ -492,13 +489,13 @@ def bench_artifacts(
             hf = resolve_model(str(reference_dir))
             reference_dir = stages.run(
                 "reference",
-                lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress, ref_dtype),
+                lambda: reference(hf, eval_path, out_dir / layout.REFERENCE, cfg.bench, progress, ref_dtype),
             ).path
         measured = []
         for name, path in chosen:
             results = stages.run(
                 f"bench {name}",
-                lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress),
+                lambda p=path, n=name: bench(p, reference_dir, layout.bench_dir(out_dir, n), cfg.bench, progress),
             )
             measured.append((name, results.manifest["results"]["artifact"]["file_type"], results.manifest["results"]))
         return finish_report(

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edgeft.machine",
             "edgeft.config",
             "edgeft.stage",
+            "edgeft.build_layout",
             "edgeft.precision_plan",
             "edgeft.decode_model",
             "edgeft.divergence",

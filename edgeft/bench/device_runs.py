@@ -24,9 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..build_layout import built_targets
 from ..errors import ConfigError, OutputError
 from ..files import sha256_file, write_atomic
-from ..formats import FORMATS, default_runtime, detect_artifact, get_format
+from ..formats import default_runtime, detect_artifact
 from ..formats.gguf.inspect import read_gguf
 from ..stage import read_manifest
 from ..untrusted import ANY, NUM, STR, Oversized, ShapeError, check_shape, cleaned, list_of, map_of, optional
@@ -200,12 +201,7 @@ def build_targets(build_dir: Path) -> dict[str, Path]:
     build_dir = Path(build_dir)
     if not build_dir.is_dir() or (read_manifest(build_dir) or {}).get("stage") != "build":
         raise ConfigError(f"--build {build_dir}: not an `edgeft build --out` folder (no build manifest.json)")
-    conversions = {get_format(f).CONVERSION for f in FORMATS}
-    out = {}
-    for p in sorted(build_dir.iterdir()):
-        if p.is_dir() and p.name not in conversions and (read_manifest(p) or {}).get("stage") in ("export", "quantize"):
-            out[p.name] = detect_artifact(p, f"--build {build_dir}:")[1]
-    return out
+    return {name: detect_artifact(build_dir / name, f"--build {build_dir}:")[1] for name in built_targets(build_dir)}
 
 
 def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Path]:
