@@ -201,22 +201,21 @@ def _build_stages(
         )
         for t, p in artifacts
     ]
-    report = finish_report(
-        measured,
-        ref.path,
+    inputs = ReportInputs(
         bcfg,
         cfg.gates,
         out_dir,
+        stages.log,
+        old,
+        device,
+        context,
         base_results=base.manifest["results"],
         nf4_results=nf4_row,
         conversions=conversions,
-        old_report=old,
-        stages=stages.log,
-        device=device,
-        context=context,
         merge=merged.manifest.get("results"),
         training=adapter.manifest.get("results"),
     )
+    report = finish_report(measured, ref.path, inputs)
     return BuildResult(report, out_dir, stages.log)
 
 
@@ -258,40 +257,96 @@ def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     return old
 
 
-def finish_report(
-    measured: list[tuple[str, str, dict[str, Any]]],
-    ref_dir: Path,
-    bcfg: BenchConfig,
-    gates: GatesConfig,
-    out_dir: Path,
-    *,
-    base_results: dict[str, Any] | None = None,
-    nf4_results: dict[str, Any] | None = None,
-    conversions: list[tuple[str, dict[str, Any]]] = (),
-    old_report: dict[str, Any] | None = None,
-    stages: list[dict[str, Any]] | None = None,
-    device: Any = None,
-    context: int = 2048,
-    merge: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Targets' measurements + stored reference → judged report, written to ``out_dir``.
+@dataclass
+class ReportInputs:
+    """Everything a report is judged and assembled from besides the targets' bench results: what
+    `build` and `bench` each collect and hand to :func:`finish_report`."""
 
-    ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets;
-    ``nf4_results`` the bench-adapter-nf4 stage's (QLoRA builds), a ladder row too.
-    """
-    ref_meta = stored_reference.load(ref_dir).meta
-    ref_meta, timing_notes = _same_run_reference(ref_meta, measured, bcfg)
-    base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
-    # One bandwidth measurement for the whole table, so every artifact's roofline shares a ceiling.
+    bcfg: BenchConfig
+    gates: GatesConfig
+    out_dir: Path
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    old_report: dict[str, Any] | None = None  # --compare-to
+    device: Any = None  # a devices.DeviceProfile: its projected fit and decode speed
+    context: int = 2048
+    # ladder rows besides the reference: bench-base, bench-adapter-nf4 (QLoRA) and each format's
+    # unquantized export as (label, bench results)
+    base_results: dict[str, Any] | None = None
+    nf4_results: dict[str, Any] | None = None
+    conversions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    merge: dict[str, Any] | None = None  # the merge stage's results: strategy, and for `auto` both KLDs
+    training: dict[str, Any] | None = None  # the train stage's results
+
+
+@dataclass
+class _Measurements:
+    """What the report measures itself, once per report, on top of the bench stages' results."""
+
+    ref_meta: dict[str, Any]  # the stored reference's, re-timed in this run where its timing is older
+    timing_notes: list[str]
+    bandwidth_gb_s: float  # one read-bandwidth figure, so every roofline shares a ceiling
+
+
+def finish_report(
+    measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, inputs: ReportInputs
+) -> dict[str, Any]:
+    """Targets' measurements + stored reference → judged report, written to ``inputs.out_dir``."""
+    found = _measure(measured, ref_dir, inputs.bcfg)
+    base_acc = inputs.base_results["fidelity"]["task_accuracy_artifact"] if inputs.base_results else None
+    entries = [
+        target_entry(name, quant, results, found.ref_meta, base_acc, inputs.bcfg.golden, found.bandwidth_gb_s)
+        for name, quant, results in measured
+    ]
+    _judge_targets(entries, inputs.gates)
+    ladder = _ladder(entries, ref_dir, found.ref_meta, inputs)
+    report = assemble(entries, ref_dir, found.ref_meta, ladder, this_machine(measured, found.ref_meta))
+    report["run_id"] = RUN_ID
+    report["gates"] = entries[0]["gates"]
+    report["warnings"] = list(found.timing_notes)
+    _judge_report(report, entries, inputs.old_report)
+    if inputs.device is not None:
+        report["device"] = device_projection(inputs.device, measured, inputs.context)
+    report["device_runs"] = load_device_runs(inputs.out_dir)  # kept across rebuilds: see bench/device_runs.py
+    report["stages"] = inputs.stages
+    if inputs.merge:
+        report["merge"] = inputs.merge
+    if inputs.training:
+        report["training"] = training_summary(inputs.training)  # loss histories and the kept step
+    write_reports(report, inputs.out_dir)
+    return report
+
+
+def _measure(measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, bcfg: BenchConfig) -> _Measurements:
+    ref_meta, timing_notes = _same_run_reference(stored_reference.load(ref_dir).meta, measured, bcfg)
     threads = measured[0][2]["performance"]["latency"]["threads"]
-    bandwidth = measure_read_bandwidth(threads)["read_gb_s"]
-    entries = []
-    for name, quant, results in measured:
-        entry = target_entry(name, quant, results, ref_meta, base_acc, bcfg.golden, bandwidth)
+    return _Measurements(ref_meta, timing_notes, measure_read_bandwidth(threads)["read_gb_s"])
+
+
+def _judge_targets(entries: list[dict[str, Any]], gates: GatesConfig) -> None:
+    for entry in entries:
         entry["gates"] = evaluate_gates(entry, gates)
         entry["passed"] = all(g["passed"] for g in entry["gates"])
-        entries.append(entry)
+
+
+def _judge_report(report: dict[str, Any], entries: list[dict[str, Any]], old: dict[str, Any] | None) -> None:
+    """The regressions against ``--compare-to``'s report, and the verdict."""
+    if old is not None:
+        same = same_machine(report["machine"], old.get("machine"))
+        if not same:
+            report["warnings"].append(
+                "--compare-to: the old report was measured on another machine "
+                f"({summary(old.get('machine') or {})}); speed and memory are not compared, only fidelity"
+            )
+        notes: list[str] = []
+        report["regressions"] = regressions(report, old, compare_speed=same, notes=notes)
+        report["warnings"] += notes
+    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
+
+
+def _ladder(
+    entries: list[dict[str, Any]], ref_dir: Path, ref_meta: dict[str, Any], inputs: ReportInputs
+) -> list[dict[str, Any]]:
+    """The fidelity ladder: base → (adapter on NF4) → reference → each unquantized export → targets."""
 
     def paired(results: dict[str, Any]) -> dict[str, Any]:
         """A ladder row's fidelity with its answers paired against the reference's."""
@@ -302,14 +357,14 @@ def finish_report(
         return DTYPE_SHORT.get(results.get("dtype", "float32"), "fp32")
 
     ladder = []
-    if base_results:
-        ladder.append(ladder_row("base", "torch", paired(base_results), None, torch_type(base_results)))
-    if nf4_results:
-        ladder.append(ladder_row(NF4_ROW, "torch", paired(nf4_results), None, "nf4"))
+    if inputs.base_results:
+        ladder.append(ladder_row("base", "torch", paired(inputs.base_results), None, torch_type(inputs.base_results)))
+    if inputs.nf4_results:
+        ladder.append(ladder_row(NF4_ROW, "torch", paired(inputs.nf4_results), None, "nf4"))
     ladder.append(
         ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], torch_type(ref_meta))
     )
-    for label, results in conversions:
+    for label, results in inputs.conversions:
         art = results["artifact"]
         ladder.append(
             ladder_row(f"{label} export", art["runtime"], paired(results), art["size_bytes"], art["file_type"])
@@ -317,32 +372,7 @@ def finish_report(
     for e in entries:
         art = e["artifact"]
         ladder.append(ladder_row(e["target"], art["runtime"], e["fidelity"], art["size_bytes"], art["quant"]))
-
-    report = assemble(entries, ref_dir, ref_meta, ladder, this_machine(measured, ref_meta))
-    report["run_id"] = RUN_ID
-    report["gates"] = entries[0]["gates"]
-    report["warnings"] = list(timing_notes)
-    if old_report is not None:
-        same = same_machine(report["machine"], old_report.get("machine"))
-        if not same:
-            report["warnings"].append(
-                "--compare-to: the old report was measured on another machine "
-                f"({summary(old_report.get('machine') or {})}); speed and memory are not compared, only fidelity"
-            )
-        notes: list[str] = []
-        report["regressions"] = regressions(report, old_report, compare_speed=same, notes=notes)
-        report["warnings"] += notes
-    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
-    if device is not None:
-        report["device"] = device_projection(device, measured, context)
-    report["device_runs"] = load_device_runs(out_dir)  # kept across rebuilds: see bench/device_runs.py
-    report["stages"] = stages or []
-    if merge:
-        report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
-    if training:
-        report["training"] = training_summary(training)  # loss histories and the kept step
-    write_reports(report, out_dir)
-    return report
+    return ladder
 
 
 def _bench_remote(
@@ -498,17 +528,6 @@ def bench_artifacts(
                 lambda p=path, n=name: bench(p, reference_dir, layout.bench_dir(out_dir, n), cfg.bench, progress),
             )
             measured.append((name, results.manifest["results"]["artifact"]["file_type"], results.manifest["results"]))
-        return finish_report(
-            measured,
-            Path(reference_dir),
-            cfg.bench,
-            cfg.gates,
-            out_dir,
-            base_results=base_results,
-            nf4_results=nf4_results,
-            conversions=conversions,
-            old_report=old,
-            stages=stages.log,
-            device=device,
-            context=context,
-        )
+        inputs = ReportInputs(cfg.bench, cfg.gates, out_dir, stages.log, old, device, context)
+        inputs.base_results, inputs.nf4_results, inputs.conversions = base_results, nf4_results, conversions
+        return finish_report(measured, Path(reference_dir), inputs)
