@@ -320,20 +320,61 @@ def timed_in_run(number: int) -> str:
 
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
-    ref = report["reference"]
-    ref_lat = ref["performance"]["latency"]
-    ref_type = dtype_short(ref.get("dtype"))
-    run_id = report.get("run_id")
-    earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
+    ref_type = dtype_short(report["reference"].get("dtype"))
+    marks = _RunMarks(report.get("run_id"))
+    lines = _header_section(report, ref_type) + _ladder_section(report, ref_type)
+    if report.get("training"):
+        lines += markdown_section(report["training"], loss_plot)
+    lines += _speed_section(report, ref_type, marks)
+    lines += _cpu_state_section(report["targets"])
+    if report.get("device"):
+        lines += _device_section(report["device"])
+    if report.get("device_runs"):
+        lines += _device_runs_section(report["device_runs"])
+    lines += marks.footnotes(report) + _roofline_note(report)
+    for t in report["targets"]:
+        lines += _target_section(t)
+    if report.get("regressions"):
+        lines += _regressions_section(report["regressions"])
+    if report.get("stages"):
+        lines += _stages_section(report["stages"])
+    return "\n".join(lines) + "\n"
 
-    def run_mark(t: dict[str, Any]) -> str:
-        """A dagger on rows timed in another run than this report's, one number per run."""
-        if run_id is None or t.get("run_id") == run_id:
+
+class _RunMarks:
+    """Daggers on speed rows timed in another run than this report's, one number per run, and the
+    footnotes naming when and where each run was."""
+
+    def __init__(self, run_id: Any):
+        self.run_id = run_id
+        self.earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
+
+    def mark(self, t: dict[str, Any]) -> str:
+        if self.run_id is None or t.get("run_id") == self.run_id:
             return ""
-        earlier.setdefault(t.get("run_id"), t)
-        return " " + timed_in_run(list(earlier).index(t.get("run_id")) + 1)
+        self.earlier.setdefault(t.get("run_id"), t)
+        return " " + timed_in_run(list(self.earlier).index(t.get("run_id")) + 1)
 
-    lines = [
+    def footnotes(self, report: dict[str, Any]) -> list[str]:
+        lines = []
+        for i, t in enumerate(self.earlier.values(), 1):
+            where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
+            other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
+            lines += [
+                "",
+                f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
+            ]
+        if self.earlier:
+            lines += [
+                "",
+                "Speeds of rows from different runs compare with care: load on the machine differs between runs.",
+            ]
+        return lines
+
+
+def _header_section(report: dict[str, Any], ref_type: str) -> list[str]:
+    ref = report["reference"]
+    return [
         f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
         "",
         f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
@@ -357,6 +398,11 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"- {_md(name)}: {_code(build)}"
             for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
         ],
+    ]
+
+
+def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
+    lines = [
         "",
         f"## Fidelity ladder (each stage vs the fine-tuned {ref_type} reference; base = before fine-tuning)",
         "",
@@ -381,9 +427,13 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             "",
             f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
-    if report.get("training"):
-        lines += markdown_section(report["training"], loss_plot)
-    lines += [
+    return lines
+
+
+def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> list[str]:
+    ref = report["reference"]
+    ref_lat = ref["performance"]["latency"]
+    lines = [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
         f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
@@ -391,7 +441,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         "",
         f"| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × {ref_type} | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference {ref_type}{run_mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference {ref_type}{marks.mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -399,103 +449,109 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){run_mark(lat.get('timed', {}))} | "
+            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){marks.mark(lat.get('timed', {}))} | "
             f"{_md(t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
-    lines += _cpu_state_section(report["targets"])
-    if report.get("device"):
-        lines += _device_section(report["device"])
-    if report.get("device_runs"):
-        lines += _device_runs_section(report["device_runs"])
-    for i, t in enumerate(earlier.values(), 1):
-        where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
-        other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
-        lines += [
-            "",
-            f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
-        ]
-    if earlier:
-        lines += ["", "Speeds of rows from different runs compare with care: load on the machine differs between runs."]
+    return lines
+
+
+def _roofline_note(report: dict[str, Any]) -> list[str]:
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
-    lines += [
+    return [
         "",
         f"Roofline: decode tok/s as a fraction of the best measured read bandwidth ({bw['max']:.1f} GB/s; median "
         f"[min–max] {_spread(bw)}) ÷ weight bytes read per token (a projected ceiling, not a measurement).",
     ]
-    for t in report["targets"]:
-        types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
-        lines += [
-            "",
-            f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
-            "",
-            f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
-            f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
-        ]
-        if task := t["fidelity"].get("task_accuracy_paired"):
-            lines += [
-                "",
-                f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
-                f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
-            ]
-        if t.get("gates"):
-            lines += ["", "| gate | limit | value | result | evidence |", "|---|---:|---:|---|---|"]
-            for g in t["gates"]:
-                value = (
-                    "n/a"
-                    if g["value"] is None
-                    else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
-                )
-                detail = g.get("detail", "")
-                if task and detail == describe_paired(task):
-                    detail = "the paired comparison above"
-                lines.append(
-                    f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
-                    f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
-                )
-        if t.get("golden"):
-            lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
-            for g in t["golden"]:
-                mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
-                lines.append(
-                    f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
-                    f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |"
-                )
-    if report.get("regressions"):
-        lines += [
-            "",
-            "## Regressions against the previous report",
-            "",
-            "| target | metric | old | new | allowed | why |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        for r in report["regressions"]:
-            lines.append(
-                f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} "
-                f"| {_md(r.get('rule', ''))} |"
-            )
-    if report.get("stages"):
-        lines += [
-            "",
-            "## Stages",
-            "",
-            "Peak RSS is the build process's own over the stage; it starts from what earlier stages "
-            "left (RSS at start). Runtimes benched in their own processes report theirs above.",
-            "",
-            "| stage | seconds | cached | RSS at start MB | peak RSS MB | estimated MB |",
-            "|---|---:|---|---:|---:|---:|",
-        ]
 
-        def mb(value: Any) -> str:
-            return "" if value is None else f"{value / 1e6:.0f}"
 
-        for s in report["stages"]:
-            lines.append(
-                f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
-                f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('estimated_peak_ram_bytes'))} |"
-            )
-    return "\n".join(lines) + "\n"
+def _target_section(t: dict[str, Any]) -> list[str]:
+    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
+    lines = [
+        "",
+        f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
+        "",
+        f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+        f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
+    ]
+    if task := t["fidelity"].get("task_accuracy_paired"):
+        lines += [
+            "",
+            f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
+            f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
+        ]
+    if t.get("gates"):
+        lines += _gates_table(t["gates"], task)
+    if t.get("golden"):
+        lines += _golden_table(t["golden"])
+    return lines
+
+
+def _gates_table(gates: list[dict[str, Any]], task: dict[str, Any] | None) -> list[str]:
+    lines = ["", "| gate | limit | value | result | evidence |", "|---|---:|---:|---|---|"]
+    for g in gates:
+        value = (
+            "n/a" if g["value"] is None else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
+        )
+        detail = g.get("detail", "")
+        if task and detail == describe_paired(task):
+            detail = "the paired comparison above"
+        lines.append(
+            f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
+            f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
+        )
+    return lines
+
+
+def _golden_table(golden: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
+    for g in golden:
+        mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
+        lines.append(
+            f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
+            f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |"
+        )
+    return lines
+
+
+def _regressions_section(found: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Regressions against the previous report",
+        "",
+        "| target | metric | old | new | allowed | why |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in found:
+        lines.append(
+            f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} "
+            f"| {_md(r.get('rule', ''))} |"
+        )
+    return lines
+
+
+def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Stages",
+        "",
+        "Peak RSS is the build process's own over the stage; it starts from what earlier stages "
+        "left (RSS at start). Runtimes benched in their own processes report theirs above.",
+        "",
+        "| stage | seconds | cached | RSS at start MB | peak RSS MB | estimated MB |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+
+    def mb(value: Any) -> str:
+        return "" if value is None else f"{value / 1e6:.0f}"
+
+    for s in stages:
+        lines.append(
+            f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
+            f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('estimated_peak_ram_bytes'))} |"
+        )
+    return lines
 
 
 def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
