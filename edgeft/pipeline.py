@@ -56,6 +56,7 @@ from .train import train
 from .training_report import training_summary
 
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
+_DEVICE_REFERENCE = "the device needs a stored reference (a build's reference/ folder), which measures without torch"
 NF4_ROW = "adapter on NF4 base"  # QLoRA builds' ladder row (its stage folder: build_layout.BENCH_NF4)
 
 
@@ -147,7 +148,6 @@ def _build_stages(
 ) -> BuildResult:
     """``ref_dtype``: what the plan chose for the torch passes (the reference, bench-base)."""
     bcfg = cfg.bench
-
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
     adapter = stages.run(
         "train",
@@ -161,16 +161,16 @@ def _build_stages(
     ref = stages.run(
         "reference",
         lambda: reference(merged.path, cfg.data.eval, out_dir / layout.REFERENCE, bcfg, progress, ref_dtype),
-    )
-    base = stages.run(
-        "bench-base",
-        lambda: bench_base(base_dir, ref.path, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype),
-    )
-    nf4_row = None
+    ).path
+    inputs = ReportInputs(bcfg, cfg.gates, out_dir, stages.log, old, device, context)
+    inputs.merge, inputs.training = merged.manifest.get("results"), adapter.manifest.get("results")
+    inputs.base_results = stages.run(
+        "bench-base", lambda: bench_base(base_dir, ref, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype)
+    ).manifest["results"]
     if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
-        nf4_row = stages.run(
+        inputs.nf4_results = stages.run(
             "bench adapter-nf4",
-            lambda: bench_adapter_nf4(base_dir, adapter.path, ref.path, out_dir / layout.BENCH_NF4, bcfg, progress),
+            lambda: bench_adapter_nf4(base_dir, adapter.path, ref, out_dir / layout.BENCH_NF4, bcfg, progress),
         ).manifest["results"]
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
@@ -179,44 +179,38 @@ def _build_stages(
         (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration, progress))
         for t in targets
     ]
-
-    # The unquantized export of every format in use: its row separates conversion from quantization loss.
-    conversions = []
     if bcfg.ladder_export:
-        for fmt in dict.fromkeys(get_format(t.format) for t in targets):
-            label, path = fmt.conversion(merged.path, out_dir, stages.run)
-            results = stages.run(
-                f"bench {label}",
-                lambda p=path, n=label: bench(p, ref.path, layout.bench_dir(out_dir, n), bcfg, progress),
-            ).manifest["results"]
-            conversions.append((label, results))
-    measured = [
-        (
-            t.name,
-            t.quant,
-            stages.run(
-                f"bench {t.name}",
-                lambda t=t, p=p: bench(p, ref.path, layout.bench_dir(out_dir, t.name), bcfg, progress),
-            ).manifest["results"],
-        )
-        for t, p in artifacts
-    ]
-    inputs = ReportInputs(
-        bcfg,
-        cfg.gates,
-        out_dir,
-        stages.log,
-        old,
-        device,
-        context,
-        base_results=base.manifest["results"],
-        nf4_results=nf4_row,
-        conversions=conversions,
-        merge=merged.manifest.get("results"),
-        training=adapter.manifest.get("results"),
-    )
-    report = finish_report(measured, ref.path, inputs)
+        inputs.conversions = _bench_conversions(targets, merged.path, ref, out_dir, stages, bcfg, progress)
+    measured = [(t.name, t.quant, _bench_one(stages, t.name, p, ref, out_dir, bcfg, progress)) for t, p in artifacts]
+    report = finish_report(measured, ref, inputs)
     return BuildResult(report, out_dir, stages.log)
+
+
+def _bench_one(
+    stages: _Stages, name: str, artifact: Path, ref_dir: Path, out_dir: Path, bcfg: BenchConfig, progress: Progress
+) -> dict[str, Any]:
+    """Stage ``bench <name>``: the artifact against the stored reference, into ``bench-<name>``."""
+    return stages.run(
+        f"bench {name}", lambda: bench(artifact, ref_dir, layout.bench_dir(out_dir, name), bcfg, progress)
+    ).manifest["results"]
+
+
+def _bench_conversions(
+    targets: list[Target],
+    merged_dir: Path,
+    ref_dir: Path,
+    out_dir: Path,
+    stages: _Stages,
+    bcfg: BenchConfig,
+    progress: Progress,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The unquantized export of every format in use, benched: its ladder row separates conversion
+    loss from quantization loss."""
+    rows = []
+    for fmt in dict.fromkeys(get_format(t.format) for t in targets):
+        label, path = fmt.conversion(merged_dir, out_dir, stages.run)
+        rows.append((label, _bench_one(stages, label, path, ref_dir, out_dir, bcfg, progress)))
+    return rows
 
 
 def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any]:
@@ -464,58 +458,28 @@ def bench_artifacts(
     check_output_dir(out_dir)
     old = _read_old_report(compare_to)
     stages = _Stages(None)
+    inputs = ReportInputs(cfg.bench, cfg.gates, out_dir, stages.log, old, device, context)
     chosen: list[tuple[str, Path]] = []
-    base_results = nf4_results = None
-    conversions: list[tuple[str, dict[str, Any]]] = []
     if build_dir is not None:
         build_dir = Path(build_dir)
-        if not build_dir.is_dir():
-            raise ConfigError(f"--build {build_dir}: no such build folder")
+        chosen = _build_targets_to_bench(build_dir, target_spec)
         reference_dir = reference_dir or build_dir / layout.REFERENCE
-        formats = [get_format(f) for f in FORMATS]
-        names = [t.name for t in parse_target_list(target_spec)] if target_spec else layout.built_targets(build_dir)
-        for name in names:
-            if not (build_dir / name).is_dir():
-                raise ConfigError(
-                    f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
-                )
-            chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
-        base_results = (read_manifest(layout.bench_dir(build_dir, "base")) or {}).get("results")
-        nf4_results = (read_manifest(build_dir / layout.BENCH_NF4) or {}).get("results")
-        for f in formats:
-            results = (read_manifest(layout.bench_dir(build_dir, f.CONVERSION)) or {}).get("results")
-            if results:
-                conversions.append((f.CONVERSION, results))
-    for a in artifacts or []:
-        path = detect_artifact(Path(a))[1]
-        chosen.append((Path(a).name if Path(a).is_dir() else path.stem, path))
-    if not chosen:
-        raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
-    names = [n for n, _ in chosen]
-    if len(set(names)) < len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"--artifact: two artifacts are both named {dup!r}; rename one (reports key rows by name)")
+        _read_build_ladder(build_dir, inputs)
+    chosen += [_given_artifact(Path(a)) for a in artifacts or []]
+    _check_chosen(chosen)
     if reference_dir is None:
         raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
     stored = check_reference(reference_dir)
     if remote is not None:
         if not stored:
-            raise ConfigError(
-                f"--remote: --reference {reference_dir} is a Hugging Face folder; the device needs a stored "
-                "reference (a build's reference/ folder), which measures without torch"
-            )
+            raise ConfigError(f"--remote: --reference {reference_dir} is a Hugging Face folder; {_DEVICE_REFERENCE}")
         return _bench_remote(
             remote, cfg, Path(reference_dir), chosen, out_dir, build_dir, device_file=device_file, context=context
         )
-    eval_path = None
-    if not stored:
-        eval_path = eval_file or cfg.data.eval
-        if eval_path is None:
-            raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
-        load_jsonl(eval_path, need_answers=True)
-        ref_dtype = machine_reference_dtype(Path(reference_dir), cfg.bench.reference_dtype)
+    hf_reference = None if stored else _hf_reference(cfg, Path(reference_dir), eval_file)
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen]}):
-        if not stored:
+        if hf_reference is not None:
+            eval_path, ref_dtype = hf_reference
             hf = resolve_model(str(reference_dir))
             reference_dir = stages.run(
                 "reference",
@@ -523,11 +487,57 @@ def bench_artifacts(
             ).path
         measured = []
         for name, path in chosen:
-            results = stages.run(
-                f"bench {name}",
-                lambda p=path, n=name: bench(p, reference_dir, layout.bench_dir(out_dir, n), cfg.bench, progress),
-            )
-            measured.append((name, results.manifest["results"]["artifact"]["file_type"], results.manifest["results"]))
-        inputs = ReportInputs(cfg.bench, cfg.gates, out_dir, stages.log, old, device, context)
-        inputs.base_results, inputs.nf4_results, inputs.conversions = base_results, nf4_results, conversions
+            results = _bench_one(stages, name, path, Path(reference_dir), out_dir, cfg.bench, progress)
+            measured.append((name, results["artifact"]["file_type"], results))
         return finish_report(measured, Path(reference_dir), inputs)
+
+
+def _build_targets_to_bench(build_dir: Path, target_spec: str | None) -> list[tuple[str, Path]]:
+    """(name, artifact) of a build's targets: those ``target_spec`` names, else every one it holds."""
+    if not build_dir.is_dir():
+        raise ConfigError(f"--build {build_dir}: no such build folder")
+    names = [t.name for t in parse_target_list(target_spec)] if target_spec else layout.built_targets(build_dir)
+    chosen = []
+    for name in names:
+        if not (build_dir / name).is_dir():
+            raise ConfigError(
+                f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
+            )
+        chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
+    return chosen
+
+
+def _read_build_ladder(build_dir: Path, inputs: ReportInputs) -> None:
+    """The build's own ladder rows (bench-base, adapter-nf4, the conversions), as its bench stages stored them."""
+    inputs.base_results = (read_manifest(layout.bench_dir(build_dir, "base")) or {}).get("results")
+    inputs.nf4_results = (read_manifest(build_dir / layout.BENCH_NF4) or {}).get("results")
+    for f in (get_format(name) for name in FORMATS):
+        results = (read_manifest(layout.bench_dir(build_dir, f.CONVERSION)) or {}).get("results")
+        if results:
+            inputs.conversions.append((f.CONVERSION, results))
+
+
+def _given_artifact(path: Path) -> tuple[str, Path]:
+    """(its row's name, the artifact) for an --artifact path: a folder's name, a file's stem."""
+    artifact = detect_artifact(path)[1]
+    return (path.name if path.is_dir() else artifact.stem), artifact
+
+
+def _check_chosen(chosen: list[tuple[str, Path]]) -> None:
+    if not chosen:
+        raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
+    names = [n for n, _ in chosen]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"--artifact: two artifacts are both named {dup!r}; rename one (reports key rows by name)")
+
+
+def _hf_reference(cfg: BuildConfig, reference_dir: Path, eval_file: Path | None) -> tuple[Path, ReferenceDtype]:
+    """An fp32 HF folder given as the reference is measured first (torch), on held-out data: (the
+    eval file, the dtype the plan picks for it), checked before any work."""
+    eval_path = eval_file or cfg.data.eval
+    if eval_path is None:
+        raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
+    load_jsonl(eval_path, need_answers=True)
+    ref_dtype = machine_reference_dtype(reference_dir, cfg.bench.reference_dtype)
+    return eval_path, ref_dtype
