@@ -47,43 +47,59 @@ def quantize_file(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANT_TYPES[quant]
     params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
-    keep = []  # ctypes only points at these: they must outlive the call
+    keep: list[Any] = []  # ctypes only points at these: they must outlive the call
     if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the NULL terminator
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(arr)
-            entries[i].name = name.encode()
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        keep.append(entries)
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        params.imatrix = _imatrix_entries(llama_cpp, imatrix, keep)
     if metadata:
-        kvs = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # empty key ends the list
-        for i, (key, value) in enumerate(metadata.items()):
-            kvs[i].key = key.encode()
-            if isinstance(value, int):
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-                kvs[i].value.val_i64 = value
-            else:
-                if len(value.encode()) >= 128:
-                    raise ValueError(f"GGUF metadata {key}: {value!r} is longer than llama.cpp's 127 bytes")
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvs[i].value.val_str = value.encode()
-        keep.append(kvs)
-        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        params.kv_overrides = _kv_overrides(llama_cpp, metadata, keep)
     if tensor_types:
-        # llama.cpp matches each tensor name against these regexes (std::regex_search), first match
-        # wins: anchored, escaped names make each one apply to exactly its tensor.
-        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL pattern ends it
-        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
-            pattern = f"^{re.escape(name)}$".encode()
-            keep.append(pattern)
-            overrides[i].pattern = pattern
-            overrides[i].type = TENSOR_TYPES[type_name][0]
-        keep.append(overrides)
-        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        params.tt_overrides = _tensor_overrides(llama_cpp, tensor_types, keep)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     del keep
     if rc != 0 or not Path(dst).is_file():
         raise ModelError(f"{src}: llama.cpp could not quantize to {quant} (llama_model_quantize returned {rc})")
+
+
+# Each builds one NULL-terminated C array llama_model_quantize_params points at, appending to
+# ``keep`` everything the array points into (and the array), so the caller holds them for the call.
+
+
+def _imatrix_entries(llama_cpp: Any, imatrix: dict[str, Any], keep: list[Any]) -> Any:
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the NULL terminator
+    for i, (name, values) in enumerate(sorted(imatrix.items())):
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        keep.append(arr)
+        entries[i].name = name.encode()
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    keep.append(entries)
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+
+def _kv_overrides(llama_cpp: Any, metadata: dict[str, str | int], keep: list[Any]) -> Any:
+    kvs = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # empty key ends the list
+    for i, (key, value) in enumerate(metadata.items()):
+        kvs[i].key = key.encode()
+        if isinstance(value, int):
+            kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            kvs[i].value.val_i64 = value
+        else:
+            if len(value.encode()) >= 128:
+                raise ValueError(f"GGUF metadata {key}: {value!r} is longer than llama.cpp's 127 bytes")
+            kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            kvs[i].value.val_str = value.encode()
+    keep.append(kvs)
+    return ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+
+
+def _tensor_overrides(llama_cpp: Any, tensor_types: dict[str, str], keep: list[Any]) -> Any:
+    # llama.cpp matches each tensor name against these regexes (std::regex_search), first match
+    # wins: anchored, escaped names make each one apply to exactly its tensor.
+    overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL pattern ends it
+    for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+        pattern = f"^{re.escape(name)}$".encode()
+        keep.append(pattern)
+        overrides[i].pattern = pattern
+        overrides[i].type = TENSOR_TYPES[type_name][0]
+    keep.append(overrides)
+    return ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))

@@ -59,23 +59,7 @@ def quantize(
         if tensor_types is None:
             matrix, scope = im.scope(matrix, src, quant)
         params["imatrix_tensors"] = scope
-        made = (read_manifest(imatrix_dir) or {}).get("results", {})
-        calib = made.get("calibration") or {}
-        provenance = {
-            "imatrix_tensors": {"rule": scope, "count": len(matrix)},
-            "imatrix_sha256": made.get("imatrix_sha256"),
-            "calibration_sha256": calib.get("sha256"),
-            "calibration_source": calib.get("source"),
-        }
-        # the keys llama-quantize writes, plus the two hashes that say exactly what was used
-        metadata = {
-            "quantize.imatrix.file": im.IMATRIX_FILE,
-            "quantize.imatrix.dataset": f"edgeft calibration {calib.get('source')}",
-            "quantize.imatrix.entries_count": len(matrix),
-            "quantize.imatrix.chunks_count": int(calib.get("chunks") or 0),
-            "edgeft.imatrix.sha256": str(provenance["imatrix_sha256"]),
-            "edgeft.calibration.sha256": str(provenance["calibration_sha256"]),
-        }
+        provenance, metadata = _imatrix_record(Path(imatrix_dir), scope, len(matrix))
 
     def work(tmp: Path) -> dict[str, Any]:
         out = tmp / GGUF_FILE
@@ -95,3 +79,26 @@ def quantize(
         return results
 
     return run_stage(out_dir, "quantize", inputs, params, work)
+
+
+def _imatrix_record(imatrix_dir: Path, scope: str, count: int) -> tuple[dict[str, Any], dict[str, str | int]]:
+    """What the manifest records of the importance matrix used (``count`` tensors under rule
+    ``scope``), and the GGUF header keys that say the same."""
+    made = (read_manifest(imatrix_dir) or {}).get("results", {})
+    calib = made.get("calibration") or {}
+    provenance = {
+        "imatrix_tensors": {"rule": scope, "count": count},
+        "imatrix_sha256": made.get("imatrix_sha256"),
+        "calibration_sha256": calib.get("sha256"),
+        "calibration_source": calib.get("source"),
+    }
+    # the keys llama-quantize writes, plus the two hashes that say exactly what was used
+    metadata: dict[str, str | int] = {
+        "quantize.imatrix.file": im.IMATRIX_FILE,
+        "quantize.imatrix.dataset": f"edgeft calibration {calib.get('source')}",
+        "quantize.imatrix.entries_count": count,
+        "quantize.imatrix.chunks_count": int(calib.get("chunks") or 0),
+        "edgeft.imatrix.sha256": str(provenance["imatrix_sha256"]),
+        "edgeft.calibration.sha256": str(provenance["calibration_sha256"]),
+    }
+    return provenance, metadata
