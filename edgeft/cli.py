@@ -296,6 +296,33 @@ def _task_change(p: dict | None) -> str:
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
+    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
+    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
+    console = Console(markup=False)
+    if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
+        console = Console(width=120, markup=False)
+    console.print(_ladder_table(report))
+
+    machine = report.get("machine", {})
+    where = machine_summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
+    if report.get("remote"):
+        where = f"measured on {report['remote']['host']} over SSH: {where}"
+    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for t in report["targets"]:
+        sus = t["latency"].get("sustained")
+        if sus:
+            click.echo(
+                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
+                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
+                f"{sus['seconds']:.0f} s)"
+            )
+    for w in report.get("warnings", []):
+        click.echo(f"edgeft: warning: {w}", err=True)
+    if report.get("device"):
+        _print_device_projection(report["device"])
+
+
+def _ladder_table(report: dict) -> Table:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
 
     ref_type = dtype_short(report["reference"].get("dtype"))
@@ -332,41 +359,21 @@ def _print_summary(report: dict, out_dir: Path) -> None:
             tok_s,
             rss,
         )
-    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
-    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
-    console = Console(markup=False)
-    if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
-        console = Console(width=120, markup=False)
-    console.print(table)
+    return table
 
-    machine = report.get("machine", {})
-    where = machine_summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
-    if report.get("remote"):
-        where = f"measured on {report['remote']['host']} over SSH: {where}"
-    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
-    for t in report["targets"]:
-        sus = t["latency"].get("sustained")
-        if sus:
-            click.echo(
-                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
-                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
-                f"{sus['seconds']:.0f} s)"
-            )
-    for w in report.get("warnings", []):
-        click.echo(f"edgeft: warning: {w}", err=True)
-    if report.get("device"):
-        d = report["device"]
-        for name, t in d["targets"].items():
-            decode = t.get("decode_model") or {
-                "basis": "ceiling",
-                "estimate": t["decode_tok_s"],
-                "high": t["decode_tok_s"],
-            }
-            tok_s = f"{describe_range(decode, '{:.0f}')} tok/s decode ({decode.get('basis')})"
-            click.echo(
-                f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
-                f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
-            )
+
+def _print_device_projection(d: dict) -> None:
+    for name, t in d["targets"].items():
+        decode = t.get("decode_model") or {
+            "basis": "ceiling",
+            "estimate": t["decode_tok_s"],
+            "high": t["decode_tok_s"],
+        }
+        tok_s = f"{describe_range(decode, '{:.0f}')} tok/s decode ({decode.get('basis')})"
+        click.echo(
+            f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
+            f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
+        )
 
 
 @cli.command()
