@@ -314,6 +314,34 @@ def _copy_in(src: Path, dest: Path) -> tuple[str, int]:
 def package(build_dir: Path, target: str, out: Path, model: str | None = None) -> dict[str, Any]:
     """Write the bundle folder ``out`` and ``out.zip`` for ``target`` of the build in ``build_dir``."""
     build_dir, out = Path(build_dir), Path(out)
+    _check_request(build_dir, target, out)
+    fmt, artifact = detect_artifact(build_dir / target, f"--target {target}:")
+    bench_path, bench = _bench_results(build_dir, target)
+    merged = build_dir / MERGED
+    if not (merged / "config.json").is_file():
+        raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
+
+    model_cfg = _read_build_json(merged / "config.json", "model config")
+    sources = _bundle_sources(fmt, artifact, merged)
+    context, context_where = fmt.context_length(artifact, _read_build_json)
+    context_where = context_where or merged / "config.json"
+    context = context or model_cfg.get("max_position_embeddings") or 2048
+    if not _is_count(context):
+        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
+    _check_names(artifact, sources)
+    stops = _stop_tokens(merged)
+    model = model or _build_model_name(build_dir)
+    if model is not None and (problem := _text_problem(model, 4096)):
+        raise ConfigError(f"base model {show(model)}: {problem}")
+    manifest = _bundle_manifest(target, fmt, bench, str(bench_path), context, stops, model)
+    modelfile = (
+        _modelfile(fmt.ARTIFACT_FILE, stops, context, str(merged / "tokenizer.json")) if fmt.OLLAMA_MODELFILE else None
+    )
+    _write_bundle(out, sources, manifest, modelfile)
+    return manifest
+
+
+def _check_request(build_dir: Path, target: str, out: Path) -> None:
     if not _TARGET_NAME.fullmatch(target) or len(target) > _TEXT_MAX_CHARS:
         raise ConfigError(f"--target {show(target)}: not a target name (lower-case letters, digits, '.', '_', '-')")
     if not build_dir.is_dir():
@@ -323,7 +351,10 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
             f"--target {target}: {build_dir / target} not found; run `edgeft build --target {target}` first"
         )
     _check_bundle_out(out)
-    fmt, artifact = detect_artifact(build_dir / target, f"--target {target}:")
+
+
+def _bench_results(build_dir: Path, target: str) -> tuple[Path, dict[str, Any]]:
+    """The target's bench stage manifest and its results, which the bundle's figures come from."""
     bench_path = bench_dir(build_dir, target) / "manifest.json"
     bench = _read_build_json(bench_path, "bench results").get("results") if bench_path.is_file() else None
     if not bench:
@@ -332,24 +363,23 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         )
     if not isinstance(bench, dict):
         raise ModelError(f"{bench_path}: results: expected an object, got {show(bench)}")
-    merged = build_dir / MERGED
-    if not (merged / "config.json").is_file():
-        raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
+    return bench_path, bench
 
-    model_cfg = _read_build_json(merged / "config.json", "model config")
+
+def _bundle_sources(fmt: Any, artifact: Path, merged: Path) -> dict[str, Path]:
+    """Name in the bundle → file: a folder artifact's files, or a one-file artifact under its
+    format's name beside the merged model's tokenizer files."""
     if fmt.ARTIFACT_FILE is None:
         # Sub-folders are not part of a genai folder; links and special files are refused by _copy_in.
-        sources = {
+        return {
             p.name: p for p in sorted(artifact.iterdir()) if p.name != MANIFEST and (p.is_symlink() or not p.is_dir())
         }
-    else:
-        sources = {fmt.ARTIFACT_FILE: artifact}
-        sources |= {n: merged / n for n in TOKENIZER_FILES if (merged / n).is_file()}
-    context, context_where = fmt.context_length(artifact, _read_build_json)
-    context_where = context_where or merged / "config.json"
-    context = context or model_cfg.get("max_position_embeddings") or 2048
-    if not _is_count(context):
-        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
+    sources = {fmt.ARTIFACT_FILE: artifact}
+    return sources | {n: merged / n for n in TOKENIZER_FILES if (merged / n).is_file()}
+
+
+def _check_names(artifact: Path, sources: dict[str, Path]) -> None:
+    """Refuse what would not unpack as itself on every app's platform (see bundle_zip)."""
     if len(sources) > MAX_FILES - 2:
         raise ModelError(f"{artifact}: {len(sources)} files; a bundle holds at most {MAX_FILES}")
     seen = {fold_name(MANIFEST): MANIFEST, fold_name("Modelfile"): "Modelfile"}
@@ -362,15 +392,23 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
                 f"{artifact}/{display_name(name)}: differs from {seen[fold_name(name)]} only in case or Unicode form; "
                 "one would overwrite the other when the bundle is unpacked on macOS or Windows"
             )
-    stops = _stop_tokens(merged)
-    model = model or _build_model_name(build_dir)
-    if model is not None and (problem := _text_problem(model, 4096)):
-        raise ConfigError(f"base model {show(model)}: {problem}")
-    where = str(bench_path)
+
+
+def _bundle_manifest(
+    target: str,
+    fmt: Any,
+    bench: dict[str, Any],
+    where: str,
+    context: int,
+    stops: list[dict[str, Any]],
+    model: str | None,
+) -> dict[str, Any]:
+    """manifest.json's content (its ``files`` filled in as they are copied); every figure is checked
+    against the bench results at ``where``."""
     perf = _field(bench, "performance", where, lambda v: isinstance(v, dict), "an object")
     fidelity = _field(bench, "fidelity", where, lambda v: isinstance(v, dict), "an object")
     figure = "a number or null"
-    manifest: dict[str, Any] = {
+    return {
         "edgeft_bundle": BUNDLE_FORMAT,
         "edgeft_version": __version__,
         "target": target,
@@ -407,11 +445,6 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "license": _license(model),
         "files": {},
     }
-    modelfile = (
-        _modelfile(fmt.ARTIFACT_FILE, stops, context, str(merged / "tokenizer.json")) if fmt.OLLAMA_MODELFILE else None
-    )
-    _write_bundle(out, sources, manifest, modelfile)
-    return manifest
 
 
 def _write_bundle(out: Path, sources: dict[str, Path], manifest: dict[str, Any], modelfile: str | None) -> None:
