@@ -147,19 +147,7 @@ def calibrate(
         )
     files = ", ".join(Path(p).name for p in [*llama_bench, *reports])
     source = f"fitted by `{command}` on {when} from {files}"
-    fits, notes = [], []
-    errors = []
-    for runtime in sorted({rt for rt, _ in runs}):
-        try:
-            got, skipped = fit_by_threads([r for rt, r in runs if rt == runtime], runtime, source)
-        except ConfigError as e:
-            errors.append(str(e))
-            continue
-        fits += got
-        notes += skipped + [f"{runtime}, {f.threads} threads: {f.note}" for f in got if f.note]
-    if not fits:
-        raise ConfigError(f"devices calibrate: nothing to fit: {'; '.join(errors)}")
-    notes += [f"not fitted: {e}" for e in errors]
+    fits, notes = _fit_runtimes(runs, source)
     machines = sorted({r.machine for _, r in runs if r.machine})
     warnings = []
     if len(machines) > 1:
@@ -190,6 +178,24 @@ def calibrate(
         "Use it with: edgeft bench --device THIS_FILE (or recommend --device THIS_FILE).",
     ]
     return Calibration(fits, notes, warnings, profile_toml(raw, header), threads), base.key
+
+
+def _fit_runtimes(runs: list[tuple[str, Any]], source: str) -> tuple[list[Any], list[str]]:
+    """One fit per runtime and thread count, and notes on what was skipped or not fitted; refused
+    when no runtime could be fitted at all."""
+    fits, notes = [], []
+    errors = []
+    for runtime in sorted({rt for rt, _ in runs}):
+        try:
+            got, skipped = fit_by_threads([r for rt, r in runs if rt == runtime], runtime, source)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        fits += got
+        notes += skipped + [f"{runtime}, {f.threads} threads: {f.note}" for f in got if f.note]
+    if not fits:
+        raise ConfigError(f"devices calibrate: nothing to fit: {'; '.join(errors)}")
+    return fits, notes + [f"not fitted: {e}" for e in errors]
 
 
 def write_profile(out: Path, text: str) -> Path:
