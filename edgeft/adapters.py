@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ModelError
 from .loading import read_json_object
+from .models import LAYER_LINEARS, OTHER_ADAPTABLE
 from .weights import first_nonfinite, tensor_shapes
 
 CONFIG = "adapter_config.json"
@@ -58,8 +59,6 @@ def rank_of(config: dict[str, Any], module: str) -> int:
 
 def check_adapter(adapter_dir: Path, base_config: dict[str, Any], architecture: str) -> dict[str, Any]:
     """Raise ModelError unless the adapter fits a base model with ``base_config``; return its config."""
-    from .models import LAYER_LINEARS, OTHER_ADAPTABLE
-
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     weights = adapter_dir / WEIGHTS

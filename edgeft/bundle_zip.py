@@ -206,7 +206,20 @@ def zip_layout(f: IO[bytes], where: str) -> list[ZipEntry]:
     size = os.fstat(f.fileno()).st_size
     n_total, cd_offset, cd_end = _zip_end(f, size, where)
     f.seek(cd_offset)
-    cd = f.read(cd_end - cd_offset)
+    entries = _central_entries(f.read(cd_end - cd_offset), n_total, where)
+    at = 0
+    for e in sorted(entries, key=lambda e: e.offset):
+        at = _local_entry_end(f, e, at, cd_offset, where)
+    if at != cd_offset:
+        raise BundleError(
+            f"{where}: {cd_offset - at} bytes between the last entry and the central directory "
+            "(data no entry accounts for)"
+        )
+    return entries
+
+
+def _central_entries(cd: bytes, n_total: int, where: str) -> list[ZipEntry]:
+    """The central directory's ``n_total`` entries, each checked on its own; nothing may follow them."""
     entries: list[ZipEntry] = []
     pos = 0
     for _ in range(n_total):
@@ -232,52 +245,50 @@ def zip_layout(f: IO[bytes], where: str) -> list[ZipEntry]:
         entries.append(ZipEntry(name, raw_name, flags, method, crc, csize, usize, offset, attr))
     if pos != len(cd):
         raise BundleError(f"{where}: {len(cd) - pos} bytes after the last central directory entry")
-
-    at = 0
-    for e in sorted(entries, key=lambda e: e.offset):
-        if e.offset > at:
-            raise BundleError(
-                f"{where}: {e.offset - at} bytes before entry {display_name(e.name)} that no entry accounts for "
-                "(a hidden entry a streaming unzip would extract, or a damaged zip)"
-            )
-        if e.offset < at:
-            raise BundleError(f"{where}: entry {display_name(e.name)} overlaps the entry before it")
-        f.seek(at)
-        head = f.read(_LOCAL.size)
-        if len(head) < _LOCAL.size or head[:4] != _LOCAL_SIG:
-            raise BundleError(f"{where}: no local header where the central directory puts {display_name(e.name)}")
-        _, _, flags, method, _, _, crc, csize, usize, n_len, e_len = _LOCAL.unpack(head)
-        raw_name, extra = f.read(n_len), f.read(e_len)
-        if raw_name != e.raw_name:
-            shown = show(raw_name.decode("utf-8", errors="replace"))
-            raise BundleError(
-                f"{where}: entry {display_name(e.name)} is named {shown} in its local header (a streaming unzip would "
-                "write that name)"
-            )
-        if flags != e.flags or method != e.method:
-            raise BundleError(f"{where}: entry {display_name(e.name)}: its local header and central directory disagree")
-        fields = _extra_fields(extra, where, e.name)
-        has_zip64 = 0x0001 in fields
-        if _U32 in (usize, csize):
-            usize, csize = _zip64_values(fields, 2, where, e.name)
-        local = (crc, csize, usize)
-        # With a data descriptor the local header may hold zeros; the descriptor then must match.
-        if local != (e.crc, e.csize, e.usize) and not (e.flags & _FLAG_DESCRIPTOR and local == (0, 0, 0)):
-            raise BundleError(
-                f"{where}: entry {display_name(e.name)}: its local header and central directory disagree on its size"
-            )
-        e.data_offset = at + _LOCAL.size + n_len + e_len
-        at = e.data_offset + e.csize
-        if e.flags & _FLAG_DESCRIPTOR:
-            at += _descriptor_length(f, at, e, has_zip64, where)
-        if at > cd_offset:
-            raise BundleError(f"{where}: entry {display_name(e.name)} runs into the central directory (truncated?)")
-    if at != cd_offset:
-        raise BundleError(
-            f"{where}: {cd_offset - at} bytes between the last entry and the central directory "
-            "(data no entry accounts for)"
-        )
     return entries
+
+
+def _local_entry_end(f: IO[bytes], e: ZipEntry, at: int, cd_offset: int, where: str) -> int:
+    """Check that entry ``e``'s local header starts at ``at`` (the previous entry's end) and agrees with
+    the central directory; sets ``e.data_offset`` and returns where the entry's data (and descriptor) end."""
+    if e.offset > at:
+        raise BundleError(
+            f"{where}: {e.offset - at} bytes before entry {display_name(e.name)} that no entry accounts for "
+            "(a hidden entry a streaming unzip would extract, or a damaged zip)"
+        )
+    if e.offset < at:
+        raise BundleError(f"{where}: entry {display_name(e.name)} overlaps the entry before it")
+    f.seek(at)
+    head = f.read(_LOCAL.size)
+    if len(head) < _LOCAL.size or head[:4] != _LOCAL_SIG:
+        raise BundleError(f"{where}: no local header where the central directory puts {display_name(e.name)}")
+    _, _, flags, method, _, _, crc, csize, usize, n_len, e_len = _LOCAL.unpack(head)
+    raw_name, extra = f.read(n_len), f.read(e_len)
+    if raw_name != e.raw_name:
+        shown = show(raw_name.decode("utf-8", errors="replace"))
+        raise BundleError(
+            f"{where}: entry {display_name(e.name)} is named {shown} in its local header (a streaming unzip would "
+            "write that name)"
+        )
+    if flags != e.flags or method != e.method:
+        raise BundleError(f"{where}: entry {display_name(e.name)}: its local header and central directory disagree")
+    fields = _extra_fields(extra, where, e.name)
+    has_zip64 = 0x0001 in fields
+    if _U32 in (usize, csize):
+        usize, csize = _zip64_values(fields, 2, where, e.name)
+    local = (crc, csize, usize)
+    # With a data descriptor the local header may hold zeros; the descriptor then must match.
+    if local != (e.crc, e.csize, e.usize) and not (e.flags & _FLAG_DESCRIPTOR and local == (0, 0, 0)):
+        raise BundleError(
+            f"{where}: entry {display_name(e.name)}: its local header and central directory disagree on its size"
+        )
+    e.data_offset = at + _LOCAL.size + n_len + e_len
+    at = e.data_offset + e.csize
+    if e.flags & _FLAG_DESCRIPTOR:
+        at += _descriptor_length(f, at, e, has_zip64, where)
+    if at > cd_offset:
+        raise BundleError(f"{where}: entry {display_name(e.name)} runs into the central directory (truncated?)")
+    return at
 
 
 def _check_entry_kind(flags: int, method: int, csize: int, usize: int, where: str, name: str) -> None:

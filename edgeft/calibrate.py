@@ -20,9 +20,14 @@ from typing import Any
 
 import tomllib
 
+from .bench import llama_bench
 from .decode_model import DecodeFit, FitRun, fit_by_threads, fit_to_table
+from .devices import _load, device_file, devices_dir, get_device
 from .errors import ConfigError, OutputError
-from .untrusted import INT, NUM, STR, ShapeError, check_shape, list_of, optional, safe_text
+from .files import write_atomic
+from .formats import default_runtime
+from .loading import read_json_object
+from .untrusted import INT, NUM, STR, ShapeError, check_shape, cleaned, list_of, optional, safe_text
 
 
 @dataclass
@@ -46,8 +51,6 @@ def _spread_pct(center: float, lo: float | None, hi: float | None, sd: float | N
 
 def runs_from_llama_bench(path: Path) -> list[tuple[str, FitRun]]:
     """The decode tests of a llama-bench ``-o json``/``jsonl`` file as (runtime, run) pairs."""
-    from .bench import llama_bench
-
     out = []
     for rec in llama_bench.read_records(Path(path)):
         if rec["n_prompt"] or not rec["n_gen"] or rec.get("n_depth"):
@@ -87,9 +90,6 @@ _REPORT_TARGET = {
 def runs_from_report(path: Path) -> list[tuple[str, FitRun]]:
     """Every target of an edgeft ``report.json`` as a (runtime, run) pair: decode median [min–max]
     at the bench's thread count, against the artifact's weight bytes read per token."""
-    from .loading import read_json_object
-    from .untrusted import cleaned
-
     path = Path(path)
     report = cleaned(read_json_object(path, f"--report {path}: no such file"), 64)
     try:
@@ -105,7 +105,7 @@ def runs_from_report(path: Path) -> list[tuple[str, FitRun]]:
             raise ConfigError(
                 f"--report {path}: target {t['target']}: decode speed, bytes per token and threads must be > 0"
             )
-        runtime = art.get("runtime") or ("llama.cpp" if art.get("format", "gguf") == "gguf" else str(art.get("format")))
+        runtime = art.get("runtime") or default_runtime(art.get("format", "gguf"))
         out.append(
             (
                 runtime,
@@ -133,8 +133,6 @@ def calibrate(
 ) -> tuple[Calibration, str]:
     """Fit every runtime/thread-count group of the given runs; returns the calibration and the key
     of the base profile. ``when`` and ``command`` are recorded in the fit's source."""
-    from .devices import device_file, get_device
-
     if not llama_bench and not reports:
         raise ConfigError("devices calibrate: give the device's runs: --llama-bench FILE or --report FILE (repeatable)")
     base = get_device(name)
@@ -149,19 +147,7 @@ def calibrate(
         )
     files = ", ".join(Path(p).name for p in [*llama_bench, *reports])
     source = f"fitted by `{command}` on {when} from {files}"
-    fits, notes = [], []
-    errors = []
-    for runtime in sorted({rt for rt, _ in runs}):
-        try:
-            got, skipped = fit_by_threads([r for rt, r in runs if rt == runtime], runtime, source)
-        except ConfigError as e:
-            errors.append(str(e))
-            continue
-        fits += got
-        notes += skipped + [f"{runtime}, {f.threads} threads: {f.note}" for f in got if f.note]
-    if not fits:
-        raise ConfigError(f"devices calibrate: nothing to fit: {'; '.join(errors)}")
-    notes += [f"not fitted: {e}" for e in errors]
+    fits, notes = _fit_runtimes(runs, source)
     machines = sorted({r.machine for _, r in runs if r.machine})
     warnings = []
     if len(machines) > 1:
@@ -194,11 +180,26 @@ def calibrate(
     return Calibration(fits, notes, warnings, profile_toml(raw, header), threads), base.key
 
 
+def _fit_runtimes(runs: list[tuple[str, Any]], source: str) -> tuple[list[Any], list[str]]:
+    """One fit per runtime and thread count, and notes on what was skipped or not fitted; refused
+    when no runtime could be fitted at all."""
+    fits, notes = [], []
+    errors = []
+    for runtime in sorted({rt for rt, _ in runs}):
+        try:
+            got, skipped = fit_by_threads([r for rt, r in runs if rt == runtime], runtime, source)
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
+        fits += got
+        notes += skipped + [f"{runtime}, {f.threads} threads: {f.note}" for f in got if f.note]
+    if not fits:
+        raise ConfigError(f"devices calibrate: nothing to fit: {'; '.join(errors)}")
+    return fits, notes + [f"not fitted: {e}" for e in errors]
+
+
 def write_profile(out: Path, text: str) -> Path:
     """Write a calibrated profile; a shipped profile is never overwritten (its published sources stay)."""
-    from .devices import _load, devices_dir
-    from .files import write_atomic
-
     out = Path(out)
     if out.suffix != ".toml":
         raise ConfigError(f"--out {out}: a device profile is a .toml file")

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from .data import load_jsonl
 from .errors import ConfigError
+from .files import data_dir, sha256_file
 
 SOURCES = ("task", "general", "mix")
 
 
 def calibration_dir() -> Path:
-    from .targets import data_dir
-
     return data_dir("calibration")
 
 
@@ -67,8 +67,6 @@ class CalibrationSet:
 
 
 def _task_ids(tokenizer: Any, train_path: Path) -> list[int]:
-    from .data import load_jsonl
-
     ids: list[int] = []
     for ex in load_jsonl(train_path):
         out = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
@@ -133,8 +131,6 @@ def build_set(
         "token_budget": tokens,
         "task_share": task_share if source == "mix" else None,
         "chunks_taken": taken,
-        "general_text_sha256": hashlib.sha256(general_text_path().read_bytes()).hexdigest()
-        if taken.get("general")
-        else None,
+        "general_text_sha256": sha256_file(general_text_path()) if taken.get("general") else None,
     }
     return CalibrationSet(source, np.concatenate(parts), recipe)

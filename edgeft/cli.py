@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from contextlib import contextmanager
@@ -18,10 +19,40 @@ from pathlib import Path
 from typing import Iterator
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from . import __version__
-from .config import REFERENCE_DTYPES
-from .errors import ConfigError, EdgeftError, InternalError
+from .bench.device_runs import import_llama_bench, now
+from .bench.gates import parse_gate_flags
+from .calibrate import calibrate, write_profile
+from .config import REFERENCE_DTYPES, config_as_dict, load_config
+from .decode_model import describe_range
+from .devices import available_devices, get_device
+from .devices import device_file as profile_file
+from .devices import recommend as recommend_targets
+from .errors import ConfigError, EdgeftError, InternalError, first_line
+from .formats.gguf import needs_quantize
+from .formats.gguf.quantize import quantize as run_quantize
+from .formats.gguf.types import UNQUANTIZED
+from .machine import summary as machine_summary
+from .merge import merge as run_merge
+from .models import resolve_model
+from .package import package as make_bundle
+from .package import verify as verify_bundle
+from .pipeline import bench_artifacts
+from .pipeline import build as run_build
+from .preflight import check_merge, check_train
+from .progress import rich_progress, stage_printer
+from .remote import Remote
+from .report import dtype_short, refold, timed_in_run
+from .resources import check_fits as check_resources_fit
+from .resources import plan as plan_resources
+from .resources import render as render_resources
+from .stage import check_output_dir, check_replaceable
+from .targets import apply_overrides, available_targets, get_target, parse_target_list
+from .train import distributed, resolve_device
+from .train import train as run_train
 
 
 @contextmanager
@@ -47,8 +78,6 @@ def _user_errors() -> Iterator[None]:
 
 def _internal_error(e: BaseException) -> None:
     """One line for an exception edgeft did not expect, and exit 3."""
-    from .errors import first_line
-
     # A failed write to stdout (a full disk, a closed pipe) leaves its bytes buffered; the
     # interpreter would retry at exit, print a second error and exit 120 instead of 3.
     try:
@@ -89,8 +118,6 @@ def _quiet_libraries() -> None:
 
 
 def _load_cfg(config: Path | None, model: str | None):
-    from .config import load_config
-
     cfg = load_config(config)
     if model:
         cfg.model = model
@@ -103,9 +130,6 @@ def _train_device(cfg, device: str | None, flag: str) -> None:
         return
     cfg.train.device = device
     if device == "cuda":
-        from .errors import ConfigError
-        from .train import resolve_device
-
         try:
             resolve_device("cuda")
         except ConfigError as e:
@@ -198,11 +222,6 @@ def build(
 ) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
     with _user_errors():
-        from .bench.gates import parse_gate_flags
-        from .config import config_as_dict
-        from .pipeline import build as run_build
-        from .targets import apply_overrides, available_targets, parse_target_list
-
         cfg = _load_cfg(config, model)
         _train_device(cfg, train_device, "--train-device")
         if reference_dtype:
@@ -216,23 +235,18 @@ def build(
         targets = apply_overrides(parse_target_list(target_spec), cfg.targets, str(cfg.source))
         profile = None
         if device is not None:
-            from .devices import get_device
-
             profile = get_device(device)
             cfg.bench.threads = profile.threads
         if dry_run:
-            from .resources import check_fits, plan, render
-
-            resources = plan(cfg, targets, out_dir)
+            resources = plan_resources(cfg, targets, out_dir)
             shown = {"targets": [t.__dict__ for t in targets], "out": str(out_dir), "config": config_as_dict(cfg)}
             click.echo(json.dumps(shown | {"resources": resources.to_dict()}, indent=2))
-            click.echo(render(resources), err=True)
+            click.echo(render_resources(resources), err=True)
             try:
-                check_fits(resources, str(cfg.source or "config"))
+                check_resources_fit(resources, str(cfg.source or "config"))
             except EdgeftError as e:
                 click.echo(f"edgeft: would refuse: {e}", err=True)
             return
-        from .progress import rich_progress, stage_printer
 
         with rich_progress() as progress:
             result = run_build(
@@ -288,11 +302,34 @@ def _task_change(p: dict | None) -> str:
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
+    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
+    console = Console(markup=False)
+    if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
+        console = Console(width=120, markup=False)
+    console.print(_ladder_table(report))
 
+    machine = report.get("machine", {})
+    where = machine_summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
+    if report.get("remote"):
+        where = f"measured on {report['remote']['host']} over SSH: {where}"
+    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for t in report["targets"]:
+        sus = t["latency"].get("sustained")
+        if sus:
+            click.echo(
+                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
+                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
+                f"{sus['seconds']:.0f} s)"
+            )
+    for w in report.get("warnings", []):
+        click.echo(f"edgeft: warning: {w}", err=True)
+    if report.get("device"):
+        _print_device_projection(report["device"])
+
+
+def _ladder_table(report: dict) -> Table:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    from .report import dtype_short
 
     ref_type = dtype_short(report["reference"].get("dtype"))
     table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned {ref_type} reference)")
@@ -328,44 +365,21 @@ def _print_summary(report: dict, out_dir: Path) -> None:
             tok_s,
             rss,
         )
-    # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
-    # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
-    console = Console(markup=False)
-    if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
-        console = Console(width=120, markup=False)
-    console.print(table)
-    from .machine import summary
+    return table
 
-    machine = report.get("machine", {})
-    where = summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
-    if report.get("remote"):
-        where = f"measured on {report['remote']['host']} over SSH: {where}"
-    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
-    for t in report["targets"]:
-        sus = t["latency"].get("sustained")
-        if sus:
-            click.echo(
-                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
-                f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
-                f"{sus['seconds']:.0f} s)"
-            )
-    for w in report.get("warnings", []):
-        click.echo(f"edgeft: warning: {w}", err=True)
-    if report.get("device"):
-        from .decode_model import describe_range
 
-        d = report["device"]
-        for name, t in d["targets"].items():
-            decode = t.get("decode_model") or {
-                "basis": "ceiling",
-                "estimate": t["decode_tok_s"],
-                "high": t["decode_tok_s"],
-            }
-            tok_s = f"{describe_range(decode, '{:.0f}')} tok/s decode ({decode.get('basis')})"
-            click.echo(
-                f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
-                f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
-            )
+def _print_device_projection(d: dict) -> None:
+    for name, t in d["targets"].items():
+        decode = t.get("decode_model") or {
+            "basis": "ceiling",
+            "estimate": t["decode_tok_s"],
+            "high": t["decode_tok_s"],
+        }
+        tok_s = f"{describe_range(decode, '{:.0f}')} tok/s decode ({decode.get('basis')})"
+        click.echo(
+            f"{d['profile']['key']} (projected): {name} {'fits' if t['fits'] else 'does NOT fit'} "
+            f"({t['ram_needed_bytes'] / 1e6:.0f} of {t['app_ram_bytes'] / 1e6:.0f} MB), {tok_s}"
+        )
 
 
 @cli.command()
@@ -399,12 +413,6 @@ def train(
     `torchrun --nproc_per_node N -m edgeft train ...` every process trains and the first writes the adapter.
     """
     with _user_errors():
-        from .errors import ConfigError
-        from .models import resolve_model
-        from .preflight import check_train
-        from .train import distributed
-        from .train import train as run_train
-
         cfg = _load_cfg(config, model)
         _train_device(cfg, device, "--device")
         data = train_file or cfg.data.train
@@ -435,10 +443,6 @@ def train(
 def merge(model: str, adapter: Path, out_dir: Path, strategy: str, eval_file: Path | None) -> None:
     """Merge a LoRA adapter into a full-precision base; writes a safetensors Hugging Face folder."""
     with _user_errors():
-        from .merge import merge as run_merge
-        from .models import resolve_model
-        from .preflight import check_merge
-
         strategy = check_merge(model, adapter, out_dir, strategy, eval_file)
         out = run_merge(resolve_model(model), adapter, out_dir, strategy, eval_file)
         results = out.manifest.get("results", {})
@@ -458,13 +462,8 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 
     Families edgeft knows are written natively; other architectures go through llama.cpp's converter."""
     with _user_errors():
-        from .errors import ConfigError
-        from .formats.gguf import needs_quantize
+        # the exporter imports transformers (its converter fallback): not on `edgeft bench`'s path
         from .formats.gguf.export import export as run_export
-        from .formats.gguf.types import UNQUANTIZED
-        from .models import resolve_model
-        from .stage import check_output_dir, check_replaceable
-        from .targets import get_target
 
         target = get_target(target_name)
         if target.format != "gguf" or needs_quantize(target.quant):
@@ -485,11 +484,6 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
     """Quantize an exported GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
     with _user_errors():
-        from .errors import ConfigError
-        from .formats.gguf.quantize import quantize as run_quantize
-        from .stage import check_output_dir, check_replaceable
-        from .targets import get_target
-
         target = get_target(target_name)
         if target.format != "gguf":
             raise ConfigError(f"--target {target_name}: `edgeft quantize` quantizes GGUF files; use `edgeft build`")
@@ -512,8 +506,6 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 def package(build_dir: Path, target: str, out: Path, model: str | None) -> None:
     """Bundle a built target for an app: artifact, tokenizer, chat template, Modelfile, manifest.json; + a zip."""
     with _user_errors():
-        from .package import package as make_bundle
-
         manifest = make_bundle(build_dir, target, out, model)
         size = sum(f["size"] for f in manifest["files"].values())
         click.echo(
@@ -526,9 +518,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None) -> None:
 def verify(bundle: Path) -> None:
     """Check a bundle folder or zip against its manifest (exit 2 on any missing, extra or changed file)."""
     with _user_errors():
-        from .package import verify as check
-
-        manifest = check(bundle)
+        manifest = verify_bundle(bundle)
         click.echo(
             f"ok: {bundle} — {manifest['target']} ({manifest['format']} {manifest['quant']}), {len(manifest['files'])} files match"
         )
@@ -631,13 +621,8 @@ def bench(
     --llama-bench) are kept in the build and listed in its report.
     """
     with _user_errors():
-        from .bench.gates import parse_gate_flags
-        from .pipeline import bench_artifacts
-
         if llama_bench_file is not None:
             if build_dir is None or artifacts or remote:
-                from .errors import ConfigError
-
                 raise ConfigError("--llama-bench: give it with --build DIR only (it imports, it measures nothing)")
             _import_llama_bench(build_dir, llama_bench_file)
             return
@@ -645,9 +630,6 @@ def bench(
         profile = None
         device_file = None
         if device is not None:
-            from .devices import device_file as profile_file
-            from .devices import get_device
-
             profile = get_device(device)
             device_file = profile_file(device)
             cfg.bench.threads = profile.threads
@@ -658,7 +640,6 @@ def bench(
         if reference_dtype:
             cfg.bench.reference_dtype = reference_dtype  # with an HF --reference: the stage it runs
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
-        from .progress import rich_progress
 
         with rich_progress() as progress:
             report = bench_artifacts(
@@ -680,11 +661,6 @@ def bench(
 
 
 def _remote(host: str, ssh: str, edgeft: str, workdir: str):
-    import shlex
-
-    from .errors import ConfigError
-    from .remote import Remote
-
     try:
         argv = tuple(shlex.split(ssh))
     except ValueError as e:
@@ -693,12 +669,8 @@ def _remote(host: str, ssh: str, edgeft: str, workdir: str):
 
 
 def _import_llama_bench(build_dir: Path, path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .bench.device_runs import import_llama_bench
-
     record, stored = import_llama_bench(build_dir, path)
+    refold(build_dir)
     table = Table(title=f"llama-bench on {record['machine']['cpu_model'] or 'an unnamed CPU'} (measured there)")
     for col in ("artifact", "threads", "prefill tok/s", "decode tok/s"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
@@ -730,11 +702,7 @@ def recommend(
 
     Exit 1 when no built target meets the budget."""
     with _user_errors():
-        from .decode_model import describe_range
-        from .devices import get_device
-        from .devices import recommend as choose
-
-        result = choose(build_dir, get_device(device), max_kld, min_tok_s, context)
+        result = recommend_targets(build_dir, get_device(device), max_kld, min_tok_s, context)
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
@@ -756,19 +724,17 @@ def recommend(
                 )
                 here = f"{r['decode_tok_s_measured_here']:.1f}"
                 if len(runs) > 1:
-                    here += f" †{runs.index(r['timed']['run_id']) + 1}"
+                    here += " " + timed_in_run(runs.index(r["timed"]["run_id"]) + 1)
                 click.echo(
                     f"{r['target']:{w}} {r['size_bytes'] / 1e6:7.1f} {r['kl_divergence_mean']:8.4f} {acc:>8} "
                     f"{here:>10} {proj:>22} {r['ram_needed_bytes_projected'] / 1e6:15.0f}  "
                     f"{'ok' if r['meets'] else r['why_not']}"
                 )
             if len(runs) > 1:
-                from .machine import summary
-
                 for i, run in enumerate(runs, 1):
                     t = next(r["timed"] for r in result["rows"] if r["timed"]["run_id"] == run)
-                    where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
-                    click.echo(f"†{i} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
+                    where = machine_summary(t["machine"]) if t.get("machine") else "machine not recorded"
+                    click.echo(f"{timed_in_run(i)} timed {t.get('timed_at') or 'before runs were recorded'} on {where}")
                 click.echo("tok/s here comes from different runs: compare those rows with care")
             click.echo(
                 f"recommended for {device}: {result['choice'] or 'none meets the budget'} (speeds on the device are "
@@ -786,8 +752,6 @@ def devices(ctx: click.Context) -> None:
     if ctx.invoked_subcommand is not None:
         return
     with _user_errors():
-        from .devices import available_devices
-
         for key, d in available_devices().items():
             fit = d.fit_for("llama.cpp")
             if fit is not None:
@@ -824,11 +788,6 @@ def devices_calibrate(
     NAME is the profile to start from (`rpi5`, or a .toml path); runs of at least two artifact sizes
     at one thread count are needed. Use the written file with `--device FILE`."""
     with _user_errors():
-        import shlex
-
-        from .bench.device_runs import now
-        from .calibrate import calibrate, write_profile
-
         args = [name, *(a for p in llama_bench_files for a in ("--llama-bench", str(p)))]
         args += [a for p in report_files for a in ("--report", str(p))]
         command = shlex.join(["edgeft", "devices", "calibrate", *args])
@@ -855,8 +814,6 @@ def devices_calibrate(
 def targets() -> None:
     """List the build targets."""
     with _user_errors():
-        from .targets import available_targets
-
         found = sorted(available_targets().values(), key=lambda t: t.name)
         width = max((len(t.name) for t in found), default=0)
         for t in found:

@@ -1,4 +1,5 @@
-"""Chat JSONL datasets: loading with line-precise errors, and answer checking.
+"""Chat JSONL datasets: loading with line-precise errors, answer checking, and an example tokenised
+with the model's chat template (what training learns from and the bench scores).
 
 One example per line::
 
@@ -16,11 +17,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 from .loading import parse_json
 
 ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,26 @@ def is_correct(reply: str, answers: list[str]) -> bool:
         if re.search(left + re.escape(a) + right, text):
             return True
     return False
+
+
+def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> dict[str, list[int]]:
+    """Token ids of the whole conversation and labels that keep only the assistant replies.
+
+    Each assistant turn's tokens are found by rendering the conversation up to that turn with and
+    without it: the chat template renders prefixes identically, so the difference is exactly the
+    reply (its end-of-turn token included, which is what teaches the model to stop).
+    """
+    ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(ex.messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer.apply_chat_template(ex.messages[:i], add_generation_prompt=True, tokenize=True)))
+        end = len(_ids(tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=True)))
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def _ids(out: Any) -> list[int]:
+    return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -25,10 +25,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from .build_layout import BENCH_PREFIX
+from .config import BENCH_CONTEXT
 from .decode_model import DecodeFit, describe_range, fit_from_table, project_decode
-from .errors import ConfigError
+from .errors import ConfigError, EdgeftError
+from .formats import FORMATS, get_format
+from .loading import read_toml
+from .stage import read_manifest
 from .targets import targets_dir
 
 
@@ -87,12 +90,7 @@ def devices_dir() -> Path:
 
 
 def _load(path: Path) -> DeviceProfile:
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read device profile ({e})") from None
+    raw = read_toml(path, "device profile")
     known = {f.name for f in fields(DeviceProfile)} - {"key"}
     unknown = set(raw) - known
     if unknown:
@@ -121,6 +119,11 @@ def _load(path: Path) -> DeviceProfile:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{path}: {f.name}: expected a list of strings, got {v!r}")
             v = tuple(v)
+            unknown = [x for x in v if x not in FORMATS] if f.name == "formats" else []
+            if unknown:
+                raise ConfigError(
+                    f"{path}: formats: unknown format {unknown[0]!r}; expected names from {', '.join(FORMATS)}"
+                )
         elif f.name == "threads":
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{path}: threads: expected a positive integer, got {v!r}")
@@ -203,9 +206,6 @@ def project(
 
 
 def _runtime(fmt: str) -> str | None:
-    from .errors import EdgeftError
-    from .formats import get_format
-
     try:
         return get_format(fmt).RUNTIME
     except EdgeftError:
@@ -243,20 +243,16 @@ def device_projection(
     device: DeviceProfile, measured: list[tuple[str, str, dict[str, Any]]], context: int
 ) -> dict[str, Any]:
     """Each artifact on a device profile: fit and decode speed, projected (never a measurement)."""
-    from .config import BENCH_CONTEXT
-    from .errors import EdgeftError
-    from .formats import get_format
-
     rows = {}
     for name, _, results in measured:
         art, perf = results["artifact"], results["performance"]
+        fmt = get_format(art["format"])  # recorded by the bench from the registry
         try:
-            kv = get_format(art["format"]).kv_bytes_per_token(Path(art["path"]))
+            kv = fmt.kv_bytes_per_token(Path(art["path"]))
         except EdgeftError:
             kv = None
         lat = perf["latency"]
-        # llama.cpp allocates its cache for the bench context; onnxruntime-genai for each request.
-        measured_ctx = BENCH_CONTEXT if art["format"] == "gguf" else lat["prompt_tokens"] + lat["decode_tokens"]
+        measured_ctx = BENCH_CONTEXT if fmt.KV_CACHE_AT_OPEN else lat["prompt_tokens"] + lat["decode_tokens"]
         rows[name] = project(
             device,
             art["format"],
@@ -274,16 +270,14 @@ def recommend(
 ) -> dict[str, Any]:
     """Among a build's benchmarked targets, the smallest that the device runs, that fits, is within
     ``max_kld`` (measured here) and reaches ``min_tok_s`` decode (projected); ties go to the faster."""
-    from .stage import read_manifest
-
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
         raise ConfigError(f"--build {build_dir}: no such build folder")
     measured = []
-    for bench_dir in sorted(build_dir.glob("bench-*")):
-        results = (read_manifest(bench_dir) or {}).get("results")
-        if results and read_manifest(bench_dir).get("stage") == "bench" and "roofline" in results:
-            measured.append((bench_dir.name.removeprefix("bench-"), results["artifact"]["file_type"], results))
+    for folder in sorted(build_dir.glob(f"{BENCH_PREFIX}*")):
+        results = (read_manifest(folder) or {}).get("results")
+        if results and read_manifest(folder).get("stage") == "bench" and "roofline" in results:
+            measured.append((folder.name.removeprefix(BENCH_PREFIX), results["artifact"]["file_type"], results))
     if not measured:
         raise ConfigError(f"--build {build_dir}: no benchmarked targets; run `edgeft build --target ...` first")
     projection = device_projection(device, measured, context)

@@ -20,7 +20,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import EdgeftError, ModelError, first_line
+import tomllib
+
+from .errors import ConfigError, EdgeftError, ModelError, first_line
 
 # What loaders raise on bad *input*. Deliberately excludes TypeError/AttributeError/NameError.
 _INPUT_ERRORS: tuple[type[BaseException], ...] = (
@@ -134,3 +136,14 @@ def read_json_object(path: Path, missing: str, max_bytes: int = MAX_JSON_BYTES) 
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return obj
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A registry entry a user may write (a target, a device profile) as a dict; an unreadable or
+    invalid file is one ConfigError naming it and ``what`` it was meant to be."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e})") from None

@@ -32,8 +32,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import merge_stream
+from .adapters import check_adapter
+from .data import load_jsonl
 from .errors import ConfigError, ModelError
 from .loading import loading
+from .models import architecture_of, check_model_dir
+from .nf4 import adapter_on_nf4, load_dequantized
 from .stage import StageOutput, content_hash, read_manifest, run_stage
 
 STRATEGIES = ("fp", "dequant", "auto")
@@ -96,8 +101,6 @@ def _fp_base(model_dir: Path) -> Any:
 
 def held_out_sequences(tokenizer: Any, eval_file: Path) -> list[list[int]]:
     """Token ids of each held-out conversation (chat template, answer included), at most MAX_KLD_TOKENS."""
-    from .data import load_jsonl
-
     out = []
     for ex in load_jsonl(eval_file):
         ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
@@ -136,8 +139,6 @@ def compare_merges(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .nf4 import adapter_on_nf4
-
     _, dtype = trained_on(adapter_dir)
     teacher = adapter_on_nf4(model_dir, adapter_dir, dtype).eval()
     with loading(model_dir, "the tokenizer"):
@@ -159,8 +160,6 @@ def merge_adapter(
 
     ``auto`` writes both merges into scratch folders inside ``out_dir`` (twice the model on disk for
     a while), measures them one at a time and keeps the closer one."""
-    from . import merge_stream
-
     out_dir = Path(out_dir)
     _, dtype = trained_on(adapter_dir)
     results: dict[str, Any] = {"strategy": strategy}
@@ -199,9 +198,6 @@ def merge_adapter(
 def _write_merge(plan: Any, model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str, dtype: str) -> int:
     """One strategy's merge into ``out_dir``, streamed when there is a plan, else through peft; returns
     the number of parameters written."""
-    from . import merge_stream
-    from .nf4 import load_dequantized
-
     if plan is not None:
         merge_stream.write(plan, out_dir, dtype if strategy == "dequant" else None)
         _write_side_files(plan.config, model_dir, adapter_dir, out_dir)
@@ -246,9 +242,6 @@ def merge(
     model_dir: Path, adapter_dir: Path, out_dir: Path, strategy: str = "fp", eval_file: Path | None = None
 ) -> StageOutput:
     """Cached stage; the adapter is checked against the base model's shapes before anything loads."""
-    from .adapters import check_adapter
-    from .models import architecture_of, check_model_dir
-
     config = check_model_dir(model_dir)
     check_adapter(adapter_dir, config, architecture_of(config))
     strategy = check_strategy(strategy, adapter_dir, eval_file)

@@ -40,7 +40,9 @@ from typing import Any
 
 from .errors import ModelError
 from .loading import loading
+from .nf4 import quant_config, require_bitsandbytes
 from .shards import FLOAT_DTYPES, MAX_SHARD_BYTES, OutTensor, StoredTensor, read_tensor, stored_tensors, write_shards
+from .weights import weight_files
 
 DELTA_BLOCK_BYTES = 64 << 20  # fp32 rows of B @ A computed at a time
 
@@ -151,28 +153,63 @@ def plan(model_dir: Path, adapter_dir: Path, nf4: bool = False) -> Plan:
     group = {name: first[id(value)] for name, value in state.items()}  # tied names share one tensor
     quantized = _nf4_weights(skeleton)
     base = _base_tensors(model_dir)
-    adapter = stored_tensors(adapter_dir / "adapter_model.safetensors")
-    used: set[str] = set()
-
-    def take(key: str) -> StoredTensor:
-        if key not in adapter:  # peft would load the rest and leave this module as initialised: no delta
-            raise ModelError(
-                f"{adapter_dir}: adapter_config.json targets a module adapter_model.safetensors has no {key} for; "
-                "the adapter does not belong to this model's layout"
-            )
-        used.add(key)
-        return adapter[key]
-
+    adapter = _AdapterTensors(adapter_dir)
     layers, saved = _inject(lora_config, skeleton)  # parameters keep their identity: state still names them
     # modules_to_save: the module's tensors become the adapter's copies, each a tensor of its own
-    copies = {n: take(ADAPTER_PREFIX + n) for module, _ in saved for n in state if n.startswith(module + ".")}
+    copies = {n: adapter.take(ADAPTER_PREFIX + n) for module, _ in saved for n in state if n.startswith(module + ".")}
+    owner, slots = _output_slots(state, group, copies, base, params, quantized)
+    untied = any(owner[n] != owner[group[n]] for n in state)
+    _attach_deltas(layers, slots, owner, adapter)
+    left = adapter.unused()
+    if left:
+        raise Unsupported(f"adapter tensor {left[0]} is not a LoRA pair, saved layer or modules_to_save copy")
+    for slot in slots.values():
+        if nf4 and slot.nf4 and slot.replaced:
+            raise Unsupported(f"{slot.name}: an adapter copy replaces a layer that is 4-bit in the NF4 base")
+    config.dtype = "float32"  # what save_pretrained records for an fp32 model
+    config.architectures = [type(skeleton).__name__]
+    if untied:  # what merge_and_unload sets when the embedding and head are no longer one tensor
+        config.tie_word_embeddings = False
+    return Plan(model_dir, adapter_dir, list(slots.values()), config)
+
+
+class _AdapterTensors:
+    """The adapter file's tensors, each taken by the plan at most once; what is left was not understood."""
+
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+        self.tensors = stored_tensors(adapter_dir / "adapter_model.safetensors")
+        self.used: set[str] = set()
+
+    def take(self, key: str) -> StoredTensor:
+        if key not in self.tensors:  # peft would load the rest and leave this module as initialised: no delta
+            raise ModelError(
+                f"{self.adapter_dir}: adapter_config.json targets a module adapter_model.safetensors has no {key} for; "
+                "the adapter does not belong to this model's layout"
+            )
+        self.used.add(key)
+        return self.tensors[key]
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.tensors) - self.used)
+
+
+def _output_slots(
+    state: dict[str, Any],
+    group: dict[str, str],
+    copies: dict[str, StoredTensor],
+    base: dict[str, StoredTensor],
+    params: set[int],
+    quantized: set[str],
+) -> tuple[dict[str, str], dict[str, Slot]]:
+    """(state name → the output tensor it is, output tensor → its slot): tied names share one slot
+    unless modules_to_save gave one of them its own copy."""
     owner = {}  # state name → the name of the output tensor it is
     for name in state:
         if name in copies:
             owner[name] = name
         else:
             owner[name] = next(n for n in state if group[n] == group[name] and n not in copies)
-    untied = any(owner[n] != owner[group[n]] for n in state)
     slots: dict[str, Slot] = {}
     for name in dict.fromkeys(owner.values()):
         if name in copies:
@@ -187,16 +224,23 @@ def plan(model_dir: Path, adapter_dir: Path, nf4: bool = False) -> Plan:
             raise Unsupported(f"{name} is stored as {source.dtype}")
         parameter = id(state[name]) in params
         slots[name] = Slot(name, source, nf4=name in quantized, parameter=parameter, replaced=name in copies)
+    return owner, slots
 
+
+def _attach_deltas(layers: list[Any], slots: dict[str, Slot], owner: dict[str, str], adapter: _AdapterTensors) -> None:
+    """Each LoRA layer's (A, B, scaling) onto its slot, checked against peft's shapes."""
     for module, layer, embedding in layers:  # module order: the order merge_and_unload folds them in
         slot = slots[owner[module + ".weight"]]
         if embedding:
             a, b = (
-                take(f"{ADAPTER_PREFIX}{module}.lora_embedding_A"),
-                take(f"{ADAPTER_PREFIX}{module}.lora_embedding_B"),
+                adapter.take(f"{ADAPTER_PREFIX}{module}.lora_embedding_A"),
+                adapter.take(f"{ADAPTER_PREFIX}{module}.lora_embedding_B"),
             )
         else:
-            a, b = take(f"{ADAPTER_PREFIX}{module}.lora_A.weight"), take(f"{ADAPTER_PREFIX}{module}.lora_B.weight")
+            a, b = (
+                adapter.take(f"{ADAPTER_PREFIX}{module}.lora_A.weight"),
+                adapter.take(f"{ADAPTER_PREFIX}{module}.lora_B.weight"),
+            )
         r = layer.r["default"]
         rows, cols = slot.source.shape
         want = ((r, rows), (cols, r)) if embedding else ((r, cols), (rows, r))
@@ -204,21 +248,9 @@ def plan(model_dir: Path, adapter_dir: Path, nf4: bool = False) -> Plan:
             got = [list(a.shape), list(b.shape)]
             raise Unsupported(f"{module}: LoRA tensors {got}, peft expects {[list(w) for w in want]}")
         saved_layer = f"{ADAPTER_PREFIX}{module}.base_layer.weight"
-        if saved_layer in adapter:  # peft saved the (embedding) layer beside its LoRA; loading puts it back
-            _replace(slot, take(saved_layer))
+        if saved_layer in adapter.tensors:  # peft saved the (embedding) layer beside its LoRA; loading puts it back
+            _replace(slot, adapter.take(saved_layer))
         slot.deltas.append(Delta(module, embedding, a, b, float(layer.scaling["default"])))
-
-    left = sorted(set(adapter) - used)
-    if left:
-        raise Unsupported(f"adapter tensor {left[0]} is not a LoRA pair, saved layer or modules_to_save copy")
-    for slot in slots.values():
-        if nf4 and slot.nf4 and slot.replaced:
-            raise Unsupported(f"{slot.name}: an adapter copy replaces a layer that is 4-bit in the NF4 base")
-    config.dtype = "float32"  # what save_pretrained records for an fp32 model
-    config.architectures = [type(skeleton).__name__]
-    if untied:  # what merge_and_unload sets when the embedding and head are no longer one tensor
-        config.tie_word_embeddings = False
-    return Plan(model_dir, adapter_dir, list(slots.values()), config)
 
 
 def _lora_config(adapter_dir: Path) -> Any:
@@ -292,8 +324,6 @@ def _nf4_weights(skeleton: Any) -> set[str]:
 
 def _base_tensors(model_dir: Path) -> dict[str, StoredTensor]:
     """Every tensor of the base's shards; shards named by an index must all be there."""
-    from .weights import weight_files
-
     out: dict[str, StoredTensor] = {}
     for path in weight_files(model_dir):
         out.update(stored_tensors(path))
@@ -372,8 +402,6 @@ def nf4_round_trip(w: Any, compute_dtype: str) -> Any:
     settings of :func:`edgeft.nf4.quant_config`, moved to the CPU), dequantized by bitsandbytes."""
     import bitsandbytes as bnb
     import torch
-
-    from .nf4 import quant_config, require_bitsandbytes
 
     require_bitsandbytes()
     cfg = quant_config(compute_dtype)

@@ -17,16 +17,18 @@ finds the right name for it too without any extra file to carry along.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .loading import read_json_object
+from .loading import loading, read_json_object
 from .stage import StageOutput, cache_root, cached, sha256_file, stage_key, staged_dir
 from .weights import check_finite_weights, weight_files
 
@@ -335,8 +337,6 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _assemble(name: str, spec: BuiltinModel) -> Path:
-    import importlib
-
     target = cache_root() / "gguf" / spec.gguf_file
     try:
         assemble = importlib.import_module(spec.package).assemble
@@ -352,8 +352,6 @@ def _assemble(name: str, spec: BuiltinModel) -> Path:
 
 def _part_file(requirement: str) -> Path | None:
     """The one ``data/part*.bin`` of an installed part distribution (``name==version``), or None."""
-    from importlib import metadata
-
     dist, _, version = requirement.partition("==")
     folder = _package_dir(dist.replace("-", "_"))
     try:
@@ -366,8 +364,6 @@ def _part_file(requirement: str) -> Path | None:
 
 def _join_parts(name: str, spec: BuiltinModel) -> Path:
     """Concatenate a built-in's part files once into the edgeft cache, checked by size and sha256."""
-    import hashlib
-
     target = cache_root() / "gguf" / spec.gguf_file
     if target.is_file() and target.stat().st_size == spec.size:
         return target  # checked when it was written; the materialise stage hashes it again
@@ -462,8 +458,6 @@ def _gguf_to_hf(gguf_path: Path, out: Path, name: str, spec: BuiltinModel) -> di
     """Dequantize ``gguf_path`` into an fp32 safetensors folder at ``out`` with a faithful tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .loading import loading
 
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
     with loading(gguf_path, "the built-in model (reinstall its package)"):

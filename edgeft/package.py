@@ -5,7 +5,7 @@ A bundle is a folder, and the same folder as a zip beside it::
     cooking-q4/
       model.gguf                      the artifact (GGUF file, or an ONNX folder's files)
       tokenizer.json, tokenizer_config.json, chat_template.jinja
-      Modelfile                       GGUF only: `ollama create NAME -f Modelfile`
+      Modelfile                       formats Ollama loads (GGUF): `ollama create NAME -f Modelfile`
       manifest.json                   what the app needs to know, and every file's sha256
 
 ``manifest.json`` holds ``edgeft_bundle`` (format version), the target, format, runtime and quant
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from . import __version__
+from .build_layout import MERGED, bench_dir
 from .bundle_zip import (
     CHUNK,
     MANIFEST,
@@ -53,9 +54,11 @@ from .bundle_zip import (
     zip_layout,
     zip_manifest_bytes,
 )
-from .config import BENCH_CONTEXT
+from .config import BENCH_CONTEXT, load_config
 from .errors import ConfigError, EdgeftError, ModelError, OutputError, first_line
 from .files import write_atomic
+from .formats import detect_artifact
+from .models import BUILTIN_MODELS
 
 BUNDLE_FORMAT = 1
 # Tokenizer files an app's tokenizer library reads (the GGUF file also embeds its own copy).
@@ -173,8 +176,6 @@ def _is_count(v: Any) -> bool:
 
 def _license(model: str | None) -> str:
     """The base model's licence: a builtin's from its card, a folder's from its README front matter."""
-    from .models import BUILTIN_MODELS
-
     if model is None:
         return "unknown (the build's config was not found)"
     if model in BUILTIN_MODELS:
@@ -265,17 +266,19 @@ def _modelfile_string(text: str, where: str, token: int) -> str:
     return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
-def _modelfile(stops: list[dict[str, Any]], context: int, where: str) -> str:
+def _modelfile(artifact_file: str, stops: list[dict[str, Any]], context: int, where: str) -> str:
     # Ollama reads the chat template from the GGUF's metadata; the stops and context are ours.
-    lines = ["# Ollama: ollama create NAME -f Modelfile", "FROM ./model.gguf", f"PARAMETER num_ctx {int(context)}"]
+    lines = [
+        "# Ollama: ollama create NAME -f Modelfile",
+        f"FROM ./{artifact_file}",
+        f"PARAMETER num_ctx {int(context)}",
+    ]
     lines += [f"PARAMETER stop {_modelfile_string(s['text'], where, s['id'])}" for s in stops if s["text"]]
     return "\n".join(lines) + "\n"
 
 
 def _build_model_name(build_dir: Path) -> str | None:
     """The `model =` of the config the build ran with, when that config is still where it was."""
-    from .config import load_config
-
     try:
         manifest = _read_build_json(build_dir / "manifest.json", "build manifest")
     except ModelError:
@@ -310,9 +313,35 @@ def _copy_in(src: Path, dest: Path) -> tuple[str, int]:
 
 def package(build_dir: Path, target: str, out: Path, model: str | None = None) -> dict[str, Any]:
     """Write the bundle folder ``out`` and ``out.zip`` for ``target`` of the build in ``build_dir``."""
-    from .formats import detect_artifact
-
     build_dir, out = Path(build_dir), Path(out)
+    _check_request(build_dir, target, out)
+    fmt, artifact = detect_artifact(build_dir / target, f"--target {target}:")
+    bench_path, bench = _bench_results(build_dir, target)
+    merged = build_dir / MERGED
+    if not (merged / "config.json").is_file():
+        raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
+
+    model_cfg = _read_build_json(merged / "config.json", "model config")
+    sources = _bundle_sources(fmt, artifact, merged)
+    context, context_where = fmt.context_length(artifact, _read_build_json)
+    context_where = context_where or merged / "config.json"
+    context = context or model_cfg.get("max_position_embeddings") or 2048
+    if not _is_count(context):
+        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
+    _check_names(artifact, sources)
+    stops = _stop_tokens(merged)
+    model = model or _build_model_name(build_dir)
+    if model is not None and (problem := _text_problem(model, 4096)):
+        raise ConfigError(f"base model {show(model)}: {problem}")
+    manifest = _bundle_manifest(target, fmt, bench, str(bench_path), context, stops, model)
+    modelfile = (
+        _modelfile(fmt.ARTIFACT_FILE, stops, context, str(merged / "tokenizer.json")) if fmt.OLLAMA_MODELFILE else None
+    )
+    _write_bundle(out, sources, manifest, modelfile)
+    return manifest
+
+
+def _check_request(build_dir: Path, target: str, out: Path) -> None:
     if not _TARGET_NAME.fullmatch(target) or len(target) > _TEXT_MAX_CHARS:
         raise ConfigError(f"--target {show(target)}: not a target name (lower-case letters, digits, '.', '_', '-')")
     if not build_dir.is_dir():
@@ -322,8 +351,11 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
             f"--target {target}: {build_dir / target} not found; run `edgeft build --target {target}` first"
         )
     _check_bundle_out(out)
-    fmt, artifact = detect_artifact(build_dir / target, f"--target {target}:")
-    bench_path = build_dir / f"bench-{target}" / "manifest.json"
+
+
+def _bench_results(build_dir: Path, target: str) -> tuple[Path, dict[str, Any]]:
+    """The target's bench stage manifest and its results, which the bundle's figures come from."""
+    bench_path = bench_dir(build_dir, target) / "manifest.json"
     bench = _read_build_json(bench_path, "bench results").get("results") if bench_path.is_file() else None
     if not bench:
         raise ConfigError(
@@ -331,27 +363,23 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         )
     if not isinstance(bench, dict):
         raise ModelError(f"{bench_path}: results: expected an object, got {show(bench)}")
-    merged = build_dir / "merged"
-    if not (merged / "config.json").is_file():
-        raise ConfigError(f"--build {build_dir}: no merged model (merged/config.json) to take the tokenizer from")
+    return bench_path, bench
 
-    model_cfg = _read_build_json(merged / "config.json", "model config")
-    if fmt.NAME == "onnx":
+
+def _bundle_sources(fmt: Any, artifact: Path, merged: Path) -> dict[str, Path]:
+    """Name in the bundle → file: a folder artifact's files, or a one-file artifact under its
+    format's name beside the merged model's tokenizer files."""
+    if fmt.ARTIFACT_FILE is None:
         # Sub-folders are not part of a genai folder; links and special files are refused by _copy_in.
-        sources = {
+        return {
             p.name: p for p in sorted(artifact.iterdir()) if p.name != MANIFEST and (p.is_symlink() or not p.is_dir())
         }
-        genai_path = artifact / "genai_config.json"
-        genai = _read_build_json(genai_path, "genai_config")
-        context = genai["model"].get("context_length") if isinstance(genai.get("model"), dict) else None
-        context_where = genai_path
-    else:
-        sources = {"model.gguf": artifact}
-        sources |= {n: merged / n for n in TOKENIZER_FILES if (merged / n).is_file()}
-        context, context_where = None, merged / "config.json"
-    context = context or model_cfg.get("max_position_embeddings") or 2048
-    if not _is_count(context):
-        raise ModelError(f"{context_where}: context length: expected a positive whole number, got {show(context)}")
+    sources = {fmt.ARTIFACT_FILE: artifact}
+    return sources | {n: merged / n for n in TOKENIZER_FILES if (merged / n).is_file()}
+
+
+def _check_names(artifact: Path, sources: dict[str, Path]) -> None:
+    """Refuse what would not unpack as itself on every app's platform (see bundle_zip)."""
     if len(sources) > MAX_FILES - 2:
         raise ModelError(f"{artifact}: {len(sources)} files; a bundle holds at most {MAX_FILES}")
     seen = {fold_name(MANIFEST): MANIFEST, fold_name("Modelfile"): "Modelfile"}
@@ -364,15 +392,23 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
                 f"{artifact}/{display_name(name)}: differs from {seen[fold_name(name)]} only in case or Unicode form; "
                 "one would overwrite the other when the bundle is unpacked on macOS or Windows"
             )
-    stops = _stop_tokens(merged)
-    model = model or _build_model_name(build_dir)
-    if model is not None and (problem := _text_problem(model, 4096)):
-        raise ConfigError(f"base model {show(model)}: {problem}")
-    where = str(bench_path)
+
+
+def _bundle_manifest(
+    target: str,
+    fmt: Any,
+    bench: dict[str, Any],
+    where: str,
+    context: int,
+    stops: list[dict[str, Any]],
+    model: str | None,
+) -> dict[str, Any]:
+    """manifest.json's content (its ``files`` filled in as they are copied); every figure is checked
+    against the bench results at ``where``."""
     perf = _field(bench, "performance", where, lambda v: isinstance(v, dict), "an object")
     fidelity = _field(bench, "fidelity", where, lambda v: isinstance(v, dict), "an object")
     figure = "a number or null"
-    manifest: dict[str, Any] = {
+    return {
         "edgeft_bundle": BUNDLE_FORMAT,
         "edgeft_version": __version__,
         "target": target,
@@ -384,8 +420,7 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "memory": {
             # Measured, not projected: the runtime's peak RSS while benchmarking (bench context).
             "min_ram_bytes": _field(perf, "peak_rss_bytes", where, _is_figure, figure),
-            # llama.cpp allocates its KV cache for the whole bench context; onnxruntime-genai per request.
-            "measured_context_tokens": BENCH_CONTEXT if fmt.NAME == "gguf" else None,
+            "measured_context_tokens": BENCH_CONTEXT if fmt.KV_CACHE_AT_OPEN else None,
             "weights_bytes": _field(bench, "artifact.size_bytes", where, _is_figure, figure),
             "measured_on": perf.get("machine"),
         },
@@ -410,9 +445,6 @@ def package(build_dir: Path, target: str, out: Path, model: str | None = None) -
         "license": _license(model),
         "files": {},
     }
-    modelfile = _modelfile(stops, context, str(merged / "tokenizer.json")) if fmt.NAME == "gguf" else None
-    _write_bundle(out, sources, manifest, modelfile)
-    return manifest
 
 
 def _write_bundle(out: Path, sources: dict[str, Path], manifest: dict[str, Any], modelfile: str | None) -> None:

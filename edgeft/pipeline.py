@@ -19,15 +19,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench.run import Progress, _no_progress
-from .config import BenchConfig, BuildConfig, GatesConfig
+from . import build_layout as layout
+from .bench import device_runs
+from .bench import reference as stored_reference
+from .bench.bandwidth import measure_read_bandwidth
+from .bench.device_runs import load_all as load_device_runs
+from .bench.gates import evaluate_gates, regressions
+from .bench.probe import RUN_ID
+from .bench.run import (
+    Progress,
+    _no_progress,
+    bench,
+    bench_adapter_nf4,
+    bench_base,
+    reference,
+    reference_row,
+    retime_reference,
+)
+from .calibration import build_set
+from .config import DTYPE_SHORT, BenchConfig, BuildConfig, GatesConfig
+from .data import load_jsonl
+from .devices import device_projection
 from .errors import ConfigError
-from .resources import ReferenceDtype
-from .stage import StageOutput
-from .targets import Target
+from .formats import FORMATS, detect_artifact, get_format
+from .loading import loading, read_json
+from .machine import describe, same_machine, summary
+from .merge import merge
+from .models import model_stage, resolve_model
+from .preflight import check_build, check_reference
+from .remote import remote_bench
+from .report import assemble, ladder_row, paired_task, refold, target_entry, write_reports
+from .resources import PeakRSS, ReferenceDtype, machine_reference_dtype
+from .stage import StageOutput, check_output_dir, output_dir, read_manifest
+from .targets import Target, parse_target_list
+from .train import train
+from .training_report import training_summary
 
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
-NF4_ROW, NF4_ROW_DIR = "adapter on NF4 base", "bench-adapter-nf4"  # QLoRA builds' ladder row and its stage folder
+_DEVICE_REFERENCE = "the device needs a stored reference (a build's reference/ folder), which measures without torch"
+NF4_ROW = "adapter on NF4 base"  # QLoRA builds' ladder row (its stage folder: build_layout.BENCH_NF4)
 
 
 @dataclass
@@ -54,7 +84,6 @@ class _Stages:
         """Run stage ``name`` once per build: formats ask for shared stages (the export) per target."""
         if name in self._done:
             return self._done[name]
-        from .resources import PeakRSS
 
         self.on_stage(name, "start")
         rss = PeakRSS()
@@ -88,9 +117,6 @@ def build(
     """The whole chain for ``targets`` into ``out_dir``, every stage cached; the judged report.
 
     ``device`` (a :class:`edgeft.devices.DeviceProfile`) adds its projected fit and decode speed."""
-    from .preflight import check_build
-    from .stage import output_dir
-
     out_dir = Path(out_dir)
     resources = check_build(cfg, targets, out_dir)  # every input and the RAM/disk plan, before any work
     old = _read_old_report(compare_to)
@@ -121,34 +147,30 @@ def _build_stages(
     ref_dtype: ReferenceDtype,
 ) -> BuildResult:
     """``ref_dtype``: what the plan chose for the torch passes (the reference, bench-base)."""
-    from .bench.run import bench, bench_adapter_nf4, bench_base, reference
-    from .formats import get_format
-    from .merge import merge
-    from .models import model_stage
-    from .train import train
-
     bcfg = cfg.bench
-
     base_dir = stages.run("model", lambda: model_stage(cfg.model)).path
     adapter = stages.run(
         "train",
-        lambda: train(base_dir, cfg.data.train, out_dir / "adapter", cfg.train, validation_file=cfg.data.validation),
+        lambda: train(
+            base_dir, cfg.data.train, out_dir / layout.ADAPTER, cfg.train, validation_file=cfg.data.validation
+        ),
     )
     merged = stages.run(
-        "merge", lambda: merge(base_dir, adapter.path, out_dir / "merged", cfg.merge.strategy, cfg.data.eval)
+        "merge", lambda: merge(base_dir, adapter.path, out_dir / layout.MERGED, cfg.merge.strategy, cfg.data.eval)
     )
     ref = stages.run(
         "reference",
-        lambda: reference(merged.path, cfg.data.eval, out_dir / "reference", bcfg, progress, ref_dtype),
-    )
-    base = stages.run(
-        "bench-base", lambda: bench_base(base_dir, ref.path, out_dir / "bench-base", bcfg, progress, ref_dtype)
-    )
-    nf4_row = None
+        lambda: reference(merged.path, cfg.data.eval, out_dir / layout.REFERENCE, bcfg, progress, ref_dtype),
+    ).path
+    inputs = ReportInputs(bcfg, cfg.gates, out_dir, stages.log, old, device, context)
+    inputs.merge, inputs.training = merged.manifest.get("results"), adapter.manifest.get("results")
+    inputs.base_results = stages.run(
+        "bench-base", lambda: bench_base(base_dir, ref, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype)
+    ).manifest["results"]
     if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
-        nf4_row = stages.run(
+        inputs.nf4_results = stages.run(
             "bench adapter-nf4",
-            lambda: bench_adapter_nf4(base_dir, adapter.path, ref.path, out_dir / NF4_ROW_DIR, bcfg, progress),
+            lambda: bench_adapter_nf4(base_dir, adapter.path, ref, out_dir / layout.BENCH_NF4, bcfg, progress),
         ).manifest["results"]
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
@@ -157,43 +179,38 @@ def _build_stages(
         (t, get_format(t.format).build(t, merged.path, out_dir, stages.run, bcfg.threads, calibration, progress))
         for t in targets
     ]
-
-    # The unquantized export of every format in use: its row separates conversion from quantization loss.
-    conversions = []
     if bcfg.ladder_export:
-        for fmt in dict.fromkeys(get_format(t.format) for t in targets):
-            label, path = fmt.conversion(merged.path, out_dir, stages.run)
-            results = stages.run(
-                f"bench {label}", lambda p=path, n=label: bench(p, ref.path, out_dir / f"bench-{n}", bcfg, progress)
-            ).manifest["results"]
-            conversions.append((label, results))
-    measured = [
-        (
-            t.name,
-            t.quant,
-            stages.run(
-                f"bench {t.name}", lambda t=t, p=p: bench(p, ref.path, out_dir / f"bench-{t.name}", bcfg, progress)
-            ).manifest["results"],
-        )
-        for t, p in artifacts
-    ]
-    report = finish_report(
-        measured,
-        ref.path,
-        bcfg,
-        cfg.gates,
-        out_dir,
-        base_results=base.manifest["results"],
-        nf4_results=nf4_row,
-        conversions=conversions,
-        old_report=old,
-        stages=stages.log,
-        device=device,
-        context=context,
-        merge=merged.manifest.get("results"),
-        training=adapter.manifest.get("results"),
-    )
+        inputs.conversions = _bench_conversions(targets, merged.path, ref, out_dir, stages, bcfg, progress)
+    measured = [(t.name, t.quant, _bench_one(stages, t.name, p, ref, out_dir, bcfg, progress)) for t, p in artifacts]
+    report = finish_report(measured, ref, inputs)
     return BuildResult(report, out_dir, stages.log)
+
+
+def _bench_one(
+    stages: _Stages, name: str, artifact: Path, ref_dir: Path, out_dir: Path, bcfg: BenchConfig, progress: Progress
+) -> dict[str, Any]:
+    """Stage ``bench <name>``: the artifact against the stored reference, into ``bench-<name>``."""
+    return stages.run(
+        f"bench {name}", lambda: bench(artifact, ref_dir, layout.bench_dir(out_dir, name), bcfg, progress)
+    ).manifest["results"]
+
+
+def _bench_conversions(
+    targets: list[Target],
+    merged_dir: Path,
+    ref_dir: Path,
+    out_dir: Path,
+    stages: _Stages,
+    bcfg: BenchConfig,
+    progress: Progress,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The unquantized export of every format in use, benched: its ladder row separates conversion
+    loss from quantization loss."""
+    rows = []
+    for fmt in dict.fromkeys(get_format(t.format) for t in targets):
+        label, path = fmt.conversion(merged_dir, out_dir, stages.run)
+        rows.append((label, _bench_one(stages, label, path, ref_dir, out_dir, bcfg, progress)))
+    return rows
 
 
 def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any]:
@@ -205,9 +222,6 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
     def get(source: str, purpose: str = "imatrix") -> Any:
         if source not in made:
             from transformers import AutoTokenizer
-
-            from .calibration import build_set
-            from .loading import loading
 
             with loading(merged_dir, "the merged model's tokenizer"):
                 tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -225,7 +239,6 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
 def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
-    from .loading import read_json
 
     try:
         old = read_json(path)
@@ -238,69 +251,114 @@ def _read_old_report(path: Path | None) -> dict[str, Any] | None:
     return old
 
 
+@dataclass
+class ReportInputs:
+    """Everything a report is judged and assembled from besides the targets' bench results: what
+    `build` and `bench` each collect and hand to :func:`finish_report`."""
+
+    bcfg: BenchConfig
+    gates: GatesConfig
+    out_dir: Path
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    old_report: dict[str, Any] | None = None  # --compare-to
+    device: Any = None  # a devices.DeviceProfile: its projected fit and decode speed
+    context: int = 2048
+    # ladder rows besides the reference: bench-base, bench-adapter-nf4 (QLoRA) and each format's
+    # unquantized export as (label, bench results)
+    base_results: dict[str, Any] | None = None
+    nf4_results: dict[str, Any] | None = None
+    conversions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    merge: dict[str, Any] | None = None  # the merge stage's results: strategy, and for `auto` both KLDs
+    training: dict[str, Any] | None = None  # the train stage's results
+
+
+@dataclass
+class _Measurements:
+    """What the report measures itself, once per report, on top of the bench stages' results."""
+
+    ref_meta: dict[str, Any]  # the stored reference's, re-timed in this run where its timing is older
+    timing_notes: list[str]
+    bandwidth_gb_s: float  # one read-bandwidth figure, so every roofline shares a ceiling
+
+
 def finish_report(
-    measured: list[tuple[str, str, dict[str, Any]]],
-    ref_dir: Path,
-    bcfg: BenchConfig,
-    gates: GatesConfig,
-    out_dir: Path,
-    *,
-    base_results: dict[str, Any] | None = None,
-    nf4_results: dict[str, Any] | None = None,
-    conversions: list[tuple[str, dict[str, Any]]] = (),
-    old_report: dict[str, Any] | None = None,
-    stages: list[dict[str, Any]] | None = None,
-    device: Any = None,
-    context: int = 2048,
-    merge: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
+    measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, inputs: ReportInputs
 ) -> dict[str, Any]:
-    """Targets' measurements + stored reference → judged report, written to ``out_dir``.
+    """Targets' measurements + stored reference → judged report, written to ``inputs.out_dir``."""
+    found = _measure(measured, ref_dir, inputs.bcfg)
+    base_acc = inputs.base_results["fidelity"]["task_accuracy_artifact"] if inputs.base_results else None
+    entries = [
+        target_entry(name, quant, results, found.ref_meta, base_acc, inputs.bcfg.golden, found.bandwidth_gb_s)
+        for name, quant, results in measured
+    ]
+    _judge_targets(entries, inputs.gates)
+    ladder = _ladder(entries, ref_dir, found.ref_meta, inputs)
+    report = assemble(entries, ref_dir, found.ref_meta, ladder, this_machine(measured, found.ref_meta))
+    report["run_id"] = RUN_ID
+    report["gates"] = entries[0]["gates"]
+    report["warnings"] = list(found.timing_notes)
+    _judge_report(report, entries, inputs.old_report)
+    if inputs.device is not None:
+        report["device"] = device_projection(inputs.device, measured, inputs.context)
+    report["device_runs"] = load_device_runs(inputs.out_dir)  # kept across rebuilds: see bench/device_runs.py
+    report["stages"] = inputs.stages
+    if inputs.merge:
+        report["merge"] = inputs.merge
+    if inputs.training:
+        report["training"] = training_summary(inputs.training)  # loss histories and the kept step
+    write_reports(report, inputs.out_dir)
+    return report
 
-    ``conversions`` are (label, bench results) of unquantized exports: ladder rows, not targets;
-    ``nf4_results`` the bench-adapter-nf4 stage's (QLoRA builds), a ladder row too.
-    """
-    from .bench import reference as stored_reference
-    from .bench.bandwidth import measure_read_bandwidth
-    from .bench.device_runs import load_all as load_device_runs
-    from .bench.gates import evaluate_gates, regressions
-    from .bench.probe import RUN_ID
-    from .bench.run import reference_row
-    from .machine import same_machine, summary
-    from .report import assemble, ladder_row, paired_task, target_entry, write_reports
 
-    ref_meta = stored_reference.load(ref_dir).meta
-    ref_meta, timing_notes = _same_run_reference(ref_meta, measured, bcfg)
-    base_acc = base_results["fidelity"]["task_accuracy_artifact"] if base_results else None
-    # One bandwidth measurement for the whole table, so every artifact's roofline shares a ceiling.
+def _measure(measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, bcfg: BenchConfig) -> _Measurements:
+    ref_meta, timing_notes = _same_run_reference(stored_reference.load(ref_dir).meta, measured, bcfg)
     threads = measured[0][2]["performance"]["latency"]["threads"]
-    bandwidth = measure_read_bandwidth(threads)["read_gb_s"]
-    entries = []
-    for name, quant, results in measured:
-        entry = target_entry(name, quant, results, ref_meta, base_acc, bcfg.golden, bandwidth)
+    return _Measurements(ref_meta, timing_notes, measure_read_bandwidth(threads)["read_gb_s"])
+
+
+def _judge_targets(entries: list[dict[str, Any]], gates: GatesConfig) -> None:
+    for entry in entries:
         entry["gates"] = evaluate_gates(entry, gates)
         entry["passed"] = all(g["passed"] for g in entry["gates"])
-        entries.append(entry)
+
+
+def _judge_report(report: dict[str, Any], entries: list[dict[str, Any]], old: dict[str, Any] | None) -> None:
+    """The regressions against ``--compare-to``'s report, and the verdict."""
+    if old is not None:
+        same = same_machine(report["machine"], old.get("machine"))
+        if not same:
+            report["warnings"].append(
+                "--compare-to: the old report was measured on another machine "
+                f"({summary(old.get('machine') or {})}); speed and memory are not compared, only fidelity"
+            )
+        notes: list[str] = []
+        report["regressions"] = regressions(report, old, compare_speed=same, notes=notes)
+        report["warnings"] += notes
+    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
+
+
+def _ladder(
+    entries: list[dict[str, Any]], ref_dir: Path, ref_meta: dict[str, Any], inputs: ReportInputs
+) -> list[dict[str, Any]]:
+    """The fidelity ladder: base → (adapter on NF4) → reference → each unquantized export → targets."""
 
     def paired(results: dict[str, Any]) -> dict[str, Any]:
         """A ladder row's fidelity with its answers paired against the reference's."""
         return dict(results["fidelity"], task_accuracy_paired=paired_task(ref_meta, results.get("answers") or []))
-
-    from .config import DTYPE_SHORT
 
     def torch_type(results: dict[str, Any]) -> str:
         """A torch row's type column: the dtype it ran in (stages cached before it was recorded: fp32)."""
         return DTYPE_SHORT.get(results.get("dtype", "float32"), "fp32")
 
     ladder = []
-    if base_results:
-        ladder.append(ladder_row("base", "torch", paired(base_results), None, torch_type(base_results)))
-    if nf4_results:
-        ladder.append(ladder_row(NF4_ROW, "torch", paired(nf4_results), None, "nf4"))
+    if inputs.base_results:
+        ladder.append(ladder_row("base", "torch", paired(inputs.base_results), None, torch_type(inputs.base_results)))
+    if inputs.nf4_results:
+        ladder.append(ladder_row(NF4_ROW, "torch", paired(inputs.nf4_results), None, "nf4"))
     ladder.append(
         ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], torch_type(ref_meta))
     )
-    for label, results in conversions:
+    for label, results in inputs.conversions:
         art = results["artifact"]
         ladder.append(
             ladder_row(f"{label} export", art["runtime"], paired(results), art["size_bytes"], art["file_type"])
@@ -308,36 +366,7 @@ def finish_report(
     for e in entries:
         art = e["artifact"]
         ladder.append(ladder_row(e["target"], art["runtime"], e["fidelity"], art["size_bytes"], art["quant"]))
-
-    report = assemble(entries, ref_dir, ref_meta, ladder, this_machine(measured, ref_meta))
-    report["run_id"] = RUN_ID
-    report["gates"] = entries[0]["gates"]
-    report["warnings"] = list(timing_notes)
-    if old_report is not None:
-        same = same_machine(report["machine"], old_report.get("machine"))
-        if not same:
-            report["warnings"].append(
-                "--compare-to: the old report was measured on another machine "
-                f"({summary(old_report.get('machine') or {})}); speed and memory are not compared, only fidelity"
-            )
-        notes: list[str] = []
-        report["regressions"] = regressions(report, old_report, compare_speed=same, notes=notes)
-        report["warnings"] += notes
-    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
-    if device is not None:
-        from .devices import device_projection
-
-        report["device"] = device_projection(device, measured, context)
-    report["device_runs"] = load_device_runs(out_dir)  # kept across rebuilds: see bench/device_runs.py
-    report["stages"] = stages or []
-    if merge:
-        report["merge"] = merge  # the merge stage's results: strategy, and for `auto` both KLDs
-    if training:
-        from .training_report import training_summary
-
-        report["training"] = training_summary(training)  # loss histories and the kept step
-    write_reports(report, out_dir)
-    return report
+    return ladder
 
 
 def _bench_remote(
@@ -351,12 +380,6 @@ def _bench_remote(
     device_file: Path | None,
     context: int,
 ) -> dict[str, Any]:
-    from .bench import device_runs
-    from .bench.probe import RUN_ID
-    from .remote import remote_bench
-    from .report import write_reports
-    from .stage import output_dir
-
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen], "remote": remote.host}):
         report = remote_bench(
             remote,
@@ -372,7 +395,7 @@ def _bench_remote(
     if build_dir is not None:
         record = device_runs.from_report(report, f"edgeft bench --remote {remote.host}", device_runs.now())
         device_runs.save(build_dir, f"remote-{remote.host}", record)
-        device_runs.refold(build_dir)
+        refold(build_dir)
     return report
 
 
@@ -382,16 +405,11 @@ def _same_run_reference(
     """Speed ratios only mean something between timings of one run: when an artifact was timed now
     and the (cached) reference earlier, time the reference again now. Where that cannot be done,
     say so; the report marks every row timed in another run."""
-    from .bench.probe import RUN_ID
-    from .bench.run import retime_reference
-
     timed_now = [name for name, _, r in measured if r["performance"].get("run_id") == RUN_ID]
     if not timed_now or ref_meta["performance"].get("run_id") == RUN_ID:
         return ref_meta, []
     fresh = retime_reference(ref_meta, bcfg)
     if fresh is None:
-        from .config import DTYPE_SHORT
-
         when = ref_meta["performance"].get("timed_at", "an earlier run")
         short = DTYPE_SHORT.get(ref_meta.get("dtype", "float32"), "fp32")
         return ref_meta, [
@@ -403,8 +421,6 @@ def _same_run_reference(
 
 def this_machine(measured: list[tuple[str, str, dict[str, Any]]], ref_meta: dict[str, Any]) -> dict[str, Any]:
     """This machine, with each runtime's build (llama.cpp's instruction sets, torch's kernels)."""
-    from .machine import describe
-
     builds = {}
     for perf in [ref_meta["performance"], *(r["performance"] for _, _, r in measured)]:
         lat = perf["latency"]
@@ -438,104 +454,90 @@ def bench_artifacts(
     With ``remote`` (an :class:`edgeft.remote.Remote`) the measuring happens on that device over
     SSH; its report lands in ``out_dir`` and, for a build, is stored as one of the build's device runs.
     """
-    from .bench.run import bench, reference
-    from .formats import FORMATS, detect_artifact, get_format
-    from .preflight import check_reference
-    from .stage import check_output_dir, output_dir, read_manifest
-    from .targets import parse_target_list
-
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     old = _read_old_report(compare_to)
     stages = _Stages(None)
+    inputs = ReportInputs(cfg.bench, cfg.gates, out_dir, stages.log, old, device, context)
     chosen: list[tuple[str, Path]] = []
-    base_results = nf4_results = None
-    conversions: list[tuple[str, dict[str, Any]]] = []
     if build_dir is not None:
         build_dir = Path(build_dir)
-        if not build_dir.is_dir():
-            raise ConfigError(f"--build {build_dir}: no such build folder")
-        reference_dir = reference_dir or build_dir / "reference"
-        formats = [get_format(f) for f in FORMATS]
-        names = (
-            [t.name for t in parse_target_list(target_spec)]
-            if target_spec
-            else sorted(
-                p.name
-                for p in build_dir.iterdir()
-                if (read_manifest(p) or {}).get("stage") in ("export", "quantize")
-                and p.name not in {f.CONVERSION for f in formats}
-            )
+        chosen = _build_targets_to_bench(build_dir, target_spec)
+        reference_dir = reference_dir or build_dir / layout.REFERENCE
+        _read_build_ladder(build_dir, inputs)
+    chosen += [_given_artifact(Path(a)) for a in artifacts or []]
+    _check_chosen(chosen)
+    if reference_dir is None:
+        raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
+    stored = check_reference(reference_dir)
+    if remote is not None:
+        if not stored:
+            raise ConfigError(f"--remote: --reference {reference_dir} is a Hugging Face folder; {_DEVICE_REFERENCE}")
+        return _bench_remote(
+            remote, cfg, Path(reference_dir), chosen, out_dir, build_dir, device_file=device_file, context=context
         )
-        for name in names:
-            if not (build_dir / name).is_dir():
-                raise ConfigError(
-                    f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
-                )
-            chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
-        base_results = (read_manifest(build_dir / "bench-base") or {}).get("results")
-        nf4_results = (read_manifest(build_dir / NF4_ROW_DIR) or {}).get("results")
-        for f in formats:
-            results = (read_manifest(build_dir / f"bench-{f.CONVERSION}") or {}).get("results")
-            if results:
-                conversions.append((f.CONVERSION, results))
-    for a in artifacts or []:
-        path = detect_artifact(Path(a))[1]
-        chosen.append((Path(a).name if Path(a).is_dir() else path.stem, path))
+    hf_reference = None if stored else _hf_reference(cfg, Path(reference_dir), eval_file)
+    with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen]}):
+        if hf_reference is not None:
+            eval_path, ref_dtype = hf_reference
+            hf = resolve_model(str(reference_dir))
+            reference_dir = stages.run(
+                "reference",
+                lambda: reference(hf, eval_path, out_dir / layout.REFERENCE, cfg.bench, progress, ref_dtype),
+            ).path
+        measured = []
+        for name, path in chosen:
+            results = _bench_one(stages, name, path, Path(reference_dir), out_dir, cfg.bench, progress)
+            measured.append((name, results["artifact"]["file_type"], results))
+        return finish_report(measured, Path(reference_dir), inputs)
+
+
+def _build_targets_to_bench(build_dir: Path, target_spec: str | None) -> list[tuple[str, Path]]:
+    """(name, artifact) of a build's targets: those ``target_spec`` names, else every one it holds."""
+    if not build_dir.is_dir():
+        raise ConfigError(f"--build {build_dir}: no such build folder")
+    names = [t.name for t in parse_target_list(target_spec)] if target_spec else layout.built_targets(build_dir)
+    chosen = []
+    for name in names:
+        if not (build_dir / name).is_dir():
+            raise ConfigError(
+                f"--target {name}: {build_dir / name} not found; run `edgeft build --target {name} --out {build_dir}` first"
+            )
+        chosen.append((name, detect_artifact(build_dir / name, f"--target {name}:")[1]))
+    return chosen
+
+
+def _read_build_ladder(build_dir: Path, inputs: ReportInputs) -> None:
+    """The build's own ladder rows (bench-base, adapter-nf4, the conversions), as its bench stages stored them."""
+    inputs.base_results = (read_manifest(layout.bench_dir(build_dir, "base")) or {}).get("results")
+    inputs.nf4_results = (read_manifest(build_dir / layout.BENCH_NF4) or {}).get("results")
+    for f in (get_format(name) for name in FORMATS):
+        results = (read_manifest(layout.bench_dir(build_dir, f.CONVERSION)) or {}).get("results")
+        if results:
+            inputs.conversions.append((f.CONVERSION, results))
+
+
+def _given_artifact(path: Path) -> tuple[str, Path]:
+    """(its row's name, the artifact) for an --artifact path: a folder's name, a file's stem."""
+    artifact = detect_artifact(path)[1]
+    return (path.name if path.is_dir() else artifact.stem), artifact
+
+
+def _check_chosen(chosen: list[tuple[str, Path]]) -> None:
     if not chosen:
         raise ConfigError("nothing to bench: give --build DIR (with --target) or --artifact FILE")
     names = [n for n, _ in chosen]
     if len(set(names)) < len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ConfigError(f"--artifact: two artifacts are both named {dup!r}; rename one (reports key rows by name)")
-    if reference_dir is None:
-        raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
-    stored = check_reference(reference_dir)
-    if remote is not None:
-        if not stored:
-            raise ConfigError(
-                f"--remote: --reference {reference_dir} is a Hugging Face folder; the device needs a stored "
-                "reference (a build's reference/ folder), which measures without torch"
-            )
-        return _bench_remote(
-            remote, cfg, Path(reference_dir), chosen, out_dir, build_dir, device_file=device_file, context=context
-        )
-    eval_path = None
-    if not stored:
-        from .data import load_jsonl
-        from .models import resolve_model
-        from .resources import machine_reference_dtype
 
-        eval_path = eval_file or cfg.data.eval
-        if eval_path is None:
-            raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
-        load_jsonl(eval_path, need_answers=True)
-        ref_dtype = machine_reference_dtype(Path(reference_dir), cfg.bench.reference_dtype)
-    with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen]}):
-        if not stored:
-            hf = resolve_model(str(reference_dir))
-            reference_dir = stages.run(
-                "reference",
-                lambda: reference(hf, eval_path, out_dir / "reference", cfg.bench, progress, ref_dtype),
-            ).path
-        measured = []
-        for name, path in chosen:
-            results = stages.run(
-                f"bench {name}",
-                lambda p=path, n=name: bench(p, reference_dir, out_dir / f"bench-{n}", cfg.bench, progress),
-            )
-            measured.append((name, results.manifest["results"]["artifact"]["file_type"], results.manifest["results"]))
-        return finish_report(
-            measured,
-            Path(reference_dir),
-            cfg.bench,
-            cfg.gates,
-            out_dir,
-            base_results=base_results,
-            nf4_results=nf4_results,
-            conversions=conversions,
-            old_report=old,
-            stages=stages.log,
-            device=device,
-            context=context,
-        )
+
+def _hf_reference(cfg: BuildConfig, reference_dir: Path, eval_file: Path | None) -> tuple[Path, ReferenceDtype]:
+    """An fp32 HF folder given as the reference is measured first (torch), on held-out data: (the
+    eval file, the dtype the plan picks for it), checked before any work."""
+    eval_path = eval_file or cfg.data.eval
+    if eval_path is None:
+        raise ConfigError("--eval: an HF --reference needs held-out data (or [data].eval in --config)")
+    load_jsonl(eval_path, need_answers=True)
+    ref_dtype = machine_reference_dtype(reference_dir, cfg.bench.reference_dtype)
+    return eval_path, ref_dtype

@@ -10,13 +10,22 @@ destroy something edgeft did not write. Nothing here imports torch (except to as
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
+from .adapters import check_adapter, read_adapter_config
+from .bench import reference as stored_reference
 from .config import BenchConfig, BuildConfig
+from .data import load_jsonl
 from .errors import ConfigError, ModelError
+from .merge import check_strategy
+from .models import BUILTIN_MODELS, check_model_dir, model_facts, resolve_model
+from .resources import check_fits, plan
 from .stage import check_output_dir, check_replaceable
 from .targets import Target
+from .train import check_target_modules, resolve_device
+from .validation import split_validation
 
 
 def _in_config(where: str, check, *args: Any) -> None:
@@ -29,8 +38,6 @@ def _in_config(where: str, check, *args: Any) -> None:
 
 def check_model(name: str) -> tuple[str, dict[str, Any] | None]:
     """(architecture, config or None for a not-yet-materialised built-in); local weights scanned."""
-    from .models import BUILTIN_MODELS, model_facts, resolve_model
-
     if name not in BUILTIN_MODELS:
         resolve_model(name)  # config, safetensors headers, NaN/Inf scan
     return model_facts(name)
@@ -57,11 +64,7 @@ def check_training(cfg: BuildConfig, where: str) -> None:
 
     torch is imported only when ``[train].device = 'cuda'`` (to ask it for a GPU).
     """
-    import importlib.util
-
     if cfg.train.device == "cuda":
-        from .train import resolve_device
-
         _in_config(where, resolve_device, "cuda")
     if cfg.train.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{where}: [train].method = 'qlora' needs bitsandbytes: pip install 'edgeft[train]'")
@@ -76,9 +79,6 @@ def check_validation(cfg: BuildConfig, where: str, train_file: Path, validation:
     """The validation set picks the kept checkpoint: one must exist where ``[train].eval_steps`` asks for
     it, it must not be the training data, and never the ``[data].eval`` file (that would leak the task
     measurement into training). Datasets are read (no torch)."""
-    from .data import load_jsonl
-    from .validation import split_validation
-
     t = cfg.train
     if validation is None:
         if t.validation_share == 0 and t.eval_steps > 0:
@@ -114,10 +114,6 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path):
     """Everything `edgeft build` will read or write, in well under a second for a built-in model; and
     whether its stages fit this machine's RAM and disk (the :class:`~edgeft.resources.ResourcePlan`
     it returns), refused before training starts when they do not."""
-    from .data import load_jsonl
-    from .resources import check_fits, plan
-    from .train import check_target_modules
-
     where = str(cfg.source or "config")
     check_output_dir(out_dir)
     if cfg.data.train is None:
@@ -137,9 +133,6 @@ def check_build(cfg: BuildConfig, targets: list[Target], out_dir: Path):
 
 
 def check_train(cfg: BuildConfig, data: Path, out_dir: Path) -> None:
-    from .data import load_jsonl
-    from .train import check_target_modules
-
     where = str(cfg.source or "config")
     check_output_dir(out_dir)
     check_replaceable(out_dir)  # the adapter folder is replaced as a whole
@@ -154,10 +147,6 @@ def check_merge(model: str, adapter: Path, out_dir: Path, strategy: str = "fp", 
     """Adapter folder and output first; shapes against the base once its config is known.
 
     Returns the strategy that will run (``auto`` of a LoRA adapter is ``fp``)."""
-    from .adapters import check_adapter, read_adapter_config
-    from .data import load_jsonl
-    from .merge import check_strategy
-
     check_output_dir(out_dir)
     check_replaceable(out_dir)  # the merged folder is replaced as a whole
     read_adapter_config(adapter)
@@ -172,8 +161,6 @@ def check_merge(model: str, adapter: Path, out_dir: Path, strategy: str = "fp", 
 
 def check_reference(path: Path) -> bool:
     """True for a stored reference folder (fully readable), False for an HF model folder."""
-    from .bench import reference as stored_reference
-
     path = Path(path)
     if not path.exists():
         raise ModelError(f"--reference {path}: no such folder")
@@ -184,7 +171,6 @@ def check_reference(path: Path) -> bool:
         return True
     if (path / stored_reference.ARRAYS).exists() or (path / stored_reference.META).exists():
         stored_reference.load(path)  # half a reference: raises naming what is missing
-    from .models import check_model_dir
 
     if not (path / "config.json").is_file():
         raise ModelError(

@@ -8,6 +8,8 @@ import time
 from typing import Callable, Iterator
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def stage_printer() -> Callable[[str, str], None]:
@@ -30,9 +32,6 @@ def stage_printer() -> Callable[[str, str], None]:
 @contextlib.contextmanager
 def rich_progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
     """Yields a factory ``(description, total) -> advance`` backed by one rich Progress display."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),

@@ -30,7 +30,6 @@ it has the shape read here, and every string in it is made safe to print and ren
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,11 +40,17 @@ import sys
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import __version__
+from .bench.device_runs import from_report
+from .bench.reference import ARRAYS, META
 from .errors import ConfigError, InternalError, first_line
+from .files import sha256_file, write_atomic
+from .formats import shipped_name
+from .report import render_junit, render_markdown
 from .untrusted import (
     ANY,
     BOOL,
@@ -247,34 +252,22 @@ def _q(path: str) -> str:
 
 def files_to_send(reference_dir: Path, artifacts: list[tuple[str, Path]], extra: dict[str, Path]) -> dict[str, Path]:
     """Remote path (relative to the run folder) → local file, for the reference, artifacts and ``extra``."""
-    from .bench.reference import ARRAYS, META
-
     # A stored reference is these two files to the device; nothing else in the folder is sent (a
     # link left there, e.g. to a key, would otherwise be read and uploaded to the device).
     out: dict[str, Path] = {f"ref/{name}": Path(reference_dir) / name for name in (ARRAYS, META)}
     for name, path in artifacts:
-        if path.is_dir():  # an ONNX folder: every file but the stage manifest
+        if path.is_dir():  # a folder artifact: every file but the stage manifest
             for f in sorted(path.rglob("*")):
                 if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
                     out[f"art/{name}/{f.relative_to(path).as_posix()}"] = f
-        else:  # a GGUF file: the name a folder artifact is found by
-            out[f"art/{name}/model.gguf"] = path
+        else:  # a one-file artifact, under the name its folder is found by on the device
+            out[f"art/{name}/{shipped_name(path) or path.name}"] = path
     out.update(extra)
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bench_toml(cfg: Any) -> str:
     """The [bench] and [gates] tables of ``cfg`` as TOML, so the device measures with the same settings."""
-    from dataclasses import fields
-
     lines = []
     for table in ("bench", "gates"):
         lines.append(f"[{table}]")
@@ -321,8 +314,46 @@ def remote_bench(
     ``out_dir`` (which must already be an edgeft bench folder). Nothing else the device sends is kept."""
     say = log or (lambda msg: print(msg, file=sys.stderr))
     check_run_id(run_id)
+    remote_version = _remote_version(remote)
+    digests = _send_files(remote, cfg, reference_dir, artifacts, device_file, run_id, say)
+    run_dir = f"{remote.workdir}/runs/{run_id}"
+    cmd = [remote.edgeft, "bench", "--reference", "ref", "--out", "out", "--config", "bench.toml"]
+    for name, _ in artifacts:
+        cmd += ["--artifact", f"art/{name}"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    if device_file is not None:
+        cmd += ["--device", "device.toml"]
+    if context is not None:
+        cmd += ["--context", str(context)]
+    say(f"remote {remote.host}: edgeft {remote_version} bench {', '.join(n for n, _ in artifacts)}")
+    run = remote.run(_run_script(remote, run_dir, digests, cmd, run_id), "benching", stream=True)
+    try:
+        _check_bench_exit(remote, run.returncode)
+        # 4. bring the report back.
+        report, plot = _fetch_report(remote, run_dir, [n for n, _ in artifacts])
+    finally:
+        remote.run(f"rm -rf {_q(run_dir)}", "removing the run folder", keep_stdout=False)
+    if plot is not None:
+        write_atomic(Path(out_dir) / "report.png", plot)  # replaced by this machine's plot where it can draw one
+    report["remote"] = {
+        "host": remote.host,
+        # Only the program's name: the whole --remote-ssh line can hold key paths, jump hosts and
+        # anything else typed there, and report.json is shared (CI artifacts, pull requests).
+        "ssh": Path(remote.ssh[0]).name,
+        "edgeft_version": remote_version,
+        "workdir": remote.workdir,
+    }
 
-    # 1. edgeft is there, and which version.
+    if remote_version != __version__:
+        report.setdefault("warnings", []).append(
+            f"--remote: the device runs edgeft {remote_version}, this machine {__version__}"
+        )
+    return report
+
+
+def _remote_version(remote: Remote) -> str:
+    """1. edgeft is there, and which version."""
     probe = remote.run(f"{remote.edgeft} --version", "checking edgeft there")
     if probe.returncode == 127 or (probe.returncode != 0 and probe.returncode != 255):
         raise ConfigError(
@@ -331,9 +362,19 @@ def remote_bench(
         )
     if probe.returncode != 0:
         raise remote.fail("connecting", probe)
-    remote_version = _short(probe.stdout.decode(errors="replace").strip().rsplit(" ", 1)[-1], 64)
+    return _short(probe.stdout.decode(errors="replace").strip().rsplit(" ", 1)[-1], 64)
 
-    # 2. upload what the device lacks.
+
+def _send_files(
+    remote: Remote,
+    cfg: Any,
+    reference_dir: Path,
+    artifacts: list[tuple[str, Path]],
+    device_file: Path | None,
+    run_id: str,
+    say: Callable[[str], Any],
+) -> dict[str, str]:
+    """2. upload what the device lacks; run-folder path → content digest of every file the run needs."""
     with tempfile.TemporaryDirectory(prefix="edgeft-remote-") as tmp:
         toml = Path(tmp) / "bench.toml"
         toml.write_text(bench_toml(cfg))
@@ -341,7 +382,7 @@ def remote_bench(
         if device_file is not None:
             extra["device.toml"] = Path(device_file)
         files = files_to_send(reference_dir, artifacts, extra)
-        digests = {rel: _sha256(path) for rel, path in files.items()}
+        digests = {rel: sha256_file(path) for rel, path in files.items()}
         objects = f"{remote.workdir}/objects"
         listing = remote.run(f"mkdir -p {_q(objects)} && ls -1 {_q(objects)}", f"listing {objects}")
         if listing.returncode != 0:
@@ -355,9 +396,11 @@ def remote_bench(
         )
         if missing:
             _upload(remote, objects, missing, run_id)
+    return digests
 
-    # 3. lay out the run folder and bench there.
-    run_dir = f"{remote.workdir}/runs/{run_id}"
+
+def _run_script(remote: Remote, run_dir: str, digests: dict[str, str], cmd: list[str], run_id: str) -> str:
+    """3. the shell line that lays out the run folder from the uploaded objects and benches there."""
     script = [f"rm -rf {_q(run_dir)}", f"mkdir -p {_q(run_dir)}", f"cd {_q(run_dir)}"]
     for rel, d in sorted(digests.items()):
         parent = os.path.dirname(rel)
@@ -366,51 +409,18 @@ def remote_bench(
         # a hard link costs no space; a file system without them gets a copy
         src = f"../../objects/{d}"
         script.append(f"{{ ln {_q(src)} {_q(rel)} 2>/dev/null || cp {_q(src)} {_q(rel)}; }}")
-    cmd = [remote.edgeft, "bench", "--reference", "ref", "--out", "out", "--config", "bench.toml"]
-    for name, _ in artifacts:
-        cmd += ["--artifact", f"art/{name}"]
-    if threads is not None:
-        cmd += ["--threads", str(threads)]
-    if device_file is not None:
-        cmd += ["--device", "device.toml"]
-    if context is not None:
-        cmd += ["--context", str(context)]
     edgeft_cmd = " ".join([_q(c) for c in cmd[1:]])
     script.append(f"EDGEFT_RUN_ID={_q(run_id)} {remote.edgeft} {edgeft_cmd}")
-    say(f"remote {remote.host}: edgeft {remote_version} bench {', '.join(n for n, _ in artifacts)}")
-    run = remote.run(" && ".join(script[:-1]) + " && " + script[-1], "benching", stream=True)
-    try:
-        if run.returncode == 255:
-            raise ConfigError(f"--remote {remote.host}: the SSH connection failed during the bench (see above)")
-        if run.returncode not in (0, 1):  # 1: a gate failed there, the report is still wanted
-            what = {2: "refused its input", 3: "hit an internal error"}.get(run.returncode, "failed")
-            exc = ConfigError if run.returncode == 2 else InternalError
-            raise exc(
-                f"--remote {remote.host}: edgeft bench {what} there (exit status {run.returncode}; its message is above)"
-            )
-        # 4. bring the report back.
-        report, plot = _fetch_report(remote, run_dir, [n for n, _ in artifacts])
-    finally:
-        remote.run(f"rm -rf {_q(run_dir)}", "removing the run folder", keep_stdout=False)
-    if plot is not None:
-        from .files import write_atomic
+    return " && ".join(script[:-1]) + " && " + script[-1]
 
-        write_atomic(Path(out_dir) / "report.png", plot)  # replaced by this machine's plot where it can draw one
-    report["remote"] = {
-        "host": remote.host,
-        # Only the program's name: the whole --remote-ssh line can hold key paths, jump hosts and
-        # anything else typed there, and report.json is shared (CI artifacts, pull requests).
-        "ssh": Path(remote.ssh[0]).name,
-        "edgeft_version": remote_version,
-        "workdir": remote.workdir,
-    }
-    from . import __version__
 
-    if remote_version != __version__:
-        report.setdefault("warnings", []).append(
-            f"--remote: the device runs edgeft {remote_version}, this machine {__version__}"
-        )
-    return report
+def _check_bench_exit(remote: Remote, returncode: int) -> None:
+    if returncode == 255:
+        raise ConfigError(f"--remote {remote.host}: the SSH connection failed during the bench (see above)")
+    if returncode not in (0, 1):  # 1: a gate failed there, the report is still wanted
+        what = {2: "refused its input", 3: "hit an internal error"}.get(returncode, "failed")
+        exc = ConfigError if returncode == 2 else InternalError
+        raise exc(f"--remote {remote.host}: edgeft bench {what} there (exit status {returncode}; its message is above)")
 
 
 def _upload(remote: Remote, objects: str, missing: dict[str, Path], run_id: str) -> None:
@@ -744,8 +754,6 @@ def device_report(raw: bytes, host: str, names: list[str]) -> dict[str, Any]:
     report.update({k: report["targets"][0][k] for k in _FIRST})
     # The checks above cover what is read here; rendering once more catches what they cannot say
     # (e.g. a value of the right type that a format rejects) before anything is written.
-    from .bench.device_runs import from_report
-    from .report import render_junit, render_markdown
 
     try:
         render_markdown(report)

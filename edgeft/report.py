@@ -54,6 +54,7 @@ evidence behind the value in words (the interval, the flips).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -62,8 +63,17 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from . import __version__
-from .bench.stats import describe_paired
+from .bench import device_runs
+from .bench.bandwidth import decode_roofline
+from .bench.device_state import fastest_clock, hottest
+from .bench.stats import describe_paired, paired_accuracy
+from .config import DTYPE_SHORT
+from .decode_model import describe_range
+from .errors import ConfigError
 from .files import save_figure, write_atomic
+from .formats import default_runtime
+from .machine import same_machine, summary
+from .training_report import LOSS_PLOT, markdown_section, write_loss_plot
 
 SCHEMA_VERSION = 2
 
@@ -71,8 +81,6 @@ SCHEMA_VERSION = 2
 def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
     """Decode speed against bandwidth ÷ bytes per token, with the best-of-N bandwidth (as STREAM
     reports the achievable figure: the median moved between 33 and 62 GB/s here with other load)."""
-    from .bench.bandwidth import decode_roofline
-
     ceiling = decode_roofline(bandwidth["max"], bytes_per_token)
     return {
         "read_bandwidth_gb_s": bandwidth,
@@ -89,16 +97,12 @@ def timed(perf: dict[str, Any]) -> dict[str, Any]:
 
 def question_id(example: dict[str, Any]) -> str:
     """A short stable id of a held-out question: its prompt and accepted answers (what right/wrong means)."""
-    import hashlib
-
     text = json.dumps({"prompt": example["messages"][:-1], "answers": example["answers"]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def paired_task(ref_meta: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The artifact's right/wrong against the reference's, question by question (None without answers)."""
-    from .bench.stats import paired_accuracy
-
     ref = ref_meta.get("answers") or []
     if not ref or len(ref) != len(answers):
         return None
@@ -264,8 +268,6 @@ def _cell(text: Any) -> str:
 
 def dtype_short(dtype: Any) -> str:
     """``float32`` → ``fp32``, ``bfloat16`` → ``bf16``; anything else (another machine's) as safe text."""
-    from .config import DTYPE_SHORT
-
     return DTYPE_SHORT.get(dtype or "float32") or _md(dtype)
 
 
@@ -310,24 +312,69 @@ def _ladder_note(report: dict[str, Any]) -> str:
     )
 
 
+def timed_in_run(number: int) -> str:
+    """The mark on a speed timed in another run than the rows beside it, and on its footnote: one
+    number per run, so rows measured under different load are not compared unawares."""
+    return f"†{number}"
+
+
 def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
-    from .machine import same_machine, summary
+    ref_type = dtype_short(report["reference"].get("dtype"))
+    marks = _RunMarks(report.get("run_id"))
+    lines = _header_section(report, ref_type) + _ladder_section(report, ref_type)
+    if report.get("training"):
+        lines += markdown_section(report["training"], loss_plot)
+    lines += _speed_section(report, ref_type, marks)
+    lines += _cpu_state_section(report["targets"])
+    if report.get("device"):
+        lines += _device_section(report["device"])
+    if report.get("device_runs"):
+        lines += _device_runs_section(report["device_runs"])
+    lines += marks.footnotes(report) + _roofline_note(report)
+    for t in report["targets"]:
+        lines += _target_section(t)
+    if report.get("regressions"):
+        lines += _regressions_section(report["regressions"])
+    if report.get("stages"):
+        lines += _stages_section(report["stages"])
+    return "\n".join(lines) + "\n"
 
-    ref = report["reference"]
-    ref_lat = ref["performance"]["latency"]
-    ref_type = dtype_short(ref.get("dtype"))
-    run_id = report.get("run_id")
-    earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
 
-    def run_mark(t: dict[str, Any]) -> str:
-        """A dagger on rows timed in another run than this report's, one number per run."""
-        if run_id is None or t.get("run_id") == run_id:
+class _RunMarks:
+    """Daggers on speed rows timed in another run than this report's, one number per run, and the
+    footnotes naming when and where each run was."""
+
+    def __init__(self, run_id: Any):
+        self.run_id = run_id
+        self.earlier: dict[Any, dict[str, Any]] = {}  # run id -> the first row's timing from that run
+
+    def mark(self, t: dict[str, Any]) -> str:
+        if self.run_id is None or t.get("run_id") == self.run_id:
             return ""
-        earlier.setdefault(t.get("run_id"), t)
-        return " †" + str(list(earlier).index(t.get("run_id")) + 1)
+        self.earlier.setdefault(t.get("run_id"), t)
+        return " " + timed_in_run(list(self.earlier).index(t.get("run_id")) + 1)
 
-    lines = [
+    def footnotes(self, report: dict[str, Any]) -> list[str]:
+        lines = []
+        for i, t in enumerate(self.earlier.values(), 1):
+            where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
+            other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
+            lines += [
+                "",
+                f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
+            ]
+        if self.earlier:
+            lines += [
+                "",
+                "Speeds of rows from different runs compare with care: load on the machine differs between runs.",
+            ]
+        return lines
+
+
+def _header_section(report: dict[str, Any], ref_type: str) -> list[str]:
+    ref = report["reference"]
+    return [
         f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
         "",
         f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
@@ -351,6 +398,11 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             f"- {_md(name)}: {_code(build)}"
             for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
         ],
+    ]
+
+
+def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
+    lines = [
         "",
         f"## Fidelity ladder (each stage vs the fine-tuned {ref_type} reference; base = before fine-tuning)",
         "",
@@ -375,11 +427,13 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
             "",
             f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
-    if report.get("training"):
-        from .training_report import markdown_section
+    return lines
 
-        lines += markdown_section(report["training"], loss_plot)
-    lines += [
+
+def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> list[str]:
+    ref = report["reference"]
+    ref_lat = ref["performance"]["latency"]
+    lines = [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
         f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
@@ -387,7 +441,7 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         "",
         f"| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × {ref_type} | peak RSS MB | load s | roofline |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| reference {ref_type}{run_mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
+        f"| reference {ref_type}{marks.mark(ref.get('timed', {}))} | {_md(ref_lat['runtime_version'])} | {_spread(ref_lat['ttft_ms'], '{:.0f}')} | "
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
@@ -395,109 +449,114 @@ def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
         lat, mem, roof = t["latency"], t["memory"], t["roofline"]
         a = lat["artifact"]
         lines.append(
-            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){run_mark(lat.get('timed', {}))} | "
-            f"{_md(t['artifact'].get('runtime', 'llama.cpp'))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){marks.mark(lat.get('timed', {}))} | "
+            f"{_md(t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
-    lines += _cpu_state_section(report["targets"])
-    if report.get("device"):
-        lines += _device_section(report["device"])
-    if report.get("device_runs"):
-        lines += _device_runs_section(report["device_runs"])
-    for i, t in enumerate(earlier.values(), 1):
-        where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
-        other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
-        lines += [
-            "",
-            f"†{i} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
-        ]
-    if earlier:
-        lines += ["", "Speeds of rows from different runs compare with care: load on the machine differs between runs."]
+    return lines
+
+
+def _roofline_note(report: dict[str, Any]) -> list[str]:
     bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
-    lines += [
+    return [
         "",
         f"Roofline: decode tok/s as a fraction of the best measured read bandwidth ({bw['max']:.1f} GB/s; median "
         f"[min–max] {_spread(bw)}) ÷ weight bytes read per token (a projected ceiling, not a measurement).",
     ]
-    for t in report["targets"]:
-        types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
-        lines += [
-            "",
-            f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
-            "",
-            f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
-            f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
-        ]
-        if task := t["fidelity"].get("task_accuracy_paired"):
-            lines += [
-                "",
-                f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
-                f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
-            ]
-        if t.get("gates"):
-            lines += ["", "| gate | limit | value | result | evidence |", "|---|---:|---:|---|---|"]
-            for g in t["gates"]:
-                value = (
-                    "n/a"
-                    if g["value"] is None
-                    else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
-                )
-                detail = g.get("detail", "")
-                if task and detail == describe_paired(task):
-                    detail = "the paired comparison above"
-                lines.append(
-                    f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
-                    f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
-                )
-        if t.get("golden"):
-            lines += ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
-            for g in t["golden"]:
-                mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
-                lines.append(
-                    f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
-                    f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |"
-                )
-    if report.get("regressions"):
-        lines += [
-            "",
-            "## Regressions against the previous report",
-            "",
-            "| target | metric | old | new | allowed | why |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        for r in report["regressions"]:
-            lines.append(
-                f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} "
-                f"| {_md(r.get('rule', ''))} |"
-            )
-    if report.get("stages"):
-        lines += [
-            "",
-            "## Stages",
-            "",
-            "Peak RSS is the build process's own over the stage; it starts from what earlier stages "
-            "left (RSS at start). Runtimes benched in their own processes report theirs above.",
-            "",
-            "| stage | seconds | cached | RSS at start MB | peak RSS MB | estimated MB |",
-            "|---|---:|---|---:|---:|---:|",
-        ]
 
-        def mb(value: Any) -> str:
-            return "" if value is None else f"{value / 1e6:.0f}"
 
-        for s in report["stages"]:
-            lines.append(
-                f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
-                f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('estimated_peak_ram_bytes'))} |"
-            )
-    return "\n".join(lines) + "\n"
+def _target_section(t: dict[str, Any]) -> list[str]:
+    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
+    lines = [
+        "",
+        f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
+        "",
+        f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+        f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
+    ]
+    if task := t["fidelity"].get("task_accuracy_paired"):
+        lines += [
+            "",
+            f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
+            f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
+        ]
+    if t.get("gates"):
+        lines += _gates_table(t["gates"], task)
+    if t.get("golden"):
+        lines += _golden_table(t["golden"])
+    return lines
+
+
+def _gates_table(gates: list[dict[str, Any]], task: dict[str, Any] | None) -> list[str]:
+    lines = ["", "| gate | limit | value | result | evidence |", "|---|---:|---:|---|---|"]
+    for g in gates:
+        value = (
+            "n/a" if g["value"] is None else (str(g["value"]) if isinstance(g["value"], bool) else f"{g['value']:.4g}")
+        )
+        detail = g.get("detail", "")
+        if task and detail == describe_paired(task):
+            detail = "the paired comparison above"
+        lines.append(
+            f"| {_md(g['description'])} ({_md(g['name'])}) | {_md(g['limit'])} | {value} | "
+            f"{'pass' if g['passed'] else '**FAIL**'} | {_md(detail)} |"
+        )
+    return lines
+
+
+def _golden_table(golden: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "| golden prompt | expected | reference | artifact | stopped |", "|---|---|---|---|---|"]
+    for g in golden:
+        mark = lambda ok: "✓ " if ok else "✗ "  # noqa: E731
+        lines.append(
+            f"| {_cell(g['question'])} | {_cell(g['expected'])} | {mark(g['reference_correct'])}{_cell(g['reference'])} | "
+            f"{mark(g['artifact_correct'])}{_cell(g['artifact'])} | {'yes' if g['artifact_stopped'] else '**no**'} |"
+        )
+    return lines
+
+
+def _regressions_section(found: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Regressions against the previous report",
+        "",
+        "| target | metric | old | new | allowed | why |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in found:
+        lines.append(
+            f"| {_md(r['target'])} | {_md(r['metric'])} | {r['old']:.4g} | {r['new']:.4g} | {r['allowed']:.3g} "
+            f"| {_md(r.get('rule', ''))} |"
+        )
+    return lines
+
+
+def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## Stages",
+        "",
+        "Peak RSS is the build process's own over the stage; it starts from what earlier stages "
+        "left (RSS at start). Runtimes benched in their own processes report theirs above.",
+        "",
+        "| stage | seconds | cached | RSS at start MB | peak RSS MB | estimated MB |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+
+    def mb(value: Any) -> str:
+        return "" if value is None else f"{value / 1e6:.0f}"
+
+    for s in stages:
+        lines.append(
+            f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
+            f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('estimated_peak_ram_bytes'))} |"
+        )
+    return lines
 
 
 def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
     """Pinning, temperature and clock around each artifact's timed runs, and its sustained decode;
     nothing when none of it was recorded or readable (an x86 container has no thermal zones)."""
-    from .bench.device_state import fastest_clock, hottest
 
     def pair(state: dict[str, Any], read: Any, fmt: str) -> str:
         a, b = (read(state.get(k) or {}) for k in ("before", "after"))
@@ -535,8 +594,6 @@ def _cpu_state_section(targets: list[dict[str, Any]]) -> list[str]:
 
 
 def _device_section(device: dict[str, Any]) -> list[str]:
-    from .decode_model import describe_range
-
     p = device["profile"]
     lines = [
         "",
@@ -697,8 +754,6 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
     if report.get("training"):
-        from .training_report import LOSS_PLOT, write_loss_plot
-
         (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
         if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT
@@ -713,3 +768,22 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         with open(summary, "a") as fh:
             fh.write(md)
     return paths
+
+
+def refold(build_dir: Path) -> bool:
+    """Rewrite the build's report (json, md, junit, plot) with its stored device runs; False when the
+    build has no report yet (the next `edgeft build` will include them)."""
+    path = Path(build_dir) / "report.json"
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_text())
+    except RecursionError:
+        raise ConfigError(f"{path}: unreadable report (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable report ({e})") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
+    report["device_runs"] = device_runs.load_all(build_dir)
+    write_reports(report, Path(build_dir))
+    return True

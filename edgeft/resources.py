@@ -14,14 +14,23 @@ estimates, and the refusal they drive leaves a margin rather than failing a buil
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import DTYPE_SHORT
 from .errors import ConfigError
+from .formats import get_format
+from .loading import read_json_object
+from .machine import ram_bytes
+from .models import BUILTIN_MODELS, builtin_gguf_path
+from .weights import read_header, weight_files
 
 GB = 1e9
 
@@ -54,9 +63,6 @@ def _release_freed_memory() -> None:
     Without it a build process keeps what an earlier stage freed: on the Qwen2.5 0.5B cooking build
     every stage after training peaked at 4.3-6.5 GB where its own estimate was 1.3-3.4 GB (the
     quantize stages, which map the file tensor by tensor, at 4.3 GB). A no-op without glibc."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -161,11 +167,6 @@ class ResourcePlan:
 
 def shape_from_safetensors(model_dir: Path) -> ModelShape:
     """The shape of a local HF folder: parameter counts from its safetensors headers, sizes from config.json."""
-    import numpy as np
-
-    from .loading import read_json_object
-    from .weights import read_header, weight_files
-
     total, largest = 0, 0
     for f in weight_files(model_dir):
         for info in read_header(f).values():
@@ -206,8 +207,6 @@ def _shape(total: int, largest: int, config: dict[str, Any]) -> ModelShape:
 
 def model_shape(name: str) -> ModelShape:
     """A model's shape for the plan, without materialising a built-in one."""
-    from .models import BUILTIN_MODELS, builtin_gguf_path
-
     if name in BUILTIN_MODELS:
         return shape_from_gguf(builtin_gguf_path(name))
     return shape_from_safetensors(Path(name).expanduser())
@@ -265,8 +264,6 @@ def reference_dtype(shape: ModelShape, choice: str, ram_total: int | None) -> Re
 def machine_reference_dtype(model_dir: Path, choice: str) -> ReferenceDtype:
     """:func:`reference_dtype` for a local HF folder on this machine (``edgeft bench --reference HF_FOLDER``,
     which has no build plan)."""
-    from .machine import ram_bytes
-
     return reference_dtype(shape_from_safetensors(model_dir), choice, _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes())
 
 
@@ -288,15 +285,11 @@ def _torch_pass(stage: str, shape: ModelShape, dtype: ReferenceDtype) -> StageEs
 def plan(cfg: Any, targets: list[Any], out_dir: Path, shape: ModelShape | None = None) -> ResourcePlan:
     """Estimated peak RAM of each stage of ``edgeft build`` and the disk the build leaves, with what
     this machine has; and the dtype of the torch passes that fits it (:func:`reference_dtype`)."""
-    from .formats import get_format
-    from .machine import ram_bytes
-
     shape = shape or model_shape(str(cfg.model))
     fp32 = shape.fp32_bytes
     ram_total = _env_bytes("EDGEFT_RAM_BYTES") or ram_bytes()
     ref_dtype = reference_dtype(shape, cfg.bench.reference_dtype, ram_total)
     stages: list[StageEstimate] = []
-    from .models import BUILTIN_MODELS
 
     if str(cfg.model) in BUILTIN_MODELS:
         # the GGUF's tensors dequantized into an fp32 model, then saved (one copy + shard buffer)

@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import OutputError
-from .files import write_atomic
+from .files import sha256_file, write_atomic
+from .loading import read_json
 
 MANIFEST = "manifest.json"
 # .NAME.tmp-PID-HEX (a stage being written) and .NAME.old-PID-HEX (a replaced one being removed).
@@ -47,15 +48,6 @@ _SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 # files.write_atomic's temporary file (mkstemp: ".NAME." + 8 random characters + ".tmp") left by a
 # run killed while writing a report or manifest.
 _ATOMIC_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -83,8 +75,6 @@ def content_hash(path: Path) -> str:
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest of a folder, or None when it has none that reads as a JSON object (hostile
     JSON included: nested past the recursion limit, larger than edgeft reads)."""
-    from .loading import read_json
-
     try:
         manifest = read_json(Path(path) / MANIFEST)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .errors import ConfigError
+from .files import data_dir
 from .formats import FORMATS, get_format
+from .loading import read_toml
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _COMMON_KEYS = ("format", "quant", "description")
@@ -31,14 +31,6 @@ class Target:
     options: dict[str, Any] = field(default_factory=dict, compare=False)  # the format's own knobs
 
 
-def data_dir(name: str) -> Path:
-    """A data folder the repository keeps at its root (``targets``, ``calibration``): there in a
-    checkout or an editable install, else the copy a wheel carries in ``edgeft/_data/`` (setup.py)."""
-    package = Path(__file__).resolve().parent
-    checkout = package.parent / name
-    return checkout if checkout.is_dir() else package / "_data" / name
-
-
 def targets_dir() -> Path:
     env = os.environ.get("EDGEFT_TARGETS")
     return Path(env) if env else data_dir("targets")
@@ -48,12 +40,7 @@ def _load(path: Path) -> Target:
     name = path.stem
     if not _NAME.match(name):
         raise ConfigError(f"{path}: target names are lowercase letters, digits, '-', '_' and '.'")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read target file ({e})") from None
+    raw = read_toml(path, "target file")
     fmt_name = raw.get("format")
     if fmt_name not in FORMATS:
         raise ConfigError(f"{path}: format: expected one of {', '.join(FORMATS)}, got {fmt_name!r}")

@@ -9,41 +9,21 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints as ckpt
 from .config import TrainConfig
-from .data import Example, load_jsonl
+from .data import IGNORE_INDEX, Example, load_jsonl, tokenize_example
 from .errors import ConfigError
 from .loading import loading
+from .models import adaptable_modules, architecture_of, check_model_dir
+from .nf4 import load_nf4
 from .stage import StageOutput, cached, content_hash, read_manifest, run_stage, stage_key
 from .validation import best_of, eval_every, history, make_keep_best, split_validation
 
-IGNORE_INDEX = -100  # label value the loss skips (transformers convention)
 LOSS_POINTS = 50  # train-loss log entries per run, about
-
-
-def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> dict[str, list[int]]:
-    """Token ids of the whole conversation and labels that keep only the assistant replies.
-
-    Each assistant turn's tokens are found by rendering the conversation up to that turn with and
-    without it: the chat template renders prefixes identically, so the difference is exactly the
-    reply (its end-of-turn token included, which is what teaches the model to stop).
-    """
-    ids = tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(ex.messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_ids(tokenizer.apply_chat_template(ex.messages[:i], add_generation_prompt=True, tokenize=True)))
-        end = len(_ids(tokenizer.apply_chat_template(ex.messages[: i + 1], tokenize=True)))
-        labels[start:end] = ids[start:end]
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
-
-
-def _ids(out: Any) -> list[int]:
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 class _PadCollator:
@@ -109,8 +89,6 @@ def _load_base(model_dir: Path, cfg: TrainConfig, device: str, dtype: str) -> An
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype)
     from peft import prepare_model_for_kbit_training
 
-    from .nf4 import load_nf4
-
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = load_nf4(model_dir, dtype, f"cuda:{rank}" if device == "cuda" else "cpu")
     # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks.
@@ -156,37 +134,63 @@ def train_adapter(
     conversations, and the adapter with the lowest one is written (see :mod:`edgeft.validation`).
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    from . import checkpoints as ckpt
+    from transformers import set_seed
 
     device = resolve_device(cfg.device)
     _, world = distributed()
     if cfg.batch_size % world:
         raise ConfigError(f"[train].batch_size = {cfg.batch_size}: expected a multiple of the {world} processes")
+    examples, validation = _examples(train_file, validation_file, cfg)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    tokenizer, rows, val_rows = _tokenized(model_dir, examples, validation, cfg.max_seq_len)
+    total = _total_steps(len(rows), cfg)
+    every = eval_every(cfg.eval_steps, total) if val_rows else None
+
+    dtype = compute_dtype(cfg, device)
+    model = _peft_model(model_dir, cfg, device, dtype)
+    bf16 = dtype == "bfloat16"
+    save = checkpoints is not None and cfg.save_steps > 0
+    scratch = checkpoints if checkpoints is not None else (out_dir or Path(".")) / "_trainer"
+    args = _training_args(cfg, scratch, total, every, save, world, device, bf16)
+    keep_best = make_keep_best(model, checkpoints if save else None) if every else None
+    callbacks = [*([keep_best] if keep_best else []), *callbacks]
+    trainer = _trainer(model, args, rows, val_rows, tokenizer.pad_token_id or 0, callbacks)
+    resume = ckpt.latest(checkpoints) if save else None
+    tokens_before = ckpt.tokens_seen(resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if keep_best is not None and keep_best.step != trainer.state.global_step:
+        _restore(model, keep_best.weights)
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return {
+        **_validation_stats(trainer.state, every, validation_file, len(val_rows)),
+        **_run_stats(trainer, result, model, cfg, len(rows), resume, tokens_before),
+        "device": device,
+        "world_size": args.world_size,
+        "compute_dtype": dtype,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "base_dtype": "nf4" if cfg.method == "qlora" else str(model.get_base_model().dtype).removeprefix("torch."),
+    }
+
+
+def _examples(train_file: Path, validation_file: Path | None, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """(training, validation) conversations: the validation file's, else ``cfg.validation_share`` of
+    the training file's, else none."""
     examples = load_jsonl(train_file)
     validation: list[Example] = []
     if validation_file is not None:
         validation = load_jsonl(validation_file)
     elif cfg.validation_share > 0:
         examples, validation = split_validation(examples, cfg.validation_share, cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
-    with loading(model_dir, "the tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.chat_template is None:
-        raise ConfigError(f"{model_dir}: the tokenizer has no chat template; chat datasets need one")
-    rows = _rows(tokenizer, examples, cfg.max_seq_len)
-    val_rows = _rows(tokenizer, validation, cfg.max_seq_len) if validation else []
-    if not rows or (validation and not val_rows):
-        which = "validation" if rows else "training"
-        raise ConfigError(f"[train].max_seq_len = {cfg.max_seq_len} truncates every {which} assistant reply away")
-    total = _total_steps(len(rows), cfg)
-    every = eval_every(cfg.eval_steps, total) if val_rows else None
+    return examples, validation
 
-    dtype = compute_dtype(cfg, device)
+
+def _peft_model(model_dir: Path, cfg: TrainConfig, device: str, dtype: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
     model = _load_base(model_dir, cfg, device, dtype)
     lora = LoraConfig(
         r=cfg.rank,
@@ -195,11 +199,56 @@ def train_adapter(
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    bf16 = dtype == "bfloat16"
-    save = checkpoints is not None and cfg.save_steps > 0
-    scratch = checkpoints if checkpoints is not None else (out_dir or Path(".")) / "_trainer"
-    args = TrainingArguments(
+    return get_peft_model(model, lora)
+
+
+def _trainer(model: Any, args: Any, rows: list[Any], val_rows: list[Any], pad_id: int, callbacks: list[Any]) -> Any:
+    from transformers import Trainer
+
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=val_rows or None,
+        data_collator=_PadCollator(pad_id),
+        callbacks=callbacks,
+    )
+
+
+def _restore(model: Any, weights: Any) -> None:
+    """The kept (lowest validation loss) adapter weights back into ``model``."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, weights)
+
+
+def _tokenized(
+    model_dir: Path, examples: list[Example], validation: list[Example], max_len: int
+) -> tuple[Any, list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """The model's tokenizer and the training and validation rows, refused when the chat template is
+    missing or ``max_len`` leaves no assistant reply to learn from."""
+    from transformers import AutoTokenizer
+
+    with loading(model_dir, "the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"{model_dir}: the tokenizer has no chat template; chat datasets need one")
+    rows = _rows(tokenizer, examples, max_len)
+    val_rows = _rows(tokenizer, validation, max_len) if validation else []
+    if not rows or (validation and not val_rows):
+        which = "validation" if rows else "training"
+        raise ConfigError(f"[train].max_seq_len = {max_len} truncates every {which} assistant reply away")
+    return tokenizer, rows, val_rows
+
+
+def _training_args(
+    cfg: TrainConfig, scratch: Path, total: int, every: int | None, save: bool, world: int, device: str, bf16: bool
+) -> Any:
+    """transformers' TrainingArguments for this run: ``total`` optimizer steps, evaluation every
+    ``every`` steps (None: no validation), checkpoints in ``scratch`` when ``save``."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(scratch),
         per_device_train_batch_size=cfg.batch_size // world,
         num_train_epochs=cfg.epochs,
@@ -225,33 +274,18 @@ def train_adapter(
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",  # for tokens/s
     )
-    keep_best = make_keep_best(model, checkpoints if save else None) if every else None
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=rows,
-        eval_dataset=val_rows or None,
-        data_collator=_PadCollator(tokenizer.pad_token_id or 0),
-        callbacks=[*([keep_best] if keep_best else []), *callbacks],
-    )
-    resume = ckpt.latest(checkpoints) if save else None
-    tokens_before = ckpt.tokens_seen(resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def _run_stats(
+    trainer: Any, result: Any, model: Any, cfg: TrainConfig, examples: int, resume: Path | None, tokens_before: int
+) -> dict[str, Any]:
+    """What the run did: steps, losses, trainable parameters and its speed (all processes)."""
     seconds = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_before
-    if keep_best is not None and keep_best.step != trainer.state.global_step:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, keep_best.weights)
-    if out_dir is not None:
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    stats = _validation_stats(trainer.state, every, validation_file, len(val_rows))
     return {
-        **stats,
         "method": cfg.method,
-        "examples": len(rows),
+        "examples": examples,
         "steps": trainer.state.global_step,
         "resumed_from_step": ckpt.step_of(resume),
         "train_loss": round(result.training_loss, 4),
@@ -260,11 +294,6 @@ def train_adapter(
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,  # this run's, all processes
-        "device": device,
-        "world_size": args.world_size,
-        "compute_dtype": dtype,
-        "precision": "bf16 autocast" if bf16 else "fp32",
-        "base_dtype": "nf4" if cfg.method == "qlora" else str(model.get_base_model().dtype).removeprefix("torch."),
     }
 
 
@@ -306,8 +335,6 @@ def check_target_modules(architecture: str, modules: list[str]) -> None:
     peft matches a name against the end of each module's dotted path; one that matches nothing
     would otherwise fail (or, mixed with valid names, silently adapt less) after the model loaded.
     """
-    from .models import adaptable_modules
-
     known = adaptable_modules(architecture)
     for m in modules:
         if m.rsplit(".", 1)[-1] not in known:
@@ -330,11 +357,6 @@ def train(
     A run killed mid-way resumes from its last checkpoint when run again (see :mod:`edgeft.checkpoints`).
     Under torchrun/accelerate every rank trains and rank 0 alone writes the stage.
     """
-    from dataclasses import asdict
-
-    from . import checkpoints as ckpt
-    from .models import architecture_of, check_model_dir
-
     check_target_modules(architecture_of(check_model_dir(model_dir)), cfg.target_modules)
     inputs = {"model": content_hash(model_dir), "train_data": content_hash(train_file)}
     if validation_file is not None:  # it picks the kept checkpoint

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
+from .loading import parse_json, read_json
 
 # safetensors dtype → (bytes per element, numpy view used to look for NaN/Inf).
 # Half-precision and bf16 are viewed as unsigned ints: a value is NaN or Inf exactly when all of its
@@ -67,8 +68,6 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
 
 def _read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """(tensor table, byte offset of the data section)."""
-    from .loading import parse_json
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -151,8 +150,6 @@ def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        from .loading import read_json
-
         try:
             shards = set(read_json(index)["weight_map"].values())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):

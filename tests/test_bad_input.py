@@ -157,6 +157,13 @@ def _(t, i):
     return build(t / "c.toml"), ["[train] must be a table"]
 
 
+@case("config-device-profile-unknown-format")
+def _(t, i):
+    shipped = (Path(__file__).parent.parent / "targets" / "devices" / "rpi5.toml").read_text()
+    (t / "dev.toml").write_text(shipped.replace('formats = ["gguf", "onnx"]', 'formats = ["gguf", "tflite"]'))
+    return build(config(t), "--device", str(t / "dev.toml")), ["dev.toml: formats", "'tflite'"]
+
+
 @case("train-negative-learning-rate")
 def _(t, i):
     return build(config(t, "[train]\nlearning_rate = -0.001\n")), ["[train].learning_rate", "> 0"]

@@ -449,7 +449,7 @@ def _forget_device_runs(build: Path) -> None:
     """Leave the shared build as the other tests expect it: no stored device runs."""
     import shutil
 
-    from edgeft.bench.device_runs import refold
+    from edgeft.report import refold
 
     shutil.rmtree(build / "devices", ignore_errors=True)
     refold(build)

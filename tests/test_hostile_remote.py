@@ -728,12 +728,12 @@ def test_stored_device_runs_are_checked_when_read(tmp_path, content, fragment):
 
 @pytest.mark.parametrize(("content", "fragment"), [("[" * 100_000, "nested too deeply"), ("[1]", "not a JSON object")])
 def test_a_build_report_that_cannot_take_device_runs_is_named(tmp_path, content, fragment):
-    from edgeft.bench import device_runs
     from edgeft.errors import ConfigError
+    from edgeft.report import refold
 
     (tmp_path / "report.json").write_text(content)
     with pytest.raises(ConfigError, match=f"report.json: .*{fragment}"):
-        device_runs.refold(tmp_path)
+        refold(tmp_path)
 
 
 def test_stored_device_run_strings_are_made_safe_when_read(tmp_path):

@@ -27,7 +27,8 @@ def _sha(path: Path) -> str:
 
 
 def test_types_fall_back_within_their_size_class_and_mixes_are_checked():
-    from edgeft.formats.gguf.mixed import TENSOR_TYPES, check_mix, group_of, resolve, tensor_bytes
+    from edgeft.formats.gguf.layout import group_of, resolve, tensor_bytes
+    from edgeft.formats.gguf.mixed import TENSOR_TYPES, check_mix
 
     assert resolve("Q4_K", 1536) == "Q4_K" and resolve("Q4_K", 576) == "Q4_0"
     assert resolve("Q5_K", 576) == "Q5_0" and resolve("Q6_K", 576) == "Q8_0" and resolve("IQ4_XS", 576) == "IQ4_NL"
@@ -149,7 +150,8 @@ def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
 
 def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, tokenizer, tmp_path):
     from edgeft.formats.gguf.inspect import read_gguf
-    from edgeft.formats.gguf.mixed import SENSITIVITY_FILE, Layout, assign, sensitivity_stage
+    from edgeft.formats.gguf.layout import Layout, assign
+    from edgeft.formats.gguf.mixed import SENSITIVITY_FILE, sensitivity_stage
     from edgeft.formats.gguf.quantize import quantize
 
     mix = ("Q4_0", "Q8_0")

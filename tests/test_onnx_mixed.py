@@ -53,7 +53,8 @@ def _matmulnbits(w: np.ndarray, bits: int, tmp: Path):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", [96, 80])  # 80: the last block is padded
 def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
-    from edgeft.formats.onnx.mixed import fake_quant, matmul_bytes
+    from edgeft.formats.onnx.graph import matmul_bytes
+    from edgeft.formats.onnx.mixed import fake_quant
 
     rng = np.random.default_rng(bits + k)
     w = (rng.standard_normal((k, 48)) * np.exp(rng.standard_normal((k, 1)))).astype(np.float32)
@@ -96,8 +97,9 @@ def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
 
 def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(uneven_onnx, tokenizer, tmp_path):
     from edgeft.formats.onnx.export import export
+    from edgeft.formats.onnx.graph import HEAD
     from edgeft.formats.onnx.inspect import describe
-    from edgeft.formats.onnx.mixed import HEAD, SENSITIVITY_FILE, overrides, read_plan, sensitivity_stage
+    from edgeft.formats.onnx.mixed import SENSITIVITY_FILE, overrides, read_plan, sensitivity_stage
 
     sens_dir = sensitivity_stage(
         uneven_onnx["fp32"], uneven_onnx["int4"], tmp_path / "sens", uneven_onnx["calib"], threads=2

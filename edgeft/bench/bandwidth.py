@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from ..errors import ConfigError
 from .stats import spread
 
@@ -22,8 +24,6 @@ def measure_read_bandwidth(threads: int, size_mb: int = 256, repeats: int = 5) -
     int64 sums are vectorised, need no conversion and release the GIL, so the threads run in
     parallel. Pick ``size_mb`` well above the last-level cache or the figure is cache bandwidth.
     """
-    import numpy as np
-
     if threads < 1 or size_mb < 1 or repeats < 1:
         raise ConfigError(f"need threads, size_mb and repeats >= 1, got {threads}, {size_mb}, {repeats}")
     # ones, not zeros: np.zeros maps untouched pages to the shared zero page, which is never read

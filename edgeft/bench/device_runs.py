@@ -20,12 +20,18 @@ import json
 import os
 import re
 import stat
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..build_layout import built_targets
 from ..errors import ConfigError, OutputError
-from ..files import write_atomic
+from ..files import sha256_file, write_atomic
+from ..formats import default_runtime, detect_artifact
+from ..formats.gguf.inspect import read_gguf
+from ..stage import read_manifest
 from ..untrusted import ANY, NUM, STR, Oversized, ShapeError, check_shape, cleaned, list_of, map_of, optional
+from . import llama_bench
 
 DIR = "devices"
 _MAX_SLUG = 100  # file names stay far below the 255 bytes file systems allow
@@ -150,27 +156,6 @@ def load_all(build_dir: Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: str(r.get("imported_at") or ""))
 
 
-def refold(build_dir: Path) -> bool:
-    """Rewrite the build's report (json, md, junit, plot) with its stored device runs; False when the
-    build has no report yet (the next `edgeft build` will include them)."""
-    from ..report import write_reports
-
-    path = Path(build_dir) / "report.json"
-    if not path.is_file():
-        return False
-    try:
-        report = json.loads(path.read_text())
-    except RecursionError:
-        raise ConfigError(f"{path}: unreadable report (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable report ({e})") from None
-    if not isinstance(report, dict):
-        raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
-    report["device_runs"] = load_all(build_dir)
-    write_reports(report, Path(build_dir))
-    return True
-
-
 def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: Any) -> dict[str, Any]:
     """A device run from a full edgeft report measured on the device (``--remote``): speed, memory
     and fidelity per target, the device's own machine description."""
@@ -184,7 +169,7 @@ def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: 
                 "model_type": t["artifact"].get("quant"),
                 "size_bytes": t["artifact"]["size_bytes"],
                 "threads": t["latency"]["threads"],
-                "runtime": f"{t['artifact'].get('runtime', 'llama.cpp')} {lat.get('runtime_version', '')}".strip(),
+                "runtime": f"{t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format'))} {lat.get('runtime_version', '')}".strip(),
                 "prefill": {"tokens": lat.get("prompt_tokens"), "tok_s": lat["prefill_tok_s"]},
                 "decode": {"tokens": lat.get("decode_tokens"), "tok_s": lat["decode_tok_s"]},
                 "other_tests": [],
@@ -208,34 +193,19 @@ def from_report(report: dict[str, Any], source: str, imported_at: str, **extra: 
 
 
 def now() -> str:
-    from datetime import datetime, timezone
-
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def build_targets(build_dir: Path) -> dict[str, Path]:
     """The build's quantized/exported targets: name → artifact path (the shapes `edgeft bench --build` reads)."""
-    from ..formats import FORMATS, detect_artifact, get_format
-    from ..stage import read_manifest
-
     build_dir = Path(build_dir)
     if not build_dir.is_dir() or (read_manifest(build_dir) or {}).get("stage") != "build":
         raise ConfigError(f"--build {build_dir}: not an `edgeft build --out` folder (no build manifest.json)")
-    conversions = {get_format(f).CONVERSION for f in FORMATS}
-    out = {}
-    for p in sorted(build_dir.iterdir()):
-        if p.is_dir() and p.name not in conversions and (read_manifest(p) or {}).get("stage") in ("export", "quantize"):
-            out[p.name] = detect_artifact(p, f"--build {build_dir}:")[1]
-    return out
+    return {name: detect_artifact(build_dir / name, f"--build {build_dir}:")[1] for name in built_targets(build_dir)}
 
 
 def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Path]:
-    """Store a llama-bench JSON file as a device run of ``build_dir`` and refold its report."""
-    import hashlib
-
-    from ..formats.gguf.inspect import read_gguf
-    from . import llama_bench
-
+    """Store a llama-bench JSON file as a device run of ``build_dir`` (the caller refolds its report)."""
     build_dir, path = Path(build_dir), Path(path)
     llama_bench.read_records(path)  # refuse a bad file before reading any GGUF
     sizes = {
@@ -244,7 +214,6 @@ def import_llama_bench(build_dir: Path, path: Path) -> tuple[dict[str, Any], Pat
         if artifact.suffix == ".gguf"
     }
     record = llama_bench.device_run(path, sizes, now())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = sha256_file(path)[:12]
     stored = save(build_dir, f"llama-bench-{digest}", record)
-    refold(build_dir)
     return record, stored

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Example, is_correct
+from ..data import IGNORE_INDEX, Example, is_correct, tokenize_example
+from ..divergence import kl_divergence, log_softmax, topk_kl_divergence
 from .stats import BOOTSTRAP_METHOD, bootstrap_ratio
 
 
@@ -30,12 +31,6 @@ from .stats import BOOTSTRAP_METHOD, bootstrap_ratio
 class Sequence:
     tokens: list[int]
     targets: list[int]  # positions whose token is predicted (each needs position - 1 >= 0)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 @dataclass
@@ -63,7 +58,7 @@ class FidelityAccumulator:
         tgt = np.asarray(seq.tokens)[seq.targets]
         lr = log_softmax(ref_logits[pos])
         la = log_softmax(art_logits[pos])
-        self._add_sequence((np.exp(lr) * (lr - la)).sum(-1).clip(min=0), lr.argmax(-1) == la.argmax(-1))
+        self._add_sequence(kl_divergence(lr, la), lr.argmax(-1) == la.argmax(-1))
         rows = np.arange(len(pos))
         self.nll_ref += (-lr[rows, tgt]).tolist()
         self.nll_art += (-la[rows, tgt]).tolist()
@@ -80,12 +75,8 @@ class FidelityAccumulator:
         pos = np.asarray(seq.targets) - 1
         tgt = np.asarray(seq.tokens)[seq.targets]
         la = log_softmax(art_logits[pos])
-        p = np.exp(topk_logp.astype(np.float64))
         qk = np.take_along_axis(la, topk_ids.astype(np.int64), axis=-1)
-        p_rest = np.clip(1.0 - p.sum(-1), 1e-12, 1.0)
-        q_rest = np.clip(1.0 - np.exp(qk).sum(-1), 1e-12, 1.0)
-        kld = (p * (topk_logp - qk)).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
-        self._add_sequence(kld.clip(min=0), topk_ids[:, 0] == la.argmax(-1))
+        self._add_sequence(topk_kl_divergence(topk_logp, qk), topk_ids[:, 0] == la.argmax(-1))
         self.nll_ref += (-target_logp.astype(np.float64)).tolist()
         self.nll_art += (-la[np.arange(len(pos)), tgt]).tolist()
 
@@ -143,8 +134,6 @@ def compare_stored(stored, artifact, progress=None) -> dict[str, Any]:
 
 def reply_sequences(tokenizer, examples: list[Example], max_len: int = 1024) -> list[Sequence]:
     """Token ids of each held-out conversation and the positions of its assistant reply tokens."""
-    from ..train import IGNORE_INDEX, tokenize_example
-
     seqs = []
     for ex in examples:
         row = tokenize_example(tokenizer, ex, max_len)

@@ -4,6 +4,7 @@ and ``--compare-to``: regressions against an older report that exceed the measur
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable, NamedTuple
 
 from ..config import GatesConfig
@@ -106,8 +107,6 @@ def evaluate_gates(entry: dict[str, Any], gates: GatesConfig) -> list[dict[str, 
 
 def parse_gate_flags(flags: tuple[str, ...], gates: GatesConfig) -> GatesConfig:
     """Apply ``--gate name=value`` flags on top of the config's ``[gates]``."""
-    from dataclasses import replace
-
     updates: dict[str, Any] = {}
     for flag in flags:
         name, sep, raw = flag.partition("=")
@@ -208,64 +207,79 @@ def regressions(
     old_targets = {t["target"]: t for t in old.get("targets", [old])}
     new_ids, old_ids = new.get("eval", {}).get("question_ids"), old.get("eval", {}).get("question_ids")
     same_questions = bool(new_ids) and new_ids == old_ids
-    out = []
+    out: list[dict[str, Any]] = []
     for entry in new.get("targets", [new]):
         prev = old_targets.get(entry["target"])
         if prev is None:
             continue
-
-        def flag(
-            metric: str,
-            before: float,
-            after: float,
-            allowed: float,
-            rule: str,
-            interval: list[float] | None = None,
-            target: str = entry["target"],
-        ) -> None:
-            out.append(
-                {
-                    "target": target,
-                    "metric": metric,
-                    "old": before,
-                    "new": after,
-                    "allowed": allowed,
-                    "regressed": True,
-                    "rule": rule,
-                    "interval": interval,
-                }
-            )
-
-        nf, of = entry["fidelity"], prev["fidelity"]
-        d = nf["perplexity_artifact"] - of["perplexity_artifact"]
-        tol = _combined(nf.get("perplexity_artifact_err", 0), of.get("perplexity_artifact_err", 0))
-        if d > tol:
-            rule = "the increase exceeds the two standard errors combined"
-            flag("perplexity_artifact", of["perplexity_artifact"], nf["perplexity_artifact"], tol, rule)
-        for metric, (_, _, up_is_worse) in _FIDELITY.items():
-            found = _fidelity_change(metric, nf, of, same_questions, said)
-            if found is None:
-                continue
-            before, after, lo, hi = found[:4]
-            change = after - before
-            if (lo > 0) if up_is_worse else (hi < 0):
-                allowed = max(0.0, change - lo if up_is_worse else hi - change)
-                rule = f"change {change:+.4g}, 95% CI {lo:+.4g} to {hi:+.4g} ({found[4]}): beyond the noise"
-                flag(metric, before, after, allowed, rule, [lo, hi])
+        flag = _flagger(out, entry["target"])
+        _fidelity_regressions(entry["fidelity"], prev["fidelity"], same_questions, said, flag)
         _task_regression(new, old, entry, prev, flag, said)
-        if not compare_speed:
-            continue
-        for key in ("decode_tok_s", "prefill_tok_s"):
-            a, b = entry["latency"].get("artifact", {}).get(key), prev["latency"].get("artifact", {}).get(key)
-            if a and b and a["max"] < b["min"]:
-                rule = "the new runs' fastest is slower than the old runs' slowest"
-                flag(key, b["median"], a["median"], b["min"] - b["median"], rule)
-        a, b = entry.get("memory", {}).get("peak_rss_bytes"), prev.get("memory", {}).get("peak_rss_bytes")
-        if a and b and a > 1.05 * b:
-            flag("peak_rss_bytes", b, a, 0.05 * b, "more than 5% above the old peak")
+        if compare_speed:
+            _speed_regressions(entry, prev, flag)
     if notes is not None:
         notes.extend(said)
     return out
+
+
+def _flagger(out: list[dict[str, Any]], target_name: str) -> Callable[..., None]:
+    """``flag(metric, before, after, allowed, rule, interval=None, target=...)``: one regression row into ``out``."""
+
+    def flag(
+        metric: str,
+        before: float,
+        after: float,
+        allowed: float,
+        rule: str,
+        interval: list[float] | None = None,
+        target: str = target_name,
+    ) -> None:
+        out.append(
+            {
+                "target": target,
+                "metric": metric,
+                "old": before,
+                "new": after,
+                "allowed": allowed,
+                "regressed": True,
+                "rule": rule,
+                "interval": interval,
+            }
+        )
+
+    return flag
+
+
+def _fidelity_regressions(
+    nf: dict[str, Any], of: dict[str, Any], same_questions: bool, said: dict[str, None], flag: Callable[..., None]
+) -> None:
+    """Perplexity, then each interval-judged fidelity figure (see :func:`regressions`)."""
+    d = nf["perplexity_artifact"] - of["perplexity_artifact"]
+    tol = _combined(nf.get("perplexity_artifact_err", 0), of.get("perplexity_artifact_err", 0))
+    if d > tol:
+        rule = "the increase exceeds the two standard errors combined"
+        flag("perplexity_artifact", of["perplexity_artifact"], nf["perplexity_artifact"], tol, rule)
+    for metric, (_, _, up_is_worse) in _FIDELITY.items():
+        found = _fidelity_change(metric, nf, of, same_questions, said)
+        if found is None:
+            continue
+        before, after, lo, hi = found[:4]
+        change = after - before
+        if (lo > 0) if up_is_worse else (hi < 0):
+            allowed = max(0.0, change - lo if up_is_worse else hi - change)
+            rule = f"change {change:+.4g}, 95% CI {lo:+.4g} to {hi:+.4g} ({found[4]}): beyond the noise"
+            flag(metric, before, after, allowed, rule, [lo, hi])
+
+
+def _speed_regressions(entry: dict[str, Any], prev: dict[str, Any], flag: Callable[..., None]) -> None:
+    for key in ("decode_tok_s", "prefill_tok_s"):
+        a, b = entry["latency"].get("artifact", {}).get(key), prev["latency"].get("artifact", {}).get(key)
+        if a and b and a["max"] < b["min"]:
+            rule = "the new runs' fastest is slower than the old runs' slowest"
+            flag(key, b["median"], a["median"], b["min"] - b["median"], rule)
+    a, b = entry.get("memory", {}).get("peak_rss_bytes"), prev.get("memory", {}).get("peak_rss_bytes")
+    if a and b and a > 1.05 * b:
+        flag("peak_rss_bytes", b, a, 0.05 * b, "more than 5% above the old peak")
 
 
 def _task_regression(new: dict, old: dict, entry: dict, prev: dict, flag: Callable, notes: dict[str, None]) -> None:

@@ -10,7 +10,10 @@ min and max: on shared machines single runs vary by ±20%.
 
 from __future__ import annotations
 
+import time
+
 from ..errors import ConfigError
+from .device_state import ROOT, fastest_clock, hottest, snapshot
 from .stats import spread
 
 WARMUP_TOKENS = 8  # the warm-up run's decode budget: enough to start every code path
@@ -108,6 +111,19 @@ def measure_latency(runtime, *, prompt_tokens: int = 512, decode_tokens: int = 1
     }
 
 
+def _run_end(chunks: list[dict], part: float) -> dict:
+    """The decode speed over the chunks from the start of ``chunks`` that hold ``part`` of all their
+    tokens (at least one chunk, at most half of them)."""
+    total = sum(c["tokens"] for c in chunks)
+    taken: list[dict] = []
+    for c in chunks:
+        taken.append(c)
+        if sum(t["tokens"] for t in taken) >= part * total or len(taken) >= len(chunks) // 2:
+            break
+    tokens = sum(c["tokens"] for c in taken)
+    return {"chunks": len(taken), "tokens": tokens, "tok_s": tokens / sum(c["decode_s"] for c in taken)}
+
+
 def measure_sustained(
     runtime,
     seconds: float,
@@ -128,10 +144,6 @@ def measure_sustained(
     the chunks from each end that hold at least ``part`` of the tokens (at least one chunk, at most
     half of them, so the two never share one: the run goes on until there are two).
     """
-    import time
-
-    from .device_state import ROOT, fastest_clock, hottest, snapshot
-
     if not seconds > 0 or not 0 < part <= 0.5:
         raise ConfigError(f"sustained decode: need seconds > 0 and 0 < part <= 0.5, got {seconds} and {part}")
     clock = clock or time.perf_counter
@@ -159,17 +171,7 @@ def measure_sustained(
             }
         )
     total = sum(c["tokens"] for c in series)
-
-    def end(chunks: list[dict]) -> dict:
-        taken: list[dict] = []
-        for c in chunks:
-            taken.append(c)
-            if sum(t["tokens"] for t in taken) >= part * total or len(taken) >= len(series) // 2:
-                break
-        tokens = sum(c["tokens"] for c in taken)
-        return {"chunks": len(taken), "tokens": tokens, "tok_s": tokens / sum(c["decode_s"] for c in taken)}
-
-    first, last = end(series), end(series[::-1])
+    first, last = _run_end(series, part), _run_end(series[::-1], part)
     return {
         "seconds": clock() - start,
         "tokens": total,

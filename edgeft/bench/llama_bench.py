@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..loading import parse_json, read_text
 
 SOURCE = "llama-bench"
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The test objects of a ``-o json`` array or a ``-o jsonl`` file (one object per line)."""
-    from ..loading import parse_json, read_text
-
     path = Path(path)
     try:
         text = read_text(path)

@@ -38,9 +38,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from ..config import DTYPE_SHORT
 from ..errors import ConfigError, EdgeftError, InternalError, ModelError
-from ..runtimes import RUNTIMES
+from ..machine import describe
+from ..runtimes import RUNTIMES, load_runtime
+from .device_state import ROOT, pin_big_cores, snapshot
+from .latency import measure_latency, measure_sustained
 
 # One id per edgeft command (inherited by its probe processes through the environment).
 RUN_ID = os.environ.get("EDGEFT_RUN_ID") or f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -48,8 +53,6 @@ RUN_ID = os.environ.get("EDGEFT_RUN_ID") or f"{time.strftime('%Y%m%dT%H%M%S')}-{
 
 def _load(runtime: str, model: Path, threads: int, dtype: str | None = None):
     """The runtime named ``runtime`` with ``model`` loaded; imports only that runtime's backend."""
-    from ..runtimes import load_runtime
-
     return load_runtime(runtime, model, threads=threads, scoring=False, dtype=dtype)
 
 
@@ -84,12 +87,6 @@ def probe(
     dtype: str | None = None,
 ) -> dict:
     """Load, measure and report; meant to run in its own process (see the module docstring)."""
-    import psutil
-
-    from ..machine import describe
-    from .device_state import ROOT, pin_big_cores, snapshot
-    from .latency import measure_latency, measure_sustained
-
     model = Path(model)
     if not model.exists():
         raise ModelError(f"{model}: no such model file or folder")

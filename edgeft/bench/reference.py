@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from ..data import Example
-from .fidelity import Sequence, log_softmax
+from ..divergence import log_softmax
+from ..errors import ModelError
+from ..loading import loading, read_json
+from .fidelity import Sequence
 
 ARRAYS = "reference.npz"
 META = "reference.json"
@@ -93,9 +96,6 @@ _META_KEYS = ("top_k", "examples")  # what reading the arrays back needs; a buil
 
 def load(folder: Path) -> StoredReference:
     """Read a stored reference; a missing, truncated or foreign file is a ModelError naming it."""
-    from ..errors import ModelError
-    from ..loading import loading, read_json
-
     folder = Path(folder)
     if not (folder / ARRAYS).is_file() or not (folder / META).is_file():
         raise ModelError(

@@ -16,15 +16,24 @@ Each is a cached stage (dir + manifest). Gates are applied later, to the stored 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import BenchConfig
 from ..data import is_correct, load_jsonl
+from ..formats import detect_artifact
+from ..machine import describe
+from ..merge import trained_on
+from ..nf4 import adapter_on_nf4
 from ..resources import ReferenceDtype
+from ..runtimes import load_runtime
+from ..runtimes.torch import TorchRuntime
 from ..stage import StageOutput, content_hash, run_stage
 from . import reference as stored_reference
-from .fidelity import compare_stored, reply_sequences, task_accuracy
+from .fidelity import compare_stored, perplexity, reply_sequences, task_accuracy
+from .probe import run_probe
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
 FP32 = ReferenceDtype()
@@ -39,8 +48,6 @@ def _threads(cfg: BenchConfig) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    from ..machine import describe
-
     return describe()
 
 
@@ -53,8 +60,6 @@ def _probe(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """Time ``model`` in its runtime's own process; lengths default to the config's."""
-    from .probe import run_probe
-
     return run_probe(
         runtime,
         model,
@@ -84,8 +89,6 @@ def _answers(examples, replies: list[str], stops: list[bool] | None = None) -> l
 def measure_reference(
     reference_dir: Path, eval_file: Path, cfg: BenchConfig, out: Path, progress: Progress, dtype: ReferenceDtype
 ) -> dict:
-    from ..runtimes.torch import TorchRuntime
-
     examples = load_jsonl(eval_file, need_answers=True)
     if cfg.max_eval:
         examples = examples[: cfg.max_eval]
@@ -100,7 +103,6 @@ def measure_reference(
     perf = _probe("torch", reference_dir, cfg, dtype=dtype.name)
     step()
     nll = [-float(x) for a in arrays["target_logp"] for x in a]
-    from .fidelity import perplexity
 
     ppl, err = perplexity(nll)
     meta = {
@@ -132,8 +134,6 @@ def retime_reference(ref_meta: dict[str, Any], cfg: BenchConfig) -> dict[str, An
     machine, or the same one under other load). None when the fp32 model is not on this machine
     (``edgeft bench`` on a device with only the stored reference folder) or torch is missing.
     """
-    from importlib.util import find_spec
-
     model = Path(ref_meta["model"])
     try:
         has_torch = find_spec("torch") is not None
@@ -165,8 +165,6 @@ def reference(
 
 
 def _params(cfg: BenchConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     params = asdict(cfg)
     if not params.get("sustained_s"):
         del params["sustained_s"]  # off: stages cached before the option existed stay valid
@@ -197,10 +195,6 @@ def _bench_params(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def measure_artifact(artifact: Path, ref_dir: Path, cfg: BenchConfig, progress: Progress) -> dict[str, Any]:
-    from ..formats import detect_artifact
-    from ..runtimes import load_runtime
-    from .probe import run_probe
-
     fmt, artifact = detect_artifact(artifact)
     stored = stored_reference.load(ref_dir)
     threads = _threads(cfg)
@@ -292,8 +286,6 @@ def bench_base(
     inputs = {"base": content_hash(base_dir), "reference": content_hash(ref_dir)}
 
     def work(tmp: Path) -> dict[str, Any]:
-        from ..runtimes.torch import TorchRuntime
-
         rt = TorchRuntime(base_dir, threads=_threads(cfg), dtype=dtype.name)
         return {**_torch_row(rt, ref_dir, cfg, progress, "base"), "dtype": dtype.name}
 
@@ -314,10 +306,6 @@ def bench_adapter_nf4(
 
     def work(tmp: Path) -> dict[str, Any]:
         import torch
-
-        from ..merge import trained_on
-        from ..nf4 import adapter_on_nf4
-        from ..runtimes.torch import TorchRuntime
 
         _, dtype = trained_on(adapter_dir)
         threads = _threads(cfg)

@@ -11,6 +11,7 @@ reads the logits of every position (``get_output("logits")`` after one ``append_
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
+from ..formats.onnx.inspect import check_artifact, genai_config
 from ..loading import loading
 from .base import Generation
 
@@ -27,8 +29,6 @@ class OnnxGenaiRuntime:
 
     def __init__(self, folder: Path, threads: int | None = None) -> None:
         import onnxruntime_genai as og
-
-        from ..formats.onnx.inspect import check_artifact, genai_config
 
         folder = Path(folder)
         check_artifact(folder)
@@ -104,8 +104,6 @@ class OnnxGenaiRuntime:
 
 
 def _physical_cores() -> int:
-    import os
-
     try:
         import psutil
 

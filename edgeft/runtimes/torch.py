@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import DTYPE_SHORT
 from ..errors import ConfigError
+from ..loading import loading
 from .base import Generation
 
 
@@ -42,8 +44,6 @@ class TorchRuntime:
         ``float32`` or ``bfloat16`` (:data:`edgeft.config.DTYPE_SHORT`)."""
         import torch
 
-        from ..config import DTYPE_SHORT
-
         if dtype not in DTYPE_SHORT:
             raise ConfigError(f"torch dtype {dtype!r}: expected one of {', '.join(DTYPE_SHORT)}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +54,6 @@ class TorchRuntime:
         self.version = f"torch {torch.__version__}"
         # The kernels torch dispatches to on this CPU (e.g. AVX512): why fp32 speed differs ~2x by machine.
         self.build_info = f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {self.threads} threads"
-        from ..loading import loading
 
         with loading(model_dir, "the model with transformers"):
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

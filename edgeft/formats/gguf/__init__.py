@@ -8,9 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from ...calibration import SOURCES
 from ...errors import ConfigError
+from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
+from .imatrix import imatrix_stage
 from .inspect import GGUF_FILE, bytes_per_token, check_gguf, describe, find_artifact, kv_bytes_per_token
-from .types import GGUF_QUANT_TYPES, UNQUANTIZED
+from .mixed import DEFAULT_MIX, Layout, check_budget, check_mix, sensitivity_stage
+from .quantize import quantize
+from .types import FILE_BITS_PER_WEIGHT, GGUF_QUANT_TYPES, UNQUANTIZED
 
 NAME = "gguf"
 RUNTIME = "llama.cpp"
@@ -21,6 +26,13 @@ RUNTIME = "llama.cpp"
 TARGET_KEYS: tuple[str, ...] = ("imatrix", "max_size_mb", "mix")
 ARTIFACT_HINT = "a .gguf file or a folder holding model.gguf"
 CONVERSION = "gguf-f32"  # the unquantized export every quantized type is made from
+# One file; stage folders, bundles and uploads to a device all name it this (the folder is found by it).
+ARTIFACT_FILE = GGUF_FILE
+# llama.cpp allocates its KV cache for the whole context it is opened with (the bench context), so
+# the peak RSS a bench measures is the memory at that context, whatever the request's length.
+KV_CACHE_AT_OPEN = True
+# Ollama imports a GGUF file: a bundle carries a Modelfile (FROM ./ARTIFACT_FILE) for it.
+OLLAMA_MODELFILE = True
 
 __all__ = ["bytes_per_token", "describe", "find_artifact", "kv_bytes_per_token", "GGUF_FILE"]
 
@@ -31,8 +43,6 @@ def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> 
     if quant not in GGUF_QUANT_TYPES:
         raise ConfigError(f"{where}: quant: expected one of {', '.join(GGUF_QUANT_TYPES)}, got {quant!r}")
     if "imatrix" in options:
-        from ...calibration import SOURCES
-
         if options["imatrix"] not in SOURCES:
             raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
         if not needs_quantize(quant):
@@ -40,8 +50,6 @@ def check_target(name: str, quant: str, options: dict[str, Any], where: str) -> 
     if "mix" in options and "max_size_mb" not in options:
         raise ConfigError(f"{where}: mix: needs max_size_mb (the file size the mix is chosen for)")
     if "max_size_mb" in options:
-        from .mixed import check_mix
-
         size = options["max_size_mb"]
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < float("inf"):
             raise ConfigError(
@@ -63,6 +71,7 @@ def check_artifact(path: Path) -> None:
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
+    # export.py imports transformers (llama.cpp's converter fallback); a device benches without it
     from .export import export
 
     out = run("export", lambda: export(merged_dir, Path(out_dir) / CONVERSION, "f32"))
@@ -73,8 +82,7 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
     """``target``'s GGUF: exported directly (F32/F16) or quantized from the F32 export, weighted by an
     importance matrix when the target names a calibration set (``calibration(source)`` builds it),
     with per-tensor types from a sensitivity sweep when it sets ``max_size_mb``."""
-    from .export import export
-    from .quantize import quantize
+    from .export import export  # transformers, as in conversion()
 
     if target.quant == "F32":
         return conversion(merged_dir, out_dir, run)[1]
@@ -87,8 +95,6 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
         raise ConfigError(f"--target {target.name}: imatrix and max_size_mb need a calibration set (a build)")
     max_size_mb = target.options.get("max_size_mb")
     if max_size_mb is not None:
-        from .mixed import DEFAULT_MIX, Layout, check_budget
-
         try:  # before any calibration stage spends minutes on a budget no mix can meet
             check_budget(Layout.of(source / GGUF_FILE), tuple(target.options.get("mix", DEFAULT_MIX)), max_size_mb)
         except ConfigError as e:
@@ -111,7 +117,6 @@ def _imatrix(target, merged_dir: Path, source: Path, out_dir: Path, run: Run, th
     which = target.options.get("imatrix")
     if not which:
         return None
-    from .imatrix import imatrix_stage
 
     calib = calibration(which)
     return run(
@@ -123,8 +128,6 @@ def _imatrix(target, merged_dir: Path, source: Path, out_dir: Path, run: Run, th
 def sensitivity_stage_name(target) -> str:
     """The sweep's stage name (its folder: spaces as dashes): named by the mix and the importance matrix,
     not the target, since one sweep serves every budget over them."""
-    from .mixed import DEFAULT_MIX
-
     label = "-".join(target.options.get("mix", DEFAULT_MIX)).lower()
     if which := target.options.get("imatrix"):
         label += f"-imat-{which}"
@@ -134,8 +137,6 @@ def sensitivity_stage_name(target) -> str:
 def _sensitivity(target, source: Path, imatrix_dir, out_dir: Path, run: Run, threads: int, calibration, progress):
     """The sensitivity sweep a mixed target plans from: on the imatrix's calibration set, else the task's.
     One sweep serves every budget over the same mix and matrix, so it is named by those, not the target."""
-    from .mixed import DEFAULT_MIX, sensitivity_stage
-
     which = target.options.get("imatrix") or "task"
     chunks = calibration(which, "sensitivity")
     return run(
@@ -156,9 +157,6 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
     """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
     :mod:`edgeft.resources`). The exporter and llama.cpp's quantizer work tensor by tensor over
     memory-mapped files; the imatrix is a torch forward pass over one fp32 copy."""
-    from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
-    from .types import FILE_BITS_PER_WEIGHT
-
     n, largest = shape.parameters, 4 * shape.largest_tensor
     by_tensor = BASELINE_BYTES + 3 * largest
     export = StageEstimate("export", by_tensor, 4 * n, "tensor by tensor: 3 × the largest fp32 tensor")
@@ -185,3 +183,8 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         )
     out.append(StageEstimate(f"quantize {target.name}", by_tensor, size, "llama.cpp, tensor by tensor"))
     return [*out, bench]
+
+
+def context_length(artifact: Path, read_json: Callable[[Path, str], dict[str, Any]]) -> tuple[Any, Path | None]:
+    """None: a GGUF's context is the model's (``max_position_embeddings``), which the caller reads."""
+    return None, None

@@ -179,8 +179,6 @@ def _check_cached(path: Path, size: int, mtime_ns: int, shown: str) -> None:
 
 
 def _walk(r: _Reader) -> None:
-    from gguf.constants import GGML_QUANT_SIZES
-
     r.need(8, "magic and version")
     r.pos = 8
     n_tensors = r.u64("tensor count")
@@ -190,7 +188,23 @@ def _walk(r: _Reader) -> None:
     r.need(n_kv * _MIN_KV_BYTES, f"{n_kv} metadata entries")
     if n_tensors > MAX_TENSORS:
         raise r.fail(f"tensor count {n_tensors} (edgeft reads at most {MAX_TENSORS})")
+    alignment = _walk_metadata(r, n_kv)
+    spans = _walk_tensor_infos(r, n_tensors)
 
+    data_start = -(-r.pos // alignment) * alignment
+    data_size = r.size - data_start
+    for what, offset, n_bytes in spans:
+        if offset % alignment:
+            raise r.fail(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
+        if offset + n_bytes > data_size:
+            raise r.fail(
+                f"{what}: its {n_bytes} bytes at data offset {offset} run past the end of the file "
+                f"({max(data_size, 0)} bytes of tensor data)"
+            )
+
+
+def _walk_metadata(r: _Reader, n_kv: int) -> int:
+    """Every metadata entry, checked; the data alignment (``general.alignment``, else 32)."""
     alignment = 32
     budget = [MAX_ARRAY_ITEMS]
     keys: set[str] = set()
@@ -206,6 +220,12 @@ def _walk(r: _Reader) -> None:
             if vtype != _UINT32 or not value or value & (value - 1):
                 raise r.fail(f"{what}: expected a uint32 power of two, got type {_TYPE_NAME.get(vtype, vtype)} {value}")
             alignment = value
+    return alignment
+
+
+def _walk_tensor_infos(r: _Reader, n_tensors: int) -> list[tuple[str, int, int]]:
+    """Every tensor info, checked: (what, data offset, bytes) each."""
+    from gguf.constants import GGML_QUANT_SIZES  # gguf is slow to import: not at the module's top
 
     r.need(n_tensors * _MIN_TENSOR_BYTES, f"{n_tensors} tensor infos")
     types = {int(t): (t.name, block, size) for t, (block, size) in GGML_QUANT_SIZES.items()}
@@ -234,14 +254,4 @@ def _walk(r: _Reader) -> None:
         for d in dims:
             elements *= d
         spans.append((what, offset, elements // block * type_size))
-
-    data_start = -(-r.pos // alignment) * alignment
-    data_size = r.size - data_start
-    for what, offset, n_bytes in spans:
-        if offset % alignment:
-            raise r.fail(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
-        if offset + n_bytes > data_size:
-            raise r.fail(
-                f"{what}: its {n_bytes} bytes at data offset {offset} run past the end of the file "
-                f"({max(data_size, 0)} bytes of tensor data)"
-            )
+    return spans

@@ -15,15 +15,17 @@ token embedding gets no entry: it is looked up, not multiplied, and llama.cpp qu
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import ConfigError, ModelError
+from ...files import sha256_file
+from ...loading import loading
 from ...stage import StageOutput, content_hash, run_stage
 from .inspect import GGUF_FILE, read_gguf
+from .types import K_QUANTS
 
 IMATRIX_FILE = "imatrix.gguf"
 SUM = ".in_sum2"
@@ -52,8 +54,6 @@ def collect(
     """GGUF tensor name → (sum of squared input activations per column [float64], token count)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from ...loading import loading
 
     name_map, shapes = _name_map(gguf_path)
     if threads > 0:
@@ -118,8 +118,6 @@ def read(path: Path) -> dict[str, np.ndarray]:
     """GGUF tensor name → per-column mean squared activation, what ``llama_model_quantize`` takes.
 
     A file that is not an imatrix, or has a count of zero or non-finite values, is refused naming it."""
-    from ...loading import loading
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: imatrix file not found")
@@ -166,8 +164,6 @@ def scope(imatrix: dict[str, np.ndarray], gguf_path: Path, quant: str) -> tuple[
     matrix, 0.2101 with it on every tensor, 0.1759 with it on the K-quant tensors only; Q4_0 0.8381
     without, 0.5479 with it on every tensor. So a K-quant mix gets the matrix on its 256-multiple
     rows only, a legacy type on every tensor."""
-    from .types import K_QUANTS
-
     if quant not in K_QUANTS:
         return imatrix, "all"
     widths = {t.name: int(t.shape[0]) for t in read_gguf(gguf_path).tensors}
@@ -184,7 +180,7 @@ def imatrix_stage(merged_dir: Path, gguf_dir: Path, out_dir: Path, calibration: 
         stats = collect(Path(merged_dir), gguf_path, calibration.chunks, threads)
         dataset = f"edgeft calibration {calibration.source} sha256:{calibration.sha256}"
         write(tmp / IMATRIX_FILE, stats, dataset, int(calibration.chunks.shape[0]), int(calibration.chunks.shape[1]))
-        digest = hashlib.sha256((tmp / IMATRIX_FILE).read_bytes()).hexdigest()
+        digest = sha256_file(tmp / IMATRIX_FILE)
         return {
             "imatrix_sha256": digest,
             "calibration": calibration.describe(),

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelError
+from ...loading import loading
+from .header import check_gguf_layout
 from .types import GGUF_QUANT_TYPES
 
 GGUF_FILE = "model.gguf"  # the artifact inside a GGUF stage folder
@@ -55,8 +57,6 @@ def check_gguf(path: Path) -> None:
     """Magic and version, then every count, length and offset of the header against the file
     (:mod:`.header`): what passes can be handed to gguf-py or llama.cpp without it reading past the
     end or allocating what the file only claims to hold."""
-    from .header import check_gguf_layout
-
     check_gguf_header(path)
     check_gguf_layout(path)
 
@@ -64,8 +64,6 @@ def check_gguf(path: Path) -> None:
 def read_gguf(path: Path):
     """gguf-py's reader over ``path``; a file it cannot parse is a ModelError naming it."""
     from gguf import GGUFReader
-
-    from ...loading import loading
 
     check_gguf(path)
     with loading(path, "GGUF"):

@@ -22,15 +22,13 @@ Summing per-group effects assumes they add up, which holds while each is small a
 the quantize manifest puts the measured KLD beside the predicted one so a reader can check it.
 
 Types whose 256-value blocks do not divide a tensor's rows (K-quants on SmolLM2's 576-wide rows)
-are replaced for that tensor by the 32-value-block type of the same size class (:data:`FALLBACK`),
+are replaced for that tensor by the 32-value-block type of the same size class (:data:`.types.FALLBACK`),
 as llama.cpp itself does, so one ``mix`` fits every model.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,30 +37,15 @@ import numpy as np
 from ...errors import ConfigError, ModelError
 from ...precision_plan import check_fits, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
-from .inspect import GGUF_FILE, read_gguf
+from . import imatrix as im
+from .inspect import GGUF_FILE
+from .layout import Layout
+from .scoring import TopKReference
+from .sweep import measure, score
+from .types import TENSOR_TYPES
 
 SENSITIVITY_FILE = "sensitivity.json"
 
-# Tensor types a mix may name → ggml_type (ggml.h; gguf-py's GGMLQuantizationType has the same
-# values, checked by a test) and bits per weight, which orders them.
-TENSOR_TYPES: dict[str, tuple[int, float]] = {
-    "Q2_K": (10, 2.625),
-    "Q3_K": (11, 3.4375),
-    "IQ4_XS": (23, 4.25),
-    "Q4_0": (2, 4.5),
-    "IQ4_NL": (20, 4.5),
-    "Q4_K": (12, 4.5),
-    "Q4_1": (3, 5.0),
-    "Q5_0": (6, 5.5),
-    "Q5_K": (13, 5.5),
-    "Q5_1": (7, 6.0),
-    "Q6_K": (14, 6.5625),
-    "Q8_0": (8, 8.5),
-    "F16": (1, 16.0),
-}
-# A 256-block type on rows it cannot tile → the 32-block type of its size class (Q6_K has none
-# below 8 bits: Q8_0, as llama.cpp chooses); a 32-block type on rows it cannot tile → F16.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}
 DEFAULT_MIX = ("Q4_K", "Q5_K", "Q8_0")
 
 
@@ -78,81 +61,10 @@ def check_mix(mix: Any, where: str) -> tuple[str, ...]:
     return tuple(mix)
 
 
-def _block(type_name: str) -> tuple[int, int]:
-    """(values per block, bytes per block) from gguf-py's table."""
-    import gguf
-
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-
-
-def resolve(type_name: str, row: int) -> str:
-    """The type a tensor with ``row``-wide rows gets for a mix level of ``type_name``."""
-    if row % _block(type_name)[0] == 0:
-        return type_name
-    fallback = FALLBACK.get(type_name, "F16")
-    return fallback if row % _block(fallback)[0] == 0 else "F16"
-
-
-def tensor_bytes(shape: tuple[int, ...], type_name: str) -> int:
-    per_block, size = _block(type_name)
-    return math.prod(shape) // per_block * size
-
-
-def group_of(name: str) -> str:
-    """Which group a tensor's sensitivity is measured with (see the module docstring)."""
-    m = re.match(r"blk\.(\d+)\.(attn|ffn)?", name)
-    if m:
-        return f"blk.{m.group(1)}.{m.group(2) or 'other'}"
-    return name.removesuffix(".weight")
-
-
-@dataclass
-class Layout:
-    """The quantizable tensors of an F32 GGUF (2-D weights; norms stay F32) and everything else's bytes."""
-
-    shapes: dict[str, tuple[int, ...]]  # ggml order: shape[0] is the row width
-    fixed_bytes: int  # header, metadata, unquantized tensors and alignment, as in the F32 file
-    groups: dict[str, list[str]]
-
-    @classmethod
-    def of(cls, gguf_path: Path) -> Layout:
-        reader = read_gguf(gguf_path)
-        shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) >= 2}
-        planned = sum(int(t.n_bytes) for t in reader.tensors if t.name in shapes)
-        groups: dict[str, list[str]] = {}
-        for name in shapes:
-            groups.setdefault(group_of(name), []).append(name)
-        # alignment padding may differ per tensor once sizes change: 32 bytes each, plus room for the
-        # few metadata keys quantizing adds
-        slack = 32 * len(reader.tensors) + 4096
-        return cls(shapes, Path(gguf_path).stat().st_size - planned + slack, groups)
-
-    def types(self, group: str, level: str) -> dict[str, str]:
-        return {n: resolve(level, self.shapes[n][0]) for n in self.groups[group]}
-
-    def nbytes(self, types: dict[str, str]) -> int:
-        return sum(tensor_bytes(self.shapes[n], t) for n, t in types.items())
-
-
-def role_of(name: str) -> str | None:
-    """A layer tensor's role (``attn_q``, ``ffn_down``, …), the same in every layer; None outside layers."""
-    m = re.match(r"blk\.\d+\.(.+?)(?:\.weight)?$", name)
-    return m.group(1) if m else None
-
-
-def layer_of(name: str) -> int:
-    return int(name.split(".")[1])
-
-
 def check_budget(layout: Layout, mix: tuple[str, ...], max_size_mb: float) -> None:
     """Refuse, before any probe runs, a budget below the file with every tensor at the lowest type."""
     smallest = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, mix[0])) for g in layout.groups)
     check_fits(int(max_size_mb * 1e6), smallest, mix[0])
-
-
-def assign(layout: Layout, levels: dict[str, str]) -> dict[str, str]:
-    """Tensor name → type for a plan's group levels."""
-    return {n: t for g, level in levels.items() for n, t in layout.types(g, level).items()}
 
 
 # Tokens × weights multiplied per token that one probe scores at most: the default 2,048 calibration
@@ -190,8 +102,6 @@ def sensitivity_stage(
     F32 export's top-k reference on the chunks scored (``reference-*.npy``), which the quantize stage
     scores the planned file against (:func:`confirm`)."""
 
-    from . import imatrix as im
-
     src = Path(gguf_dir) / GGUF_FILE
     if not src.is_file():
         raise ModelError(f"{gguf_dir}: expected an exported {GGUF_FILE} there")
@@ -206,8 +116,6 @@ def sensitivity_stage(
         params["method"] = method
 
     def work(tmp: Path) -> dict[str, Any]:
-        from .sweep import measure
-
         scored = probe_set(calibration, multiplied_weights(Layout.of(src)))
         result = measure(
             src, scored.chunks, mix, tmp, threads=threads, imatrix=matrix, progress=progress, method=method
@@ -228,8 +136,5 @@ def confirm(gguf_path: Path, sensitivity_dir: Path, threads: int = 0) -> float |
     paths = [Path(sensitivity_dir) / n for n in REFERENCE_FILES]
     if not all(p.is_file() for p in paths):
         return None
-    from .scoring import TopKReference
-    from .sweep import score
-
     tokens, ids, logp = (np.load(p, allow_pickle=False) for p in paths)
     return score(Path(gguf_path), tokens, TopKReference.from_arrays(ids, logp), threads)

@@ -1,6 +1,5 @@
-"""Stage `quantize` for GGUF: llama.cpp's own quantizer through its C API.
+"""Stage `quantize` for GGUF: llama.cpp's own quantizer (:mod:`.llama_quantize`) on the F32 export.
 
-llama-cpp-python ships no ``llama-quantize`` binary, so we call ``llama_model_quantize`` directly.
 The requested type is a *mix*: llama.cpp chooses per-tensor types (and falls back when a row width is
 not a multiple of a K-quant's 256-value block), so the stage records the tensor types actually
 written, read back from the file.
@@ -8,91 +7,18 @@ written, read back from the file.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import re
+import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ...errors import ConfigError, ModelError
-from ...stage import StageOutput, content_hash, run_stage
+from ...precision_plan import plan as choose
+from ...stage import StageOutput, content_hash, read_manifest, run_stage
+from . import imatrix as im
+from . import mixed
 from .inspect import GGUF_FILE, check_gguf, tensor_type_counts
-from .types import GGUF_QUANT_TYPES
-
-
-def quantize_file(
-    src: Path,
-    dst: Path,
-    quant: str,
-    threads: int = 0,
-    imatrix: dict[str, Any] | None = None,
-    metadata: dict[str, str | int] | None = None,
-    tensor_types: dict[str, str] | None = None,
-) -> None:
-    """Quantize GGUF ``src`` (F32/F16) to ``dst`` with llama.cpp type mix ``quant``.
-
-    ``imatrix`` (tensor name → per-column importance, see :mod:`.imatrix`) weighs each column's
-    rounding error; ``metadata`` adds string/integer keys to the output's header (how it was made);
-    ``tensor_types`` (tensor name → ggml type name, see :mod:`.mixed`) overrides the mix's choice for
-    those tensors, ``quant`` then only names the file type in the header and covers the rest."""
-    if quant not in GGUF_QUANT_TYPES:
-        raise ConfigError(f"unknown GGUF quant type {quant!r}; expected one of {', '.join(GGUF_QUANT_TYPES)}")
-    import logging
-
-    import llama_cpp
-
-    # llama.cpp logs every tensor it converts and each K-quant fallback; llama-cpp-python routes
-    # that through this logger, mapping ggml's WARN to logging.ERROR (its table predates ggml's
-    # current enum), so only CRITICAL silences the fallback lines. The report lists the types
-    # actually written instead, and a failure still raises below.
-    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = GGUF_QUANT_TYPES[quant]
-    params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
-    keep = []  # ctypes only points at these: they must outlive the call
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the NULL terminator
-        for i, (name, values) in enumerate(sorted(imatrix.items())):
-            arr = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append(arr)
-            entries[i].name = name.encode()
-            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entries[i].size = arr.size
-        keep.append(entries)
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    if metadata:
-        kvs = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # empty key ends the list
-        for i, (key, value) in enumerate(metadata.items()):
-            kvs[i].key = key.encode()
-            if isinstance(value, int):
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-                kvs[i].value.val_i64 = value
-            else:
-                if len(value.encode()) >= 128:
-                    raise ValueError(f"GGUF metadata {key}: {value!r} is longer than llama.cpp's 127 bytes")
-                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvs[i].value.val_str = value.encode()
-        keep.append(kvs)
-        params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-    if tensor_types:
-        from .mixed import TENSOR_TYPES
-
-        # llama.cpp matches each tensor name against these regexes (std::regex_search), first match
-        # wins: anchored, escaped names make each one apply to exactly its tensor.
-        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL pattern ends it
-        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
-            pattern = f"^{re.escape(name)}$".encode()
-            keep.append(pattern)
-            overrides[i].pattern = pattern
-            overrides[i].type = TENSOR_TYPES[type_name][0]
-        keep.append(overrides)
-        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    del keep
-    if rc != 0 or not Path(dst).is_file():
-        raise ModelError(f"{src}: llama.cpp could not quantize to {quant} (llama_model_quantize returned {rc})")
+from .layout import Layout, assign
+from .llama_quantize import quantize_file
 
 
 def quantize(
@@ -108,9 +34,6 @@ def quantize(
     ``imatrix_dir``'s importance matrix when given (its hash and its calibration set's go into the
     GGUF header and the manifest). With ``sensitivity_dir`` (see :mod:`.mixed`), every tensor gets
     the type of a plan that fits ``max_size_mb``."""
-    from . import imatrix as im
-    from . import mixed
-
     src = Path(gguf_dir) / GGUF_FILE
     if not src.is_file():
         raise ModelError(f"{gguf_dir}: expected an exported {GGUF_FILE} there")
@@ -120,20 +43,14 @@ def quantize(
     matrix, metadata, provenance = None, None, {}
     tensor_types, plan, sensitivity = None, None, {}
     if sensitivity_dir is not None:
-        import json
-
-        from ...precision_plan import plan as choose
-
         if max_size_mb is None:
             raise ConfigError("a mixed-precision quantization needs max_size_mb")
         inputs["sensitivity"] = content_hash(sensitivity_dir)
         params["max_size_mb"] = max_size_mb
         sensitivity = json.loads((Path(sensitivity_dir) / mixed.SENSITIVITY_FILE).read_text())
         plan = choose(sensitivity, int(max_size_mb * 1e6))
-        tensor_types = mixed.assign(mixed.Layout.of(src), plan["levels"])
+        tensor_types = assign(Layout.of(src), plan["levels"])
     if imatrix_dir is not None:
-        from ...stage import read_manifest
-
         inputs["imatrix"] = content_hash(imatrix_dir)
         matrix = im.read(Path(imatrix_dir) / im.IMATRIX_FILE)
         im.check_matches(matrix, src, Path(imatrix_dir) / im.IMATRIX_FILE)
@@ -142,23 +59,7 @@ def quantize(
         if tensor_types is None:
             matrix, scope = im.scope(matrix, src, quant)
         params["imatrix_tensors"] = scope
-        made = (read_manifest(imatrix_dir) or {}).get("results", {})
-        calib = made.get("calibration") or {}
-        provenance = {
-            "imatrix_tensors": {"rule": scope, "count": len(matrix)},
-            "imatrix_sha256": made.get("imatrix_sha256"),
-            "calibration_sha256": calib.get("sha256"),
-            "calibration_source": calib.get("source"),
-        }
-        # the keys llama-quantize writes, plus the two hashes that say exactly what was used
-        metadata = {
-            "quantize.imatrix.file": im.IMATRIX_FILE,
-            "quantize.imatrix.dataset": f"edgeft calibration {calib.get('source')}",
-            "quantize.imatrix.entries_count": len(matrix),
-            "quantize.imatrix.chunks_count": int(calib.get("chunks") or 0),
-            "edgeft.imatrix.sha256": str(provenance["imatrix_sha256"]),
-            "edgeft.calibration.sha256": str(provenance["calibration_sha256"]),
-        }
+        provenance, metadata = _imatrix_record(Path(imatrix_dir), scope, len(matrix))
 
     def work(tmp: Path) -> dict[str, Any]:
         out = tmp / GGUF_FILE
@@ -178,3 +79,26 @@ def quantize(
         return results
 
     return run_stage(out_dir, "quantize", inputs, params, work)
+
+
+def _imatrix_record(imatrix_dir: Path, scope: str, count: int) -> tuple[dict[str, Any], dict[str, str | int]]:
+    """What the manifest records of the importance matrix used (``count`` tensors under rule
+    ``scope``), and the GGUF header keys that say the same."""
+    made = (read_manifest(imatrix_dir) or {}).get("results", {})
+    calib = made.get("calibration") or {}
+    provenance = {
+        "imatrix_tensors": {"rule": scope, "count": count},
+        "imatrix_sha256": made.get("imatrix_sha256"),
+        "calibration_sha256": calib.get("sha256"),
+        "calibration_source": calib.get("source"),
+    }
+    # the keys llama-quantize writes, plus the two hashes that say exactly what was used
+    metadata: dict[str, str | int] = {
+        "quantize.imatrix.file": im.IMATRIX_FILE,
+        "quantize.imatrix.dataset": f"edgeft calibration {calib.get('source')}",
+        "quantize.imatrix.entries_count": count,
+        "quantize.imatrix.chunks_count": int(calib.get("chunks") or 0),
+        "edgeft.imatrix.sha256": str(provenance["imatrix_sha256"]),
+        "edgeft.calibration.sha256": str(provenance["calibration_sha256"]),
+    }
+    return provenance, metadata

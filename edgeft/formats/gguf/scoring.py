@@ -18,11 +18,14 @@
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ...divergence import topk_kl_divergence
 from ...errors import ModelError
 
 TOP_K = 256  # reference log-probs kept per position (k tokens + a tail bin)
@@ -145,9 +148,6 @@ class Scorer:
     """A GGUF file in llama.cpp, scoring chunks of ``n_ctx`` tokens from position 0 (every position's logits)."""
 
     def __init__(self, gguf_path: Path, n_ctx: int, threads: int = 0, observe: ActivationStats | None = None) -> None:
-        import logging
-        import os
-
         import llama_cpp
 
         logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)  # load chatter; failures raise below
@@ -269,11 +269,7 @@ class TopKReference:
         for rows in _blocks(n):
             lse = _logsumexp_rows(logits[rows], buf)
             lq = np.take_along_axis(logits[rows], ids[rows], axis=1).astype(np.float64) - lse[:, None]
-            lpr = lp[rows].astype(np.float64)
-            p = np.exp(lpr)
-            p_rest = np.clip(1.0 - p.sum(1), 1e-12, 1.0)
-            q_rest = np.clip(1.0 - np.exp(lq).sum(1), 1e-12, 1.0)
-            out[rows] = (p * (lpr - lq)).sum(1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+            out[rows] = topk_kl_divergence(lp[rows], lq)
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .layout import Layout, layer_of, resolve, role_of
 from .levels import GGUFFile, assemble, weighted_errors
-from .mixed import Layout, layer_of, resolve, role_of
+from .llama_quantize import quantize_file
 from .scoring import ActivationStats, Scorer, TopKReference, mean_kld
 
 DEPTH_BLOCK = 5  # layers per depth probe after layer 0
@@ -101,8 +102,6 @@ class _Files:
     """The level files in ``folder`` (every tensor at one mix level) and probe files assembled from them."""
 
     def __init__(self, f32_path: Path, folder: Path, layout: Layout, mix: tuple[str, ...], threads: int, imatrix):
-        from .quantize import quantize_file
-
         self.folder, self.top = folder, mix[-1]
         self.levels: dict[str, GGUFFile] = {}
         for level in mix:
@@ -229,6 +228,21 @@ METHOD_NOTES = {
 }
 
 
+class _Laps:
+    """Seconds spent per phase of the sweep (summed over its laps); each lap advances the progress bar."""
+
+    def __init__(self, advance: Callable[[], None]):
+        self.timings: dict[str, float] = {}
+        self.advance = advance
+        self.clock = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        self.timings[what] = round(self.timings.get(what, 0.0) + now - self.clock, 2)
+        self.clock = now
+        self.advance()
+
+
 def measure(
     f32_path: Path,
     chunks: np.ndarray,
@@ -245,17 +259,7 @@ def measure(
     top = mix[-1]
     method = choose_method(layout, mix) if method == "auto" else method
     probes, measured_by = _probes(layout, mix, method)
-    advance = progress("sensitivity", len(probes) + 4) if progress else (lambda: None)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(what: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[what] = round(timings.get(what, 0.0) + now - clock, 2)
-        clock = now
-        advance()
-
+    lap = _Laps(progress("sensitivity", len(probes) + 4) if progress else (lambda: None))
     folder = Path(scratch) / "levels"
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -289,8 +293,8 @@ def measure(
         "groups": groups,
         "calibration": fit.rows,
         "probes": 1 + len(probes),
-        "seconds": round(sum(timings.values()), 1),
-        "timings": timings,
+        "seconds": round(sum(lap.timings.values()), 1),
+        "timings": lap.timings,
         "reference": {"tokens": np.asarray(chunks, dtype=np.int32), **reference.to_arrays()},
     }
 

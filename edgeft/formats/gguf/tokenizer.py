@@ -25,6 +25,7 @@ from typing import Any
 import gguf
 
 from ...errors import ModelError
+from ...loading import read_json
 
 # The regexes of Split pre-tokenizers, as tokenizer.json spells them.
 LLAMA3_REGEX = (
@@ -53,8 +54,6 @@ PRE_TOKENIZERS: dict[str, tuple[str | None, tuple[tuple[Any, ...], ...]]] = {
 
 
 def read_tokenizer_json(model_dir: Path) -> dict[str, Any]:
-    from ...loading import read_json
-
     path = Path(model_dir) / "tokenizer.json"
     try:
         return read_json(path)

@@ -57,3 +57,24 @@ FILE_BITS_PER_WEIGHT: dict[str, float] = {
     "Q3_K_S": 3.5,
     "Q2_K": 3.35,
 }
+
+# Tensor types a mix may name → ggml_type (ggml.h; gguf-py's GGMLQuantizationType has the same
+# values, checked by a test) and bits per weight, which orders them.
+TENSOR_TYPES: dict[str, tuple[int, float]] = {
+    "Q2_K": (10, 2.625),
+    "Q3_K": (11, 3.4375),
+    "IQ4_XS": (23, 4.25),
+    "Q4_0": (2, 4.5),
+    "IQ4_NL": (20, 4.5),
+    "Q4_K": (12, 4.5),
+    "Q4_1": (3, 5.0),
+    "Q5_0": (6, 5.5),
+    "Q5_K": (13, 5.5),
+    "Q5_1": (7, 6.0),
+    "Q6_K": (14, 6.5625),
+    "Q8_0": (8, 8.5),
+    "F16": (1, 16.0),
+}
+# A 256-block type on rows it cannot tile → the 32-block type of its size class (Q6_K has none
+# below 8 bits: Q8_0, as llama.cpp chooses); a 32-block type on rows it cannot tile → F16.
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}

@@ -11,8 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from ...calibration import SOURCES
 from ...errors import ConfigError
-from .inspect import check_artifact, describe, find_artifact
+from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
+from . import mixed
+from .export import RELEASE_EVERY_BYTES, export
+from .inspect import check_artifact, describe, find_artifact, genai_config
+from .rounding import importance_stage
 from .types import KNOBS, PRECISIONS
 
 NAME = "onnx"
@@ -26,6 +31,12 @@ EDGEFT_KEYS: tuple[str, ...] = ("imatrix", *PLAN_KEYS)  # handled by edgeft, nev
 TARGET_KEYS: tuple[str, ...] = (*KNOBS, *EDGEFT_KEYS)
 ARTIFACT_HINT = "an onnxruntime-genai folder (genai_config.json, model.onnx)"
 CONVERSION = "onnx-fp32"
+# A folder (genai_config.json, model.onnx, its data, tokenizer files): its files keep their names.
+ARTIFACT_FILE = None
+# onnxruntime-genai allocates its KV cache per request: memory was measured at the bench's prompt +
+# decode tokens, not at a fixed context.
+KV_CACHE_AT_OPEN = False
+OLLAMA_MODELFILE = False  # Ollama does not load ONNX
 
 __all__ = ["check_artifact", "describe", "find_artifact"]
 
@@ -71,8 +82,6 @@ def _check_plan_keys(quant: str, options: dict[str, Any], planning: list[str], w
 
 
 def _check_imatrix(quant: str, options: dict[str, Any], where: str) -> None:
-    from ...calibration import SOURCES
-
     if options["imatrix"] not in SOURCES:
         raise ConfigError(f"{where}: imatrix: expected one of {', '.join(SOURCES)}, got {options['imatrix']!r}")
     if quant != "int4":
@@ -90,8 +99,6 @@ def bytes_per_token(folder: Path) -> int:
 
 def kv_bytes_per_token(folder: Path) -> int | None:
     """KV-cache bytes per context token: the builder's CPU graphs keep past keys/values in fp32."""
-    from .inspect import genai_config
-
     d = genai_config(folder)["model"]["decoder"]
     try:
         return int(d["num_hidden_layers"]) * int(d["num_key_value_heads"]) * int(d["head_size"]) * 2 * 4
@@ -100,8 +107,6 @@ def kv_bytes_per_token(folder: Path) -> int | None:
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
-    from .export import export
-
     out = run(f"export {CONVERSION}", lambda: export(merged_dir, Path(out_dir) / CONVERSION, "fp32", {}))
     return CONVERSION, out.path
 
@@ -110,8 +115,6 @@ def build(target, merged_dir: Path, out_dir: Path, run: Run, threads: int, calib
     """``target``'s onnxruntime-genai folder: export and quantization are one builder run. A target
     with a size budget first measures every MatMul's sensitivity on the task's calibration set and
     has the builder keep the plan's MatMuls at int8 (see :mod:`.mixed`)."""
-    from .export import export
-
     if target.quant == "fp32" and not target.options:
         return conversion(merged_dir, out_dir, run)[1]
     knobs = {k: v for k, v in target.options.items() if k not in EDGEFT_KEYS}
@@ -133,7 +136,6 @@ def _importance(target, merged_dir: Path, out_dir: Path, run: Run, threads: int,
     which = target.options.get("imatrix")
     if not which:
         return None
-    from .rounding import importance_stage
 
     fp32 = conversion(merged_dir, out_dir, run)[1]
     calib = calibration(which)
@@ -146,9 +148,6 @@ def _importance(target, merged_dir: Path, out_dir: Path, run: Run, threads: int,
 def _mixed(
     target, knobs: dict[str, Any], merged_dir: Path, out_dir: Path, run: Run, threads, calibration, progress, rounding
 ):
-    from . import mixed
-    from .export import export
-
     fp32 = conversion(merged_dir, out_dir, run)[1]
     # the all-int4 folder this plan starts from: onnx-int4 itself when the knobs are the defaults
     base = "onnx-int4" if not knobs else f"{target.name}-all-int4"
@@ -195,9 +194,6 @@ def _builder_peak(quant: str, shape) -> tuple[int, str]:
     (2.52 GB, largest tensor 0.54 GB): fp32 1.74 GB, int8 2.01 GB, int4 1.72 GB (the builder alone:
     3.65, 7.18, 6.72 GB); this gives 2.12, 2.59, 2.14 GB (BASELINE_BYTES is 0.9 GB, the process's own
     was 0.4 GB)."""
-    from ...resources import BASELINE_BYTES
-    from .export import RELEASE_EVERY_BYTES
-
     largest = 4 * shape.largest_tensor
     held, basis = 2 * largest, "onnxruntime-genai builder: the largest tensor twice"
     if quant != "fp32":
@@ -211,8 +207,6 @@ def _builder_peak(quant: str, shape) -> tuple[int, str]:
 def resource_estimates(target, shape, ladder_export: bool) -> list:
     """The stages ``target`` adds to a build, each with its estimated peak RAM and disk (see
     :mod:`edgeft.resources`)."""
-    from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
-
     n = shape.parameters
     size = int(_BYTES_PER_PARAM.get(target.quant, 4.0) * n)
     out = []
@@ -236,3 +230,11 @@ def resource_estimates(target, shape, ladder_export: bool) -> list:
         out.append(StageEstimate(f"export {target.name}", peak, size, basis))
     out.append(StageEstimate(f"bench {target.name}", BASELINE_BYTES + size, 0, "onnxruntime-genai: the folder"))
     return out
+
+
+def context_length(artifact: Path, read_json: Callable[[Path, str], dict[str, Any]]) -> tuple[Any, Path | None]:
+    """(the context the folder was built for, the file saying so): genai_config's, unchecked (the
+    caller checks it); ``read_json(path, what)`` is the caller's reader for files of a build."""
+    path = Path(artifact) / "genai_config.json"
+    genai = read_json(path, "genai_config")
+    return (genai["model"].get("context_length") if isinstance(genai.get("model"), dict) else None), path

@@ -14,17 +14,20 @@ that belongs in the build process. A model it cannot export is a ModelError carr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from ...errors import ModelError, first_line
 from ...models import check_model_dir
 from ...stage import StageOutput, content_hash, run_stage
+from .rounding import read_importance, reround
 from .types import PRECISIONS
 
 
@@ -89,8 +92,6 @@ def write_onnx(
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("onnxruntime-genai", "onnxruntime", "onnx"):
         try:
@@ -123,8 +124,6 @@ def export(
     def work(tmp: Path) -> dict[str, Any]:
         done = {**write_onnx(model_dir, tmp, quant, options, overrides=overrides), **(record or {})}
         if rounding:
-            from .rounding import read_importance, reround
-
             done["rounding"] = reround(tmp, rounding[0], read_importance(rounding[1]))
         return done
 
@@ -237,8 +236,6 @@ class _MappedWeights:
     pages) is released: dropping it loses nothing, a later read refaults from the file."""
 
     def __init__(self, folder: Path) -> None:
-        import ctypes
-
         self.prefix = str(folder.resolve()) + os.sep
         self.read = 0
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelError
+from ...loading import loading, read_json_object
 
 GENAI_CONFIG = "genai_config.json"
 _SKIP = ("manifest.json",)  # edgeft's own, not part of what an app ships
@@ -29,8 +30,6 @@ def find_artifact(path: Path) -> Path | None:
 
 
 def genai_config(folder: Path) -> dict[str, Any]:
-    from ...loading import read_json_object
-
     path = Path(folder) / GENAI_CONFIG
     config = read_json_object(path, f"{folder}: {GENAI_CONFIG} missing; not an onnxruntime-genai model folder")
     try:
@@ -42,8 +41,6 @@ def genai_config(folder: Path) -> dict[str, Any]:
 
 def _graph(folder: Path):
     import onnx
-
-    from ...loading import loading
 
     name = genai_config(folder)["model"]["decoder"]["filename"]
     path = Path(folder) / name

@@ -28,28 +28,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ...divergence import kl_divergence
 from ...errors import ConfigError, ModelError
 from ...precision_plan import check_fits, plan, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
-from .inspect import genai_config
+from .graph import BLOCK, LEVELS, ChunkSession, Layout, decoder, load_decoder
+from .inspect import describe
+from .rounding import fake_quant as weighted_int4
+from .rounding import read_importance
 
 SENSITIVITY_FILE = "sensitivity.json"
-LEVELS: dict[str, int] = {"int4": 4, "int8": 8}  # mix level → MatMulNBits bits
-BLOCK = 32  # the builder's default block size; a mixed target keeps it
-HEAD = "/lm_head/MatMul"
 
 __all__ = ["plan", "SENSITIVITY_FILE", "LEVELS"]
-
-
-def decoder(folder: Path) -> Path:
-    """The decoder graph's path in an onnxruntime-genai folder."""
-    return Path(folder) / genai_config(folder)["model"]["decoder"]["filename"]
 
 
 def fake_quant(w: np.ndarray, bits: int, block: int = BLOCK) -> np.ndarray:
@@ -78,78 +73,9 @@ def fake_quant(w: np.ndarray, bits: int, block: int = BLOCK) -> np.ndarray:
     return np.ascontiguousarray(values.reshape(n, -1)[:, :k].T)
 
 
-def matmul_bytes(k: int, n: int, bits: int, block: int = BLOCK) -> int:
-    """MatMulNBits initializers of a [K, N] weight: packed values and one fp32 scale per block."""
-    k_blocks = -(-k // block)
-    return n * k_blocks * (block * bits // 8) + n * k_blocks * 4
-
-
-@dataclass
-class Layout:
-    """The quantizable MatMuls of an fp32 export (node name → weight initializer and [K, N] shape)."""
-
-    weights: dict[str, str]
-    shapes: dict[str, tuple[int, int]]
-    tied_embedding: tuple[int, int] | None  # (vocab, hidden) when the embedding reads the head's weight
-
-    @classmethod
-    def of(cls, model) -> Layout:
-        inits = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer}
-        weights, shapes = {}, {}
-        for node in model.graph.node:
-            if node.op_type == "MatMul" and len(node.input) == 2 and len(inits.get(node.input[1], ())) == 2:
-                weights[node.name] = node.input[1]
-                shapes[node.name] = inits[node.input[1]]
-        tied = None
-        head = weights.get(HEAD)
-        if head is not None:
-            produced_by = {o: n for n in model.graph.node for o in n.output}
-            for node in model.graph.node:  # the builder's tied fp32 graph: Gather(Transpose(head weight))
-                src = produced_by.get(node.input[0]) if node.op_type == "Gather" else None
-                if src is not None and src.op_type == "Transpose" and src.input[0] == head:
-                    tied = (shapes[HEAD][1], shapes[HEAD][0])
-        return cls(weights, shapes, tied)
-
-    def option_bytes(self, node: str, level: str) -> int:
-        k, n = self.shapes[node]
-        size = matmul_bytes(k, n, LEVELS[level])
-        if node == HEAD and self.tied_embedding and level != "int4":
-            size += self.tied_embedding[0] * self.tied_embedding[1] * 4  # the embedding table, untied, fp32
-        return size
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def load_decoder(folder: Path):
-    """A folder's decoder graph with every initializer's data read in.
-
-    onnx.load refuses external data with more than one hard link, and stage outputs are hard-linked
-    from the cache: the data is read here instead (see :func:`_read_external`)."""
-    import onnx
-
-    model = onnx.load(str(decoder(folder)), load_external_data=False)
-    _read_external(model, Path(folder))
-    return model
-
-
-def _read_external(model, base: Path) -> None:
-    """Inline every initializer's external data (location, offset, length) from files under ``base``."""
-    from onnx import TensorProto
-
-    files: dict[str, np.memmap] = {}
-    for init in model.graph.initializer:
-        if init.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in init.external_data}
-        data = files.setdefault(info["location"], np.memmap(base / info["location"], dtype=np.uint8, mode="r"))
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", len(data) - offset))
-        init.raw_data = data[offset : offset + length].tobytes()
-        del init.external_data[:]
-        init.data_location = TensorProto.DEFAULT
 
 
 class ProbeModel:
@@ -180,32 +106,6 @@ class ProbeModel:
         return _log_softmax(self.session.run(["logits"], chunk, weights)[0][0])
 
 
-class ChunkSession:
-    """An edited copy of a folder's decoder graph, saved under ``scratch`` and run by onnxruntime on
-    whole calibration chunks from an empty KV cache (the sweep's probes, the importance measurement)."""
-
-    def __init__(self, model, folder: Path, scratch: Path, stem: str, threads: int = 0):
-        import onnx
-        import onnxruntime as ort
-
-        path = Path(scratch) / f"{stem}.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location=f"{stem}.onnx.data")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        d = genai_config(folder)["model"]["decoder"]
-        # no past: [batch, kv heads, 0 positions, head size]
-        empty = np.zeros((1, int(d["num_key_value_heads"]), 0, int(d["head_size"])), dtype=np.float32)
-        self.past = {i.name: empty for i in self.session.get_inputs() if i.name.startswith("past_key_values")}
-
-    def run(self, outputs: list[str], chunk: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> list:
-        ids = np.asarray(chunk, dtype=np.int64)[None]
-        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids), **self.past, **(extra or {})}
-        return self.session.run(outputs, feeds)
-
-
 def measure(
     fp32_folder: Path,
     chunks: np.ndarray,
@@ -220,7 +120,6 @@ def measure(
     """Every MatMul's added KLD at int4 with the rest at int8 (see the module docstring).
     ``shared_embedding``: whether the int4 file's embedding reads the head's int4 weights;
     ``importance``: node → column importance when int4 is rounded by it (see :mod:`.rounding`)."""
-    from .rounding import fake_quant as weighted_int4
 
     probe = ProbeModel(fp32_folder, scratch, threads)
     layout = probe.layout
@@ -233,7 +132,7 @@ def measure(
         total = 0.0
         for chunk, lr in zip(chunks, ref):
             la = probe.log_probs(chunk, weights)
-            total += float((np.exp(lr) * (lr - la)).sum(dtype=np.float64))
+            total += float(kl_divergence(lr, la).sum())
         return total / chunks.size
 
     start = time.perf_counter()
@@ -273,8 +172,6 @@ def fixed_bytes(int4_folder: Path, fp32_folder: Path) -> int:
     room for the larger graph a mixed file writes (node names and attributes per promoted node)."""
     import onnx
 
-    from .inspect import describe
-
     layout = Layout.of(onnx.load(str(decoder(fp32_folder)), load_external_data=False))
     total = describe(int4_folder)["size_bytes"]
     return total - sum(layout.option_bytes(n, "int4") for n in layout.shapes) + 4096 + 256 * len(layout.shapes)
@@ -313,8 +210,6 @@ def sensitivity_stage(
         params["int4_rounding"] = "importance-weighted"
 
     def work(tmp: Path) -> dict[str, Any]:
-        from .inspect import describe
-        from .rounding import read_importance
 
         # shared_embeddings = false keeps the table fp32 in the int4 folder already: the head's
         # int8 option then costs no table of its own
@@ -361,7 +256,6 @@ def check_budget(options: dict[str, Any], fp32_dir: Path, int4_dir: Path) -> Non
 
 def check_written(folder: Path, chosen: dict[str, Any]) -> None:
     """The written folder is within the plan's budget; a larger one is our bug, not the user's input."""
-    from .inspect import describe
 
     size = describe(folder)["size_bytes"]
     if size > chosen["max_bytes"]:

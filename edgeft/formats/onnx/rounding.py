@@ -22,6 +22,7 @@ same size; on the fine-tuned cooking model's replies it gains little (0.231 → 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from ...errors import ModelError
 from ...stage import StageOutput, content_hash, run_stage
+from .graph import ChunkSession, Layout, decoder, load_decoder
 
 IMPORTANCE_FILE = "importance.npz"
 LEVELS = 16  # int4: stored 0..15 around a zero point of 8
@@ -117,8 +119,6 @@ def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, thr
     """MatMul node name → mean squared activation of each input column over every calibration token."""
     import onnx
 
-    from .mixed import ChunkSession, Layout, load_decoder
-
     model = load_decoder(fp32_folder)
     layout = Layout.of(model)
     input_of = {n.name: n.input[0] for n in model.graph.node if n.name in layout.weights}
@@ -140,8 +140,6 @@ def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, thr
 
 def importance_stage(fp32_dir: Path, out_dir: Path, calibration: Any, threads: int = 0) -> StageOutput:
     """Cached stage: fp32 export + calibration chunks → ``importance.npz`` (names + one vector each)."""
-    import shutil
-
     inputs = {"fp32": content_hash(fp32_dir)}
     params = {"statistic": "mean squared MatMul input per column", "calibration": calibration.describe()}
 
@@ -173,8 +171,6 @@ def reround(folder: Path, fp32_folder: Path, importance: dict[str, np.ndarray]) 
     rounding of the fp32 export's weights, in place. Returns what the manifest records."""
     import onnx
     from onnx import TensorProto, numpy_helper
-
-    from .mixed import Layout, decoder, load_decoder
 
     path = decoder(folder)
     model = onnx.load(str(path), load_external_data=False)
