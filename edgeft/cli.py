@@ -22,37 +22,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+# The CLI is the top layer and a dispatcher: each command imports the library code it runs, so
+# `edgeft --help` and a refused input answer in ~0.1 s instead of ~0.5 s (numpy and every stage
+# module), which a Raspberry Pi multiplies by five. The library itself imports top-down
+# (tests/test_layering.py).
 from . import __version__
-from .bench.device_runs import import_llama_bench, now
-from .bench.gates import parse_gate_flags
-from .calibrate import calibrate, write_profile
 from .config import REFERENCE_DTYPES, config_as_dict, load_config
-from .decode_model import describe_range
-from .devices import available_devices, get_device
-from .devices import device_file as profile_file
-from .devices import recommend as recommend_targets
 from .errors import ConfigError, EdgeftError, InternalError, first_line
-from .formats.gguf import needs_quantize
-from .formats.gguf.quantize import quantize as run_quantize
-from .formats.gguf.types import UNQUANTIZED
-from .machine import summary as machine_summary
-from .merge import merge as run_merge
-from .models import resolve_model
-from .package import package as make_bundle
-from .package import verify as verify_bundle
-from .pipeline import bench_artifacts
-from .pipeline import build as run_build
-from .preflight import check_merge, check_train
 from .progress import rich_progress, stage_printer
-from .remote import Remote
-from .report import dtype_short, refold, timed_in_run
-from .resources import check_fits as check_resources_fit
-from .resources import plan as plan_resources
-from .resources import render as render_resources
-from .stage import check_output_dir, check_replaceable
-from .targets import apply_overrides, available_targets, get_target, parse_target_list
-from .train import distributed, resolve_device
-from .train import train as run_train
 
 
 @contextmanager
@@ -126,6 +103,8 @@ def _load_cfg(config: Path | None, model: str | None):
 
 def _train_device(cfg, device: str | None, flag: str) -> None:
     """Apply a training-device flag; CUDA asked for without a GPU fails here, naming the flag."""
+    from .train import resolve_device
+
     if device is None:
         return
     cfg.train.device = device
@@ -221,6 +200,14 @@ def build(
     dry_run: bool,
 ) -> None:
     """Train → merge → export → quantize → bench, each stage cached; exit 1 when a gate fails."""
+    from .bench.gates import parse_gate_flags
+    from .devices import get_device
+    from .pipeline import build as run_build
+    from .resources import check_fits as check_resources_fit
+    from .resources import plan as plan_resources
+    from .resources import render as render_resources
+    from .targets import apply_overrides, available_targets, parse_target_list
+
     with _user_errors():
         cfg = _load_cfg(config, model)
         _train_device(cfg, train_device, "--train-device")
@@ -304,6 +291,8 @@ def _task_change(p: dict | None) -> str:
 def _print_summary(report: dict, out_dir: Path) -> None:
     # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
     # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
+    from .machine import summary as machine_summary
+
     console = Console(markup=False)
     if not console.is_terminal:  # CI logs: do not squeeze the table into 80 columns
         console = Console(width=120, markup=False)
@@ -329,6 +318,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
 
 
 def _ladder_table(report: dict) -> Table:
+    from .report import dtype_short
+
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
 
     ref_type = dtype_short(report["reference"].get("dtype"))
@@ -369,6 +360,8 @@ def _ladder_table(report: dict) -> Table:
 
 
 def _print_device_projection(d: dict) -> None:
+    from .decode_model import describe_range
+
     for name, t in d["targets"].items():
         decode = t.get("decode_model") or {
             "basis": "ceiling",
@@ -412,6 +405,11 @@ def train(
     Resumes from its last checkpoint when a killed run is started again. Under
     `torchrun --nproc_per_node N -m edgeft train ...` every process trains and the first writes the adapter.
     """
+    from .models import resolve_model
+    from .preflight import check_train
+    from .train import distributed
+    from .train import train as run_train
+
     with _user_errors():
         cfg = _load_cfg(config, model)
         _train_device(cfg, device, "--device")
@@ -442,6 +440,10 @@ def train(
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="held-out chat JSONL for --strategy auto")
 def merge(model: str, adapter: Path, out_dir: Path, strategy: str, eval_file: Path | None) -> None:
     """Merge a LoRA adapter into a full-precision base; writes a safetensors Hugging Face folder."""
+    from .merge import merge as run_merge
+    from .models import resolve_model
+    from .preflight import check_merge
+
     with _user_errors():
         strategy = check_merge(model, adapter, out_dir, strategy, eval_file)
         out = run_merge(resolve_model(model), adapter, out_dir, strategy, eval_file)
@@ -461,6 +463,12 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
     """Convert a Hugging Face model to an unquantized GGUF (OUT/model.gguf).
 
     Families edgeft knows are written natively; other architectures go through llama.cpp's converter."""
+    from .formats.gguf import needs_quantize
+    from .formats.gguf.types import UNQUANTIZED
+    from .models import resolve_model
+    from .stage import check_output_dir, check_replaceable
+    from .targets import get_target
+
     with _user_errors():
         # the exporter imports transformers (its converter fallback): not on `edgeft bench`'s path
         from .formats.gguf.export import export as run_export
@@ -483,6 +491,10 @@ def export(model: str, target_name: str, out_dir: Path) -> None:
 @click.option("--threads", type=click.IntRange(0, 4096), default=0, help="quantizer threads (0: all cores)")
 def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
     """Quantize an exported GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
+    from .formats.gguf.quantize import quantize as run_quantize
+    from .stage import check_output_dir, check_replaceable
+    from .targets import get_target
+
     with _user_errors():
         target = get_target(target_name)
         if target.format != "gguf":
@@ -505,6 +517,8 @@ def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> N
 @click.option("--model", "model", help="base model name or folder, for its licence (default: the build's config)")
 def package(build_dir: Path, target: str, out: Path, model: str | None) -> None:
     """Bundle a built target for an app: artifact, tokenizer, chat template, Modelfile, manifest.json; + a zip."""
+    from .package import package as make_bundle
+
     with _user_errors():
         manifest = make_bundle(build_dir, target, out, model)
         size = sum(f["size"] for f in manifest["files"].values())
@@ -517,6 +531,8 @@ def package(build_dir: Path, target: str, out: Path, model: str | None) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 def verify(bundle: Path) -> None:
     """Check a bundle folder or zip against its manifest (exit 2 on any missing, extra or changed file)."""
+    from .package import verify as verify_bundle
+
     with _user_errors():
         manifest = verify_bundle(bundle)
         click.echo(
@@ -620,6 +636,11 @@ def bench(
     --reference reference/` there (needs no torch). Runs on other machines (--remote with --build,
     --llama-bench) are kept in the build and listed in its report.
     """
+    from .bench.gates import parse_gate_flags
+    from .devices import device_file as profile_file
+    from .devices import get_device
+    from .pipeline import bench_artifacts
+
     with _user_errors():
         if llama_bench_file is not None:
             if build_dir is None or artifacts or remote:
@@ -661,6 +682,8 @@ def bench(
 
 
 def _remote(host: str, ssh: str, edgeft: str, workdir: str):
+    from .remote import Remote
+
     try:
         argv = tuple(shlex.split(ssh))
     except ValueError as e:
@@ -669,6 +692,9 @@ def _remote(host: str, ssh: str, edgeft: str, workdir: str):
 
 
 def _import_llama_bench(build_dir: Path, path: Path) -> None:
+    from .bench.device_runs import import_llama_bench
+    from .report import refold
+
     record, stored = import_llama_bench(build_dir, path)
     refold(build_dir)
     table = Table(title=f"llama-bench on {record['machine']['cpu_model'] or 'an unnamed CPU'} (measured there)")
@@ -701,6 +727,12 @@ def recommend(
     """The smallest built target that fits a device and meets a fidelity and speed budget, with the table behind it.
 
     Exit 1 when no built target meets the budget."""
+    from .decode_model import describe_range
+    from .devices import get_device
+    from .devices import recommend as recommend_targets
+    from .machine import summary as machine_summary
+    from .report import timed_in_run
+
     with _user_errors():
         result = recommend_targets(build_dir, get_device(device), max_kld, min_tok_s, context)
         if as_json:
@@ -749,6 +781,8 @@ def recommend(
 @click.pass_context
 def devices(ctx: click.Context) -> None:
     """List the device profiles (`edgeft bench --device NAME`); `devices calibrate` fits one to your runs."""
+    from .devices import available_devices
+
     if ctx.invoked_subcommand is not None:
         return
     with _user_errors():
@@ -787,6 +821,9 @@ def devices_calibrate(
 
     NAME is the profile to start from (`rpi5`, or a .toml path); runs of at least two artifact sizes
     at one thread count are needed. Use the written file with `--device FILE`."""
+    from .bench.device_runs import now
+    from .calibrate import calibrate, write_profile
+
     with _user_errors():
         args = [name, *(a for p in llama_bench_files for a in ("--llama-bench", str(p)))]
         args += [a for p in report_files for a in ("--report", str(p))]
@@ -813,6 +850,8 @@ def devices_calibrate(
 @cli.command()
 def targets() -> None:
     """List the build targets."""
+    from .targets import available_targets
+
     with _user_errors():
         found = sorted(available_targets().values(), key=lambda t: t.name)
         width = max((len(t.name) for t in found), default=0)
