@@ -783,6 +783,7 @@ def test_the_corpus_covers_every_class():
         assert cls in prefixes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_one_line_and_exit_2(name, inputs, tmp_path):
     work = tmp_path / "work"

@@ -13,7 +13,7 @@ import pytest
 
 from .cli import run_edgeft
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 TARGETS = "gguf-q8,gguf-q4,gguf-q4_0"

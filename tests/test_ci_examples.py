@@ -221,6 +221,7 @@ def build_step_env(tmp_path: Path, edgeft: Path, **inputs: str) -> dict[str, str
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "inputs, status, planned",
     [
@@ -342,6 +343,7 @@ def gitlab_build(tmp_path: Path, **overrides: str) -> tuple[subprocess.Completed
     return run_bash("\n".join(exports + [line]) + "\n", env, tmp_path), plan
 
 
+@pytest.mark.slow
 def test_gitlab_build_line_runs_edgefts_real_cli(tmp_path):
     result, plan = gitlab_build(tmp_path)
     assert result.returncode == 0, result.stderr

@@ -84,6 +84,7 @@ def test_bench_missing_artifact(tmp_path):
     assert_user_error(proc, "nope.gguf")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["targets"], ["build", "--dry-run", "--target", "gguf-q8"]])
 def test_informational_commands(tmp_path, args):
     proc = run_edgeft(args, tmp_path)

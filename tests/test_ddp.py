@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .tiny import make_tiny_llama
+
+pytestmark = pytest.mark.slow  # every test here builds or runs a model end to end
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
 

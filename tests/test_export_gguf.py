@@ -140,6 +140,7 @@ def _expected_tensors(n_layers: int, tied: bool) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_f32_export_gives_transformers_logits(
     tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path, kind: str
@@ -170,6 +171,7 @@ FAMILY_TENSORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_TENSORS))
 def test_every_family_exports_to_f32_gguf_with_transformers_logits(
     tokenizer, tiny_tokens: list[list[int]], tmp_path: Path, family: str, request: pytest.FixtureRequest
@@ -193,6 +195,7 @@ def test_every_family_exports_to_f32_gguf_with_transformers_logits(
     _assert_within(measured, "f32-gelu" if family == "gemma3" else "f32")
 
 
+@pytest.mark.slow
 def test_mistral_sliding_window_caps_the_context(tokenizer, tmp_path: Path) -> None:
     """llama.cpp runs mistral as llama, without a window: within the window the two agree exactly."""
     model_dir = make_tiny_model(tmp_path / "mistral", tokenizer, "mistral")
@@ -213,6 +216,7 @@ def test_rope_scaling_is_refused_naming_the_key(tokenizer, tmp_path: Path) -> No
     assert not (tmp_path / "model.gguf").exists()
 
 
+@pytest.mark.slow
 def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
     tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path
 ) -> None:
@@ -274,6 +278,7 @@ def _needs_converter() -> None:
         pytest.skip(f"llama.cpp's converter not installed in {fallback.converter_dir()} (make install)")
 
 
+@pytest.mark.slow
 def test_other_architectures_go_to_llama_cpps_converter(
     tokenizer, tiny_tokens: list[list[int]], tmp_path: Path
 ) -> None:
@@ -291,6 +296,7 @@ def test_other_architectures_go_to_llama_cpps_converter(
     _assert_within(measured, "f32")
 
 
+@pytest.mark.slow
 def test_architecture_neither_exporter_knows_is_one_model_error(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     _needs_converter()
     folder = tmp_path / "foo"
@@ -326,6 +332,7 @@ def test_unknown_pre_tokenizer_is_a_model_error(tiny_models: dict[str, Path], tm
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow
 def test_cli_export_of_an_unknown_pre_tokenizer_is_one_line_exit_2(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -478,6 +485,7 @@ def _llama3_chat(conversation: list[dict[str, str]]) -> str:
     return f"<|begin_of_text|>{turns}"
 
 
+@pytest.mark.slow
 def test_llama3_tokenizer_exports_as_llama_bpe_and_tokenizes_like_transformers(
     llama3_tokenizer, tmp_path: Path
 ) -> None:
@@ -527,6 +535,7 @@ QWEN_TEXT = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_qwen_tokenizer_exports_as_qwen2_and_tokenizes_like_transformers(
     qwen_tokenizer, tmp_path: Path, family: str
@@ -619,6 +628,7 @@ def _sentencepiece_prefix_rule(tokenizer, text: str) -> list[int]:
     return ids
 
 
+@pytest.mark.slow
 def test_sentencepiece_vocab_exports_as_llama_model_and_matches_transformers_up_to_the_prefix_rule(
     mistral_tokenizer, tmp_path: Path
 ) -> None:
@@ -669,6 +679,7 @@ def _gemma_chat(conversation: list[dict[str, str]]) -> str:
     return f"<bos>{turns}"
 
 
+@pytest.mark.slow
 def test_gemma_tokenizer_matches_llama_cpp_and_the_original_gguf(gemma3_dir: Path, tmp_path: Path) -> None:
     """The materialised Gemma tokenizer (whitespace runs restored as user-defined pieces) tokenizes like
     llama.cpp on our export and on the GGUF converted from Google's own tokenizer."""

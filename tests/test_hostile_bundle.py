@@ -73,6 +73,7 @@ def package(cwd: Path, out: str = "app", *extra: str, **kw):
     return run_edgeft(["package", "--build", "build", "--target", "gguf-q4", "--out", out, *extra], cwd, **kw)
 
 
+@pytest.mark.slow
 def test_a_genuine_bundle_verifies_and_is_replaced_by_the_next(tmp_path):
     make_build(tmp_path)
     assert_ok(package(tmp_path))
@@ -213,6 +214,7 @@ def test_package_refuses_a_link_in_the_build_folder(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_package_refuses_a_link_in_an_onnx_folder(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper

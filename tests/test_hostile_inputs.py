@@ -470,6 +470,7 @@ def _gguf_build(work: Path, artifact: Path) -> Path:
     return build
 
 
+@pytest.mark.slow
 def test_a_49_byte_gguf_claiming_2_62_items_is_refused_in_bounded_memory(work, baseline_rss):
     evil = huge_array_gguf(work / "evil.gguf")
     assert evil.stat().st_size == 49
@@ -596,6 +597,7 @@ def test_a_model_folder_naming_its_own_code_is_refused_before_anything_loads_it(
     assert snapshot(work) == before
 
 
+@pytest.mark.slow
 def test_the_converter_never_imports_a_model_folders_code(work):
     """Past the up-front refusal (called directly): llama.cpp's converter runs with transformers'
     loader of a folder's own code replaced by an error."""

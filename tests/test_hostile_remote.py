@@ -288,6 +288,7 @@ def device(tmp_path) -> Device:
     return Device(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_well_behaved_device_report_comes_back(device, inputs):
     run = device.bench(inputs)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -589,6 +590,7 @@ def _assert_markdown_is_inert(md: str) -> None:
     _tables_keep_their_columns(md)
 
 
+@pytest.mark.slow
 def test_device_strings_are_inert_in_report_md_and_on_the_terminal(device, inputs):
     device.report(hostile_report())
     run = device.bench(inputs)
@@ -619,6 +621,7 @@ def _fake_build(root: Path, inputs: dict[str, Path], name: str = "gguf-q4") -> P
     return build
 
 
+@pytest.mark.slow
 def test_a_device_run_folded_into_a_build_report_is_inert(device, inputs):
     build = _fake_build(device.local, inputs)
     device.report(hostile_report("gguf-q4"))
@@ -820,6 +823,7 @@ def test_the_library_refuses_nul_and_the_ssh_argv_ends_options_before_the_host()
 # ------------------------------------------------------------------------------ 5. EDGEFT_RUN_ID
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_id", ["..", ".", "../../precious.txt", "a/b", "x" * 65, "", "a b", "id\n"])
 def test_an_unsafe_run_id_is_refused_before_anything_runs_on_the_device(device, inputs, run_id):
     precious = device.home / "precious.txt"
@@ -834,6 +838,7 @@ def test_an_unsafe_run_id_is_refused_before_anything_runs_on_the_device(device, 
     assert device.argv_log() == []  # not even the version check ran
 
 
+@pytest.mark.slow
 def test_a_fifo_or_a_link_left_in_out_by_an_earlier_run_is_not_written_through(device, inputs):
     """--out from an earlier bench, with links planted where reports are written: replaced, never followed."""
     assert device.bench(inputs).returncode == 0

@@ -77,6 +77,7 @@ def test_calibration_errors_name_the_setting(tokenizer, tmp_path):
         build_set("task", tokenizer, one, tokens=1 << 20, chunk_tokens=2048, task_share=0.5)
 
 
+@pytest.mark.slow
 def test_imatrix_holds_every_linear_input_with_its_token_count(outlier_llama, task_set, tmp_path):
     from edgeft.formats.gguf import imatrix as im
     from edgeft.formats.gguf.inspect import read_gguf
@@ -119,6 +120,7 @@ def _mean_kld(ref_file: Path, q_file: Path, token_lists: list[list[int]]) -> flo
         q.close()
 
 
+@pytest.mark.slow
 def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(outlier_llama, task_set, tokenizer, tmp_path):
     from edgeft.data import load_jsonl
     from edgeft.formats.gguf.imatrix import imatrix_stage
@@ -154,6 +156,7 @@ def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(outlier
     assert json.loads((imat.path / "manifest.json").read_text())["results"]["calibration"]["source"] == "task"
 
 
+@pytest.mark.slow
 def test_same_inputs_give_a_byte_identical_gguf(outlier_llama, task_set, tmp_path):
     from edgeft.formats.gguf.imatrix import imatrix_stage
     from edgeft.formats.gguf.quantize import quantize
@@ -166,6 +169,7 @@ def test_same_inputs_give_a_byte_identical_gguf(outlier_llama, task_set, tmp_pat
     assert files[0] == files[1]
 
 
+@pytest.mark.slow
 def test_malformed_or_mismatched_imatrix_is_refused(outlier_llama, tokenizer, tmp_path):
     from edgeft.calibration import build_set
     from edgeft.formats.gguf import imatrix as im
@@ -203,6 +207,7 @@ def test_imatrix_target_field_is_checked(tmp_path, monkeypatch, body, message):
         get_target("x")
 
 
+@pytest.mark.slow
 def test_k_quant_mixes_weigh_only_their_k_quant_rows(tokenizer, tmp_path):
     """Rows narrower than a 256-value K-quant block fall back to a legacy type in a K-quant mix; on
     SmolLM2 the matrix made those worse (see imatrix.scope), so they get none. Legacy types get it all."""

@@ -19,6 +19,8 @@ import pytest
 from .cli import start_edgeft
 from .tiny import tiny_build_config
 
+pytestmark = pytest.mark.slow  # every test here builds or runs a model end to end
+
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tokenizer) -> Path:

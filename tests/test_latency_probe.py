@@ -52,6 +52,7 @@ def _check_spread(s: dict, n: int) -> None:
     assert 0 < s["min"] <= s["median"] <= s["max"]
 
 
+@pytest.mark.slow
 def test_measure_latency_hits_prompt_length_and_reports_spreads(runtime) -> None:
     result = measure_latency(runtime, prompt_tokens=128, decode_tokens=16, repeats=2)
     assert abs(result["prompt_tokens"] - 128) <= 8
@@ -76,6 +77,7 @@ def test_llamacpp_probe_runs_in_own_process_without_torch(tied_and_untied: dict[
     _check_spread(report["latency"]["decode_tok_s"], 1)
 
 
+@pytest.mark.slow
 def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(
     tied_and_untied: dict[str, Path], tmp_path
 ) -> None:
@@ -98,6 +100,7 @@ def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(
     assert plain["sustained"] is None and set(plain["device_state"]) == {"affinity", "before", "after"}
 
 
+@pytest.mark.slow
 def test_probe_peak_rss_is_not_the_parents(tied_and_untied: dict[str, Path]) -> None:
     """A large parent must not leak its high-water mark into the probe (ru_maxrss survives exec)."""
     import psutil
@@ -110,6 +113,7 @@ def test_probe_peak_rss_is_not_the_parents(tied_and_untied: dict[str, Path]) -> 
     del ballast
 
 
+@pytest.mark.slow
 def test_torch_probe(tied_and_untied: dict[str, Path]) -> None:
     report = run_probe("torch", tied_and_untied["tied"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
     assert report["pid"] != os.getpid() and report["torch_imported"] is True
@@ -136,6 +140,7 @@ def _tensor_bytes(path: Path) -> int:
 
 
 # GGUFReader parses the 49k-token vocabulary in Python (~2 s a file), so each file is read once here.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tied", "untied"])
 def test_bytes_per_token_counts_embedding_rows_read(tied_and_untied: dict[str, Path], tokenizer, kind: str) -> None:
     """Tied: the embedding is the output layer, read whole. Untied: the lookup reads one row."""

@@ -154,6 +154,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "base", "lora", "adapter_dtype", "unmerged_same"), CASES, ids=[c[0] for c in CASES])
 def test_streaming_merge_is_peft_merge_and_unload_bit_for_bit(
     case, base, lora, adapter_dtype, unmerged_same, bases, tokenizer, tmp_path
@@ -195,6 +196,7 @@ def test_streaming_merge_is_peft_merge_and_unload_bit_for_bit(
             torch.testing.assert_close(a, b, atol=LOGITS_ATOL, rtol=0)  # ...and the merged one computes that
 
 
+@pytest.mark.slow
 def test_blocks_of_rows_give_the_same_merge(bases, tmp_path, monkeypatch):
     """Real-size tensors are converted, folded and checked in blocks of rows; tiny ones fit one block.
     With blocks of a few rows (bf16 base, embedding and head LoRA) the result is peft's up to the last
@@ -240,6 +242,7 @@ def test_every_family_streams_to_peft_merge_bit_for_bit(family, tokenizer, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_a_sharded_merge_is_read_by_transformers_and_the_gguf_exporter(bases, tmp_path, monkeypatch):
     """Small shards: an index and several files, which weights.weight_files and the GGUF export read."""
     from edgeft import merge_stream
@@ -271,6 +274,7 @@ def qlora(bases, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "dtype"), [("llama", "float32"), ("llama", "bfloat16"), ("qwen2", "bfloat16")])
 def test_per_tensor_nf4_round_trip_is_load_dequantized_bit_for_bit(family, dtype, tokenizer, tmp_path):
     """Same quantized set as transformers' NF4 load, and the same dequantized values, tensor for tensor."""
@@ -405,6 +409,7 @@ print(json.dumps({"baseline": before, "peak": peak()}))
 """
 
 
+@pytest.mark.slow
 def test_merge_memory_does_not_grow_with_the_model(tmp_path):
     """Peak RSS over the baseline stays under 3 x the largest fp32 tensor (+ 16 MB of slack), and under
     a third of the model in fp32: a merge that held the model would not fit. Not a timing."""

@@ -148,6 +148,7 @@ def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
         b.close()
 
 
+@pytest.mark.slow
 def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, tokenizer, tmp_path):
     from edgeft.formats.gguf.inspect import read_gguf
     from edgeft.formats.gguf.layout import Layout, assign
@@ -200,6 +201,7 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, toke
     assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
 
 
+@pytest.mark.slow
 def test_same_inputs_give_a_byte_identical_mixed_gguf(uneven_llama, tmp_path):
     from edgeft.formats.gguf.mixed import sensitivity_stage
     from edgeft.formats.gguf.quantize import quantize
@@ -243,6 +245,7 @@ def test_mixed_target_fields_are_checked(tmp_path, monkeypatch, body, message):
         get_target("x")
 
 
+@pytest.mark.slow
 def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
     """Through `edgeft build` on a tiny model: the row, the plan in the manifest; then a budget below
     the all-lowest file is one line, exit 2, before any calibration stage runs."""
@@ -282,6 +285,7 @@ def test_a_mixed_target_builds_and_an_impossible_budget_stops_before_the_sweep(t
 # ---------------------------------------------------------------- the sweep's parts (llama.cpp, tiny model)
 
 
+@pytest.mark.slow
 def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_mix(uneven_llama, tmp_path):
     """llama.cpp quantizes each tensor on its own: copying tensors out of files quantized with every
     tensor at one type gives exactly the file llama.cpp writes for the mix (importance matrix too)."""
@@ -308,6 +312,7 @@ def test_a_probe_assembled_from_level_files_is_byte_identical_to_llama_cpps_own_
     assert _sha(tmp_path / "assembled.gguf") == _sha(tmp_path / "direct.gguf")
 
 
+@pytest.mark.slow
 def test_ggml_dequantizes_level_tensors_as_gguf_py_does(uneven_llama, tmp_path):
     import gguf
     from gguf.quants import dequantize
@@ -334,6 +339,7 @@ def test_ggml_dequantizes_level_tensors_as_gguf_py_does(uneven_llama, tmp_path):
             assert err.rows.sum() == pytest.approx(err.columns.sum(), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torch(uneven_llama):
     """The in-place logits view equals LlamaCppRuntime's copy, observing the inputs changes nothing,
     and the inputs' mean squares llama.cpp saw are those torch's imatrix collector sees."""
@@ -365,6 +371,7 @@ def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torc
         assert np.linalg.norm(means[name] - sums / count) <= 0.03 * np.linalg.norm(sums / count), name
 
 
+@pytest.mark.slow
 def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(uneven_llama, tmp_path):
     """Per position the top-k figure never exceeds the full KL divergence and equals it with k = vocab;
     over probes that each lower one group, it ranks the probes as the full figure does."""
@@ -407,6 +414,7 @@ def test_top_k_kld_is_a_lower_bound_that_orders_probes_as_the_full_kld(uneven_ll
     assert sorted(added, key=lambda g: added[g][0]) == sorted(added, key=lambda g: added[g][1])
 
 
+@pytest.mark.slow
 def test_the_proxy_orders_layer_groups_like_the_end_to_end_probes(uneven_llama, tmp_path):
     """On the uneven tiny llama, the predicted added KLD of each layer group (local errors calibrated by
     role and depth probes) ranks the groups as probing each one alone does."""

@@ -130,6 +130,7 @@ def test_gemma3_chat_template_renders_gemmas_turn_layout() -> None:
     )
 
 
+@pytest.mark.slow
 def test_gemma3_folder_carries_a_chat_template_and_stops_on_end_of_turn(gemma3_dir: Path) -> None:
     """Opt-in: the base model's GGUF has no template; the folder gets Gemma's, generation stops on
     <eos> and <end_of_turn>, and a training example's labels end on <end_of_turn>."""

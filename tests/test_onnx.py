@@ -44,6 +44,7 @@ def tiny_onnx(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     return {q: export(tiny_llama_dir, root / q, q, {}).path for q in ("fp32", "int4")}
 
 
+@pytest.mark.slow
 def test_fp32_export_gives_torch_logits(tiny_llama_dir, tiny_onnx):
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
     from edgeft.runtimes.torch import TorchRuntime
@@ -70,6 +71,7 @@ def test_int4_folder_is_what_an_app_loads(tiny_onnx):
     assert long.n_tokens == 6 and not long.stopped
 
 
+@pytest.mark.slow
 def test_export_is_cached_by_model_and_options(tiny_llama_dir, tmp_path):
     from edgeft.formats.onnx.export import export
 
@@ -97,6 +99,7 @@ def test_broken_folders_are_named(tiny_onnx, tmp_path):
         detect_artifact(short)
 
 
+@pytest.mark.slow
 def test_a_model_the_builder_cannot_export_is_one_line(tiny_llama_dir, tmp_path):
     from edgeft.formats.onnx.export import write_onnx
 
@@ -138,6 +141,7 @@ MIXED_PLAN = [{"match": {"name": "/model/layers.1/mlp/down_proj/MatMul"}, "type"
 
 # fp32 (no quantizer); int4 with the tied embedding quantized by the Gather path; the quantizer's
 # rtn path (k_quant, head int8); the default quantizer's two passes of a mixed plan
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quant,options,overrides",
     [("fp32", {}, None), ("int4", {}, None), ("int4", {"algo_config": "k_quant_last"}, None), ("int4", {}, MIXED_PLAN)],
@@ -167,6 +171,7 @@ def test_the_export_glue_was_checked_against_the_installed_builder():
     assert onnxruntime_genai.__version__ in GLUE_CHECKED
 
 
+@pytest.mark.slow
 def test_the_export_holds_the_largest_tensor_not_the_model(tiny_onnx, tokenizer, tmp_path):
     """A 283 MB random llama (tied, 12 layers of 512, a 100 MB embedding): the builder process's
     peak RSS stays within its baseline (the tiny model's export) + twice the largest tensor (a

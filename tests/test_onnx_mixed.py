@@ -95,6 +95,7 @@ def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
     return held_out_kld(OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2), tokenizer, 12)
 
 
+@pytest.mark.slow
 def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(uneven_onnx, tokenizer, tmp_path):
     from edgeft.formats.onnx.export import export
     from edgeft.formats.onnx.graph import HEAD
@@ -169,6 +170,7 @@ def test_budget_target_fields_are_checked(tmp_path, monkeypatch, body, message):
     assert_target_refused(tmp_path, monkeypatch, 'format = "onnx"\n' + body, message)
 
 
+@pytest.mark.slow
 def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the_sweep(tmp_path, tokenizer):
     """Through `edgeft build`: the row and the plan in the folder's manifest; then a budget below the
     all-int4 folder is one line, exit 2, with no sensitivity folder written."""

@@ -105,6 +105,7 @@ def loud_onnx(tmp_path_factory, tokenizer) -> dict:
     return uneven_onnx_exports(tmp_path_factory.mktemp("onnx-rounding"), tokenizer, seed=5, calib_tokens=1024)
 
 
+@pytest.mark.slow
 def test_importance_is_each_matmul_inputs_mean_square(loud_onnx):
     """The ONNX graph's MatMul inputs, measured by onnxruntime, against the same inputs hooked in torch."""
     import torch
@@ -147,6 +148,7 @@ def _matmulnbits_initializers(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(loud_onnx, tokenizer, tmp_path):
     import onnx
 
@@ -186,6 +188,7 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(l
     assert kld_ours < kld_builder, (kld_ours, kld_builder)
 
 
+@pytest.mark.slow
 def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(loud_onnx, tmp_path):
     """Small models may keep initializers inside model.onnx: the same rounding lands there."""
     import shutil
@@ -223,6 +226,7 @@ def test_imatrix_target_fields_are_checked(tmp_path, monkeypatch, body, message)
     assert_target_refused(tmp_path, monkeypatch, 'format = "onnx"\n' + body, message)
 
 
+@pytest.mark.slow
 def test_imatrix_targets_build_alone_and_under_a_budget(tmp_path, tokenizer):
     """Through `edgeft build`: one importance stage serves both targets; the budgeted one sweeps
     with the weighted rounding and writes it for its int4 MatMuls."""

@@ -24,7 +24,7 @@ import pytest
 from .cli import run_edgeft
 from .tiny import COOKING, TINY_BENCH, make_tiny_llama
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RIGHT, WRONG = 40, 20
 NEVER = "no such answer anywhere"

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .cli import run_edgeft
 from .tiny import tiny_build_config
+
+pytestmark = pytest.mark.slow  # every test here builds or runs a model end to end
 
 
 def test_a_qlora_build_reports_the_merge_it_kept_the_adapter_on_nf4_row_and_the_loss_curve(tmp_path, tokenizer):

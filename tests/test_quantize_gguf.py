@@ -44,6 +44,7 @@ EXPECTED = {
 MIN_CORRELATION = {"Q8_0": 0.99, "Q6_K": 0.97, "Q4_K_M": 0.9, "Q4_0": 0.8}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", list(EXPECTED))
 def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
     from edgeft.formats.gguf.quantize import quantize
@@ -66,6 +67,7 @@ def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
     ref.close()
 
 
+@pytest.mark.slow
 def test_quantize_is_cached_and_smaller(tiny_f32, tmp_path):
     from edgeft.formats.gguf.quantize import quantize
 

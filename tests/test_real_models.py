@@ -17,6 +17,8 @@ from edgeft.models import BUILTIN_MODELS, builtin_gguf_path, resolve_model
 
 from .test_export_gguf import QWEN_TEXT, STRESS_TEXT, _compare, _eval_conversations, _hf_logits, _pydoc_text
 
+pytestmark = pytest.mark.slow  # every test here builds or runs a model end to end
+
 pytest.importorskip("llama_cpp")
 
 QWEN = ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]

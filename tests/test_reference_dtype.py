@@ -41,6 +41,7 @@ def refs(tmp_path_factory, tokenizer) -> dict:
     return {"root": root, "model": model, "eval": eval_file, "fp32": fp32, "bf16": bf16}
 
 
+@pytest.mark.slow
 def test_the_torch_runtime_loads_bf16_and_hands_back_fp32_logits(refs) -> None:
     import torch
 
@@ -78,6 +79,7 @@ def test_a_bf16_reference_records_its_dtype_and_stays_close_to_fp32(refs) -> Non
     assert fidelity["top1_agreement"] >= bounds["top1_at_least"]
 
 
+@pytest.mark.slow
 def test_the_reference_stage_never_reuses_one_dtype_for_the_other(refs) -> None:
     from edgeft.bench import reference as stored_reference
     from edgeft.bench.run import _params, reference
@@ -106,6 +108,7 @@ def test_auto_picks_bf16_for_an_hf_reference_that_would_not_fit_in_fp32(refs, mo
     assert machine_reference_dtype(refs["model"], "float32") == ReferenceDtype()
 
 
+@pytest.mark.slow
 def test_the_report_says_bf16_wherever_it_said_fp32_and_why(refs) -> None:
     """A build folder whose reference and base row ran in bf16, benched through the CLI."""
     from edgeft.bench.run import bench_base

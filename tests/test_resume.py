@@ -65,6 +65,7 @@ def interrupt_after(step: int):
     return Interrupt()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_and_ends_with_the_same_adapter(inputs, uninterrupted, tmp_path):
     from edgeft.train import train
 
@@ -82,6 +83,7 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_adapter(inputs, unint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # checkpoints removed once done
 
 
+@pytest.mark.slow
 def test_a_killed_training_process_resumes_where_it_stopped(inputs, uninterrupted, tmp_path):
     from edgeft.train import train
 
@@ -146,6 +148,7 @@ def test_a_checkpoint_killed_while_being_written_is_skipped(tmp_path):
     assert checkpoints.latest(tmp_path) is None
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_adapter_it_found_before_the_kill(inputs, tmp_path):
     """The best step (2) lies before the checkpoint the run resumes from (6): its weights must come back
     from the checkpoint folder, not from the resumed run's memory."""

@@ -46,6 +46,7 @@ def test_truncation_keeps_lengths_aligned(tokenizer):
     assert len(row["input_ids"]) == len(row["labels"]) == 10
 
 
+@pytest.mark.slow
 def test_train_writes_a_peft_adapter_and_caches(tiny_llama_dir, small_train, tmp_path):
     from edgeft.train import train
 
@@ -64,6 +65,7 @@ def test_train_writes_a_peft_adapter_and_caches(tiny_llama_dir, small_train, tmp
     assert not changed.cached and json.loads((changed.path / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tiny_llama_dir, small_train, tmp_path):
     from edgeft.train import train_adapter
 
@@ -121,6 +123,7 @@ def test_qlora_loads_the_base_in_nf4_with_double_quantization(tiny_llama_dir):
     assert state.quant_type == "nf4" and state.nested and state.blocksize == 64  # nested: double quantization
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_cpu_and_lowers_the_loss(tiny_llama_dir, small_train, tmp_path):
     from edgeft.train import train_adapter
 
@@ -148,6 +151,7 @@ def small_eval(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dequant_merge_is_the_nf4_weights_plus_the_adapter_delta(tiny_llama_dir, qlora_adapter, tmp_path):
     import bitsandbytes.functional as F
     import torch

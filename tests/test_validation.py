@@ -72,6 +72,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_the_adapter_written_is_the_one_with_the_lowest_validation_loss(inputs, tmp_path):
     from edgeft.train import train
 
@@ -93,6 +94,7 @@ def test_the_adapter_written_is_the_one_with_the_lowest_validation_loss(inputs, 
     assert steps == sorted(steps) and steps[-1] == 8 and len(steps) == 8
 
 
+@pytest.mark.slow
 def test_a_share_of_the_training_data_is_held_out_when_no_file_is_given(inputs, tmp_path):
     from edgeft.train import train
 
@@ -115,6 +117,7 @@ def test_without_validation_the_last_adapter_is_kept_and_nothing_is_evaluated(in
     assert res["validation"] is None and res["examples"] == 16
 
 
+@pytest.mark.slow
 def test_what_picks_the_kept_checkpoint_is_part_of_the_stage_key(inputs, tmp_path):
     from edgeft.train import train
 
