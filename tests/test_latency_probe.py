@@ -161,3 +161,19 @@ def test_a_probe_that_does_not_finish_is_an_internal_error_not_a_user_error(tmp_
     with pytest.raises(InternalError, match="did not finish") as e:
         run_probe("torch", tmp_path, threads=1, prompt_tokens=64, decode_tokens=4, repeats=1, timeout=0.05)
     assert e.value.exit_code == 3
+
+
+def test_the_probe_time_out_grows_with_the_model_and_the_tokens_timed(tmp_path):
+    from edgeft.bench.probe import BASE_TIMEOUT_S, model_bytes, probe_timeout
+
+    (tmp_path / "model.gguf").write_bytes(b"\0" * 1000)
+    (tmp_path / "folder").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / "folder" / name).write_bytes(b"\0" * 300)
+    assert model_bytes(tmp_path / "model.gguf") == 1000 and model_bytes(tmp_path / "folder") == 600
+    # SmolLM2-sized models at the default lengths keep the old 900 s guard
+    assert probe_timeout(538_000_000, 512, 128, 3) == BASE_TIMEOUT_S
+    # the 1.5B's 7.1 GB fp32 reference gets ~6.6x, and twice the timed tokens twice that again
+    big = probe_timeout(7_108_390_424, 512, 128, 3)
+    assert big == pytest.approx(BASE_TIMEOUT_S * 7_108_390_424 / 2**30)
+    assert probe_timeout(7_108_390_424, 1024, 256, 3) == pytest.approx(2 * big)

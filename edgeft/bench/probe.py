@@ -162,6 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# A probe's time-out is a guard against a hung child, not a budget: it grows with the work. 900 s
+# covered every run up to a gigabyte of weights at the default lengths; a run's time grows with the
+# bytes each decoded token reads and the weights each prompt token multiplies (both the model's
+# size) and with the tokens timed, so a 1.5B fp32 reference (7 GB) gets about 7x that, not 900 s.
+BASE_TIMEOUT_S = 900.0
+BASE_MODEL_BYTES = 1 << 30
+BASE_TOKENS = 4 * (512 + 128)  # a warm-up and three timed runs of a 512-token prompt and 128 tokens
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of weights behind ``model``: a file's size, or every file in a model folder."""
+    model = Path(model)
+    if model.is_file():
+        return model.stat().st_size
+    return sum(p.stat().st_size for p in model.rglob("*") if p.is_file()) if model.is_dir() else 0
+
+
+def probe_timeout(size_bytes: int, prompt_tokens: int, decode_tokens: int, repeats: int) -> float:
+    """Seconds before a probe of ``size_bytes`` of weights timing these lengths counts as hung."""
+    size = max(1.0, size_bytes / BASE_MODEL_BYTES)
+    work = max(1.0, (repeats + 1) * (prompt_tokens + decode_tokens) / BASE_TOKENS)
+    return BASE_TIMEOUT_S * size * work
+
+
 def run_probe(
     runtime: str,
     model: Path,
@@ -169,7 +193,7 @@ def run_probe(
     prompt_tokens: int,
     decode_tokens: int,
     repeats: int,
-    timeout: float = 900,
+    timeout: float | None = None,
     sustained_s: float = 0.0,
     sysfs_root: Path | None = None,
     dtype: str = "float32",
@@ -179,7 +203,8 @@ def run_probe(
 
     The probe exits 2 when the user's input is at fault (it could not load the model): that is
     raised as ModelError with the probe's message. A crash, any other failure or a time-out is not
-    the user's fault and raises InternalError (exit status 3).
+    the user's fault and raises InternalError (exit status 3). ``timeout``: by default
+    :func:`probe_timeout` of the model's size and the lengths timed.
     """
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
@@ -192,6 +217,8 @@ def run_probe(
         "--decode-tokens", str(decode_tokens),
         "--repeats", str(repeats),
     ]  # fmt: skip
+    if timeout is None:
+        timeout = probe_timeout(model_bytes(model), prompt_tokens, decode_tokens, repeats)
     if sustained_s > 0:
         cmd += ["--sustained", repr(float(sustained_s))]
         timeout += sustained_s
@@ -203,7 +230,10 @@ def run_probe(
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
-        raise InternalError(f"internal error: the {runtime} probe of {model} did not finish in {timeout:g} s") from e
+        raise InternalError(
+            f"internal error: the {runtime} probe of {model} did not finish in {timeout:.0f} s "
+            "(the limit grows with the model's size and the tokens timed)"
+        ) from e
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     if done.returncode == EdgeftError.exit_code and errors:
