@@ -216,6 +216,61 @@ def test_rope_scaling_is_refused_naming_the_key(tokenizer, tmp_path: Path) -> No
     assert not (tmp_path / "model.gguf").exists()
 
 
+def _with_llama3_rope(model_dir: Path) -> Path:
+    """Llama 3.1's rope scaling with a short original context, so that most rotated pairs of a
+    16-wide head fall in the scaled or the blended band and a 40-token test sees the difference."""
+    config = json.loads((model_dir / "config.json").read_text())
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    (model_dir / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    return model_dir
+
+
+@pytest.mark.slow
+def test_llama3_rope_scaling_exports_its_factors_and_matches_transformers(
+    tokenizer, tiny_tokens: list[list[int]], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    plain = make_tiny_model(tmp_path / "plain", tokenizer, "llama", tied=False)
+    scaled = _with_llama3_rope(make_tiny_model(tmp_path / "scaled", tokenizer, "llama", tied=False))
+    out = tmp_path / "model.gguf"
+    export_gguf.write_gguf(scaled, out, "f32")
+
+    # the factors are the ratio of transformers' own unscaled to scaled inverse frequencies
+    inv = {}
+    for name, folder in (("plain", plain), ("scaled", scaled)):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        inv[name] = model.model.rotary_emb.inv_freq.to(torch.float64).numpy()
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}["rope_freqs.weight"]
+    np.testing.assert_allclose(stored, inv["plain"] / inv["scaled"], rtol=1e-6)
+    assert stored.min() == 1.0 and stored.max() == 8.0 and len(set(stored.round(4))) >= 3  # all three bands
+
+    tokens = [ids[:40] for ids in tiny_tokens]
+    hf = _hf_logits(scaled, tokens)
+    _assert_within(_compare(hf, _gguf_logits(out, tokens)), "f32")
+    # without the factors the same weights answer differently: the test can tell
+    unscaled = _compare(hf, _hf_logits(plain, tokens))
+    assert unscaled["mean_kld"] > 100 * TOLERANCES["export", "f32"]["mean_kld"], unscaled
+
+
+def test_llama3_rope_scaling_without_its_keys_is_refused_naming_them(tokenizer, tmp_path: Path) -> None:
+    model_dir = _with_llama3_rope(make_tiny_model(tmp_path / "llama", tokenizer, "llama"))
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["rope_parameters"]["low_freq_factor"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="rope_type 'llama3' needs low_freq_factor"):
+        export_gguf.write_gguf(model_dir, tmp_path / "model.gguf", "f32")
+    assert not (tmp_path / "model.gguf").exists()
+
+
 @pytest.mark.slow
 def test_f16_export_keeps_1d_tensors_f32_and_stays_close(
     tiny_models: dict[str, Path], tiny_tokens: list[list[int]], tmp_path: Path

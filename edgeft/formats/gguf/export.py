@@ -61,6 +61,7 @@ class _Tensor:
     dtype: type[np.floating]
     rotary_heads: int  # > 0: rows get the rotary permutation for this many heads
     shift: float  # added to every value (gemma's 1 + w norms)
+    computed: np.ndarray | None = None  # a tensor the family computes (llama3's rope_freqs), not read
 
 
 def export(model_dir: Path, out_dir: Path, outtype: str = "f32") -> StageOutput:
@@ -172,6 +173,8 @@ def _plan_tensors(model_dir: Path, config: dict[str, Any], family: Family, dtype
                         shift=family.norm_shift if hf_name.endswith("norm.weight") else 0.0,
                     )
                 )
+    for name, values in (family.extra_tensors(model_dir, config) if family.extra_tensors else {}).items():
+        plan.append(_Tensor(name, model_dir / "config.json", name, values.shape, np.float32, 0, 0.0, values))
     names = {t.name for t in plan}
     output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     if not tied and output not in names:
@@ -183,6 +186,8 @@ def _load_tensor(t: _Tensor) -> np.ndarray:
     """Read one tensor as fp32 (any stored dtype, bf16 included), transform, cast to its GGUF type."""
     from safetensors import safe_open
 
+    if t.computed is not None:
+        return np.ascontiguousarray(t.computed, dtype=np.float32)
     with loading(t.source, f"tensor {t.hf_name}"), safe_open(t.source, framework="pt") as f:
         data = f.get_tensor(t.hf_name).float().numpy()
     if not np.isfinite(data).all():  # a broken model must not become a shippable artifact

@@ -16,7 +16,8 @@ What differs between families, checked against llama.cpp's loaders:
 * sliding-window attention: gemma3 mixes sliding and full layers (a period), phi3 may slide on every
   layer; llama-architecture models cannot slide in llama.cpp, so a mistral window caps the context.
 
-Anything a row cannot express exactly (rope scaling, attention scales llama.cpp does not read)
+Anything a row cannot express exactly (rope scaling other than Llama 3.1's, attention scales llama.cpp
+does not read)
 raises :class:`ModelError` naming the config key, so an export is faithful or refused.
 """
 
@@ -33,6 +34,7 @@ from ...errors import ModelError
 
 Config = dict[str, Any]
 HParams = Callable[[gguf.GGUFWriter, Path, Config], None]
+ExtraTensors = Callable[[Path, Config], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Family:
     permute_qk: bool = False  # llama.cpp's "normal" rope: q/k rows get the rotary permutation
     norm_shift: float = 0.0  # added to every *norm.weight (gemma's 1 + w convention)
     tied_default: bool = False  # tie_word_embeddings when config.json omits it (its config class default)
+    extra_tensors: ExtraTensors | None = None  # tensors llama.cpp reads that the HF model computes
 
 
 def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -65,26 +68,78 @@ def head_dim(config: Config) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _rope(model_dir: Path, config: Config, layer_kind: str | None = None) -> dict[str, Any]:
+def _rope(
+    model_dir: Path, config: Config, layer_kind: str | None = None, allowed: tuple[str, ...] = ("default",)
+) -> dict[str, Any]:
     """Rope parameters (transformers 5 ``rope_parameters``, 4.x ``rope_scaling``/``rope_theta``).
 
-    Only unscaled rope is exact in every family here; anything else is refused. ``layer_kind``
-    picks one entry of a per-layer-type dict (gemma3: full_attention / sliding_attention).
+    Unscaled rope is exact in every family here, Llama 3.1's ``llama3`` scaling in the llama one
+    (``allowed``); anything else is refused. ``layer_kind`` picks one entry of a per-layer-type
+    dict (gemma3: full_attention / sliding_attention).
     """
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if layer_kind is not None and layer_kind in rope:
-        rope = rope[layer_kind]
+    rope = _rope_entry(config, layer_kind)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in allowed:
         where = f"rope_parameters.{layer_kind}" if layer_kind else "rope_parameters"
+        expected = " or ".join(repr(a) for a in allowed)
         raise ModelError(
-            f"{model_dir}/config.json: {where}: rope_type {rope_type!r} is not supported; expected 'default'"
+            f"{model_dir}/config.json: {where}: rope_type {rope_type!r} is not supported; expected {expected}"
         )
     return rope
 
 
-def _rope_theta(model_dir: Path, config: Config, layer_kind: str | None = None, default: float = 10000.0) -> float:
-    rope = _rope(model_dir, config, layer_kind)
+def _rope_entry(config: Config, layer_kind: str | None = None) -> dict[str, Any]:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope[layer_kind] if layer_kind is not None and layer_kind in rope else rope
+
+
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_rope_factors(model_dir: Path, config: Config) -> np.ndarray:
+    """Llama 3.1's rope scaling as llama.cpp reads it: one divisor per rotated pair (``rope_freqs``).
+
+    transformers rescales each inverse frequency by its wavelength band: short wavelengths (below
+    ``original_max_position_embeddings / high_freq_factor``) stay, long ones (above ``... /
+    low_freq_factor``) are divided by ``factor``, and the band between blends the two. llama.cpp
+    divides each pair's angle by the stored factor instead, so the factor is the ratio of the
+    original inverse frequency to the scaled one.
+    """
+    rope = _rope_entry(config)
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope]
+    if missing:
+        raise ModelError(f"{model_dir}/config.json: rope_parameters: rope_type 'llama3' needs {', '.join(missing)}")
+    factor, low, high, old = (float(rope[k]) for k in LLAMA3_ROPE_KEYS)
+    if not (factor > 0 and high > low > 0 and old > 0):
+        raise ModelError(
+            f"{model_dir}/config.json: rope_parameters: expected factor > 0 and high_freq_factor > "
+            f"low_freq_factor > 0, got {factor:g}, {high:g}, {low:g}"
+        )
+    base = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    dims = head_dim(config)
+    inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blended))
+    return factors.astype(np.float32)
+
+
+def _llama3_extra_tensors(model_dir: Path, config: Config) -> dict[str, np.ndarray]:
+    rope = _rope_entry(config)
+    if rope.get("rope_type", rope.get("type", "default")) != "llama3":
+        return {}
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": llama3_rope_factors(model_dir, config)}
+
+
+def _rope_theta(
+    model_dir: Path,
+    config: Config,
+    layer_kind: str | None = None,
+    default: float = 10000.0,
+    allowed: tuple[str, ...] = ("default",),
+) -> float:
+    rope = _rope(model_dir, config, layer_kind, allowed)
     return float(rope.get("rope_theta", config.get("rope_theta", default)))
 
 
@@ -107,6 +162,13 @@ def _common(writer: gguf.GGUFWriter, model_dir: Path, config: Config, rope_dims:
 
 
 def _llama(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
+    """Llama, Llama 3.1's rope scaling included (its factors go in a tensor: :func:`llama3_rope_factors`)."""
+    _common(writer, model_dir, config)
+    writer.add_rope_freq_base(_rope_theta(model_dir, config, allowed=("default", "llama3")))
+
+
+def _unscaled(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
+    """Llama's keys for a family whose rope llama.cpp runs unscaled only (qwen2, qwen3)."""
     _common(writer, model_dir, config)
     writer.add_rope_freq_base(_rope_theta(model_dir, config))
 
@@ -117,7 +179,7 @@ def _mistral(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
     llama.cpp runs mistral as llama, without a window; within the window the two agree exactly, so
     the context written is capped at the window instead of silently attending beyond it.
     """
-    _llama(writer, model_dir, config)
+    _unscaled(writer, model_dir, config)
     window = config.get("sliding_window")
     if window and window < config["max_position_embeddings"]:
         writer.add_context_length(window)  # GGUFWriter keeps the last value written for a key
@@ -126,7 +188,7 @@ def _mistral(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
 def _qwen2(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
     if config.get("use_sliding_window"):
         raise ModelError(f"{model_dir}/config.json: use_sliding_window: true is not supported; expected false")
-    _llama(writer, model_dir, config)
+    _unscaled(writer, model_dir, config)
 
 
 def _gemma3(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
@@ -185,10 +247,10 @@ def _phi3(writer: gguf.GGUFWriter, model_dir: Path, config: Config) -> None:
 
 # HF architecture → family. edgeft.models.SUPPORTED_ARCHITECTURES lists the same names (a test checks).
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True),
+    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, extra_tensors=_llama3_extra_tensors),
     "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, _mistral, permute_qk=True),
     "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2, _qwen2),
-    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3, _llama),
+    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3, _unscaled),
     "Gemma3ForCausalLM": Family(gguf.MODEL_ARCH.GEMMA3, _gemma3, norm_shift=1.0, tied_default=True),
     "Phi3ForCausalLM": Family(gguf.MODEL_ARCH.PHI3, _phi3),
 }
