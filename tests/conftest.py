@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ContextManager
 
 import pytest
 
@@ -19,21 +20,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "slow: builds, trains or runs a model through a runtime end to end; seconds to minutes "
         "(deselect with -m 'not slow': make test-fast)",
     )
-
-
-# Under pytest-xdist (`make test`: --dist loadgroup) a group runs on one worker, in order. One group a
-# file keeps each module fixture (a whole build, in tests/test_build.py) built once; files that write
-# the same entries of the shared model cache share a group, so two workers never race to create one.
-SHARED_CACHE_GROUPS = {
-    "test_onnx.py": "smollm2-onnx-exports",
-    "test_onnx_mixed.py": "smollm2-onnx-exports",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SHARED_CACHE_GROUPS.get(name, name)))
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +39,17 @@ def edgeft_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEFT_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session")
+def cache_lock(edgeft_cache: Path) -> Callable[[str], ContextManager]:
+    """``with cache_lock("onnx-exports"):`` around making entries of the shared model cache that another
+    test file also makes. Under pytest-xdist (`make test`) two workers would each build the entry and
+    the second would replace the first's folder while its test reads it; with the lock the second waits
+    and finds the entry made."""
+    from filelock import FileLock
+
+    return lambda name: FileLock(str(edgeft_cache / f".{name}.lock"))
 
 
 @pytest.fixture(scope="session")

@@ -195,11 +195,12 @@ def test_the_export_holds_the_largest_tensor_not_the_model(tiny_onnx, tokenizer,
 
 
 @pytest.fixture(scope="module")
-def smollm2_onnx(smollm2_dir, edgeft_cache) -> dict[str, Path]:
+def smollm2_onnx(smollm2_dir, edgeft_cache, cache_lock) -> dict[str, Path]:
     from edgeft.formats.onnx.export import export
 
     root = edgeft_cache / "onnx-exports"
-    return {q: export(smollm2_dir, root / f"{smollm2_dir.name}-{q}", q, {}).path for q in ("fp32", "int8", "int4")}
+    with cache_lock("onnx-exports"):  # test_onnx_mixed.py makes two of these too
+        return {q: export(smollm2_dir, root / f"{smollm2_dir.name}-{q}", q, {}).path for q in ("fp32", "int8", "int4")}
 
 
 @pytest.mark.integration

@@ -212,7 +212,7 @@ def test_a_budgeted_onnx_target_builds_and_an_impossible_budget_stops_before_the
 
 @pytest.mark.integration
 def test_smollm2_importance_rounding_and_budget_beat_builder_int4_on_held_out_replies(
-    smollm2_dir, edgeft_cache, tokenizer
+    smollm2_dir, edgeft_cache, cache_lock, tokenizer
 ):
     """The real model, with importance measured on 2048 task tokens and a short sweep (256 tokens: the
     test checks the mechanism, docs/quantization.md the figures): the re-rounded all-int4 folder, at the
@@ -230,7 +230,8 @@ def test_smollm2_importance_rounding_and_budget_beat_builder_int4_on_held_out_re
 
     root = edgeft_cache / "onnx-exports"
     name = smollm2_dir.name
-    fp32, int4 = (export(smollm2_dir, root / f"{name}-{q}", q, {}).path for q in ("fp32", "int4"))
+    with cache_lock("onnx-exports"):  # test_onnx.py makes these two too
+        fp32, int4 = (export(smollm2_dir, root / f"{name}-{q}", q, {}).path for q in ("fp32", "int4"))
     calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=256, task_share=0.5)
     importance = importance_stage(fp32, root / f"{name}-imatrix-task", calib, threads=2).path
     rounding = (fp32, importance)
