@@ -76,12 +76,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two workers, a test file whole on one of them (a module fixture, such as test_build.py's build, is
-# made once): while one worker waits on a subprocess, llama.cpp or a single-threaded step, the other
-# uses the core. (Not --dist loadgroup: with pytest 9.2 xdist 3.8's groups do not take effect.)
-TEST_WORKERS ?= 2
+# One process: the builds' llama.cpp runs use two threads each, and two pytest-xdist workers on two
+# cores made llama.cpp's spinning threads fight (test_build.py's answers ran ~10x slower; measured).
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest
+
+# The unit tests spread over two workers, a test file whole on one of them (--dist loadfile; not
+# loadgroup: with pytest 9.2 xdist 3.8's groups do not take effect).
+TEST_WORKERS ?= 2
 
 # The unit tests alone: nothing that builds, trains or runs a model end to end (`slow`).
 test-fast: lint
