@@ -38,10 +38,10 @@ def test_types_fall_back_within_their_size_class_and_mixes_are_checked():
     assert group_of("blk.3.attn_q.weight") == "blk.3.attn" and group_of("blk.3.ffn_down.weight") == "blk.3.ffn"
     assert group_of("token_embd.weight") == "token_embd" and group_of("output.weight") == "output"
     assert check_mix(["Q4_K", "Q5_K", "Q8_0"], "t") == ("Q4_K", "Q5_K", "Q8_0")
-    import gguf
-
-    # the ggml_type values mirrored here are gguf-py's (and so ggml.h's)
-    assert all(gguf.GGMLQuantizationType[name].value == v for name, (v, _) in TENSOR_TYPES.items())
+    # the table is ordered by bits per weight (what a mix's order is checked against), read from
+    # gguf-py's block sizes: llama.cpp's published 4.5 (Q4_K) and 6.5625 (Q6_K)
+    bits = [b for _, b in TENSOR_TYPES.values()]
+    assert bits == sorted(bits) and TENSOR_TYPES["Q4_K"] == (12, 4.5) and TENSOR_TYPES["Q6_K"] == (14, 6.5625)
     for bad, msg in [
         (["Q8_0", "Q4_0"], "fewest to most bits"),
         (["Q4_0"], "two or more"),

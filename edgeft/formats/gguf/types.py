@@ -1,32 +1,28 @@
 """Facts about GGUF quantization types, as data.
 
-``GGUF_QUANT_TYPES`` maps the name users write (llama.cpp's own spelling) to ``llama_ftype`` from
-llama.h (mirrored here so the module imports without llama.cpp; a test checks the values against the
-installed llama_cpp package).
+The numbers come from gguf-py's enums (``LlamaFileType``, ``GGMLQuantizationType``,
+``GGML_QUANT_SIZES``), which mirror llama.h and ggml.h; edgeft only chooses which names it offers.
+A test checks the file types against the installed llama_cpp package as well.
 """
 
 from __future__ import annotations
 
-# name → llama_ftype (llama.h: LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_*)
-GGUF_QUANT_TYPES: dict[str, int] = {
-    "F32": 0,
-    "F16": 1,
-    "Q4_0": 2,
-    "Q4_1": 3,
-    "Q8_0": 7,
-    "Q5_0": 8,
-    "Q5_1": 9,
-    "Q2_K": 10,
-    "Q3_K_S": 11,
-    "Q3_K_M": 12,
-    "Q3_K_L": 13,
-    "Q4_K_S": 14,
-    "Q4_K_M": 15,
-    "Q5_K_S": 16,
-    "Q5_K_M": 17,
-    "Q6_K": 18,
-    "BF16": 32,
-}
+import gguf
+
+# The whole-file types edgeft offers, in llama.cpp's spelling (``llama-quantize``'s names).
+_FILE_TYPES = (
+    "F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "BF16",
+)  # fmt: skip
+
+
+def _ftype(name: str) -> int:
+    """llama_ftype of a whole-file type: LLAMA_FTYPE_ALL_F32, else LLAMA_FTYPE_MOSTLY_<name>."""
+    return gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"].value
+
+
+# name → llama_ftype
+GGUF_QUANT_TYPES: dict[str, int] = {name: _ftype(name) for name in _FILE_TYPES}
 
 # Types the exporter writes directly (→ its outtype); the rest, BF16 included (numpy has no bf16),
 # are produced by llama.cpp's quantizer from the F32 export.
@@ -58,23 +54,19 @@ FILE_BITS_PER_WEIGHT: dict[str, float] = {
     "Q2_K": 3.35,
 }
 
-# Tensor types a mix may name → ggml_type (ggml.h; gguf-py's GGMLQuantizationType has the same
-# values, checked by a test) and bits per weight, which orders them.
-TENSOR_TYPES: dict[str, tuple[int, float]] = {
-    "Q2_K": (10, 2.625),
-    "Q3_K": (11, 3.4375),
-    "IQ4_XS": (23, 4.25),
-    "Q4_0": (2, 4.5),
-    "IQ4_NL": (20, 4.5),
-    "Q4_K": (12, 4.5),
-    "Q4_1": (3, 5.0),
-    "Q5_0": (6, 5.5),
-    "Q5_K": (13, 5.5),
-    "Q5_1": (7, 6.0),
-    "Q6_K": (14, 6.5625),
-    "Q8_0": (8, 8.5),
-    "F16": (1, 16.0),
-}
+# Tensor types a mix may name, from fewest bits per weight to most.
+_MIX_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0", "F16")
+
+
+def _tensor_type(name: str) -> tuple[int, float]:
+    """ggml_type of a tensor type and its bits per weight (a block's bytes × 8 / its values)."""
+    kind = gguf.GGMLQuantizationType[name]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    return kind.value, size * 8 / block
+
+
+# name → (ggml_type, bits per weight), which orders them
+TENSOR_TYPES: dict[str, tuple[int, float]] = {name: _tensor_type(name) for name in _MIX_TYPES}
 # A 256-block type on rows it cannot tile → the 32-block type of its size class (Q6_K has none
 # below 8 bits: Q8_0, as llama.cpp chooses); a 32-block type on rows it cannot tile → F16.
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q4_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}
