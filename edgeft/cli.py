@@ -457,53 +457,56 @@ def merge(model: str, adapter: Path, out_dir: Path, strategy: str, eval_file: Pa
 
 @cli.command()
 @click.option("--model", required=True, help="builtin name or local HF folder")
-@click.option("--target", "target_name", default="gguf-f32", show_default=True, help="gguf-f32 or gguf-f16")
+@click.option(
+    "--target",
+    "target_name",
+    default="gguf-f32",
+    show_default=True,
+    help="gguf-f32 or gguf-f16 (quantize next), or an ONNX target (onnx-int4, ...: quantized as it is written)",
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 def export(model: str, target_name: str, out_dir: Path) -> None:
-    """Convert a Hugging Face model to an unquantized GGUF (OUT/model.gguf).
+    """Convert a Hugging Face model to a target's format (OUT/model.gguf, or an ONNX folder OUT).
 
-    Families edgeft knows are written natively; other architectures go through llama.cpp's converter."""
-    from .formats.gguf import needs_quantize
-    from .formats.gguf.types import UNQUANTIZED
-    from .models import resolve_model
+    GGUF: families edgeft knows are written natively, other architectures go through llama.cpp's
+    converter; quantized types come from `edgeft quantize` next."""
+    from .formats import get_format
     from .stage import check_output_dir, check_replaceable
     from .targets import get_target
 
     with _user_errors():
-        # the exporter imports transformers (its converter fallback): not on `edgeft bench`'s path
-        from .formats.gguf.export import export as run_export
-
         target = get_target(target_name)
-        if target.format != "gguf" or needs_quantize(target.quant):
-            raise ConfigError(
-                f"--target {target_name}: export writes unquantized GGUF (gguf-f32, gguf-f16); use `edgeft quantize` next"
-            )
         check_output_dir(out_dir)
         check_replaceable(out_dir)
-        out = run_export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
-        click.echo(f"gguf: {out.path / 'model.gguf'}{' (cached)' if out.cached else ''}")
+        out, artifact = get_format(target.format).export_artifact(target, model, out_dir)
+        click.echo(f"{target.format}: {artifact}{' (cached)' if out.cached else ''}")
 
 
 @cli.command()
-@click.option("--gguf", "gguf_dir", type=click.Path(path_type=Path), required=True, help="folder from `edgeft export`")
+@click.option(
+    "--from",
+    "--gguf",
+    "source_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder from `edgeft export` (--gguf: the older name)",
+)
 @click.option("--target", "target_name", default="gguf-q4", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--threads", type=click.IntRange(0, 4096), default=0, help="quantizer threads (0: all cores)")
-def quantize(gguf_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
-    """Quantize an exported GGUF with llama.cpp (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
-    from .formats.gguf.quantize import quantize as run_quantize
+def quantize(source_dir: Path, target_name: str, out_dir: Path, threads: int) -> None:
+    """Quantize an export (GGUF with llama.cpp: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...)."""
+    from .formats import get_format
     from .stage import check_output_dir, check_replaceable
     from .targets import get_target
 
     with _user_errors():
         target = get_target(target_name)
-        if target.format != "gguf":
-            raise ConfigError(f"--target {target_name}: `edgeft quantize` quantizes GGUF files; use `edgeft build`")
         check_output_dir(out_dir)
         check_replaceable(out_dir)
-        out = run_quantize(gguf_dir, out_dir, target.quant, threads)
-        types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"]["tensor_types"].items())
-        click.echo(f"gguf: {out.path / 'model.gguf'} [{types}]{' (cached)' if out.cached else ''}")
+        out, artifact = get_format(target.format).quantize_artifact(target, source_dir, out_dir, threads)
+        types = ", ".join(f"{k}×{v}" for k, v in out.manifest["results"].get("tensor_types", {}).items())
+        click.echo(f"{target.format}: {artifact}{f' [{types}]' if types else ''}{' (cached)' if out.cached else ''}")
 
 
 @cli.command()

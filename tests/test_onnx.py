@@ -251,3 +251,28 @@ def test_smollm2_quantized_onnx_answers_and_stops(smollm2_onnx, quant):
         # ends on <|im_end|> from genai_config's eos ids, not on the budget, and never prints it
         assert out.stopped and 0 < out.n_tokens < 96, (question, out.text)
         assert "<|im_end|>" not in out.text and expected in out.text, (question, out.text)
+
+
+@pytest.mark.slow
+def test_cli_export_writes_an_onnx_target_and_quantize_points_to_it(tiny_llama_dir, tiny_onnx, tmp_path):
+    from edgeft.files import sha256_file
+
+    from .cli import run_edgeft
+
+    proc = run_edgeft(["export", "--model", tiny_llama_dir, "--target", "onnx-int4", "--out", tmp_path / "int4"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"onnx: {tmp_path / 'int4'}"
+    # the same folder as the library's export of the same model and quant
+    for name in ("model.onnx", "model.onnx.data"):
+        assert sha256_file(tmp_path / "int4" / name) == sha256_file(tiny_onnx["int4"] / name), name
+    for argv, fragment in [
+        # ONNX is quantized by the builder as it exports: quantize names the command that does it
+        (["quantize", "--from", tmp_path / "int4", "--target", "onnx-int4"], "use `edgeft export --target onnx-int4`"),
+        # a size budget needs a calibration set, which only a build has
+        (["export", "--model", tiny_llama_dir, "--target", "onnx-int4-mixed"], "use `edgeft build`"),
+        (["quantize", "--gguf", tmp_path / "int4", "--target", "gguf-q4_0-imat"], "use `edgeft build`"),
+    ]:
+        bad = run_edgeft([*argv, "--out", tmp_path / "bad"])
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and fragment in lines[0], bad.stderr
+        assert not (tmp_path / "bad").exists()

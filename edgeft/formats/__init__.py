@@ -24,6 +24,10 @@ A format package (``formats/gguf/``: ``types.py`` facts as tables, ``export.py``
   purpose)`` gives the build's calibration set; ``progress(description, total)`` → ``advance()``);
 * ``conversion(merged_dir, out_dir, run)`` → ``(label, artifact)``: the unquantized export, whose
   fidelity row separates conversion loss from quantization loss;
+* ``export_artifact(target, model, out_dir)`` and ``quantize_artifact(target, source_dir, out_dir,
+  threads)`` → ``(stage output, artifact)``: ``edgeft export`` (straight from a built-in model name
+  or a Hugging Face folder) and ``edgeft quantize`` (from an export), each raising ConfigError
+  naming the command to use for a target it cannot make alone;
 * ``find_artifact(path)`` → the artifact a user's path names, or None if it is not this format's;
   ``check_artifact(path)`` — a cheap validity check; ``describe(path)`` → size, tensor types, file
   type; ``bytes_per_token(path)`` → weight bytes read per decoded token (the roofline's input);

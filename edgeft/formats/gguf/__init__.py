@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ...calibration import SOURCES
 from ...errors import ConfigError
+from ...models import resolve_model
 from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
 from .imatrix import imatrix_stage
 from .inspect import GGUF_FILE, bytes_per_token, check_gguf, describe, find_artifact, kv_bytes_per_token
@@ -68,6 +69,35 @@ def needs_quantize(quant: str) -> bool:
 
 def check_artifact(path: Path) -> None:
     check_gguf(path)
+
+
+UNQUANTIZED_TARGETS = "gguf-f32, gguf-f16"
+
+
+def export_artifact(target, model: str, out_dir: Path) -> tuple[Any, Path]:
+    """``edgeft export``: (stage output, artifact) of ``target`` written straight from a model (a
+    built-in name or a Hugging Face folder) into ``out_dir``; F32/F16 only, every other type is
+    quantized from that by ``edgeft quantize``. Architectures edgeft has no family for go through
+    llama.cpp's converter."""
+    if needs_quantize(target.quant):
+        raise ConfigError(
+            f"--target {target.name}: export writes unquantized GGUF ({UNQUANTIZED_TARGETS}); use `edgeft quantize` next"
+        )
+    from .export import export  # transformers, as in conversion()
+
+    out = export(resolve_model(model, any_architecture=True), out_dir, UNQUANTIZED[target.quant])
+    return out, out.path / GGUF_FILE
+
+
+def quantize_artifact(target, source_dir: Path, out_dir: Path, threads: int) -> tuple[Any, Path]:
+    """``edgeft quantize``: (stage output, artifact) of ``target`` quantized from an ``edgeft export``
+    folder. A target with an importance matrix or a size budget needs a calibration set: a build."""
+    if target.options:
+        raise ConfigError(
+            f"--target {target.name}: {', '.join(sorted(target.options))} need a calibration set; use `edgeft build`"
+        )
+    out = quantize(source_dir, out_dir, target.quant, threads)
+    return out, out.path / GGUF_FILE
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:

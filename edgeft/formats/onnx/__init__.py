@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ...calibration import SOURCES
 from ...errors import ConfigError
+from ...models import resolve_model
 from ...resources import BASELINE_BYTES, LADDER_EXPORT_HINT, StageEstimate
 from . import mixed
 from .export import RELEASE_EVERY_BYTES, export
@@ -104,6 +105,26 @@ def kv_bytes_per_token(folder: Path) -> int | None:
         return int(d["num_hidden_layers"]) * int(d["num_key_value_heads"]) * int(d["head_size"]) * 2 * 4
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def export_artifact(target, model: str, out_dir: Path) -> tuple[Any, Path]:
+    """``edgeft export``: (stage output, artifact) of ``target`` written straight from a model (a
+    built-in name or a Hugging Face folder of a family edgeft knows) into ``out_dir``: export and
+    quantization are one builder run. A target with an importance matrix or a size budget needs a
+    calibration set: a build."""
+    planned = [k for k in EDGEFT_KEYS if k in target.options]
+    if planned:
+        raise ConfigError(f"--target {target.name}: {', '.join(planned)} need a calibration set; use `edgeft build`")
+    knobs = {k: v for k, v in target.options.items() if k not in EDGEFT_KEYS}
+    out = export(resolve_model(model), out_dir, target.quant, knobs)
+    return out, out.path
+
+
+def quantize_artifact(target, source_dir: Path, out_dir: Path, threads: int) -> tuple[Any, Path]:
+    """ONNX is quantized as the builder exports it: there is no separate quantize step."""
+    raise ConfigError(
+        f"--target {target.name}: ONNX targets are quantized as they are exported; use `edgeft export --target {target.name}`"
+    )
 
 
 def conversion(merged_dir: Path, out_dir: Path, run: Run) -> tuple[str, Path]:
