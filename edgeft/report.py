@@ -58,6 +58,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -76,6 +77,148 @@ from .machine import same_machine, summary
 from .training_report import LOSS_PLOT, markdown_section, write_loss_plot
 
 SCHEMA_VERSION = 2
+
+# ------------------------------------------------------------------------------------------- types
+#
+# The report's parts as types, each with one to_json() (report.json's dict, its keys in the order
+# above) and from_json() (a dict read back: a stored report, a device's, a bench stage's results).
+# Sections below the top level (artifact, fidelity, latency, …) stay JSON objects. A field that is
+# None was absent and is not written: reports and cached stages from before a key was added load,
+# and write back as they were. Keys this edgeft does not know (a newer one's, another tool's) are
+# kept in ``extra`` and written after the known ones.
+
+
+def _known(cls: Any) -> list[str]:
+    return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def _split(cls: Any, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the known fields' values, None where absent; the keys ``cls`` does not know)."""
+    names = _known(cls)
+    return {n: d.get(n) for n in names}, {k: v for k, v in d.items() if k not in names}
+
+
+def _present(obj: Any, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
+
+
+@dataclass
+class BenchResult:
+    """A bench stage's results (its manifest's ``results``): an artifact's measurements against the
+    stored reference; the torch rows (bench-base, bench-adapter-nf4) hold fidelity and answers only."""
+
+    artifact: dict[str, Any] | None = None  # path, format, runtime, file_type, size_bytes, sha256, tensor_types
+    fidelity: dict[str, Any] | None = None
+    answers: list[dict[str, Any]] | None = None  # per held-out question: reply, correct, stopped
+    performance: dict[str, Any] | None = None  # the probe's: latency spreads, peak RSS, load time, timing
+    roofline: dict[str, Any] | None = None  # bytes_per_token (the bandwidth is measured per report)
+    machine: dict[str, Any] | None = None
+    dtype: str | None = None  # torch rows: the dtype they ran in
+    compute_dtype: str | None = None  # bench-adapter-nf4: its 4-bit base's compute dtype
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_present(self, _known(BenchResult)), **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BenchResult:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class TargetEntry:
+    """One target's entry in ``targets`` (the first one's sections are repeated at the top)."""
+
+    target: str
+    artifact: dict[str, Any]
+    fidelity: dict[str, Any]
+    latency: dict[str, Any]
+    memory: dict[str, Any]
+    roofline: dict[str, Any]
+    golden: list[dict[str, Any]]
+    answers: list[dict[str, Any]] | None = None
+    gates: list[dict[str, Any]] | None = None  # None until judged
+    passed: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_present(self, _known(TargetEntry)), **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TargetEntry:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+
+# the first target's sections, repeated at the top of report.json (its gates come after run_id)
+_FIRST = ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")
+
+
+@dataclass
+class Report:
+    """report.json. ``first_at_top``: the first target's sections are repeated at the top (every
+    report this edgeft writes; False for one read back without them, so that it is written back so)."""
+
+    reference: dict[str, Any] | None
+    targets: list[TargetEntry] | None  # None: a version 1 report (its one entry is at the top, in extra)
+    ladder: list[dict[str, Any]] | None
+    eval: dict[str, Any] | None
+    machine: dict[str, Any] | None
+    schema_version: int | None = SCHEMA_VERSION
+    edgeft_version: str | None = __version__
+    run_id: str | None = None
+    warnings: list[str] | None = None
+    regressions: list[dict[str, Any]] | None = None  # with --compare-to
+    passed: bool | None = None
+    device: dict[str, Any] | None = None  # with --device: projections
+    device_runs: list[dict[str, Any]] | None = None
+    stages: list[dict[str, Any]] | None = None
+    merge: dict[str, Any] | None = None  # builds
+    training: dict[str, Any] | None = None  # builds
+    remote: dict[str, Any] | None = None  # --remote: where it was measured
+    first_at_top: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        first = self.targets[0].to_json() if self.targets and self.first_at_top else {}
+        targets = None if self.targets is None else [t.to_json() for t in self.targets]
+        out = {
+            **_present(self, ["schema_version", "edgeft_version"]),
+            **{k: first[k] for k in _FIRST if k in first},
+            **_present(self, ["reference"]),
+            **({} if targets is None else {"targets": targets}),
+            **_present(self, ["ladder", "eval", "machine", "run_id"]),
+            **({"gates": first["gates"]} if "gates" in first else {}),
+            **_present(self, _REPORT_TAIL),
+        }
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Report:
+        names = [n for n in _known(cls) if n != "first_at_top"]
+        known, extra = {n: d.get(n) for n in names}, {k: v for k, v in d.items() if k not in names}
+        if isinstance(known["targets"], list):  # version 2: the sections at the top are the first entry's
+            extra = {k: v for k, v in extra.items() if k not in (*_FIRST, "gates")}
+            known["targets"] = [TargetEntry.from_json(t) for t in known["targets"]]
+        return cls(**known, first_at_top="target" in d, extra=extra)
+
+
+# written after the gates, in this order
+_REPORT_TAIL = [
+    "warnings",
+    "regressions",
+    "passed",
+    "device",
+    "device_runs",
+    "stages",
+    "merge",
+    "training",
+    "remote",
+]
+
+
+# ----------------------------------------------------------------------------------------- writers
 
 
 def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
