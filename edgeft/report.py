@@ -255,19 +255,19 @@ def paired_task(ref_meta: dict[str, Any], answers: list[dict[str, Any]]) -> dict
 def target_entry(
     target: str,
     quant: str,
-    measured: dict[str, Any],
+    measured: BenchResult,
     ref_meta: dict[str, Any],
     base_accuracy: float | None,
     golden: int,
     bandwidth: dict[str, Any],
-) -> dict[str, Any]:
+) -> TargetEntry:
     """One target's report entry from its bench results and the stored reference."""
-    perf, ref_perf = measured["performance"], ref_meta["performance"]
+    perf, ref_perf = measured.performance, ref_meta["performance"]
     lat, ref_lat = perf["latency"], ref_perf["latency"]
     fidelity = dict(
-        measured["fidelity"],
+        measured.fidelity,
         task_accuracy_base=base_accuracy,
-        task_accuracy_paired=paired_task(ref_meta, measured["answers"]),
+        task_accuracy_paired=paired_task(ref_meta, measured.answers),
     )
     examples = ref_meta["examples"]
     golden_rows = [
@@ -280,13 +280,13 @@ def target_entry(
             "artifact_correct": art["correct"],
             "artifact_stopped": art["stopped"],
         }
-        for ex, ref, art in list(zip(examples, ref_meta["answers"], measured["answers"]))[:golden]
+        for ex, ref, art in list(zip(examples, ref_meta["answers"], measured.answers))[:golden]
     ]
-    return {
-        "target": target,
-        "artifact": dict(measured["artifact"], quant=quant),
-        "fidelity": fidelity,
-        "latency": {
+    return TargetEntry(
+        target=target,
+        artifact=dict(measured.artifact, quant=quant),
+        fidelity=fidelity,
+        latency={
             "threads": lat["threads"],
             "decode_tok_s": lat["decode_tok_s"]["median"],
             "reference_decode_tok_s": ref_lat["decode_tok_s"]["median"],
@@ -299,31 +299,28 @@ def target_entry(
             "device_state": perf.get("device_state"),  # pinning, temperature and clocks around the runs
             "sustained": perf.get("sustained"),  # with --sustained: first and last 20% of a long decode
         },
-        "memory": {
+        memory={
             "peak_rss_bytes": perf["peak_rss_bytes"],
             "load_s": perf["load_s"],
             "reference_peak_rss_bytes": ref_perf["peak_rss_bytes"],
             "reference_load_s": ref_perf["load_s"],
         },
-        "roofline": roofline(measured["roofline"]["bytes_per_token"], lat["decode_tok_s"]["median"], bandwidth),
-        "golden": golden_rows,
-        "answers": measured["answers"],
-    }
+        roofline=roofline(measured.roofline["bytes_per_token"], lat["decode_tok_s"]["median"], bandwidth),
+        golden=golden_rows,
+        answers=measured.answers,
+    )
 
 
 def assemble(
-    entries: list[dict[str, Any]],
+    entries: list[TargetEntry],
     ref_dir: Path,
     ref_meta: dict[str, Any],
     ladder: list[dict[str, Any]],
     machine: dict[str, Any],
-) -> dict[str, Any]:
-    first = entries[0]
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "edgeft_version": __version__,
-        **{k: first[k] for k in ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")},
-        "reference": {
+) -> Report:
+    """The report of judged ``entries``, before the verdict and what each command adds."""
+    return Report(
+        reference={
             "path": ref_meta["model"],
             "stored": str(ref_dir),
             "size_bytes": ref_meta["model_size_bytes"],
@@ -337,17 +334,16 @@ def assemble(
             "machine": ref_meta.get("machine"),
             "timed": timed(ref_meta["performance"]),
         },
-        "targets": entries,
-        "ladder": ladder,
-        "eval": {
+        targets=entries,
+        ladder=ladder,
+        eval={
             "file": ref_meta["eval_file"],
             "examples": len(ref_meta["examples"]),
             "scored_positions": ref_meta["positions"],
             "question_ids": [question_id(ex) for ex in ref_meta["examples"]],
         },
-        "machine": machine,
-    }
-    return report
+        machine=machine,
+    )
 
 
 def ladder_row(
@@ -890,21 +886,22 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_reports(report: Report, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, junit.xml, report.png and (builds) loss.png; append the markdown to
     $GITHUB_STEP_SUMMARY when that is set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
-    if report.get("training"):
+    if report.training:
         (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
-        if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
+        if write_loss_plot(report.training, out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT
-    md = render_markdown(report, loss_plot="loss_plot" in paths)
-    write_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    data = report.to_json()
+    md = render_markdown(data, loss_plot="loss_plot" in paths)
+    write_atomic(paths["json"], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     write_atomic(paths["md"], md)
-    write_atomic(paths["junit"], render_junit(report))
-    if write_plot(report, out_dir / "report.png"):
+    write_atomic(paths["junit"], render_junit(data))
+    if write_plot(data, out_dir / "report.png"):
         paths["plot"] = out_dir / "report.png"
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
@@ -927,6 +924,7 @@ def refold(build_dir: Path) -> bool:
         raise ConfigError(f"{path}: unreadable report ({e})") from None
     if not isinstance(report, dict):
         raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
-    report["device_runs"] = device_runs.load_all(build_dir)
-    write_reports(report, Path(build_dir))
+    typed = Report.from_json(report)
+    typed.device_runs = device_runs.load_all(build_dir)
+    write_reports(typed, Path(build_dir))
     return True
