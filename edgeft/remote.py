@@ -729,37 +729,41 @@ def device_report(raw: bytes, host: str, names: list[str]) -> Report:
     if not isinstance(decoded, dict):
         raise ConfigError(f"{where} is not a JSON object (it holds a {type(decoded).__name__})")
     try:
-        report = cleaned({k: v for k, v in decoded.items() if k in _REPORT_KEYS}, MAX_DEPTH, MAX_REPORT_VALUES)
-        check_shape(report, _REPORT)
+        checked = cleaned({k: v for k, v in decoded.items() if k in _REPORT_KEYS}, MAX_DEPTH, MAX_REPORT_VALUES)
+        check_shape(checked, _REPORT)
     except Oversized as e:
         raise ConfigError(f"{where} is {e}") from None
     except ShapeError as e:
         raise ConfigError(f"{where}: {e}") from None
-    targets = [t["target"] for t in report["targets"]]
+    report = Report.from_json(checked)
+    report.first_at_top = True  # the first target's sections at the top come from its checked entry
+    _check_names(report, names, where)
+    # The checks above cover what is read here; rendering once more catches what they cannot say
+    # (e.g. a value of the right type that a format rejects) before anything is written.
+
+    try:
+        render_markdown(report)
+        render_junit(report)
+        from_report(report.to_json(), "check", "check")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{where} does not read as an edgeft report ({type(e).__name__}: {_short(str(e))})") from None
+    return report
+
+
+def _check_names(report: Report, names: list[str], where: str) -> None:
+    """Every target, ladder row and device projection is about an artifact that was sent, once."""
+    targets = [t.target for t in report.targets]
     for name in targets:
         if name not in names or targets.count(name) > 1:
             raise ConfigError(
                 f"{where}: target {_quoted(name)} {'twice' if name in names else 'was not sent'}; "
                 f"expected {', '.join(names)}"
             )
-    for row in report["ladder"]:
+    for row in report.ladder:
         if row["stage"] not in ("reference", *names):
             raise ConfigError(
                 f"{where}: ladder stage {_quoted(row['stage'])} is neither the reference nor a target sent"
             )
-    for name in (report.get("device") or {}).get("targets", {}):
+    for name in (report.device or {}).get("targets", {}):
         if name not in names:
             raise ConfigError(f"{where}: device projection for {_quoted(name)}, which was not sent")
-    typed = Report.from_json(report)
-    typed.first_at_top = True  # the first target's sections at the top come from its checked entry
-    # The checks above cover what is read here; rendering once more catches what they cannot say
-    # (e.g. a value of the right type that a format rejects) before anything is written.
-
-    try:
-        as_json = typed.to_json()
-        render_markdown(as_json)
-        render_junit(as_json)
-        from_report(as_json, "check", "check")
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
-        raise ConfigError(f"{where} does not read as an edgeft report ({type(e).__name__}: {_short(str(e))})") from None
-    return typed

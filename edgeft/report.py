@@ -439,9 +439,9 @@ def _flips(p: dict[str, Any] | None) -> str:
     return "—" if not p else f"{p['right_to_wrong']} / {p['wrong_to_right']}"
 
 
-def _ladder_note(report: dict[str, Any]) -> str:
-    rows = [r for r in report["ladder"] if r.get("task_accuracy_paired")]
-    n = rows[0]["task_accuracy_paired"]["n"] if rows else report["eval"]["examples"]
+def _ladder_note(report: Report) -> str:
+    rows = [r for r in report.ladder or [] if r.get("task_accuracy_paired")]
+    n = rows[0]["task_accuracy_paired"]["n"] if rows else report.eval["examples"]
     return (
         "95% intervals: mean KLD and top-1 by a bootstrap over the held-out conversations (whole sequences, "
         "fixed seed); task accuracy paired with the reference question by question: Δ = row − reference in "
@@ -457,26 +457,26 @@ def timed_in_run(number: int) -> str:
     return f"†{number}"
 
 
-def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
+def render_markdown(report: Report, loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
-    ref_type = dtype_short(report["reference"].get("dtype"))
-    marks = _RunMarks(report.get("run_id"))
+    ref_type = dtype_short(report.reference.get("dtype"))
+    marks = _RunMarks(report.run_id)
     lines = _header_section(report, ref_type) + _ladder_section(report, ref_type)
-    if report.get("training"):
-        lines += markdown_section(report["training"], loss_plot)
+    if report.training:
+        lines += markdown_section(report.training, loss_plot)
     lines += _speed_section(report, ref_type, marks)
-    lines += _cpu_state_section(report["targets"])
-    if report.get("device"):
-        lines += _device_section(report["device"])
-    if report.get("device_runs"):
-        lines += _device_runs_section(report["device_runs"])
+    lines += _cpu_state_section([{"target": t.target, "latency": t.latency} for t in report.targets])
+    if report.device:
+        lines += _device_section(report.device)
+    if report.device_runs:
+        lines += _device_runs_section(report.device_runs)
     lines += marks.footnotes(report) + _roofline_note(report)
-    for t in report["targets"]:
+    for t in report.targets:
         lines += _target_section(t)
-    if report.get("regressions"):
-        lines += _regressions_section(report["regressions"])
-    if report.get("stages"):
-        lines += _stages_section(report["stages"])
+    if report.regressions:
+        lines += _regressions_section(report.regressions)
+    if report.stages:
+        lines += _stages_section(report.stages)
     return "\n".join(lines) + "\n"
 
 
@@ -494,11 +494,11 @@ class _RunMarks:
         self.earlier.setdefault(t.get("run_id"), t)
         return " " + timed_in_run(list(self.earlier).index(t.get("run_id")) + 1)
 
-    def footnotes(self, report: dict[str, Any]) -> list[str]:
+    def footnotes(self, report: Report) -> list[str]:
         lines = []
         for i, t in enumerate(self.earlier.values(), 1):
             where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
-            other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
+            other = "" if same_machine(t.get("machine"), report.machine) else " — **another machine**"
             lines += [
                 "",
                 f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
@@ -511,36 +511,33 @@ class _RunMarks:
         return lines
 
 
-def _header_section(report: dict[str, Any], ref_type: str) -> list[str]:
-    ref = report["reference"]
+def _header_section(report: Report, ref_type: str) -> list[str]:
+    ref, machine = report.reference, report.machine or {}
     return [
-        f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
+        f"# edgeft report — {', '.join(_md(t.target) for t in report.targets)}",
         "",
-        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
+        f"**{'PASSED' if report.passed else 'FAILED'}** · reference {_code(ref['path'])} "
         f"({ref['size_bytes'] / 1e6:.0f} MB fp32{'' if ref_type == 'fp32' else f', computed in {ref_type}'}) · "
-        f"{report['eval']['examples']} held-out questions, "
-        f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
+        f"{report.eval['examples']} held-out questions, "
+        f"{report.eval['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
         *_reference_dtype_line(ref),
         "",
-        *[f"**Warning:** {_md(w)}" for w in report.get("warnings", [])],
-        *([""] if report.get("warnings") else []),
-        f"Machine: {_md(summary(report['machine']))}"
-        if report.get("machine", {}).get("cpu_model")
-        else f"Machine: {_md(report.get('machine', {}).get('platform', 'unknown'))}",
+        *[f"**Warning:** {_md(w)}" for w in report.warnings or []],
+        *([""] if report.warnings else []),
+        f"Machine: {_md(summary(machine))}"
+        if machine.get("cpu_model")
+        else f"Machine: {_md(machine.get('platform', 'unknown'))}",
         *(
-            [f"(the device: measured there over SSH, {_code('edgeft bench --remote ' + report['remote']['host'])})"]
-            if report.get("remote")
+            [f"(the device: measured there over SSH, {_code('edgeft bench --remote ' + report.remote['host'])})"]
+            if report.remote
             else []
         ),
         "",
-        *[
-            f"- {_md(name)}: {_code(build)}"
-            for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
-        ],
+        *[f"- {_md(name)}: {_code(build)}" for name, build in machine.get("runtime_builds", {}).items()],
     ]
 
 
-def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
+def _ladder_section(report: Report, ref_type: str) -> list[str]:
     lines = [
         "",
         f"## Fidelity ladder (each stage vs the fine-tuned {ref_type} reference; base = before fine-tuning)",
@@ -549,7 +546,7 @@ def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
         "| Δ task acc, points [95% CI] | flips ✓→✗ / ✗→✓ |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["ladder"]:
+    for r in report.ladder or []:
         size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
         task = r.get("task_accuracy_paired")
         lines.append(
@@ -560,22 +557,22 @@ def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
             f"{_pct(r['task_accuracy_artifact'])} | {_task_change(task)} | {_flips(task)} |"
         )
     lines += ["", _ladder_note(report)]
-    if kld := report.get("merge", {}).get("kld_vs_adapter_on_nf4_base"):
+    if kld := (report.merge or {}).get("kld_vs_adapter_on_nf4_base"):
         figures = ", ".join(f"`{k}` {v:.4g}" for k, v in kld.items())
         lines += [
             "",
-            f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
+            f"QLoRA merge: `{report.merge['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
     return lines
 
 
-def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> list[str]:
-    ref = report["reference"]
+def _speed_section(report: Report, ref_type: str, marks: _RunMarks) -> list[str]:
+    ref = report.reference
     ref_lat = ref["performance"]["latency"]
     lines = [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
-        f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
+        f"{ref_lat['repeats']} runs for the reference, {report.targets[0].latency['artifact']['repeats']} per artifact; "
         f"{ref_lat['prompt_tokens']}-token prompt, {ref_lat['decode_tokens']} decoded tokens)",
         "",
         f"| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × {ref_type} | peak RSS MB | load s | roofline |",
@@ -584,20 +581,20 @@ def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> l
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
-    for t in report["targets"]:
-        lat, mem, roof = t["latency"], t["memory"], t["roofline"]
+    for t in report.targets:
+        lat, mem, roof, art = t.latency, t.memory, t.roofline, t.artifact
         a = lat["artifact"]
         lines.append(
-            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){marks.mark(lat.get('timed', {}))} | "
-            f"{_md(t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {_md(t.target)} ({_md(art['quant'])}){marks.mark(lat.get('timed', {}))} | "
+            f"{_md(art.get('runtime') or default_runtime(art.get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
     return lines
 
 
-def _roofline_note(report: dict[str, Any]) -> list[str]:
-    bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
+def _roofline_note(report: Report) -> list[str]:
+    bw = report.targets[0].roofline["read_bandwidth_gb_s"]
     return [
         "",
         f"Roofline: decode tok/s as a fraction of the best measured read bandwidth ({bw['max']:.1f} GB/s; median "
@@ -605,25 +602,26 @@ def _roofline_note(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _target_section(t: dict[str, Any]) -> list[str]:
-    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
+def _target_section(t: TargetEntry) -> list[str]:
+    art, fid = t.artifact, t.fidelity
+    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in art.get("tensor_types", {}).items())
     lines = [
         "",
-        f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
+        f"## {_md(t.target)} — {'passed' if t.passed else '**FAILED**'}",
         "",
-        f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
-        f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
+        f"{_code(art['path'])} · {art['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+        f" · answers ending on a stop token: {_pct(fid.get('artifact_stop_rate'))}",
     ]
-    if task := t["fidelity"].get("task_accuracy_paired"):
+    if task := fid.get("task_accuracy_paired"):
         lines += [
             "",
-            f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
-            f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
+            f"Task accuracy {_pct(fid.get('task_accuracy_reference'))} (reference) → "
+            f"{_pct(fid.get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
         ]
-    if t.get("gates"):
-        lines += _gates_table(t["gates"], task)
-    if t.get("golden"):
-        lines += _golden_table(t["golden"])
+    if t.gates:
+        lines += _gates_table(t.gates, task)
+    if t.golden:
+        lines += _golden_table(t.golden)
     return lines
 
 
@@ -824,18 +822,18 @@ def _device_runs_section(runs: list[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------- junit
 
 
-def render_junit(report: dict[str, Any]) -> str:
+def render_junit(report: Report) -> str:
     """One test case per gate per target (and per regression), for CI test-report viewers. A gate
     judged on an interval names it (and the flips) in its message, which passing cases carry as
     ``system-out``."""
     cases = []
-    for t in report["targets"]:
-        for g in t.get("gates", []):
+    for t in report.targets:
+        for g in t.gates or []:
             message = f"{g['description']}: value {g['value']}, limit {g['limit']}"
             if g.get("detail"):
                 message += f"; {g['detail']}"
-            cases.append((t["target"], g["name"], g["passed"], message))
-    for r in report.get("regressions", []):
+            cases.append((t.target, g["name"], g["passed"], message))
+    for r in report.regressions or []:
         message = f"{r['old']} -> {r['new']} (allowed {r['allowed']})"
         if r.get("rule"):
             message += f"; {r['rule']}"
@@ -855,7 +853,7 @@ def render_junit(report: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------- plot
 
 
-def write_plot(report: dict[str, Any], path: Path) -> bool:
+def write_plot(report: Report, path: Path) -> bool:
     """Size vs mean KLD per artifact, labelled with decode speed. False when matplotlib is missing."""
     try:
         import matplotlib
@@ -865,20 +863,20 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in report["targets"]:
-        size, kld = t["artifact"]["size_bytes"] / 1e6, max(t["fidelity"]["kl_divergence_mean"], 1e-7)
+    for t in report.targets:
+        size, kld = t.artifact["size_bytes"] / 1e6, max(t.fidelity["kl_divergence_mean"], 1e-7)
         ax.scatter(size, kld, s=60)
         ax.annotate(
-            f"{t['target']}\n{t['latency']['decode_tok_s']:.0f} tok/s",
+            f"{t.target}\n{t.latency['decode_tok_s']:.0f} tok/s",
             (size, kld),
             textcoords="offset points",
             xytext=(6, 4),
             fontsize=8,
         )
     ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel(f"mean KL divergence vs {dtype_short(report['reference'].get('dtype'))} reference")
+    ax.set_ylabel(f"mean KL divergence vs {dtype_short(report.reference.get('dtype'))} reference")
     ax.set_yscale("log")
-    ax.set_title(f"size vs fidelity ({report['targets'][0]['latency']['threads']} threads, decode median)")
+    ax.set_title(f"size vs fidelity ({report.targets[0].latency['threads']} threads, decode median)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -896,12 +894,11 @@ def write_reports(report: Report, out_dir: Path) -> dict[str, Path]:
         (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
         if write_loss_plot(report.training, out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT
-    data = report.to_json()
-    md = render_markdown(data, loss_plot="loss_plot" in paths)
-    write_atomic(paths["json"], json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    md = render_markdown(report, loss_plot="loss_plot" in paths)
+    write_atomic(paths["json"], json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     write_atomic(paths["md"], md)
-    write_atomic(paths["junit"], render_junit(data))
-    if write_plot(data, out_dir / "report.png"):
+    write_atomic(paths["junit"], render_junit(report))
+    if write_plot(report, out_dir / "report.png"):
         paths["plot"] = out_dir / "report.png"
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
