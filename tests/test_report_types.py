@@ -218,3 +218,70 @@ def test_a_bench_stage_result_round_trips():
     for d in (results, torch_row):
         assert same_json(BenchResult.from_json(d).to_json(), d)
     assert BenchResult.from_json(torch_row).extra == {"a_later_key": 1}
+
+
+def test_the_writers_build_the_entry_and_report_the_old_code_built():
+    from edgeft.report import assemble, question_id, target_entry
+
+    examples = [
+        {"messages": [{"role": "user", "content": "How long do I boil an egg?"}, {"role": "assistant", "content": "9 minutes"}],
+         "answers": ["9 minutes"]},
+    ]  # fmt: skip
+    perf = {"latency": LAT, "peak_rss_bytes": 2e8, "load_s": 0.2, **TIMED}
+    ref_meta = {
+        "model": "out/merged", "model_size_bytes": 540_000_000, "top_k": 64, "task_accuracy": 1.0,
+        "answers": ANSWERS, "perplexity": 5.0, "performance": {**perf, "peak_rss_bytes": 6e8}, "machine": MACHINE,
+        "eval_file": "eval.jsonl", "examples": examples, "positions": 12,
+    }  # fmt: skip
+    measured = BenchResult.from_json(
+        {
+            "artifact": {k: v for k, v in ARTIFACT.items() if k != "quant"},
+            "fidelity": {"kl_divergence_mean": 0.0123},
+            "answers": ANSWERS,
+            "performance": perf,
+            "roofline": {"bytes_per_token": 100_000_000},
+            "machine": MACHINE,
+        }
+    )
+    bandwidth = {"median": 20.0, "min": 18.0, "max": 22.0}
+    entry = target_entry("gguf-q4", "Q4_K_M", measured, ref_meta, 0.2, 1, bandwidth)
+    paired = entry.fidelity.pop("task_accuracy_paired")
+    assert paired["n"] == 1 and paired["both_right"] == 1
+    lat = {
+        "threads": 2, "decode_tok_s": 80.0, "reference_decode_tok_s": 80.0, "speedup": 1.0, "prefill_tok_s": 900.0,
+        "ttft_ms": 20.0, "artifact": LAT, "reference": LAT, "timed": TIMED, "device_state": None, "sustained": None,
+    }  # fmt: skip
+    expected_entry = {
+        "target": "gguf-q4",
+        "artifact": ARTIFACT,
+        "fidelity": {"kl_divergence_mean": 0.0123, "task_accuracy_base": 0.2},
+        "latency": lat,
+        "memory": {"peak_rss_bytes": 2e8, "load_s": 0.2, "reference_peak_rss_bytes": 6e8, "reference_load_s": 0.2},
+        "roofline": {
+            "read_bandwidth_gb_s": bandwidth,
+            "bytes_per_token": 100_000_000,
+            "decode_tok_s_ceiling_projected": 220.0,
+            "fraction": 80.0 / 220.0,
+        },
+        "golden": [{**GOLDEN[0], "reference_correct": True}],
+        "answers": ANSWERS,
+    }
+    assert same_json(entry.to_json(), expected_entry)
+
+    report = assemble([entry], "out/reference", ref_meta, LADDER, MACHINE)
+    expected = {
+        "schema_version": 2,
+        "edgeft_version": __version__,
+        **{k: expected_entry[k] for k in ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")},
+        "reference": {
+            "path": "out/merged", "stored": "out/reference", "size_bytes": 540_000_000, "dtype": "float32", "top_k": 64,
+            "task_accuracy": 1.0, "answers_correct": [True], "perplexity": 5.0, "performance": ref_meta["performance"],
+            "machine": MACHINE, "timed": TIMED,
+        },
+        "targets": [expected_entry],
+        "ladder": LADDER,
+        "eval": {"file": "eval.jsonl", "examples": 1, "scored_positions": 12, "question_ids": [question_id(examples[0])]},
+        "machine": MACHINE,
+    }  # fmt: skip
+    assert same_json(report.to_json(), expected)
+    assert Report.from_json(report.to_json()) == report
