@@ -50,6 +50,10 @@ evidence behind the value in words (the interval, the flips).
 (medians) with the full spreads under ``latency.artifact`` / ``latency.reference``;
 ``memory.{peak_rss_bytes, load_s, reference_peak_rss_bytes}``;
 ``roofline.{read_bandwidth_gb_s, bytes_per_token, decode_tok_s_ceiling_projected, fraction}``.
+
+In code the report is a :class:`Report` of :class:`TargetEntry` (built from each target's
+:class:`BenchResult`); its ``to_json()`` is report.json, and ``Report.from_json`` reads one back
+(``refold``, ``--compare-to``, a device's report over ``--remote``).
 """
 
 from __future__ import annotations
