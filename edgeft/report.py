@@ -185,8 +185,8 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        first = self.targets[0].to_json() if self.targets and self.first_at_top else {}
         targets = None if self.targets is None else [t.to_json() for t in self.targets]
+        first = targets[0] if targets and self.first_at_top else {}
         out = {
             **_present(self, ["schema_version", "edgeft_version"]),
             **{k: first[k] for k in _FIRST if k in first},
