@@ -16,7 +16,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 from rich.console import Console
@@ -30,6 +30,9 @@ from . import __version__
 from .config import REFERENCE_DTYPES, config_as_dict, load_config
 from .errors import ConfigError, EdgeftError, InternalError, first_line
 from .progress import rich_progress, stage_printer
+
+if TYPE_CHECKING:
+    from .report import Report
 
 
 @contextmanager
@@ -249,7 +252,7 @@ def build(
         _finish(result.report, out_dir)
 
 
-def _finish(report: dict, out_dir: Path) -> None:
+def _finish(report: Report, out_dir: Path) -> None:
     """Print the summary table; exit 1 naming each failed gate or regression."""
     _print_summary(report, out_dir)
     said: set[str] = set()  # task gates share one piece of evidence: say it once
@@ -261,15 +264,15 @@ def _finish(report: dict, out_dir: Path) -> None:
         return f"; {detail})"
 
     failed = [
-        f"{t['target']}: {g['name']} (limit {g['limit']}, got {_value(g['value'])}" + evidence(g.get("detail"))
-        for t in report["targets"]
-        for g in t["gates"]
+        f"{t.target}: {g['name']} (limit {g['limit']}, got {_value(g['value'])}" + evidence(g.get("detail"))
+        for t in report.targets or []
+        for g in t.gates or []
         if not g["passed"]
     ]
     failed += [
         f"{r['target']}: regression in {r['metric']} ({r['old']:.4g} -> {r['new']:.4g}"
         + (f"; {r['rule']})" if r.get("rule") else ")")
-        for r in report.get("regressions", [])
+        for r in report.regressions or []
     ]
     if failed:
         click.echo(f"edgeft: gate failed: {'; '.join(failed)}", err=True)
@@ -288,7 +291,7 @@ def _task_change(p: dict | None) -> str:
     return f"{100 * p['difference']:+.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]"
 
 
-def _print_summary(report: dict, out_dir: Path) -> None:
+def _print_summary(report: Report, out_dir: Path) -> None:
     # markup off: names in the table come from files (targets, llama-bench JSON) and are text, not
     # rich markup ("[/x]" would crash the render, "[link=...]" would make a terminal hyperlink)
     from .machine import summary as machine_summary
@@ -298,43 +301,45 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         console = Console(width=120, markup=False)
     console.print(_ladder_table(report))
 
-    machine = report.get("machine", {})
+    machine = report.machine or {}
     where = machine_summary(machine) if machine.get("cpu_model") else machine.get("platform", "")
-    if report.get("remote"):
-        where = f"measured on {report['remote']['host']} over SSH: {where}"
-    click.echo(f"threads: {report['latency']['threads']} · {where} · report: {out_dir / 'report.md'}")
-    for t in report["targets"]:
-        sus = t["latency"].get("sustained")
+    if report.remote:
+        where = f"measured on {report.remote['host']} over SSH: {where}"
+    targets = report.targets or []
+    click.echo(f"threads: {targets[0].latency['threads']} · {where} · report: {out_dir / 'report.md'}")
+    for t in targets:
+        sus = t.latency.get("sustained")
         if sus:
             click.echo(
-                f"sustained decode, {t['target']}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
+                f"sustained decode, {t.target}: {sus['first']['tok_s']:.1f} tok/s in the first 20% of "
                 f"{sus['tokens']} tokens → {sus['last']['tok_s']:.1f} in the last ({sus['change_pct']:+.0f}%, "
                 f"{sus['seconds']:.0f} s)"
             )
-    for w in report.get("warnings", []):
+    for w in report.warnings or []:
         click.echo(f"edgeft: warning: {w}", err=True)
-    if report.get("device"):
-        _print_device_projection(report["device"])
+    if report.device:
+        _print_device_projection(report.device)
 
 
-def _ladder_table(report: dict) -> Table:
+def _ladder_table(report: Report) -> Table:
     from .report import dtype_short
 
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
 
-    ref_type = dtype_short(report["reference"].get("dtype"))
-    table = Table(title=f"edgeft — {'PASSED' if report['passed'] else 'FAILED'} (vs fine-tuned {ref_type} reference)")
+    ref = report.reference or {}
+    ref_type = dtype_short(ref.get("dtype"))
+    table = Table(title=f"edgeft — {'PASSED' if report.passed else 'FAILED'} (vs fine-tuned {ref_type} reference)")
     columns = ("stage", "MB", "mean KLD", "top-1", "Δppl", "task acc", "Δ task [95% CI]", "✓→✗ / ✗→✓")
     for col in (*columns, "decode tok/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col.startswith("Δ task"))
-    speed = {t["target"]: t for t in report["targets"]}
-    ref_perf = report["reference"]["performance"]
-    for r in report["ladder"]:
+    speed = {t.target: t for t in report.targets or []}
+    ref_perf = ref["performance"]
+    for r in report.ladder or []:
         t = speed.get(r["stage"])
         if t:
             tok_s, rss = (
-                f"{t['latency']['decode_tok_s']:.1f} ({t['latency']['speedup']:.1f}×)",
-                f"{t['memory']['peak_rss_bytes'] / 1e6:.0f}",
+                f"{t.latency['decode_tok_s']:.1f} ({t.latency['speedup']:.1f}×)",
+                f"{t.memory['peak_rss_bytes'] / 1e6:.0f}",
             )
         elif r["stage"].startswith("reference"):
             tok_s, rss = (

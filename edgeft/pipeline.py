@@ -48,7 +48,17 @@ from .merge import merge
 from .models import model_stage, resolve_model
 from .preflight import check_build, check_reference
 from .remote import remote_bench
-from .report import assemble, ladder_row, paired_task, refold, target_entry, write_reports
+from .report import (
+    BenchResult,
+    Report,
+    TargetEntry,
+    assemble,
+    ladder_row,
+    paired_task,
+    refold,
+    target_entry,
+    write_reports,
+)
 from .resources import PeakRSS, ReferenceDtype, machine_reference_dtype
 from .stage import StageOutput, check_output_dir, output_dir, read_manifest
 from .targets import Target, parse_target_list
@@ -58,17 +68,18 @@ from .training_report import training_summary
 StageCallback = Callable[[str, str], None]  # (stage, "start" | "done" | "cached")
 _DEVICE_REFERENCE = "the device needs a stored reference (a build's reference/ folder), which measures without torch"
 NF4_ROW = "adapter on NF4 base"  # QLoRA builds' ladder row (its stage folder: build_layout.BENCH_NF4)
+Measured = list[tuple[str, str, BenchResult]]  # (target, quant, its bench results) per target
 
 
 @dataclass
 class BuildResult:
-    report: dict[str, Any]
+    report: Report
     out_dir: Path
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.report.get("passed"))
+        return bool(self.report.passed)
 
 
 class _Stages:
@@ -141,7 +152,7 @@ def _build_stages(
     out_dir: Path,
     stages: _Stages,
     progress: Progress,
-    old: dict[str, Any] | None,
+    old: Report | None,
     device: Any,
     context: int,
     ref_dtype: ReferenceDtype,
@@ -164,14 +175,19 @@ def _build_stages(
     ).path
     inputs = ReportInputs(bcfg, cfg.gates, out_dir, stages.log, old, device, context)
     inputs.merge, inputs.training = merged.manifest.get("results"), adapter.manifest.get("results")
-    inputs.base_results = stages.run(
-        "bench-base", lambda: bench_base(base_dir, ref, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype)
-    ).manifest["results"]
-    if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
-        inputs.nf4_results = stages.run(
-            "bench adapter-nf4",
-            lambda: bench_adapter_nf4(base_dir, adapter.path, ref, out_dir / layout.BENCH_NF4, bcfg, progress),
+    inputs.base_results = BenchResult.from_json(
+        stages.run(
+            "bench-base",
+            lambda: bench_base(base_dir, ref, layout.bench_dir(out_dir, "base"), bcfg, progress, ref_dtype),
         ).manifest["results"]
+    )
+    if cfg.train.method == "qlora":  # the model as trained: what the merge is measured against
+        inputs.nf4_results = BenchResult.from_json(
+            stages.run(
+                "bench adapter-nf4",
+                lambda: bench_adapter_nf4(base_dir, adapter.path, ref, out_dir / layout.BENCH_NF4, bcfg, progress),
+            ).manifest["results"]
+        )
 
     # Each target's artifact through its format's cached stages (export, quantize, ...).
     calibration = _calibration_sets(cfg, merged.path)
@@ -188,11 +204,13 @@ def _build_stages(
 
 def _bench_one(
     stages: _Stages, name: str, artifact: Path, ref_dir: Path, out_dir: Path, bcfg: BenchConfig, progress: Progress
-) -> dict[str, Any]:
+) -> BenchResult:
     """Stage ``bench <name>``: the artifact against the stored reference, into ``bench-<name>``."""
-    return stages.run(
-        f"bench {name}", lambda: bench(artifact, ref_dir, layout.bench_dir(out_dir, name), bcfg, progress)
-    ).manifest["results"]
+    return BenchResult.from_json(
+        stages.run(
+            f"bench {name}", lambda: bench(artifact, ref_dir, layout.bench_dir(out_dir, name), bcfg, progress)
+        ).manifest["results"]
+    )
 
 
 def _bench_conversions(
@@ -203,7 +221,7 @@ def _bench_conversions(
     stages: _Stages,
     bcfg: BenchConfig,
     progress: Progress,
-) -> list[tuple[str, dict[str, Any]]]:
+) -> list[tuple[str, BenchResult]]:
     """The unquantized export of every format in use, benched: its ladder row separates conversion
     loss from quantization loss."""
     rows = []
@@ -236,7 +254,7 @@ def _calibration_sets(cfg: BuildConfig, merged_dir: Path) -> Callable[[str], Any
     return get
 
 
-def _read_old_report(path: Path | None) -> dict[str, Any] | None:
+def _read_old_report(path: Path | None) -> Report | None:
     if path is None:
         return None
 
@@ -248,7 +266,7 @@ def _read_old_report(path: Path | None) -> dict[str, Any] | None:
         raise ConfigError(f"--compare-to {path}: not a readable report.json ({e})") from None
     if not isinstance(old, dict) or not (isinstance(old.get("targets"), list) or "target" in old):
         raise ConfigError(f"--compare-to {path}: not an edgeft report.json (no 'targets' list)")
-    return old
+    return Report.from_json(old)
 
 
 @dataclass
@@ -260,14 +278,14 @@ class ReportInputs:
     gates: GatesConfig
     out_dir: Path
     stages: list[dict[str, Any]] = field(default_factory=list)
-    old_report: dict[str, Any] | None = None  # --compare-to
+    old_report: Report | None = None  # --compare-to
     device: Any = None  # a devices.DeviceProfile: its projected fit and decode speed
     context: int = 2048
     # ladder rows besides the reference: bench-base, bench-adapter-nf4 (QLoRA) and each format's
     # unquantized export as (label, bench results)
-    base_results: dict[str, Any] | None = None
-    nf4_results: dict[str, Any] | None = None
-    conversions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    base_results: BenchResult | None = None
+    nf4_results: BenchResult | None = None
+    conversions: list[tuple[str, BenchResult]] = field(default_factory=list)
     merge: dict[str, Any] | None = None  # the merge stage's results: strategy, and for `auto` both KLDs
     training: dict[str, Any] | None = None  # the train stage's results
 
@@ -281,12 +299,10 @@ class _Measurements:
     bandwidth_gb_s: float  # one read-bandwidth figure, so every roofline shares a ceiling
 
 
-def finish_report(
-    measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, inputs: ReportInputs
-) -> dict[str, Any]:
+def finish_report(measured: Measured, ref_dir: Path, inputs: ReportInputs) -> Report:
     """Targets' measurements + stored reference → judged report, written to ``inputs.out_dir``."""
     found = _measure(measured, ref_dir, inputs.bcfg)
-    base_acc = inputs.base_results["fidelity"]["task_accuracy_artifact"] if inputs.base_results else None
+    base_acc = inputs.base_results.fidelity["task_accuracy_artifact"] if inputs.base_results else None
     entries = [
         target_entry(name, quant, results, found.ref_meta, base_acc, inputs.bcfg.golden, found.bandwidth_gb_s)
         for name, quant, results in measured
@@ -294,78 +310,86 @@ def finish_report(
     _judge_targets(entries, inputs.gates)
     ladder = _ladder(entries, ref_dir, found.ref_meta, inputs)
     report = assemble(entries, ref_dir, found.ref_meta, ladder, this_machine(measured, found.ref_meta))
-    report["run_id"] = RUN_ID
-    report["gates"] = entries[0]["gates"]
-    report["warnings"] = list(found.timing_notes)
-    _judge_report(report, entries, inputs.old_report)
+    report.run_id = RUN_ID
+    report.warnings = list(found.timing_notes)
+    _judge_report(report, inputs.old_report)
     if inputs.device is not None:
-        report["device"] = device_projection(inputs.device, measured, inputs.context)
-    report["device_runs"] = load_device_runs(inputs.out_dir)  # kept across rebuilds: see bench/device_runs.py
-    report["stages"] = inputs.stages
-    if inputs.merge:
-        report["merge"] = inputs.merge
+        as_json = [(name, quant, r.to_json()) for name, quant, r in measured]
+        report.device = device_projection(inputs.device, as_json, inputs.context)
+    report.device_runs = load_device_runs(inputs.out_dir)  # kept across rebuilds: see bench/device_runs.py
+    report.stages = inputs.stages
+    report.merge = inputs.merge or None
     if inputs.training:
-        report["training"] = training_summary(inputs.training)  # loss histories and the kept step
+        report.training = training_summary(inputs.training)  # loss histories and the kept step
     write_reports(report, inputs.out_dir)
     return report
 
 
-def _measure(measured: list[tuple[str, str, dict[str, Any]]], ref_dir: Path, bcfg: BenchConfig) -> _Measurements:
+def _measure(measured: Measured, ref_dir: Path, bcfg: BenchConfig) -> _Measurements:
     ref_meta, timing_notes = _same_run_reference(stored_reference.load(ref_dir).meta, measured, bcfg)
-    threads = measured[0][2]["performance"]["latency"]["threads"]
+    threads = measured[0][2].performance["latency"]["threads"]
     return _Measurements(ref_meta, timing_notes, measure_read_bandwidth(threads)["read_gb_s"])
 
 
-def _judge_targets(entries: list[dict[str, Any]], gates: GatesConfig) -> None:
+def _judge_targets(entries: list[TargetEntry], gates: GatesConfig) -> None:
     for entry in entries:
-        entry["gates"] = evaluate_gates(entry, gates)
-        entry["passed"] = all(g["passed"] for g in entry["gates"])
+        entry.gates = evaluate_gates(entry.to_json(), gates)
+        entry.passed = all(g["passed"] for g in entry.gates)
 
 
-def _judge_report(report: dict[str, Any], entries: list[dict[str, Any]], old: dict[str, Any] | None) -> None:
+def _judge_report(report: Report, old: Report | None) -> None:
     """The regressions against ``--compare-to``'s report, and the verdict."""
+    warnings = report.warnings = list(report.warnings or [])
     if old is not None:
-        same = same_machine(report["machine"], old.get("machine"))
+        same = same_machine(report.machine, old.machine)
         if not same:
-            report["warnings"].append(
+            warnings.append(
                 "--compare-to: the old report was measured on another machine "
-                f"({summary(old.get('machine') or {})}); speed and memory are not compared, only fidelity"
+                f"({summary(old.machine or {})}); speed and memory are not compared, only fidelity"
             )
         notes: list[str] = []
-        report["regressions"] = regressions(report, old, compare_speed=same, notes=notes)
-        report["warnings"] += notes
-    report["passed"] = all(e["passed"] for e in entries) and not report.get("regressions")
+        report.regressions = regressions(report.to_json(), old.to_json(), compare_speed=same, notes=notes)
+        warnings += notes
+    report.passed = all(e.passed for e in report.targets or []) and not report.regressions
 
 
 def _ladder(
-    entries: list[dict[str, Any]], ref_dir: Path, ref_meta: dict[str, Any], inputs: ReportInputs
+    entries: list[TargetEntry], ref_dir: Path, ref_meta: dict[str, Any], inputs: ReportInputs
 ) -> list[dict[str, Any]]:
     """The fidelity ladder: base → (adapter on NF4) → reference → each unquantized export → targets."""
 
-    def paired(results: dict[str, Any]) -> dict[str, Any]:
+    def paired(results: BenchResult) -> dict[str, Any]:
         """A ladder row's fidelity with its answers paired against the reference's."""
-        return dict(results["fidelity"], task_accuracy_paired=paired_task(ref_meta, results.get("answers") or []))
+        return dict(results.fidelity, task_accuracy_paired=paired_task(ref_meta, results.answers or []))
 
-    def torch_type(results: dict[str, Any]) -> str:
+    def torch_type(dtype: str | None) -> str:
         """A torch row's type column: the dtype it ran in (stages cached before it was recorded: fp32)."""
-        return DTYPE_SHORT.get(results.get("dtype", "float32"), "fp32")
+        return DTYPE_SHORT.get(dtype or "float32", "fp32")
 
     ladder = []
     if inputs.base_results:
-        ladder.append(ladder_row("base", "torch", paired(inputs.base_results), None, torch_type(inputs.base_results)))
+        ladder.append(
+            ladder_row("base", "torch", paired(inputs.base_results), None, torch_type(inputs.base_results.dtype))
+        )
     if inputs.nf4_results:
         ladder.append(ladder_row(NF4_ROW, "torch", paired(inputs.nf4_results), None, "nf4"))
     ladder.append(
-        ladder_row("reference", "torch", reference_row(ref_dir), ref_meta["model_size_bytes"], torch_type(ref_meta))
+        ladder_row(
+            "reference",
+            "torch",
+            reference_row(ref_dir),
+            ref_meta["model_size_bytes"],
+            torch_type(ref_meta.get("dtype")),
+        )
     )
     for label, results in inputs.conversions:
-        art = results["artifact"]
+        art = results.artifact
         ladder.append(
             ladder_row(f"{label} export", art["runtime"], paired(results), art["size_bytes"], art["file_type"])
         )
     for e in entries:
-        art = e["artifact"]
-        ladder.append(ladder_row(e["target"], art["runtime"], e["fidelity"], art["size_bytes"], art["quant"]))
+        art = e.artifact
+        ladder.append(ladder_row(e.target, art["runtime"], e.fidelity, art["size_bytes"], art["quant"]))
     return ladder
 
 
@@ -379,7 +403,7 @@ def _bench_remote(
     *,
     device_file: Path | None,
     context: int,
-) -> dict[str, Any]:
+) -> Report:
     with output_dir(out_dir, "bench", {"artifacts": [str(p) for _, p in chosen], "remote": remote.host}):
         report = remote_bench(
             remote,
@@ -393,19 +417,19 @@ def _bench_remote(
         )
         write_reports(report, out_dir)
     if build_dir is not None:
-        record = device_runs.from_report(report, f"edgeft bench --remote {remote.host}", device_runs.now())
+        record = device_runs.from_report(report.to_json(), f"edgeft bench --remote {remote.host}", device_runs.now())
         device_runs.save(build_dir, f"remote-{remote.host}", record)
         refold(build_dir)
     return report
 
 
 def _same_run_reference(
-    ref_meta: dict[str, Any], measured: list[tuple[str, str, dict[str, Any]]], bcfg: BenchConfig
+    ref_meta: dict[str, Any], measured: Measured, bcfg: BenchConfig
 ) -> tuple[dict[str, Any], list[str]]:
     """Speed ratios only mean something between timings of one run: when an artifact was timed now
     and the (cached) reference earlier, time the reference again now. Where that cannot be done,
     say so; the report marks every row timed in another run."""
-    timed_now = [name for name, _, r in measured if r["performance"].get("run_id") == RUN_ID]
+    timed_now = [name for name, _, r in measured if r.performance.get("run_id") == RUN_ID]
     if not timed_now or ref_meta["performance"].get("run_id") == RUN_ID:
         return ref_meta, []
     fresh = retime_reference(ref_meta, bcfg)
@@ -419,10 +443,10 @@ def _same_run_reference(
     return {**ref_meta, "performance": fresh}, []
 
 
-def this_machine(measured: list[tuple[str, str, dict[str, Any]]], ref_meta: dict[str, Any]) -> dict[str, Any]:
+def this_machine(measured: Measured, ref_meta: dict[str, Any]) -> dict[str, Any]:
     """This machine, with each runtime's build (llama.cpp's instruction sets, torch's kernels)."""
     builds = {}
-    for perf in [ref_meta["performance"], *(r["performance"] for _, _, r in measured)]:
+    for perf in [ref_meta["performance"], *(r.performance for _, _, r in measured)]:
         lat = perf["latency"]
         if lat.get("runtime_build"):
             builds[
@@ -446,7 +470,7 @@ def bench_artifacts(
     context: int = 2048,
     remote: Any = None,
     device_file: Path | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """`edgeft bench`: artifacts of a build (``build_dir`` + targets) or given files, one report.
 
     With a stored reference folder nothing here imports torch; with an fp32 HF folder as
@@ -485,10 +509,10 @@ def bench_artifacts(
                 "reference",
                 lambda: reference(hf, eval_path, out_dir / layout.REFERENCE, cfg.bench, progress, ref_dtype),
             ).path
-        measured = []
+        measured: Measured = []
         for name, path in chosen:
             results = _bench_one(stages, name, path, Path(reference_dir), out_dir, cfg.bench, progress)
-            measured.append((name, results["artifact"]["file_type"], results))
+            measured.append((name, results.artifact["file_type"], results))
         return finish_report(measured, Path(reference_dir), inputs)
 
 
@@ -509,12 +533,16 @@ def _build_targets_to_bench(build_dir: Path, target_spec: str | None) -> list[tu
 
 def _read_build_ladder(build_dir: Path, inputs: ReportInputs) -> None:
     """The build's own ladder rows (bench-base, adapter-nf4, the conversions), as its bench stages stored them."""
-    inputs.base_results = (read_manifest(layout.bench_dir(build_dir, "base")) or {}).get("results")
-    inputs.nf4_results = (read_manifest(build_dir / layout.BENCH_NF4) or {}).get("results")
+
+    def results(folder: Path) -> BenchResult | None:
+        found = (read_manifest(folder) or {}).get("results")
+        return BenchResult.from_json(found) if found else None
+
+    inputs.base_results = results(layout.bench_dir(build_dir, "base"))
+    inputs.nf4_results = results(build_dir / layout.BENCH_NF4)
     for f in (get_format(name) for name in FORMATS):
-        results = (read_manifest(layout.bench_dir(build_dir, f.CONVERSION)) or {}).get("results")
-        if results:
-            inputs.conversions.append((f.CONVERSION, results))
+        if conversion := results(layout.bench_dir(build_dir, f.CONVERSION)):
+            inputs.conversions.append((f.CONVERSION, conversion))
 
 
 def _given_artifact(path: Path) -> tuple[str, Path]:

@@ -50,7 +50,7 @@ from .bench.reference import ARRAYS, META
 from .errors import ConfigError, InternalError, first_line
 from .files import sha256_file, write_atomic
 from .formats import shipped_name
-from .report import render_junit, render_markdown
+from .report import Report, render_junit, render_markdown
 from .untrusted import (
     ANY,
     BOOL,
@@ -308,7 +308,7 @@ def remote_bench(
     device_file: Path | None = None,
     context: int | None = None,
     log: Any = None,
-) -> dict[str, Any]:
+) -> Report:
     """Bench ``artifacts`` against the stored ``reference_dir`` on ``remote`` and return the device's
     report, checked and made safe (see :func:`device_report`); its plot, if it sent one, is written to
     ``out_dir`` (which must already be an edgeft bench folder). Nothing else the device sends is kept."""
@@ -336,7 +336,7 @@ def remote_bench(
         remote.run(f"rm -rf {_q(run_dir)}", "removing the run folder", keep_stdout=False)
     if plot is not None:
         write_atomic(Path(out_dir) / "report.png", plot)  # replaced by this machine's plot where it can draw one
-    report["remote"] = {
+    report.remote = {
         "host": remote.host,
         # Only the program's name: the whole --remote-ssh line can hold key paths, jump hosts and
         # anything else typed there, and report.json is shared (CI artifacts, pull requests).
@@ -346,9 +346,10 @@ def remote_bench(
     }
 
     if remote_version != __version__:
-        report.setdefault("warnings", []).append(
-            f"--remote: the device runs edgeft {remote_version}, this machine {__version__}"
-        )
+        report.warnings = [
+            *(report.warnings or []),
+            f"--remote: the device runs edgeft {remote_version}, this machine {__version__}",
+        ]
     return report
 
 
@@ -452,7 +453,7 @@ def _upload(remote: Remote, objects: str, missing: dict[str, Path], run_id: str)
         raise remote.fail("uploading", subprocess.CompletedProcess(proc.args, proc.returncode, b"", errors.tail()))
 
 
-def _fetch_report(remote: Remote, run_dir: str, names: list[str]) -> tuple[dict[str, Any], bytes | None]:
+def _fetch_report(remote: Remote, run_dir: str, names: list[str]) -> tuple[Report, bytes | None]:
     """The device's report (checked, see :func:`device_report`) and plot (or None), read from a tar
     of its out/ folder as it streams in: nothing is held or written before the whole tar passed."""
     proc, errors = remote.start(f"cd {_q(run_dir)} && tar -cf - out")
@@ -706,11 +707,9 @@ _REPORT = {
 # Kept from a device's report; anything else (a build's training or merge sections, comparisons, device
 # runs) is never part of a device's bench and is dropped rather than rendered.
 _REPORT_KEYS = {"schema_version", "edgeft_version", *_REPORT}
-# assemble() repeats the first target's entry at the top; taken from the checked entry here
-_FIRST = ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden", "gates")
 
 
-def device_report(raw: bytes, host: str, names: list[str]) -> dict[str, Any]:
+def device_report(raw: bytes, host: str, names: list[str]) -> Report:
     """The report a device sent as ``raw`` report.json, for the targets ``names`` that were sent: every
     string made safe to print (see :mod:`edgeft.untrusted`), the fields read here checked. Malformed,
     nested too deep, or about other targets: ConfigError naming the device and the place."""
@@ -730,35 +729,41 @@ def device_report(raw: bytes, host: str, names: list[str]) -> dict[str, Any]:
     if not isinstance(decoded, dict):
         raise ConfigError(f"{where} is not a JSON object (it holds a {type(decoded).__name__})")
     try:
-        report = cleaned({k: v for k, v in decoded.items() if k in _REPORT_KEYS}, MAX_DEPTH, MAX_REPORT_VALUES)
-        check_shape(report, _REPORT)
+        checked = cleaned({k: v for k, v in decoded.items() if k in _REPORT_KEYS}, MAX_DEPTH, MAX_REPORT_VALUES)
+        check_shape(checked, _REPORT)
     except Oversized as e:
         raise ConfigError(f"{where} is {e}") from None
     except ShapeError as e:
         raise ConfigError(f"{where}: {e}") from None
-    targets = [t["target"] for t in report["targets"]]
-    for name in targets:
-        if name not in names or targets.count(name) > 1:
-            raise ConfigError(
-                f"{where}: target {_quoted(name)} {'twice' if name in names else 'was not sent'}; "
-                f"expected {', '.join(names)}"
-            )
-    for row in report["ladder"]:
-        if row["stage"] not in ("reference", *names):
-            raise ConfigError(
-                f"{where}: ladder stage {_quoted(row['stage'])} is neither the reference nor a target sent"
-            )
-    for name in (report.get("device") or {}).get("targets", {}):
-        if name not in names:
-            raise ConfigError(f"{where}: device projection for {_quoted(name)}, which was not sent")
-    report.update({k: report["targets"][0][k] for k in _FIRST})
+    report = Report.from_json(checked)
+    report.first_at_top = True  # the first target's sections at the top come from its checked entry
+    _check_names(report, names, where)
     # The checks above cover what is read here; rendering once more catches what they cannot say
     # (e.g. a value of the right type that a format rejects) before anything is written.
 
     try:
         render_markdown(report)
         render_junit(report)
-        from_report(report, "check", "check")
+        from_report(report.to_json(), "check", "check")
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(f"{where} does not read as an edgeft report ({type(e).__name__}: {_short(str(e))})") from None
     return report
+
+
+def _check_names(report: Report, names: list[str], where: str) -> None:
+    """Every target, ladder row and device projection is about an artifact that was sent, once."""
+    targets = [t.target for t in report.targets]
+    for name in targets:
+        if name not in names or targets.count(name) > 1:
+            raise ConfigError(
+                f"{where}: target {_quoted(name)} {'twice' if name in names else 'was not sent'}; "
+                f"expected {', '.join(names)}"
+            )
+    for row in report.ladder:
+        if row["stage"] not in ("reference", *names):
+            raise ConfigError(
+                f"{where}: ladder stage {_quoted(row['stage'])} is neither the reference nor a target sent"
+            )
+    for name in (report.device or {}).get("targets", {}):
+        if name not in names:
+            raise ConfigError(f"{where}: device projection for {_quoted(name)}, which was not sent")

@@ -50,6 +50,10 @@ evidence behind the value in words (the interval, the flips).
 (medians) with the full spreads under ``latency.artifact`` / ``latency.reference``;
 ``memory.{peak_rss_bytes, load_s, reference_peak_rss_bytes}``;
 ``roofline.{read_bandwidth_gb_s, bytes_per_token, decode_tok_s_ceiling_projected, fraction}``.
+
+In code the report is a :class:`Report` of :class:`TargetEntry` (built from each target's
+:class:`BenchResult`); its ``to_json()`` is report.json, and ``Report.from_json`` reads one back
+(``refold``, ``--compare-to``, a device's report over ``--remote``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -76,6 +81,148 @@ from .machine import same_machine, summary
 from .training_report import LOSS_PLOT, markdown_section, write_loss_plot
 
 SCHEMA_VERSION = 2
+
+# ------------------------------------------------------------------------------------------- types
+#
+# The report's parts as types, each with one to_json() (report.json's dict, its keys in the order
+# above) and from_json() (a dict read back: a stored report, a device's, a bench stage's results).
+# Sections below the top level (artifact, fidelity, latency, …) stay JSON objects. A field that is
+# None was absent and is not written: reports and cached stages from before a key was added load,
+# and write back as they were. Keys this edgeft does not know (a newer one's, another tool's) are
+# kept in ``extra`` and written after the known ones.
+
+
+def _known(cls: Any) -> list[str]:
+    return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def _split(cls: Any, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the known fields' values, None where absent; the keys ``cls`` does not know)."""
+    names = _known(cls)
+    return {n: d.get(n) for n in names}, {k: v for k, v in d.items() if k not in names}
+
+
+def _present(obj: Any, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
+
+
+@dataclass
+class BenchResult:
+    """A bench stage's results (its manifest's ``results``): an artifact's measurements against the
+    stored reference; the torch rows (bench-base, bench-adapter-nf4) hold fidelity and answers only."""
+
+    artifact: dict[str, Any] | None = None  # path, format, runtime, file_type, size_bytes, sha256, tensor_types
+    fidelity: dict[str, Any] | None = None
+    answers: list[dict[str, Any]] | None = None  # per held-out question: reply, correct, stopped
+    performance: dict[str, Any] | None = None  # the probe's: latency spreads, peak RSS, load time, timing
+    roofline: dict[str, Any] | None = None  # bytes_per_token (the bandwidth is measured per report)
+    machine: dict[str, Any] | None = None
+    dtype: str | None = None  # torch rows: the dtype they ran in
+    compute_dtype: str | None = None  # bench-adapter-nf4: its 4-bit base's compute dtype
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_present(self, _known(BenchResult)), **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BenchResult:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class TargetEntry:
+    """One target's entry in ``targets`` (the first one's sections are repeated at the top)."""
+
+    target: str
+    artifact: dict[str, Any]
+    fidelity: dict[str, Any]
+    latency: dict[str, Any]
+    memory: dict[str, Any]
+    roofline: dict[str, Any]
+    golden: list[dict[str, Any]]
+    answers: list[dict[str, Any]] | None = None
+    gates: list[dict[str, Any]] | None = None  # None until judged
+    passed: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**_present(self, _known(TargetEntry)), **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TargetEntry:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+
+# the first target's sections, repeated at the top of report.json (its gates come after run_id)
+_FIRST = ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")
+
+
+@dataclass
+class Report:
+    """report.json. ``first_at_top``: the first target's sections are repeated at the top (every
+    report this edgeft writes; False for one read back without them, so that it is written back so)."""
+
+    reference: dict[str, Any] | None
+    targets: list[TargetEntry] | None  # None: a version 1 report (its one entry is at the top, in extra)
+    ladder: list[dict[str, Any]] | None
+    eval: dict[str, Any] | None
+    machine: dict[str, Any] | None
+    schema_version: int | None = SCHEMA_VERSION
+    edgeft_version: str | None = __version__
+    run_id: str | None = None
+    warnings: list[str] | None = None
+    regressions: list[dict[str, Any]] | None = None  # with --compare-to
+    passed: bool | None = None
+    device: dict[str, Any] | None = None  # with --device: projections
+    device_runs: list[dict[str, Any]] | None = None
+    stages: list[dict[str, Any]] | None = None
+    merge: dict[str, Any] | None = None  # builds
+    training: dict[str, Any] | None = None  # builds
+    remote: dict[str, Any] | None = None  # --remote: where it was measured
+    first_at_top: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        targets = None if self.targets is None else [t.to_json() for t in self.targets]
+        first = targets[0] if targets and self.first_at_top else {}
+        out = {
+            **_present(self, ["schema_version", "edgeft_version"]),
+            **{k: first[k] for k in _FIRST if k in first},
+            **_present(self, ["reference"]),
+            **({} if targets is None else {"targets": targets}),
+            **_present(self, ["ladder", "eval", "machine", "run_id"]),
+            **({"gates": first["gates"]} if "gates" in first else {}),
+            **_present(self, _REPORT_TAIL),
+        }
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Report:
+        names = [n for n in _known(cls) if n != "first_at_top"]
+        known, extra = {n: d.get(n) for n in names}, {k: v for k, v in d.items() if k not in names}
+        if isinstance(known["targets"], list):  # version 2: the sections at the top are the first entry's
+            extra = {k: v for k, v in extra.items() if k not in (*_FIRST, "gates")}
+            known["targets"] = [TargetEntry.from_json(t) for t in known["targets"]]
+        return cls(**known, first_at_top="target" in d, extra=extra)
+
+
+# written after the gates, in this order
+_REPORT_TAIL = [
+    "warnings",
+    "regressions",
+    "passed",
+    "device",
+    "device_runs",
+    "stages",
+    "merge",
+    "training",
+    "remote",
+]
+
+
+# ----------------------------------------------------------------------------------------- writers
 
 
 def roofline(bytes_per_token: int, decode_tok_s: float, bandwidth: dict[str, Any]) -> dict[str, Any]:
@@ -112,19 +259,19 @@ def paired_task(ref_meta: dict[str, Any], answers: list[dict[str, Any]]) -> dict
 def target_entry(
     target: str,
     quant: str,
-    measured: dict[str, Any],
+    measured: BenchResult,
     ref_meta: dict[str, Any],
     base_accuracy: float | None,
     golden: int,
     bandwidth: dict[str, Any],
-) -> dict[str, Any]:
+) -> TargetEntry:
     """One target's report entry from its bench results and the stored reference."""
-    perf, ref_perf = measured["performance"], ref_meta["performance"]
+    perf, ref_perf = measured.performance, ref_meta["performance"]
     lat, ref_lat = perf["latency"], ref_perf["latency"]
     fidelity = dict(
-        measured["fidelity"],
+        measured.fidelity,
         task_accuracy_base=base_accuracy,
-        task_accuracy_paired=paired_task(ref_meta, measured["answers"]),
+        task_accuracy_paired=paired_task(ref_meta, measured.answers),
     )
     examples = ref_meta["examples"]
     golden_rows = [
@@ -137,13 +284,13 @@ def target_entry(
             "artifact_correct": art["correct"],
             "artifact_stopped": art["stopped"],
         }
-        for ex, ref, art in list(zip(examples, ref_meta["answers"], measured["answers"]))[:golden]
+        for ex, ref, art in list(zip(examples, ref_meta["answers"], measured.answers))[:golden]
     ]
-    return {
-        "target": target,
-        "artifact": dict(measured["artifact"], quant=quant),
-        "fidelity": fidelity,
-        "latency": {
+    return TargetEntry(
+        target=target,
+        artifact=dict(measured.artifact, quant=quant),
+        fidelity=fidelity,
+        latency={
             "threads": lat["threads"],
             "decode_tok_s": lat["decode_tok_s"]["median"],
             "reference_decode_tok_s": ref_lat["decode_tok_s"]["median"],
@@ -156,31 +303,28 @@ def target_entry(
             "device_state": perf.get("device_state"),  # pinning, temperature and clocks around the runs
             "sustained": perf.get("sustained"),  # with --sustained: first and last 20% of a long decode
         },
-        "memory": {
+        memory={
             "peak_rss_bytes": perf["peak_rss_bytes"],
             "load_s": perf["load_s"],
             "reference_peak_rss_bytes": ref_perf["peak_rss_bytes"],
             "reference_load_s": ref_perf["load_s"],
         },
-        "roofline": roofline(measured["roofline"]["bytes_per_token"], lat["decode_tok_s"]["median"], bandwidth),
-        "golden": golden_rows,
-        "answers": measured["answers"],
-    }
+        roofline=roofline(measured.roofline["bytes_per_token"], lat["decode_tok_s"]["median"], bandwidth),
+        golden=golden_rows,
+        answers=measured.answers,
+    )
 
 
 def assemble(
-    entries: list[dict[str, Any]],
+    entries: list[TargetEntry],
     ref_dir: Path,
     ref_meta: dict[str, Any],
     ladder: list[dict[str, Any]],
     machine: dict[str, Any],
-) -> dict[str, Any]:
-    first = entries[0]
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "edgeft_version": __version__,
-        **{k: first[k] for k in ("target", "artifact", "fidelity", "latency", "memory", "roofline", "golden")},
-        "reference": {
+) -> Report:
+    """The report of judged ``entries``, before the verdict and what each command adds."""
+    return Report(
+        reference={
             "path": ref_meta["model"],
             "stored": str(ref_dir),
             "size_bytes": ref_meta["model_size_bytes"],
@@ -194,17 +338,16 @@ def assemble(
             "machine": ref_meta.get("machine"),
             "timed": timed(ref_meta["performance"]),
         },
-        "targets": entries,
-        "ladder": ladder,
-        "eval": {
+        targets=entries,
+        ladder=ladder,
+        eval={
             "file": ref_meta["eval_file"],
             "examples": len(ref_meta["examples"]),
             "scored_positions": ref_meta["positions"],
             "question_ids": [question_id(ex) for ex in ref_meta["examples"]],
         },
-        "machine": machine,
-    }
-    return report
+        machine=machine,
+    )
 
 
 def ladder_row(
@@ -300,9 +443,9 @@ def _flips(p: dict[str, Any] | None) -> str:
     return "—" if not p else f"{p['right_to_wrong']} / {p['wrong_to_right']}"
 
 
-def _ladder_note(report: dict[str, Any]) -> str:
-    rows = [r for r in report["ladder"] if r.get("task_accuracy_paired")]
-    n = rows[0]["task_accuracy_paired"]["n"] if rows else report["eval"]["examples"]
+def _ladder_note(report: Report) -> str:
+    rows = [r for r in report.ladder or [] if r.get("task_accuracy_paired")]
+    n = rows[0]["task_accuracy_paired"]["n"] if rows else report.eval["examples"]
     return (
         "95% intervals: mean KLD and top-1 by a bootstrap over the held-out conversations (whole sequences, "
         "fixed seed); task accuracy paired with the reference question by question: Δ = row − reference in "
@@ -318,26 +461,26 @@ def timed_in_run(number: int) -> str:
     return f"†{number}"
 
 
-def render_markdown(report: dict[str, Any], loss_plot: bool = False) -> str:
+def render_markdown(report: Report, loss_plot: bool = False) -> str:
     """report.md; ``loss_plot``: loss.png was written beside it (a build's training section links it)."""
-    ref_type = dtype_short(report["reference"].get("dtype"))
-    marks = _RunMarks(report.get("run_id"))
+    ref_type = dtype_short(report.reference.get("dtype"))
+    marks = _RunMarks(report.run_id)
     lines = _header_section(report, ref_type) + _ladder_section(report, ref_type)
-    if report.get("training"):
-        lines += markdown_section(report["training"], loss_plot)
+    if report.training:
+        lines += markdown_section(report.training, loss_plot)
     lines += _speed_section(report, ref_type, marks)
-    lines += _cpu_state_section(report["targets"])
-    if report.get("device"):
-        lines += _device_section(report["device"])
-    if report.get("device_runs"):
-        lines += _device_runs_section(report["device_runs"])
+    lines += _cpu_state_section([{"target": t.target, "latency": t.latency} for t in report.targets])
+    if report.device:
+        lines += _device_section(report.device)
+    if report.device_runs:
+        lines += _device_runs_section(report.device_runs)
     lines += marks.footnotes(report) + _roofline_note(report)
-    for t in report["targets"]:
+    for t in report.targets:
         lines += _target_section(t)
-    if report.get("regressions"):
-        lines += _regressions_section(report["regressions"])
-    if report.get("stages"):
-        lines += _stages_section(report["stages"])
+    if report.regressions:
+        lines += _regressions_section(report.regressions)
+    if report.stages:
+        lines += _stages_section(report.stages)
     return "\n".join(lines) + "\n"
 
 
@@ -355,11 +498,11 @@ class _RunMarks:
         self.earlier.setdefault(t.get("run_id"), t)
         return " " + timed_in_run(list(self.earlier).index(t.get("run_id")) + 1)
 
-    def footnotes(self, report: dict[str, Any]) -> list[str]:
+    def footnotes(self, report: Report) -> list[str]:
         lines = []
         for i, t in enumerate(self.earlier.values(), 1):
             where = summary(t["machine"]) if t.get("machine") else "machine not recorded"
-            other = "" if same_machine(t.get("machine"), report.get("machine")) else " — **another machine**"
+            other = "" if same_machine(t.get("machine"), report.machine) else " — **another machine**"
             lines += [
                 "",
                 f"{timed_in_run(i)} timed in an earlier run ({_md(t.get('timed_at') or 'before runs were recorded')}; {_md(where)}){other}.",
@@ -372,36 +515,33 @@ class _RunMarks:
         return lines
 
 
-def _header_section(report: dict[str, Any], ref_type: str) -> list[str]:
-    ref = report["reference"]
+def _header_section(report: Report, ref_type: str) -> list[str]:
+    ref, machine = report.reference, report.machine or {}
     return [
-        f"# edgeft report — {', '.join(_md(t['target']) for t in report['targets'])}",
+        f"# edgeft report — {', '.join(_md(t.target) for t in report.targets)}",
         "",
-        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · reference {_code(ref['path'])} "
+        f"**{'PASSED' if report.passed else 'FAILED'}** · reference {_code(ref['path'])} "
         f"({ref['size_bytes'] / 1e6:.0f} MB fp32{'' if ref_type == 'fp32' else f', computed in {ref_type}'}) · "
-        f"{report['eval']['examples']} held-out questions, "
-        f"{report['eval']['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
+        f"{report.eval['examples']} held-out questions, "
+        f"{report.eval['scored_positions']} scored reply tokens · KLD over the reference's top-{ref['top_k']} + tail",
         *_reference_dtype_line(ref),
         "",
-        *[f"**Warning:** {_md(w)}" for w in report.get("warnings", [])],
-        *([""] if report.get("warnings") else []),
-        f"Machine: {_md(summary(report['machine']))}"
-        if report.get("machine", {}).get("cpu_model")
-        else f"Machine: {_md(report.get('machine', {}).get('platform', 'unknown'))}",
+        *[f"**Warning:** {_md(w)}" for w in report.warnings or []],
+        *([""] if report.warnings else []),
+        f"Machine: {_md(summary(machine))}"
+        if machine.get("cpu_model")
+        else f"Machine: {_md(machine.get('platform', 'unknown'))}",
         *(
-            [f"(the device: measured there over SSH, {_code('edgeft bench --remote ' + report['remote']['host'])})"]
-            if report.get("remote")
+            [f"(the device: measured there over SSH, {_code('edgeft bench --remote ' + report.remote['host'])})"]
+            if report.remote
             else []
         ),
         "",
-        *[
-            f"- {_md(name)}: {_code(build)}"
-            for name, build in report.get("machine", {}).get("runtime_builds", {}).items()
-        ],
+        *[f"- {_md(name)}: {_code(build)}" for name, build in machine.get("runtime_builds", {}).items()],
     ]
 
 
-def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
+def _ladder_section(report: Report, ref_type: str) -> list[str]:
     lines = [
         "",
         f"## Fidelity ladder (each stage vs the fine-tuned {ref_type} reference; base = before fine-tuning)",
@@ -410,7 +550,7 @@ def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
         "| Δ task acc, points [95% CI] | flips ✓→✗ / ✗→✓ |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["ladder"]:
+    for r in report.ladder or []:
         size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
         task = r.get("task_accuracy_paired")
         lines.append(
@@ -421,22 +561,22 @@ def _ladder_section(report: dict[str, Any], ref_type: str) -> list[str]:
             f"{_pct(r['task_accuracy_artifact'])} | {_task_change(task)} | {_flips(task)} |"
         )
     lines += ["", _ladder_note(report)]
-    if kld := report.get("merge", {}).get("kld_vs_adapter_on_nf4_base"):
+    if kld := (report.merge or {}).get("kld_vs_adapter_on_nf4_base"):
         figures = ", ".join(f"`{k}` {v:.4g}" for k, v in kld.items())
         lines += [
             "",
-            f"QLoRA merge: `{report['merge']['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
+            f"QLoRA merge: `{report.merge['strategy']}` kept (mean KLD vs the adapter on the NF4 base: {figures}).",
         ]
     return lines
 
 
-def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> list[str]:
-    ref = report["reference"]
+def _speed_section(report: Report, ref_type: str, marks: _RunMarks) -> list[str]:
+    ref = report.reference
     ref_lat = ref["performance"]["latency"]
     lines = [
         "",
         f"## Speed and memory ({ref_lat['threads']} threads; median [min–max] after a warm-up, "
-        f"{ref_lat['repeats']} runs for the reference, {report['targets'][0]['latency']['artifact']['repeats']} per artifact; "
+        f"{ref_lat['repeats']} runs for the reference, {report.targets[0].latency['artifact']['repeats']} per artifact; "
         f"{ref_lat['prompt_tokens']}-token prompt, {ref_lat['decode_tokens']} decoded tokens)",
         "",
         f"| model | runtime | TTFT ms | prefill tok/s | decode tok/s | × {ref_type} | peak RSS MB | load s | roofline |",
@@ -445,20 +585,20 @@ def _speed_section(report: dict[str, Any], ref_type: str, marks: _RunMarks) -> l
         f"{_spread(ref_lat['prefill_tok_s'], '{:.0f}')} | {_spread(ref_lat['decode_tok_s'])} | 1.0 | "
         f"{ref['performance']['peak_rss_bytes'] / 1e6:.0f} | {ref['performance']['load_s']:.2f} | |",
     ]
-    for t in report["targets"]:
-        lat, mem, roof = t["latency"], t["memory"], t["roofline"]
+    for t in report.targets:
+        lat, mem, roof, art = t.latency, t.memory, t.roofline, t.artifact
         a = lat["artifact"]
         lines.append(
-            f"| {_md(t['target'])} ({_md(t['artifact']['quant'])}){marks.mark(lat.get('timed', {}))} | "
-            f"{_md(t['artifact'].get('runtime') or default_runtime(t['artifact'].get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
+            f"| {_md(t.target)} ({_md(art['quant'])}){marks.mark(lat.get('timed', {}))} | "
+            f"{_md(art.get('runtime') or default_runtime(art.get('format')))} {_md(a['runtime_version'])} | {_spread(a['ttft_ms'], '{:.0f}')} | "
             f"{_spread(a['prefill_tok_s'], '{:.0f}')} | {_spread(a['decode_tok_s'])} | {lat['speedup']:.1f} | "
             f"{mem['peak_rss_bytes'] / 1e6:.0f} | {mem['load_s']:.2f} | {_pct(roof['fraction'])} |"
         )
     return lines
 
 
-def _roofline_note(report: dict[str, Any]) -> list[str]:
-    bw = report["targets"][0]["roofline"]["read_bandwidth_gb_s"]
+def _roofline_note(report: Report) -> list[str]:
+    bw = report.targets[0].roofline["read_bandwidth_gb_s"]
     return [
         "",
         f"Roofline: decode tok/s as a fraction of the best measured read bandwidth ({bw['max']:.1f} GB/s; median "
@@ -466,25 +606,26 @@ def _roofline_note(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _target_section(t: dict[str, Any]) -> list[str]:
-    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in t["artifact"].get("tensor_types", {}).items())
+def _target_section(t: TargetEntry) -> list[str]:
+    art, fid = t.artifact, t.fidelity
+    types = ", ".join(f"{_md(k)}×{_md(v)}" for k, v in art.get("tensor_types", {}).items())
     lines = [
         "",
-        f"## {_md(t['target'])} — {'passed' if t.get('passed') else '**FAILED**'}",
+        f"## {_md(t.target)} — {'passed' if t.passed else '**FAILED**'}",
         "",
-        f"{_code(t['artifact']['path'])} · {t['artifact']['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
-        f" · answers ending on a stop token: {_pct(t['fidelity'].get('artifact_stop_rate'))}",
+        f"{_code(art['path'])} · {art['size_bytes'] / 1e6:.1f} MB · tensor types written: {types}",
+        f" · answers ending on a stop token: {_pct(fid.get('artifact_stop_rate'))}",
     ]
-    if task := t["fidelity"].get("task_accuracy_paired"):
+    if task := fid.get("task_accuracy_paired"):
         lines += [
             "",
-            f"Task accuracy {_pct(t['fidelity'].get('task_accuracy_reference'))} (reference) → "
-            f"{_pct(t['fidelity'].get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
+            f"Task accuracy {_pct(fid.get('task_accuracy_reference'))} (reference) → "
+            f"{_pct(fid.get('task_accuracy_artifact'))}: {_md(describe_paired(task))}.",
         ]
-    if t.get("gates"):
-        lines += _gates_table(t["gates"], task)
-    if t.get("golden"):
-        lines += _golden_table(t["golden"])
+    if t.gates:
+        lines += _gates_table(t.gates, task)
+    if t.golden:
+        lines += _golden_table(t.golden)
     return lines
 
 
@@ -685,18 +826,18 @@ def _device_runs_section(runs: list[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------- junit
 
 
-def render_junit(report: dict[str, Any]) -> str:
+def render_junit(report: Report) -> str:
     """One test case per gate per target (and per regression), for CI test-report viewers. A gate
     judged on an interval names it (and the flips) in its message, which passing cases carry as
     ``system-out``."""
     cases = []
-    for t in report["targets"]:
-        for g in t.get("gates", []):
+    for t in report.targets:
+        for g in t.gates or []:
             message = f"{g['description']}: value {g['value']}, limit {g['limit']}"
             if g.get("detail"):
                 message += f"; {g['detail']}"
-            cases.append((t["target"], g["name"], g["passed"], message))
-    for r in report.get("regressions", []):
+            cases.append((t.target, g["name"], g["passed"], message))
+    for r in report.regressions or []:
         message = f"{r['old']} -> {r['new']} (allowed {r['allowed']})"
         if r.get("rule"):
             message += f"; {r['rule']}"
@@ -716,7 +857,7 @@ def render_junit(report: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------- plot
 
 
-def write_plot(report: dict[str, Any], path: Path) -> bool:
+def write_plot(report: Report, path: Path) -> bool:
     """Size vs mean KLD per artifact, labelled with decode speed. False when matplotlib is missing."""
     try:
         import matplotlib
@@ -726,20 +867,20 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in report["targets"]:
-        size, kld = t["artifact"]["size_bytes"] / 1e6, max(t["fidelity"]["kl_divergence_mean"], 1e-7)
+    for t in report.targets:
+        size, kld = t.artifact["size_bytes"] / 1e6, max(t.fidelity["kl_divergence_mean"], 1e-7)
         ax.scatter(size, kld, s=60)
         ax.annotate(
-            f"{t['target']}\n{t['latency']['decode_tok_s']:.0f} tok/s",
+            f"{t.target}\n{t.latency['decode_tok_s']:.0f} tok/s",
             (size, kld),
             textcoords="offset points",
             xytext=(6, 4),
             fontsize=8,
         )
     ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel(f"mean KL divergence vs {dtype_short(report['reference'].get('dtype'))} reference")
+    ax.set_ylabel(f"mean KL divergence vs {dtype_short(report.reference.get('dtype'))} reference")
     ax.set_yscale("log")
-    ax.set_title(f"size vs fidelity ({report['targets'][0]['latency']['threads']} threads, decode median)")
+    ax.set_title(f"size vs fidelity ({report.targets[0].latency['threads']} threads, decode median)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -747,18 +888,18 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_reports(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_reports(report: Report, out_dir: Path) -> dict[str, Path]:
     """Write report.json, report.md, junit.xml, report.png and (builds) loss.png; append the markdown to
     $GITHUB_STEP_SUMMARY when that is set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "junit": out_dir / "junit.xml"}
-    if report.get("training"):
+    if report.training:
         (out_dir / LOSS_PLOT).unlink(missing_ok=True)  # never a stale curve beside a new report
-        if write_loss_plot(report["training"], out_dir / LOSS_PLOT):
+        if write_loss_plot(report.training, out_dir / LOSS_PLOT):
             paths["loss_plot"] = out_dir / LOSS_PLOT
     md = render_markdown(report, loss_plot="loss_plot" in paths)
-    write_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(paths["json"], json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     write_atomic(paths["md"], md)
     write_atomic(paths["junit"], render_junit(report))
     if write_plot(report, out_dir / "report.png"):
@@ -784,6 +925,7 @@ def refold(build_dir: Path) -> bool:
         raise ConfigError(f"{path}: unreadable report ({e})") from None
     if not isinstance(report, dict):
         raise ConfigError(f"{path}: not an edgeft report (not a JSON object); run `edgeft build` again")
-    report["device_runs"] = device_runs.load_all(build_dir)
-    write_reports(report, Path(build_dir))
+    typed = Report.from_json(report)
+    typed.device_runs = device_runs.load_all(build_dir)
+    write_reports(typed, Path(build_dir))
     return True
