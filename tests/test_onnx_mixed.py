@@ -54,7 +54,7 @@ def _matmulnbits(w: np.ndarray, bits: int, tmp: Path):
 @pytest.mark.parametrize("k", [96, 80])  # 80: the last block is padded
 def test_simulated_rounding_is_matmulnbits_rounding(tmp_path, bits, k):
     from edgeft.formats.onnx.graph import matmul_bytes
-    from edgeft.formats.onnx.mixed import fake_quant
+    from edgeft.formats.onnx.sweep import fake_quant
 
     rng = np.random.default_rng(bits + k)
     w = (rng.standard_normal((k, 48)) * np.exp(rng.standard_normal((k, 1)))).astype(np.float32)
@@ -145,6 +145,44 @@ def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(uneven_onnx, tok
     kld_plan = _held_out_kld(uneven_onnx["fp32"], out, tokenizer)
     kld_opposite = _held_out_kld(uneven_onnx["fp32"], other, tokenizer)
     assert kld_plan < kld_opposite, (kld_plan, kld_opposite)
+
+
+def _held_array_bytes(obj, seen=None) -> int:
+    """Bytes of the numpy arrays reachable from ``obj``'s attributes, dicts and lists, not counting
+    views of memory-mapped files (the page cache's, not the object's)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        base = obj
+        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap) and base.base is not None:
+            base = base.base
+        return 0 if isinstance(base, np.memmap) else obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_held_array_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_held_array_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("edgeft"):
+        return sum(_held_array_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def test_the_probe_holds_one_copy_of_the_weights(uneven_onnx, tmp_path):
+    """The int8-rounded weights every probe starts from are the only copy it keeps; the fp32 ones are
+    read from the export's mapped file (before: an fp32 dict, an int8 dict and full-vocabulary
+    reference rows, over twice the model)."""
+    from edgeft.formats.onnx.sweep import ProbeModel, fake_quant
+
+    probe = ProbeModel(uneven_onnx["fp32"], tmp_path, threads=2)
+    one_copy = sum(4 * k * n for k, n in probe.layout.shapes.values())
+    held = _held_array_bytes(probe)
+    assert one_copy <= held < 1.02 * one_copy, (held, one_copy)
+    weight = next(iter(probe.base))
+    fp32 = probe.fp32[weight]
+    assert _held_array_bytes(fp32) == 0  # a view of the mapped file
+    np.testing.assert_array_equal(probe.base[weight], fake_quant(fp32, 8))
+    assert not np.array_equal(probe.base[weight], fp32)
 
 
 def test_a_budget_below_the_all_int4_folder_is_refused(uneven_onnx):

@@ -27,143 +27,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from ...divergence import kl_divergence
 from ...errors import ConfigError, ModelError
 from ...precision_plan import check_fits, plan, write_sensitivity
 from ...stage import StageOutput, content_hash, run_stage
-from .graph import BLOCK, LEVELS, ChunkSession, Layout, decoder, load_decoder
+from .graph import BLOCK, LEVELS, Layout, decoder
 from .inspect import describe
-from .rounding import fake_quant as weighted_int4
 from .rounding import read_importance
+from .sweep import measure
 
 SENSITIVITY_FILE = "sensitivity.json"
 
 __all__ = ["plan", "SENSITIVITY_FILE", "LEVELS"]
-
-
-def fake_quant(w: np.ndarray, bits: int, block: int = BLOCK) -> np.ndarray:
-    """``w`` [K, N] rounded as MatMulNBits stores it (symmetric, block-wise along K), back in fp32.
-
-    The rounding is onnxruntime's own C++ kernel, the one its MatMulNBitsQuantizer calls; only the
-    unpacking is ours: blocks are [N, k_blocks, block·bits/8] bytes, low nibble first for 4 bits,
-    stored unsigned with the zero point at the middle of the range (8, or 128) and one scale a block.
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    k, n = w.shape
-    k_blocks = -(-k // block)
-    padded = np.zeros((k_blocks * block, n), dtype=np.float32)
-    padded[:k] = w
-    packed = np.zeros((n, k_blocks, block * bits // 8), dtype=np.uint8)
-    scales = np.zeros((n, k_blocks), dtype=np.float32)
-    zero_points = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
-    quant = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quant(packed, padded, scales, zero_points, block, n, k_blocks * block, True)
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, block)
-    else:
-        q = packed
-    values = (q.astype(np.float32) - (1 << (bits - 1))) * scales[:, :, None]
-    return np.ascontiguousarray(values.reshape(n, -1)[:, :k].T)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-class ProbeModel:
-    """The fp32 export with its MatMul weights as graph inputs: one session, any rounding of them."""
-
-    def __init__(self, folder: Path, scratch: Path, threads: int = 0):
-        import onnx
-        from onnx import numpy_helper
-
-        model = load_decoder(folder)
-        self.layout = Layout.of(model)
-        names = set(self.layout.weights.values())
-        self.fp32: dict[str, np.ndarray] = {}
-        kept = []
-        for init in model.graph.initializer:
-            if init.name in names:
-                self.fp32[init.name] = numpy_helper.to_array(init).astype(np.float32, copy=False)
-                model.graph.input.append(
-                    onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, init.dims)
-                )
-            else:
-                kept.append(init)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-        self.session = ChunkSession(model, folder, scratch, "probe", threads)
-
-    def log_probs(self, chunk: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        return _log_softmax(self.session.run(["logits"], chunk, weights)[0][0])
-
-
-def measure(
-    fp32_folder: Path,
-    chunks: np.ndarray,
-    scratch: Path,
-    fixed_bytes: int,
-    *,
-    threads: int = 0,
-    shared_embedding: bool = True,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    importance: dict[str, np.ndarray] | None = None,
-) -> dict[str, Any]:
-    """Every MatMul's added KLD at int4 with the rest at int8 (see the module docstring).
-    ``shared_embedding``: whether the int4 file's embedding reads the head's int4 weights;
-    ``importance``: node → column importance when int4 is rounded by it (see :mod:`.rounding`)."""
-
-    probe = ProbeModel(fp32_folder, scratch, threads)
-    layout = probe.layout
-    if not shared_embedding:
-        layout.tied_embedding = None  # the embedding is its own table at every head width
-    ref = [probe.log_probs(c, probe.fp32) for c in chunks]
-    int8 = {w: fake_quant(a, 8) for w, a in probe.fp32.items()}
-
-    def kld_with(weights: dict[str, np.ndarray]) -> float:
-        total = 0.0
-        for chunk, lr in zip(chunks, ref):
-            la = probe.log_probs(chunk, weights)
-            total += float(kl_divergence(lr, la).sum())
-        return total / chunks.size
-
-    start = time.perf_counter()
-    base = kld_with(int8)
-    advance = progress("sensitivity", len(layout.weights)) if progress else (lambda: None)
-    groups = []
-    for node, weight in layout.weights.items():
-        w = probe.fp32[weight]
-        int4 = weighted_int4(w, importance[node]) if importance is not None else fake_quant(w, 4)
-        added = kld_with({**int8, weight: int4}) - base
-        groups.append(
-            {
-                "name": node,
-                "shape": list(layout.shapes[node]),
-                "options": [
-                    {"level": "int4", "bytes": layout.option_bytes(node, "int4"), "added_kld": added},
-                    {"level": "int8", "bytes": layout.option_bytes(node, "int8"), "added_kld": 0.0},
-                ],
-            }
-        )
-        advance()
-    return {
-        "mix": list(LEVELS),
-        "base_kld": base,
-        "positions": int(chunks.size),
-        "fixed_bytes": int(fixed_bytes),
-        "tied_embedding": list(layout.tied_embedding) if layout.tied_embedding else None,
-        "groups": groups,
-        "probes": 1 + len(groups),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
 
 
 def fixed_bytes(int4_folder: Path, fp32_folder: Path) -> int:
