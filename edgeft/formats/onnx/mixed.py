@@ -2,16 +2,23 @@
 
 The same method as :mod:`edgeft.formats.gguf.mixed`, for onnxruntime's MatMulNBits:
 
-1. stage ``sensitivity``: every quantizable MatMul of the fp32 export (one *group* per node: each
-   layer's fused q/k/v projection, output projection, gate, up and down projections, and the LM
-   head, which a tied embedding shares) is probed on its own. The probe model is the fp32 export
-   with its MatMul weights turned into graph inputs, so one onnxruntime session serves every probe:
-   all weights are fed rounded through onnxruntime's own int8 block quantizer (the kernel the builder
-   calls), except the probed node's, fed rounded through its int4 quantizer. The added mean KL
-   divergence against the fp32 model, over every position of the calibration chunks, is that node's
-   sensitivity. Rounding is simulated in fp32 (quantize, then dequantize), so what is measured is the
-   weights' rounding; the int8 activations of ``accuracy_level = 4`` are common to every plan. A
-   target with ``imatrix`` probes int4 as :mod:`.rounding` writes it instead.
+1. stage ``sensitivity`` (:mod:`.sweep`): each quantizable MatMul of the fp32 export (one *group*
+   per node: each layer's fused q/k/v projection, output projection, gate, up and down projections,
+   and the LM head, which a tied embedding shares) gets the mean KL divergence its int4 rounding
+   adds, every other MatMul at int8, against the fp32 model over every position of the calibration
+   chunks (its top-256 log-probs). The probe model is the fp32 export with its MatMul weights
+   turned into graph inputs, so one onnxruntime session serves every probe; weights are rounded
+   through onnxruntime's own block quantizers (the kernels the builder calls) and fed in fp32
+   (quantize, then dequantize), so what is measured is the weights' rounding; the int8 activations
+   of ``accuracy_level = 4`` are common to every plan. A target with ``imatrix`` probes int4 as
+   :mod:`.rounding` writes it instead. Cost: ``exact`` runs one probe per node (152 for
+   SmolLM2-135M, each a forward pass over every chunk); ``proxy`` (what ``auto`` takes past three
+   layers) probes the head, each role in every layer at once, each run of three layers and the 8
+   nodes its fit finds most sensitive, and predicts the other nodes from their local rounding error
+   (26 probes). Memory: one model's worth of int8-rounded weights, the fp32 ones read from the
+   export's mapped file, and a top-k reference (SmolLM2-135M: 539 MB of arrays, was 1177 MB).
+   ``sensitivity.json`` records the method, its probes and, for the proxy, every calibrating
+   probe's measured and fitted figure; each option's ``source`` says whether it was probed or predicted.
 2. the plan: :func:`edgeft.precision_plan.plan`, the exact knapsack the GGUF path uses, over the
    bytes each node's MatMulNBits initializers take at each width (computed from the shapes).
 3. the builder writes the plan: the int4 export with an exact-name ``int8`` override per promoted node
@@ -75,13 +82,16 @@ def sensitivity_stage(
     threads: int = 0,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     importance_dir: Path | None = None,
+    method: str = "auto",
 ) -> StageOutput:
     """Cached stage: fp32 export + the all-int4 export + calibration chunks → ``sensitivity.json``
-    (int4 rounded by the importance in ``importance_dir`` when given, else as the builder rounds)."""
+    (int4 rounded by the importance in ``importance_dir`` when given, else as the builder rounds;
+    ``method``: see :func:`.sweep.measure`)."""
     if not decoder(fp32_dir).is_file():
         raise ModelError(f"{fp32_dir}: expected the fp32 export's {decoder(fp32_dir).name} there")
     inputs = {"fp32": content_hash(fp32_dir), "int4": content_hash(int4_dir)}
-    params = {"mix": list(LEVELS), "block_size": BLOCK, "calibration": calibration.describe()}
+    # the method is in the key even as "auto": sweeps before it scored full-vocabulary references
+    params = {"mix": list(LEVELS), "block_size": BLOCK, "calibration": calibration.describe(), "method": method}
     if importance_dir is not None:
         inputs["importance"] = content_hash(importance_dir)
         params["int4_rounding"] = "importance-weighted"
@@ -103,10 +113,11 @@ def sensitivity_stage(
                 shared_embedding=shared,
                 progress=progress,
                 importance=read_importance(importance_dir) if importance_dir is not None else None,
+                method=method,
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return write_sensitivity(tmp, result, SENSITIVITY_FILE)
+        return {**write_sensitivity(tmp, result, SENSITIVITY_FILE), "method": result["method"]}
 
     return run_stage(out_dir, "sensitivity", inputs, params, work)
 
