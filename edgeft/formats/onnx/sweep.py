@@ -318,7 +318,9 @@ METHOD_NOTES = {
     "added_kld is predicted: its local_error (the squared output error its int4 rounding adds over int8, "
     "weighted by its input's mean squares on the calibration chunks) times the kld_per_local_error of its "
     "role and the depth_factor of its layer, fitted so that the calibration probes come out: each role at "
-    "int4 in every layer at once, and every node of a run of layers at int4",
+    "int4 in every layer at once, and every node of a run of layers at int4. The layer nodes a first fit "
+    "predicts most sensitive are then measured alone as in 'exact' (source 'probe') and the fit redone with "
+    "their figures taken out of the calibration probes (alone_kld)",
 }
 
 
