@@ -75,8 +75,8 @@ def _block_errors(w: np.ndarray, rounded: np.ndarray, importance: np.ndarray) ->
 
 @pytest.mark.parametrize("k", [96, 80])
 def test_no_block_has_more_weighted_error_than_the_builders_and_most_have_less(k):
-    from edgeft.formats.onnx.mixed import fake_quant as builder_rounding
     from edgeft.formats.onnx.rounding import fake_quant
+    from edgeft.formats.onnx.sweep import fake_quant as builder_rounding
 
     w, importance = _weights(7 + k, k, 64)
     ours = _block_errors(w, fake_quant(w, importance), importance)
@@ -86,8 +86,8 @@ def test_no_block_has_more_weighted_error_than_the_builders_and_most_have_less(k
 
 
 def test_without_importance_a_block_keeps_the_builders_rounding():
-    from edgeft.formats.onnx.mixed import fake_quant as builder_rounding
     from edgeft.formats.onnx.rounding import fake_quant
+    from edgeft.formats.onnx.sweep import fake_quant as builder_rounding
 
     w, importance = _weights(3, 96, 16)
     importance[32:64] = 0  # the middle block's columns never fire
@@ -137,7 +137,7 @@ def test_importance_is_each_matmul_inputs_mean_square(loud_onnx):
 def _matmulnbits_initializers(folder: Path) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
-    from edgeft.formats.onnx.mixed import load_decoder
+    from edgeft.formats.onnx.graph import load_decoder
 
     model = load_decoder(folder)
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -153,8 +153,8 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(l
     import onnx
 
     from edgeft.formats.onnx.export import export
+    from edgeft.formats.onnx.graph import Layout, load_decoder
     from edgeft.formats.onnx.inspect import describe
-    from edgeft.formats.onnx.mixed import Layout, load_decoder
     from edgeft.formats.onnx.rounding import importance_stage, pack, read_importance, round_int4
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
@@ -195,7 +195,7 @@ def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(lo
 
     import onnx
 
-    from edgeft.formats.onnx.mixed import load_decoder
+    from edgeft.formats.onnx.graph import load_decoder
     from edgeft.formats.onnx.rounding import importance_stage, read_importance, reround
 
     importance = read_importance(

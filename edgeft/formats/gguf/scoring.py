@@ -6,9 +6,10 @@
   ``LlamaCppRuntime.logits`` copies them again: 200 MB a 512-token chunk for a 100k vocabulary).
   With ``observe``, llama.cpp's eval callback (the hook ``llama-imatrix`` uses) passes the input
   of every matrix multiplication by a model weight to :class:`ActivationStats`.
-* :class:`TopKReference`: the F32 model's top-k log-probabilities per position plus the mass of
-  everything else, as :mod:`edgeft.bench.reference` stores a build's reference; :meth:`~TopKReference.kld`
-  is then one log-sum-exp over a probe's logits and a gather, not a full-vocabulary KL divergence.
+* :class:`~edgeft.divergence.TopKReference` (shared with the ONNX sweep, kept in :mod:`edgeft.divergence`):
+  the F32 model's top-k log-probabilities per position plus the mass of everything else, as
+  :mod:`edgeft.bench.reference` stores a build's reference; :meth:`~TopKReference.kld` is then one
+  log-sum-exp over a probe's logits and a gather, not a full-vocabulary KL divergence.
   Merging the tail into one bin can only lower KL (log-sum inequality): the figure is a lower bound
   on the full one, by about the same share for every probe (measured on SmolLM2-135M over two
   2 × 512-token chunks of the cooking data: 96% of the full figure at k = 256, 94% at 128, both for a
@@ -21,15 +22,12 @@ import ctypes
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ...divergence import topk_kl_divergence
+from ...divergence import TopKReference
 from ...errors import ModelError
-
-TOP_K = 256  # reference log-probs kept per position (k tokens + a tail bin)
-_ROWS = 64  # positions per block when reducing over the vocabulary (bounds temporaries)
 
 
 class _GgmlTensor(ctypes.Structure):
@@ -213,67 +211,6 @@ class Scorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _logsumexp_rows(z: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """float64 log-sum-exp of each row of ``z`` (float32), ``buf`` a scratch block as wide."""
-    m = z.max(axis=1, keepdims=True)
-    b = buf[: len(z)]
-    np.subtract(z, m, out=b)
-    np.exp(b, out=b)
-    return m[:, 0].astype(np.float64) + np.log(b.sum(axis=1, dtype=np.float64))
-
-
-def _blocks(n: int) -> Callable[[], Any]:
-    return (slice(i, min(n, i + _ROWS)) for i in range(0, n, _ROWS))  # type: ignore[return-value]
-
-
-class TopKReference:
-    """The reference's top-k next-token log-probs at every position of a set of chunks."""
-
-    def __init__(self, k: int = TOP_K) -> None:
-        self.k = k
-        self.ids: list[np.ndarray] = []  # per chunk [n, k] int32
-        self.logp: list[np.ndarray] = []  # per chunk [n, k] float32 (as stored), descending
-
-    @classmethod
-    def from_arrays(cls, ids: np.ndarray, logp: np.ndarray) -> TopKReference:
-        """A reference stored by :meth:`to_arrays` ([chunks, n, k] ids and log-probs)."""
-        ref = cls(int(ids.shape[-1]))
-        ref.ids, ref.logp = list(ids.astype(np.int32)), list(logp.astype(np.float32))
-        return ref
-
-    def add(self, logits: np.ndarray) -> None:
-        n, vocab = logits.shape
-        k = min(self.k, vocab)
-        buf = np.empty((min(n, _ROWS), vocab), dtype=np.float32)
-        ids = np.empty((n, k), dtype=np.int32)
-        logp = np.empty((n, k), dtype=np.float32)
-        for rows in _blocks(n):
-            z = logits[rows]
-            lse = _logsumexp_rows(z, buf)
-            idx = np.argpartition(-z, k - 1, axis=1)[:, :k]
-            vals = np.take_along_axis(z, idx, axis=1).astype(np.float64) - lse[:, None]
-            order = np.argsort(-vals, axis=1, kind="stable")
-            ids[rows] = np.take_along_axis(idx, order, axis=1)
-            logp[rows] = np.take_along_axis(vals, order, axis=1)
-        self.ids.append(ids)
-        self.logp.append(logp)
-
-    def kld(self, chunk: int, logits: np.ndarray) -> np.ndarray:
-        """Per position KL(reference ‖ probe) over the k tokens and one bin for the rest (float64)."""
-        n, vocab = logits.shape
-        buf = np.empty((min(n, _ROWS), vocab), dtype=np.float32)
-        out = np.empty(n)
-        ids, lp = self.ids[chunk], self.logp[chunk]
-        for rows in _blocks(n):
-            lse = _logsumexp_rows(logits[rows], buf)
-            lq = np.take_along_axis(logits[rows], ids[rows], axis=1).astype(np.float64) - lse[:, None]
-            out[rows] = topk_kl_divergence(lp[rows], lq)
-        return out
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"topk_ids": np.stack(self.ids), "topk_logp": np.stack(self.logp)}
 
 
 def mean_kld(scorer: Scorer, chunks: np.ndarray, reference: TopKReference) -> float:

@@ -66,15 +66,15 @@ def load_decoder(folder: Path):
     """A folder's decoder graph with every initializer's data read in.
 
     onnx.load refuses external data with more than one hard link, and stage outputs are hard-linked
-    from the cache: the data is read here instead (see :func:`_read_external`)."""
+    from the cache: the data is read here instead (see :func:`inline_external`)."""
     import onnx
 
     model = onnx.load(str(decoder(folder)), load_external_data=False)
-    _read_external(model, Path(folder))
+    inline_external(model, Path(folder))
     return model
 
 
-def _read_external(model, base: Path) -> None:
+def inline_external(model, base: Path) -> None:
     """Inline every initializer's external data (location, offset, length) from files under ``base``."""
     from onnx import TensorProto  # optional (the onnx extra), as in every function here
 

@@ -115,27 +115,49 @@ def fake_quant(w: np.ndarray, importance: np.ndarray, block: int = 32) -> np.nda
 # ------------------------------------------------------------------------------------ importance
 
 
+class InputSquares:
+    """Per quantizable MatMul, the mean squared activation of each input column over the chunks run:
+    the graph's MatMul inputs are added to its outputs (:meth:`expose`), the session asked for them
+    (:attr:`outputs`) and each chunk's values passed to :meth:`add`. The importance stage collects it;
+    the sensitivity sweep's proxy weighs each weight's rounding error by it."""
+
+    def __init__(self, model, layout: Layout):
+        self.input_of = {n.name: n.input[0] for n in model.graph.node if n.name in layout.weights}
+        self.outputs = sorted(set(self.input_of.values()))
+        self.sums: dict[str, np.ndarray] = {}
+        self.tokens = 0
+
+    def expose(self, model) -> None:
+        """Add the MatMul inputs to ``model``'s graph outputs (in place)."""
+        import onnx
+
+        have = {o.name for o in model.graph.output}
+        for name in self.outputs:
+            if name not in have:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+
+    def add(self, values: list[np.ndarray]) -> None:
+        """One chunk's values of :attr:`outputs`, in that order."""
+        for name, value in zip(self.outputs, values):
+            v = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            self.sums[name] = self.sums.get(name, 0) + (v * v).sum(axis=0)
+        self.tokens += int(np.prod(values[0].shape[:-1])) if values else 0
+
+    def means(self) -> dict[str, np.ndarray]:
+        """MatMul node name → [K] mean squares."""
+        return {node: self.sums[x] / self.tokens for node, x in self.input_of.items()}
+
+
 def measure_importance(fp32_folder: Path, chunks: np.ndarray, scratch: Path, threads: int = 0) -> dict[str, Any]:
     """MatMul node name → mean squared activation of each input column over every calibration token."""
-    import onnx
-
     model = load_decoder(fp32_folder)
-    layout = Layout.of(model)
-    input_of = {n.name: n.input[0] for n in model.graph.node if n.name in layout.weights}
-    activations = sorted(set(input_of.values()))
-    have = {o.name for o in model.graph.output}
-    for name in activations:
-        if name not in have:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    squares = InputSquares(model, Layout.of(model))
+    squares.expose(model)
     session = ChunkSession(model, fp32_folder, scratch, "importance", threads)
     del model
-    sums: dict[str, np.ndarray] = {}
     for chunk in chunks:
-        for name, value in zip(activations, session.run(activations, chunk)):
-            v = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0) + (v * v).sum(axis=0)
-    tokens = int(np.asarray(chunks).size)
-    return {node: sums[input_of[node]] / tokens for node in layout.weights}
+        squares.add(session.run(squares.outputs, chunk))
+    return squares.means()
 
 
 def importance_stage(fp32_dir: Path, out_dir: Path, calibration: Any, threads: int = 0) -> StageOutput:
