@@ -16,6 +16,7 @@ import pytest
 from edgeft.errors import ConfigError
 
 from .cli import run_edgeft
+from .cores import THREADS
 from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
@@ -92,7 +93,7 @@ def _nodes(folder: Path) -> dict[str, int]:
 def _held_out_kld(ref: Path, q: Path, tokenizer) -> float:
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
-    return held_out_kld(OnnxGenaiRuntime(ref, threads=2), OnnxGenaiRuntime(q, threads=2), tokenizer, 12)
+    return held_out_kld(OnnxGenaiRuntime(ref, threads=THREADS), OnnxGenaiRuntime(q, threads=THREADS), tokenizer, 12)
 
 
 @pytest.mark.slow
@@ -103,7 +104,7 @@ def test_sweep_plan_and_folder_agree_and_beat_the_opposite_plan(uneven_onnx, tok
     from edgeft.formats.onnx.mixed import SENSITIVITY_FILE, overrides, read_plan, sensitivity_stage
 
     sens_dir = sensitivity_stage(
-        uneven_onnx["fp32"], uneven_onnx["int4"], tmp_path / "sens", uneven_onnx["calib"], threads=2
+        uneven_onnx["fp32"], uneven_onnx["int4"], tmp_path / "sens", uneven_onnx["calib"], threads=THREADS
     ).path
     sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
     groups = {g["name"]: g for g in sens["groups"]}
@@ -233,12 +234,12 @@ def test_smollm2_importance_rounding_and_budget_beat_builder_int4_on_held_out_re
     with cache_lock("onnx-exports"):  # test_onnx.py makes these two too
         fp32, int4 = (export(smollm2_dir, root / f"{name}-{q}", q, {}).path for q in ("fp32", "int4"))
     calib = build_set("task", tokenizer, COOKING / "train.jsonl", tokens=2048, chunk_tokens=256, task_share=0.5)
-    importance = importance_stage(fp32, root / f"{name}-imatrix-task", calib, threads=2).path
+    importance = importance_stage(fp32, root / f"{name}-imatrix-task", calib, threads=THREADS).path
     rounding = (fp32, importance)
     imat = export(smollm2_dir, root / f"{name}-int4-imat", "int4", {}, rounding=rounding).path
     assert describe(imat)["size_bytes"] == describe(int4)["size_bytes"]
     sens = sensitivity_stage(
-        fp32, int4, root / f"{name}-sensitivity-imat", calib.spread(256), threads=2, importance_dir=importance
+        fp32, int4, root / f"{name}-sensitivity-imat", calib.spread(256), threads=THREADS, importance_dir=importance
     )
     chosen = read_plan(sens.path, {"max_size_ratio": 1.15}, "test")
     promoted = overrides(chosen["levels"])
@@ -248,8 +249,10 @@ def test_smollm2_importance_rounding_and_budget_beat_builder_int4_on_held_out_re
     assert describe(mixed)["size_bytes"] <= 1.15 * describe(int4)["size_bytes"] + 1e5
     assert 20 < len(promoted) < 100
 
-    runtimes = {k: OnnxGenaiRuntime(p, threads=2) for k, p in {"int4": int4, "imat": imat, "mixed": mixed}.items()}
-    ref = OnnxGenaiRuntime(fp32, threads=2)
+    runtimes = {
+        k: OnnxGenaiRuntime(p, threads=THREADS) for k, p in {"int4": int4, "imat": imat, "mixed": mixed}.items()
+    }
+    ref = OnnxGenaiRuntime(fp32, threads=THREADS)
     rows: dict[str, list] = {k: [] for k in runtimes}
     for seq in reply_sequences(tokenizer, load_jsonl(COOKING / "eval.jsonl")[:8]):
         r = ref.logits(seq.tokens)
