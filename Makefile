@@ -76,14 +76,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# One process: the builds' llama.cpp runs use two threads each, and two pytest-xdist workers on two
-# cores made llama.cpp's spinning threads fight (test_build.py's answers ran ~10x slower; measured).
-test: lint
-	$(PY) -m pytest
-
-# The unit tests spread over two workers, a test file whole on one of them (--dist loadfile; not
-# loadgroup: with pytest 9.2 xdist 3.8's groups do not take effect).
+# Two pytest-xdist workers, a test file whole on one of them (--dist loadfile; not loadgroup: with
+# pytest 9.2 xdist 3.8's groups do not take effect). Each worker is pinned to a core of its own and
+# its runtimes use one thread (tests/conftest.py, tests/cores.py): llama.cpp's threads spin while
+# they wait, and two-thread runs sharing two cores with the other worker ran ~10x slower (measured).
 TEST_WORKERS ?= 2
+
+# --no-loadscope-reorder: files in the order conftest puts them (the longest first), not xdist's
+# most-tests-first.
+test: lint
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The unit tests alone: nothing that builds, trains or runs a model end to end (`slow`).
 test-fast: lint

@@ -10,7 +10,46 @@ from typing import ContextManager
 import pytest
 
 
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist, each worker and everything it starts runs on one core of its own.
+
+    Runtimes size their thread pools from the cores a process may use (``machine.usable_cores``), and
+    the tests' own thread counts come from ``tests.cores.THREADS``, so no core is asked to run two
+    busy threads: llama.cpp's worker threads spin while they wait for each other, and two workers'
+    two-thread runs on two cores made each run many times slower (measured).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"  # torch and numpy in this process and in the CLIs it starts
+
+
+# Test files that take longest (seconds of one worker, summed from a `--durations` run with two
+# workers on a 2-core EPYC): they are handed out first, so the run does not end with one worker busy
+# on a long file while the other idles. Order only; files not named keep their places after these.
+LONGEST_FILES = {
+    "test_onnx_mixed.py": 770,
+    "test_build.py": 700,
+    "test_export_gguf.py": 460,
+    "test_real_models.py": 330,
+    "test_mixed.py": 290,
+    "test_onnx.py": 190,
+    "test_imatrix.py": 120,
+    "test_onnx_rounding.py": 110,
+    "test_models.py": 100,
+    "test_bad_input.py": 80,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))  # stable: a file's own order kept
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _pin_xdist_worker()
     config.addinivalue_line(
         "markers",
         "integration: uses the real SmolLM2-135M model end to end (deselect with -m 'not integration')",

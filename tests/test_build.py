@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .cli import run_edgeft
+from .cores import THREADS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,7 +43,7 @@ def config(tmp_path_factory) -> Path:
         f'model = "smollm2-135m"\n'
         f'[data]\ntrain = "{COOKING / "train.jsonl"}"\neval = "{COOKING / "eval.jsonl"}"\n'
         "[train]\nmax_steps = 2\nbatch_size = 4\nmax_seq_len = 96\neval_steps = 2\n"  # one validation pass, not two
-        "[bench]\nthreads = 2\nmax_eval = 8\nmax_new_tokens = 24\nprompt_tokens = 64\ndecode_tokens = 16\n"
+        f"[bench]\nthreads = {THREADS}\nmax_eval = 8\nmax_new_tokens = 24\nprompt_tokens = 64\ndecode_tokens = 16\n"
         "repeats = 2\ntop_k = 32\ngolden = 2\n"
         "[gates]\nmax_size_mb = 500\n"
         "[calibration]\ntokens = 2048\nchunk_tokens = 256\n"
@@ -80,7 +81,7 @@ def test_report_keeps_the_contract(built):
             for k in ("task_accuracy_base", "task_accuracy_reference", "task_accuracy_artifact")
         )
         lat = t["latency"]["artifact"]
-        assert lat["threads"] == 2 and lat["repeats"] == 2 and abs(lat["prompt_tokens"] - 64) <= 8
+        assert lat["threads"] == THREADS and lat["repeats"] == 2 and abs(lat["prompt_tokens"] - 64) <= 8
         for key in ("ttft_ms", "prefill_tok_s", "decode_tok_s"):
             assert 0 < lat[key]["min"] <= lat[key]["median"] <= lat[key]["max"]
         assert 0 < t["roofline"]["fraction"]
@@ -181,7 +182,7 @@ def test_bench_runs_without_torch(built, tmp_path):
     )
     out = tmp_path / "bench"
     proc = run_edgeft(
-        ["bench", "--build", str(built), "--target", "gguf-q8,gguf-q4_0", "--out", str(out), "--threads", "2"],
+        ["bench", "--build", str(built), "--target", "gguf-q8,gguf-q4_0", "--out", str(out), "--threads", str(THREADS)],
         prelude=block,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -238,7 +239,7 @@ def test_bench_in_a_torch_free_virtualenv(built, device_venv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(
         [str(venv / "bin" / "edgeft"), "bench", "--artifact", str(built / "gguf-q4"), "--reference",
-         str(built / "reference"), "--out", str(out), "--threads", "2"],
+         str(built / "reference"), "--out", str(out), "--threads", str(THREADS)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1800,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -281,8 +282,8 @@ def test_topk_kld_is_within_the_measured_bound_of_exact(built):
     from edgeft.runtimes.torch import TorchRuntime
 
     stored = stored_reference.load(built / "reference")
-    art = LlamaCppRuntime(built / "gguf-q4_0" / "model.gguf", n_threads=2)
-    ref = TorchRuntime(built / "merged", threads=2)
+    art = LlamaCppRuntime(built / "gguf-q4_0" / "model.gguf", n_threads=THREADS)
+    ref = TorchRuntime(built / "merged", threads=THREADS)
     exact = compare(ref, art, stored.sequences())
     approx = compare_stored(stored, art)
     art.close()
@@ -314,7 +315,7 @@ def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
     onnx = r["targets"][1]
     assert onnx["artifact"]["quant"] == "int4" and onnx["artifact"]["tensor_types"]["MatMulNBits int4"] > 100
     assert Path(onnx["artifact"]["path"], "genai_config.json").is_file()
-    assert onnx["latency"]["artifact"]["threads"] == 2 and onnx["memory"]["peak_rss_bytes"] > 0
+    assert onnx["latency"]["artifact"]["threads"] == THREADS and onnx["memory"]["peak_rss_bytes"] > 0
     ladder = {row["stage"]: row for row in r["ladder"]}
     conversion = ladder["onnx-fp32 export"]
     assert conversion["runtime"] == "onnxruntime-genai" and conversion["kl_divergence_mean"] < 1e-4
@@ -325,7 +326,7 @@ def test_onnx_targets_join_the_gguf_table(config, built, tmp_path):
 
     # On a device: the ONNX folder benches against the stored reference without torch.
     out = tmp_path / "bench"
-    args = ("bench", "--build", str(built), "--target", "onnx-int4", "--out", str(out), "--threads", "2")
+    args = ("bench", "--build", str(built), "--target", "onnx-int4", "--out", str(out), "--threads", str(THREADS))
     proc = run_edgeft(args, prelude=TORCH_BLOCK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = report(out)["targets"][0]
@@ -354,7 +355,7 @@ def test_package_bundles_verify_load_and_refuse_tampering(built, tmp_path):
             assert ok.returncode == 0 and "files match" in ok.stdout, ok.stderr
         # What an app does with it: load the bundle's artifact and answer, stopping on <|im_end|>.
         artifact = bundle / "model.gguf" if target.startswith("gguf") else bundle
-        rt = load_runtime(m["runtime"], artifact, threads=2, scoring=False)
+        rt = load_runtime(m["runtime"], artifact, threads=THREADS, scoring=False)
         out = rt.generate([{"role": "user", "content": "Say hi."}], 48)
         rt.close()
         assert out.text.strip()
@@ -528,9 +529,9 @@ def test_bench_remote_over_ssh_brings_the_device_report_back(config, built, devi
 def test_build_with_a_device_profile_adds_the_projection_and_reuses_every_stage(config, built, tmp_path):
     from edgeft.devices import devices_dir
 
-    # Same thread count as the config's [bench] (2): nothing is measured again, the report gains the projection.
+    # Same thread count as the config's [bench]: nothing is measured again, the report gains the projection.
     profile = tmp_path / "two-core-board.toml"
-    profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", "threads = 2", 1))
+    profile.write_text((devices_dir() / "rpi5.toml").read_text().replace("threads = 4", f"threads = {THREADS}", 1))
     try:
         proc = run_edgeft(["build", "--config", str(config), "--target", "gguf-q4", "--out", str(built), "--device", str(profile), "--context", "4096"])  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

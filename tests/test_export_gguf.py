@@ -25,6 +25,7 @@ from edgeft.models import SUPPORTED_ARCHITECTURES, builtin_gguf_path
 from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
 from .cli import run_edgeft
+from .cores import THREADS
 from .tiny import make_tiny_llama, make_tiny_model
 
 pytest.importorskip("llama_cpp")
@@ -100,7 +101,7 @@ def _hf_logits(model_dir: Path, token_lists: list[list[int]]) -> list[np.ndarray
 
 
 def _gguf_logits(gguf_file: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
-    runtime = LlamaCppRuntime(gguf_file, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(gguf_file, n_threads=THREADS, n_ctx=512, kv_cache_type="f32")
     try:
         return [runtime.logits(ids) for ids in token_lists]
     finally:
@@ -411,7 +412,7 @@ def smollm2_gguf(smollm2_dir: Path, edgeft_cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_runtime(smollm2_gguf: Path) -> Iterator[LlamaCppRuntime]:
-    runtime = LlamaCppRuntime(smollm2_gguf, n_threads=2, n_ctx=1024, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(smollm2_gguf, n_threads=THREADS, n_ctx=1024, kv_cache_type="f32")
     yield runtime
     runtime.close()
 
@@ -552,7 +553,7 @@ def test_llama3_tokenizer_exports_as_llama_bpe_and_tokenizes_like_transformers(
     conversations = _eval_conversations()
     texts = [*(_llama3_chat(c) for c in conversations), *(m["content"] for c in conversations for m in c)]
     texts += [STRESS_TEXT, _pydoc_text()[:100_000]]
-    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(out, n_threads=THREADS, n_ctx=512, kv_cache_type="f32")
     try:
         mismatched = [
             t for t in texts if runtime.tokenize(t) != llama3_tokenizer(t, add_special_tokens=False)["input_ids"]
@@ -706,7 +707,7 @@ def test_sentencepiece_vocab_exports_as_llama_model_and_matches_transformers_up_
     ]
     texts = [*chats, *(m["content"] for c in conversations for m in c), STRESS_TEXT]
     texts += _pydoc_text()[:60_000].split("\n\n")
-    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(out, n_threads=THREADS, n_ctx=512, kv_cache_type="f32")
     try:
         mismatched = [t for t in texts if runtime.tokenize(t) != _sentencepiece_prefix_rule(mistral_tokenizer, t)]
         assert not mismatched, f"{len(mismatched)}/{len(texts)} differ, first: {mismatched[0][:200]!r}"
@@ -753,7 +754,7 @@ def test_gemma_tokenizer_matches_llama_cpp_and_the_original_gguf(gemma3_dir: Pat
     texts = [*map(_gemma_chat, conversations), *(m["content"] for c in conversations for m in c), STRESS_TEXT]
     texts += _pydoc_text().split("\n\n")  # 11 of its paragraphs have runs of 32+ spaces
     original = llama_cpp.Llama(str(builtin_gguf_path("gemma3-270m")), vocab_only=True, verbose=False)
-    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=512, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(out, n_threads=THREADS, n_ctx=512, kv_cache_type="f32")
     try:
         for name, tokenize in (("our export", runtime.tokenize), ("original", _vocab_tokenize(original))):
             mismatched = [t for t in texts if tokenize(t) != tokenizer(t, add_special_tokens=False)["input_ids"]]

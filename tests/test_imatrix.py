@@ -12,6 +12,7 @@ import pytest
 
 from edgeft.errors import ConfigError, ModelError
 
+from .cores import THREADS
 from .tiny import make_tiny_llama
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
@@ -82,7 +83,7 @@ def test_imatrix_holds_every_linear_input_with_its_token_count(outlier_llama, ta
     from edgeft.formats.gguf import imatrix as im
     from edgeft.formats.gguf.inspect import read_gguf
 
-    stats = im.collect(outlier_llama["hf"], outlier_llama["f32"] / "model.gguf", task_set.chunks, threads=2)
+    stats = im.collect(outlier_llama["hf"], outlier_llama["f32"] / "model.gguf", task_set.chunks, threads=THREADS)
     per_layer = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
     assert set(stats) == {f"blk.{i}.{t}.weight" for i in range(2) for t in per_layer}
     tokens = task_set.chunks.size
@@ -108,7 +109,7 @@ def _mean_kld(ref_file: Path, q_file: Path, token_lists: list[list[int]]) -> flo
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    ref, q = LlamaCppRuntime(ref_file, n_threads=2), LlamaCppRuntime(q_file, n_threads=2)
+    ref, q = LlamaCppRuntime(ref_file, n_threads=THREADS), LlamaCppRuntime(q_file, n_threads=THREADS)
     try:
         klds = []
         for tokens in token_lists:
@@ -127,9 +128,11 @@ def test_imatrix_changes_the_weights_lowers_held_out_kld_and_is_recorded(outlier
     from edgeft.formats.gguf.inspect import read_gguf
     from edgeft.formats.gguf.quantize import quantize
 
-    imat = imatrix_stage(outlier_llama["hf"], outlier_llama["f32"], tmp_path / "imatrix-task", task_set, threads=2)
-    plain = quantize(outlier_llama["f32"], tmp_path / "q4_0", "Q4_0", threads=2)
-    weighted = quantize(outlier_llama["f32"], tmp_path / "q4_0-imat", "Q4_0", threads=2, imatrix_dir=imat.path)
+    imat = imatrix_stage(
+        outlier_llama["hf"], outlier_llama["f32"], tmp_path / "imatrix-task", task_set, threads=THREADS
+    )
+    plain = quantize(outlier_llama["f32"], tmp_path / "q4_0", "Q4_0", threads=THREADS)
+    weighted = quantize(outlier_llama["f32"], tmp_path / "q4_0-imat", "Q4_0", threads=THREADS, imatrix_dir=imat.path)
     a, b = read_gguf(plain.path / "model.gguf"), read_gguf(weighted.path / "model.gguf")
     qa = {t.name: bytes(t.data) for t in a.tensors}
     qb = {t.name: bytes(t.data) for t in b.tensors}
@@ -163,8 +166,10 @@ def test_same_inputs_give_a_byte_identical_gguf(outlier_llama, task_set, tmp_pat
 
     files = []
     for run in ("a", "b"):
-        imat = imatrix_stage(outlier_llama["hf"], outlier_llama["f32"], tmp_path / run / "imatrix", task_set, threads=2)
-        q = quantize(outlier_llama["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, imatrix_dir=imat.path)
+        imat = imatrix_stage(
+            outlier_llama["hf"], outlier_llama["f32"], tmp_path / run / "imatrix", task_set, threads=THREADS
+        )
+        q = quantize(outlier_llama["f32"], tmp_path / run / "q", "Q4_K_M", threads=THREADS, imatrix_dir=imat.path)
         files.append((_sha(imat.path / "imatrix.gguf"), _sha(q.path / "model.gguf")))
     assert files[0] == files[1]
 
@@ -185,7 +190,7 @@ def test_malformed_or_mismatched_imatrix_is_refused(outlier_llama, tokenizer, tm
     other_hf = make_tiny_llama(tmp_path / "other", tokenizer, hidden=64, intermediate=128)
     other_f32 = export(other_hf, tmp_path / "other-f32", "f32").path
     calib = build_set("general", tokenizer, None, tokens=256, chunk_tokens=128, task_share=0.5)
-    other = im.imatrix_stage(other_hf, other_f32, tmp_path / "imatrix-other", calib, threads=2)
+    other = im.imatrix_stage(other_hf, other_f32, tmp_path / "imatrix-other", calib, threads=THREADS)
     with pytest.raises(ModelError, match=r"blk\.0\.attn_k\.weight has 64 values, the tensor 256 columns"):
         quantize(outlier_llama["f32"], tmp_path / "q-other", "Q4_0", imatrix_dir=other.path)
     assert not (tmp_path / "q-bad").exists() and not (tmp_path / "q-other").exists()

@@ -17,6 +17,7 @@ from edgeft.bench.probe import run_probe
 from edgeft.errors import EdgeftError
 from edgeft.formats.gguf.inspect import bytes_per_token as gguf_bytes_per_token
 
+from .cores import THREADS
 from .tiny import make_tiny_llama
 
 pytest.importorskip("llama_cpp")
@@ -129,8 +130,8 @@ def test_probe_of_missing_model_names_the_path(tmp_path: Path) -> None:
 
 
 def test_read_bandwidth_is_positive() -> None:
-    result = measure_read_bandwidth(threads=2, size_mb=16, repeats=3)
-    assert result["threads"] == 2 and result["size_mb"] == 16
+    result = measure_read_bandwidth(threads=THREADS, size_mb=16, repeats=3)
+    assert result["threads"] == THREADS and result["size_mb"] == 16
     _check_spread(result["read_gb_s"], 3)
     assert decode_roofline(result["read_gb_s"]["median"], 10**6) > 0
 

@@ -14,6 +14,7 @@ import pytest
 from edgeft.errors import ConfigError
 
 from .cli import run_edgeft
+from .cores import THREADS
 from .tiny import held_out_kld, make_uneven_tiny_llama, tiny_build_config
 
 COOKING = Path(__file__).resolve().parent.parent / "examples" / "cooking"
@@ -140,7 +141,7 @@ def uneven_llama(tmp_path_factory, tokenizer) -> dict:
 def _held_out_kld(f32: Path, q: Path, tokenizer) -> float:
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-    a, b = LlamaCppRuntime(f32, n_threads=2), LlamaCppRuntime(q, n_threads=2)
+    a, b = LlamaCppRuntime(f32, n_threads=THREADS), LlamaCppRuntime(q, n_threads=THREADS)
     try:
         return held_out_kld(a, b, tokenizer, 10)
     finally:
@@ -156,7 +157,9 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, toke
     from edgeft.formats.gguf.quantize import quantize
 
     mix = ("Q4_0", "Q8_0")
-    sens_dir = sensitivity_stage(uneven_llama["f32"], tmp_path / "sens", uneven_llama["calib"], mix, threads=2).path
+    sens_dir = sensitivity_stage(
+        uneven_llama["f32"], tmp_path / "sens", uneven_llama["calib"], mix, threads=THREADS
+    ).path
     sens = json.loads((sens_dir / SENSITIVITY_FILE).read_text())
     layout = Layout.of(uneven_llama["f32"] / "model.gguf")
     assert [g["name"] for g in sens["groups"]] == list(layout.groups)
@@ -171,7 +174,7 @@ def test_sweep_plan_and_file_agree_and_beat_the_opposite_plan(uneven_llama, toke
     high = layout.fixed_bytes + sum(layout.nbytes(layout.types(g, "Q8_0")) for g in layout.groups)
     max_mb = (low + 0.5 * (high - low)) / 1e6
     q = quantize(
-        uneven_llama["f32"], tmp_path / "mixed", "Q4_0", threads=2, sensitivity_dir=sens_dir, max_size_mb=max_mb
+        uneven_llama["f32"], tmp_path / "mixed", "Q4_0", threads=THREADS, sensitivity_dir=sens_dir, max_size_mb=max_mb
     )
     planned = q.manifest["results"]["mixed"]
     assert q.manifest["results"]["size_bytes"] <= max_mb * 1e6
@@ -210,10 +213,15 @@ def test_same_inputs_give_a_byte_identical_mixed_gguf(uneven_llama, tmp_path):
     for run in ("a", "b"):
         mix = ("Q4_K", "Q8_0")
         sens = sensitivity_stage(
-            uneven_llama["f32"], tmp_path / run / "sens", uneven_llama["calib"], mix, threads=2, method="proxy"
+            uneven_llama["f32"], tmp_path / run / "sens", uneven_llama["calib"], mix, threads=THREADS, method="proxy"
         )
         q = quantize(
-            uneven_llama["f32"], tmp_path / run / "q", "Q4_K_M", threads=2, sensitivity_dir=sens.path, max_size_mb=30
+            uneven_llama["f32"],
+            tmp_path / run / "q",
+            "Q4_K_M",
+            threads=THREADS,
+            sensitivity_dir=sens.path,
+            max_size_mb=30,
         )
         written = sorted(p.name for p in sens.path.iterdir() if p.name != "manifest.json")
         assert written == [
@@ -353,7 +361,7 @@ def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torc
     layout = Layout.of(f32)
     stats = ActivationStats({n: s[0] for n, s in layout.shapes.items()})
     with Scorer(f32, chunks.shape[1], 2, observe=stats) as observed, Scorer(f32, chunks.shape[1], 2) as plain:
-        rt = LlamaCppRuntime(f32, n_threads=2, n_ctx=int(chunks.shape[1]))
+        rt = LlamaCppRuntime(f32, n_threads=THREADS, n_ctx=int(chunks.shape[1]))
         try:
             for chunk in chunks:
                 a = np.array(observed.logits(chunk))
@@ -364,7 +372,7 @@ def test_scorer_logits_and_activation_statistics_match_llama_cpp_python_and_torc
     means = stats.mean_squares()
     assert set(means) == set(layout.shapes)  # every layer weight, and the tied head as token_embd
     assert stats.counts["token_embd.weight"] == chunks.size
-    torch_side = collect(uneven_llama["hf"], f32, chunks, threads=2)
+    torch_side = collect(uneven_llama["hf"], f32, chunks, threads=THREADS)
     for name, (sums, count) in torch_side.items():
         assert count == chunks.size
         # llama.cpp keeps its KV cache in f16: on this loud model the figures agree to a percent or two
@@ -423,7 +431,7 @@ def test_the_proxy_orders_layer_groups_like_the_end_to_end_probes(uneven_llama, 
     mix = ("Q4_0", "Q8_0")
     f32 = uneven_llama["f32"] / "model.gguf"
     runs = {
-        m: measure(f32, uneven_llama["calib"].chunks, mix, tmp_path / m, threads=2, method=m)
+        m: measure(f32, uneven_llama["calib"].chunks, mix, tmp_path / m, threads=THREADS, method=m)
         for m in ("exact", "proxy")
     }
     low = {m: {g["name"]: g["options"][0]["added_kld"] for g in r["groups"]} for m, r in runs.items()}

@@ -14,6 +14,7 @@ import pytest
 
 from edgeft.errors import ConfigError, ModelError
 
+from .cores import THREADS
 from .tiny import make_tiny_llama
 
 pytest.importorskip("onnxruntime_genai")
@@ -210,7 +211,7 @@ def test_smollm2_fp32_onnx_matches_torch_on_held_out_replies(smollm2_dir, smollm
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
     from edgeft.runtimes.torch import TorchRuntime
 
-    ref, art = TorchRuntime(smollm2_dir, threads=2), OnnxGenaiRuntime(smollm2_onnx["fp32"], threads=2)
+    ref, art = TorchRuntime(smollm2_dir, threads=THREADS), OnnxGenaiRuntime(smollm2_onnx["fp32"], threads=THREADS)
     examples = load_jsonl(COOKING / "eval.jsonl")[:6]
     for seq in reply_sequences(ref.tokenizer, examples):
         assert kld(ref.logits(seq.tokens), art.logits(seq.tokens)) <= 1e-5
@@ -224,7 +225,7 @@ def test_smollm2_tokenization_and_template_match_transformers(smollm2_dir, smoll
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
     hf = AutoTokenizer.from_pretrained(smollm2_dir)
-    art = OnnxGenaiRuntime(smollm2_onnx["int4"], threads=2)
+    art = OnnxGenaiRuntime(smollm2_onnx["int4"], threads=THREADS)
     for ex in load_jsonl(COOKING / "eval.jsonl"):
         rendered = hf.apply_chat_template(ex.messages, tokenize=False)
         assert art.tokenizer.apply_chat_template(json.dumps(ex.messages), add_generation_prompt=False) == rendered
@@ -245,7 +246,7 @@ GOLDEN = [
 def test_smollm2_quantized_onnx_answers_and_stops(smollm2_onnx, quant):
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
-    rt = OnnxGenaiRuntime(smollm2_onnx[quant], threads=2)
+    rt = OnnxGenaiRuntime(smollm2_onnx[quant], threads=THREADS)
     for question, expected in GOLDEN:
         out = rt.generate([{"role": "user", "content": question}], 96)
         # ends on <|im_end|> from genai_config's eos ids, not on the budget, and never prints it

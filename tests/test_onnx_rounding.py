@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from .cli import run_edgeft
+from .cores import THREADS
 from .tiny import assert_target_refused, held_out_kld, tiny_build_config, uneven_onnx_exports
 
 pytest.importorskip("onnxruntime_genai")
@@ -113,7 +114,9 @@ def test_importance_is_each_matmul_inputs_mean_square(loud_onnx):
 
     from edgeft.formats.onnx.rounding import importance_stage, read_importance
 
-    stage = importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2)
+    stage = importance_stage(
+        loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=THREADS
+    )
     importance = read_importance(stage.path)
     assert len(importance) == 3 * 5 + 1 and stage.manifest["results"]["tokens"] == loud_onnx["calib"].chunks.size
 
@@ -158,7 +161,9 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(l
     from edgeft.formats.onnx.rounding import importance_stage, pack, read_importance, round_int4
     from edgeft.runtimes.onnxruntime_genai import OnnxGenaiRuntime
 
-    stage = importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2)
+    stage = importance_stage(
+        loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=THREADS
+    )
     out = export(loud_onnx["hf"], tmp_path / "imat", "int4", {}, rounding=(loud_onnx["fp32"], stage.path))
     assert out.manifest["results"]["rounding"]["matmuls"] == 3 * 5 + 1
     builder, ours = describe(loud_onnx["int4"]), describe(out.path)
@@ -181,9 +186,9 @@ def test_rewritten_folder_is_the_builders_shape_with_our_blocks_and_loses_less(l
         assert np.array_equal(b, pack(levels)) and np.array_equal(s, scales), name
     assert sum(not np.array_equal(on_disk[n][0], builders[n][0]) for n in on_disk) == len(on_disk)
 
-    ref = OnnxGenaiRuntime(loud_onnx["fp32"], threads=2)
-    kld_builder = held_out_kld(ref, OnnxGenaiRuntime(loud_onnx["int4"], threads=2), tokenizer, 12)
-    kld_ours = held_out_kld(ref, OnnxGenaiRuntime(out.path, threads=2), tokenizer, 12)
+    ref = OnnxGenaiRuntime(loud_onnx["fp32"], threads=THREADS)
+    kld_builder = held_out_kld(ref, OnnxGenaiRuntime(loud_onnx["int4"], threads=THREADS), tokenizer, 12)
+    kld_ours = held_out_kld(ref, OnnxGenaiRuntime(out.path, threads=THREADS), tokenizer, 12)
     # a random tiny model is far from linear in its weights (KLD ~2 at int4): a margin is for SmolLM2
     assert kld_ours < kld_builder, (kld_ours, kld_builder)
 
@@ -199,7 +204,9 @@ def test_initializers_kept_in_the_graph_file_are_rewritten_like_external_ones(lo
     from edgeft.formats.onnx.rounding import importance_stage, read_importance, reround
 
     importance = read_importance(
-        importance_stage(loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=2).path
+        importance_stage(
+            loud_onnx["fp32"], loud_onnx["root"] / "imatrix-onnx-task", loud_onnx["calib"], threads=THREADS
+        ).path
     )
     external, inline = tmp_path / "external", tmp_path / "inline"
     for folder in (external, inline):

@@ -9,6 +9,7 @@ import pytest
 
 from edgeft.formats.gguf.types import GGUF_QUANT_TYPES
 
+from .cores import THREADS
 from .tiny import make_tiny_llama
 
 
@@ -50,12 +51,12 @@ def test_quantized_file_has_expected_types_and_loads(tiny_f32, tmp_path, quant):
     from edgeft.formats.gguf.quantize import quantize
     from edgeft.runtimes.llamacpp import LlamaCppRuntime
 
-    out = quantize(tiny_f32, tmp_path / quant, quant, threads=2)
+    out = quantize(tiny_f32, tmp_path / quant, quant, threads=THREADS)
     types = out.manifest["results"]["tensor_types"]
     assert EXPECTED[quant] <= set(types), types
     assert set(types) <= EXPECTED[quant] | {"Q5_0", "Q5_1", "Q8_0", "Q4_1", "Q5_K"}  # llama.cpp's mix may add these
-    rt = LlamaCppRuntime(out.path / "model.gguf", n_threads=2)
-    ref = LlamaCppRuntime(tiny_f32 / "model.gguf", n_threads=2)
+    rt = LlamaCppRuntime(out.path / "model.gguf", n_threads=THREADS)
+    ref = LlamaCppRuntime(tiny_f32 / "model.gguf", n_threads=THREADS)
     tokens = rt.tokenize("<|im_start|>user\nHow long do I boil an egg?<|im_end|>\n")
     q, f = rt.logits(tokens), ref.logits(tokens)
     assert np.isfinite(q).all()

@@ -15,6 +15,7 @@ import pytest
 
 from edgeft.models import BUILTIN_MODELS, builtin_gguf_path, resolve_model
 
+from .cores import THREADS
 from .test_export_gguf import QWEN_TEXT, STRESS_TEXT, _compare, _eval_conversations, _hf_logits, _pydoc_text
 
 pytestmark = pytest.mark.slow  # every test here builds or runs a model end to end
@@ -91,7 +92,7 @@ def test_f16_export_matches_transformers(qwen, tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     chats = [tok.apply_chat_template(c, tokenize=False) for c in _eval_conversations()[:2]]
     tokens = [tok(t, add_special_tokens=False)["input_ids"][:128] for t in chats]
-    runtime = LlamaCppRuntime(out, n_threads=2, n_ctx=256, kv_cache_type="f32")
+    runtime = LlamaCppRuntime(out, n_threads=THREADS, n_ctx=256, kv_cache_type="f32")
     try:
         measured = _compare(_hf_logits(folder, tokens), [runtime.logits(ids) for ids in tokens])
     finally:

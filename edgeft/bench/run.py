@@ -15,7 +15,6 @@ Each is a cached stage (dir + manifest). Gates are applied later, to the stored 
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from importlib.util import find_spec
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 from ..config import BenchConfig
 from ..data import is_correct, load_jsonl
 from ..formats import detect_artifact
-from ..machine import describe
+from ..machine import describe, usable_cores
 from ..merge import trained_on
 from ..nf4 import adapter_on_nf4
 from ..resources import ReferenceDtype
@@ -44,7 +43,7 @@ def _no_progress(desc: str, total: int) -> Callable[[], None]:
 
 
 def _threads(cfg: BenchConfig) -> int:
-    return cfg.threads or os.cpu_count() or 1
+    return cfg.threads or usable_cores()
 
 
 def _machine() -> dict[str, Any]:

@@ -11,7 +11,6 @@ reads the logits of every position (``get_output("logits")`` after one ``append_
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 from ..errors import ModelError
 from ..formats.onnx.inspect import check_artifact, genai_config
 from ..loading import loading
+from ..machine import usable_cores
 from .base import Generation
 
 
@@ -104,12 +104,14 @@ class OnnxGenaiRuntime:
 
 
 def _physical_cores() -> int:
+    """Physical cores, at most the cores this process may run on (a CPU set, a pinned process)."""
     try:
         import psutil
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        physical = psutil.cpu_count(logical=False) or usable_cores()
     except ImportError:
-        return os.cpu_count() or 1
+        physical = usable_cores()
+    return min(physical, usable_cores())
 
 
 def load(model: Path, threads: int, scoring: bool) -> OnnxGenaiRuntime:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigError, ModelError
+from ...machine import usable_cores
 from .types import GGUF_QUANT_TYPES, TENSOR_TYPES
 
 
@@ -46,7 +46,7 @@ def quantize_file(
     logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_QUANT_TYPES[quant]
-    params.nthread = threads if threads > 0 else (os.cpu_count() or 1)
+    params.nthread = threads if threads > 0 else usable_cores()
     keep: list[Any] = []  # ctypes only points at these: they must outlive the call
     if imatrix:
         params.imatrix = _imatrix_entries(llama_cpp, imatrix, keep)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from ...divergence import TopKReference
 from ...errors import ModelError
+from ...machine import usable_cores
 
 
 class _GgmlTensor(ctypes.Structure):
@@ -152,7 +152,7 @@ class Scorer:
         self._api = llama_cpp
         self.path = Path(gguf_path)
         self.n_ctx = n_ctx
-        threads = threads if threads > 0 else (os.cpu_count() or 1)
+        threads = threads if threads > 0 else usable_cores()
         mparams = llama_cpp.llama_model_default_params()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
