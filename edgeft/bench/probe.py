@@ -234,6 +234,11 @@ def run_probe(
             f"internal error: the {runtime} probe of {model} did not finish in {timeout:.0f} s "
             "(the limit grows with the model's size and the tokens timed)"
         ) from e
+    return _probe_report(done, runtime, model)
+
+
+def _probe_report(done: subprocess.CompletedProcess, runtime: str, model: Path) -> dict:
+    """The finished probe's JSON report, or the error its exit says: the user's (exit 2) or ours."""
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     if done.returncode == EdgeftError.exit_code and errors:

@@ -327,67 +327,33 @@ METHOD_NOTES = {
 # ----------------------------------------------------------------------------------------- measure
 
 
-def measure(
-    fp32_folder: Path,
-    chunks: np.ndarray,
-    scratch: Path,
-    fixed_bytes: int,
-    *,
-    threads: int = 0,
-    shared_embedding: bool = True,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    importance: dict[str, np.ndarray] | None = None,
-    method: str = "auto",
-) -> dict[str, Any]:
-    """Every MatMul's added KLD at int4 with the rest at int8 (see :mod:`.mixed`), by ``method``
-    ("exact", "proxy" or "auto": the one with fewer probes). ``shared_embedding``: whether the int4
-    file's embedding reads the head's int4 weights; ``importance``: node → column importance when int4
-    is rounded by it (see :mod:`.rounding`; the proxy then weighs errors by it too, the same statistic)."""
+def _int4(w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """``w`` at int4 as the target writes it: rounded by the importance when it has one."""
+    return weighted_int4(w, importance) if importance is not None else fake_quant(w, 4)
+
+
+def _resolve_method(method: str, fp32_folder: Path) -> str:
     import onnx
 
     if method not in ("auto", "exact", "proxy"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'proxy', got {method!r}")
     if method == "auto":
-        method = choose_method(Layout.of(onnx.load(str(decoder(fp32_folder)), load_external_data=False)))
-    probe = ProbeModel(fp32_folder, scratch, threads, observe=method == "proxy" and importance is None)
-    layout = probe.layout
-    if not shared_embedding:
-        layout.tied_embedding = None  # the embedding is its own table at every head width
-    planned = probes(layout, method)
-    refine = min(REFINE, sum(role_of(n) is not None for n in layout.weights)) if method == "proxy" else 0
-    advance = progress("sensitivity", 1 + len(planned) + refine) if progress else (lambda: None)
-    start = time.perf_counter()
-    reference = probe.reference(chunks)
-    squares = importance if importance is not None else (probe.squares.means() if probe.squares else {})
-    base = probe.kld(chunks, reference)
-    advance()
+        return choose_method(Layout.of(onnx.load(str(decoder(fp32_folder)), load_external_data=False)))
+    return method
 
-    def int4(node: str) -> np.ndarray:
-        w = probe.fp32[layout.weights[node]]
-        return weighted_int4(w, importance[node]) if importance is not None else fake_quant(w, 4)
 
-    added: dict[str, float] = {}
-    local: dict[str, float] = {}
+def _calibrate(planned: list[Probe], added: dict[str, float], local: dict[str, float], refine: int, run) -> Fit:
+    """The proxy's fit: fit the role and run probes, probe alone the ``refine`` nodes the first fit
+    predicts most sensitive, and fit again with those known."""
+    calibrating = [p for p in planned if ":" in p.key]
+    first = fit(calibrating, added, local)
+    for node in sorted(local, key=first.predict, reverse=True)[:refine]:
+        run(Probe(node, [node]))
+    return fit(calibrating, added, local, known={n: added[n] for n in local if n in added})
 
-    def run(p: Probe) -> None:
-        changed = {}
-        for node in p.nodes:
-            weight = layout.weights[node]
-            changed[weight] = int4(node)
-            if method == "proxy" and p.key.startswith("role:"):  # each layer node is in one role probe
-                local[node] = local_error(probe.fp32[weight], probe.base[weight], changed[weight], squares[node])
-        added[p.key] = probe.kld(chunks, reference, changed) - base
-        advance()
 
-    for p in planned:
-        run(p)
-    calibration = None
-    if method == "proxy":  # fit, probe alone the nodes predicted most sensitive, fit again without them
-        calibrating = [p for p in planned if ":" in p.key]
-        first = fit(calibrating, added, local)
-        for node in sorted(local, key=first.predict, reverse=True)[:refine]:
-            run(Probe(node, [node]))
-        calibration = fit(calibrating, added, local, known={n: added[n] for n in local if n in added})
+def _groups(layout: Layout, added: dict[str, float], local: dict[str, float], calibration: Fit | None) -> list:
+    """Each MatMul's int4 and int8 options: the probe's figure where one measured it, else the fit's."""
     groups = []
     for node in layout.weights:
         if node in added:
@@ -404,6 +370,55 @@ def measure(
                 ],
             }
         )
+    return groups
+
+
+def measure(
+    fp32_folder: Path,
+    chunks: np.ndarray,
+    scratch: Path,
+    fixed_bytes: int,
+    *,
+    threads: int = 0,
+    shared_embedding: bool = True,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+    importance: dict[str, np.ndarray] | None = None,
+    method: str = "auto",
+) -> dict[str, Any]:
+    """Every MatMul's added KLD at int4 with the rest at int8 (see :mod:`.mixed`), by ``method``
+    ("exact", "proxy" or "auto": the one with fewer probes). ``shared_embedding``: whether the int4
+    file's embedding reads the head's int4 weights; ``importance``: node → column importance when int4
+    is rounded by it (see :mod:`.rounding`; the proxy then weighs errors by it too, the same statistic)."""
+    method = _resolve_method(method, fp32_folder)
+    probe = ProbeModel(fp32_folder, scratch, threads, observe=method == "proxy" and importance is None)
+    layout = probe.layout
+    if not shared_embedding:
+        layout.tied_embedding = None  # the embedding is its own table at every head width
+    planned = probes(layout, method)
+    refine = min(REFINE, sum(role_of(n) is not None for n in layout.weights)) if method == "proxy" else 0
+    advance = progress("sensitivity", 1 + len(planned) + refine) if progress else (lambda: None)
+    start = time.perf_counter()
+    reference = probe.reference(chunks)
+    squares = importance if importance is not None else (probe.squares.means() if probe.squares else {})
+    base = probe.kld(chunks, reference)
+    advance()
+
+    added: dict[str, float] = {}
+    local: dict[str, float] = {}
+
+    def run(p: Probe) -> None:
+        changed = {}
+        for node in p.nodes:
+            weight = layout.weights[node]
+            changed[weight] = _int4(probe.fp32[weight], importance[node] if importance is not None else None)
+            if method == "proxy" and p.key.startswith("role:"):  # each layer node is in one role probe
+                local[node] = local_error(probe.fp32[weight], probe.base[weight], changed[weight], squares[node])
+        added[p.key] = probe.kld(chunks, reference, changed) - base
+        advance()
+
+    for p in planned:
+        run(p)
+    calibration = _calibrate(planned, added, local, refine, run) if method == "proxy" else None
     return {
         "mix": list(LEVELS),
         "method": method,
@@ -413,7 +428,7 @@ def measure(
         "reference_top_k": reference.k,
         "fixed_bytes": int(fixed_bytes),
         "tied_embedding": list(layout.tied_embedding) if layout.tied_embedding else None,
-        "groups": groups,
+        "groups": _groups(layout, added, local, calibration),
         **({"calibration": calibration.rows} if calibration else {}),
         "probes": 1 + len(added),
         "seconds": round(time.perf_counter() - start, 1),
