@@ -83,9 +83,10 @@ lint: $(STAMP)
 TEST_WORKERS ?= 2
 
 # --no-loadscope-reorder: files in the order conftest puts them (the longest first), not xdist's
-# most-tests-first.
+# most-tests-first. --durations: the slowest tests of every run in its log (what LONGEST_FILES and
+# the 20-minute budget are kept from).
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The unit tests alone: nothing that builds, trains or runs a model end to end (`slow`).
 test-fast: lint
