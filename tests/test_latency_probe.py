@@ -84,17 +84,23 @@ def test_probe_pins_to_big_cores_records_cpu_state_and_decodes_sustained(
 ) -> None:
     from .test_device_state import fake_sysfs
 
-    # CPU 0 "big", CPU 1 "little" (a fake /sys: the probe process pins itself to CPU 0, nothing else)
-    root = fake_sysfs(tmp_path, [1024, 512], {"cpu-thermal": 55_000}, [2_400_000, 1_800_000])
+    # A fake /sys where the first core this process may use is "big" and every other core "little":
+    # the probe pins itself to that core. (Under a pytest-xdist worker pinned to core 1, a fake big
+    # CPU 0 would be outside the allowed set, and the probe rightly refuses to pin there.)
+    big = min(os.sched_getaffinity(0))
+    n = big + 2
+    caps = [1024 if i == big else 512 for i in range(n)]
+    khz = [2_400_000 if i == big else 1_800_000 for i in range(n)]
+    root = fake_sysfs(tmp_path, caps, {"cpu-thermal": 55_000}, khz)
     report = run_probe(
         "llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1,
         sustained_s=0.5, sysfs_root=root,
     )  # fmt: skip
     state = report["device_state"]
-    assert state["affinity"]["big_little"] is True and state["affinity"]["pinned_to"] == [0]
+    assert state["affinity"]["big_little"] is True and state["affinity"]["pinned_to"] == [big]
     for when in ("before", "after"):
         assert state[when]["temperature_c"]["thermal_zone0"]["c"] == 55.0
-        assert state[when]["cpu_mhz"] == {"cpu0": 2400.0, "cpu1": 1800.0}
+        assert state[when]["cpu_mhz"] == {f"cpu{i}": k / 1000 for i, k in enumerate(khz)}
     sus = report["sustained"]
     assert sus["seconds"] >= 0.5 and len(sus["series"]) >= 2 and sus["first"]["tok_s"] > 0 < sus["last"]["tok_s"]
     plain = run_probe("llama.cpp", tied_and_untied["tied.gguf"], 1, prompt_tokens=64, decode_tokens=8, repeats=1)
