@@ -48,6 +48,20 @@ def runtime(tied_and_untied: dict[str, Path]) -> Iterator:
     rt.close()
 
 
+def test_runtime_without_a_thread_count_uses_the_cores_this_process_may_use(tied_and_untied) -> None:
+    """Not llama-cpp-python's defaults (half the machine's CPUs to decode, all of them for prompts),
+    which ignore a container's CPU set: on 2 cores one of the two counts differs from ours, alone or
+    under a worker pinned to one core."""
+    from edgeft.machine import usable_cores
+    from edgeft.runtimes.llamacpp import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(tied_and_untied["tied.gguf"], n_ctx=128, scoring=False)
+    try:
+        assert rt.n_threads == rt._llm.n_threads_batch == usable_cores()
+    finally:
+        rt.close()
+
+
 def _check_spread(s: dict, n: int) -> None:
     assert s["n"] == n
     assert 0 < s["min"] <= s["median"] <= s["max"]

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import BENCH_CONTEXT
 from ..errors import ConfigError, ModelError
 from ..loading import loading
+from ..machine import usable_cores
 from .base import Generation
 
 # KV-cache element type, by the name llama.cpp's CLI uses (--cache-type-k/-v) → llama_cpp constant.
@@ -50,6 +51,9 @@ class LlamaCppRuntime:
         if kv_cache_type not in KV_CACHE_TYPES:
             raise ConfigError(f"kv_cache_type {kv_cache_type!r}: expected one of {', '.join(KV_CACHE_TYPES)}")
         ggml_type = getattr(llama_cpp, KV_CACHE_TYPES[kv_cache_type])
+        # No count given: the cores this process may use. llama-cpp-python's own defaults are half
+        # the machine's CPUs for decode and all of them for the batch, whatever the CPU set allows.
+        n_threads = n_threads or usable_cores()
         self.version: str = llama_cpp.__version__
         # Which instruction sets this llama.cpp was compiled for ("AVX512 = 1 | ..."): reports
         # carry it, since the same GGUF decodes 0-50% faster with an AVX-512 build.
@@ -58,7 +62,7 @@ class LlamaCppRuntime:
         self.n_ctx = n_ctx
         # logits_all: llama.cpp keeps the logits of every position, which scoring needs; by
         # default it keeps only the last one (enough for sampling). n_threads_batch (prompt and
-        # scoring) would otherwise default to all cores while n_threads (decode) defaults to half.
+        # scoring) is set to the decode count, so one number describes the run.
         # llama-cpp-python raises a bare ValueError("Failed to load model from file") on a file
         # llama.cpp cannot read; say which file, and that it is the file's fault.
         with loading(
