@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edgeft.stage",
             "edgeft.build_layout",
             "edgeft.precision_plan",
+            "edgeft.proxy_fit",
             "edgeft.decode_model",
             "edgeft.divergence",
             "edgeft.formats",  # the registry: names the format packages, imports none of them

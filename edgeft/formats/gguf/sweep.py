@@ -22,7 +22,6 @@ export's top-k reference (:mod:`.scoring`). Two methods give each group's added 
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ...proxy_fit import Term, fit_rates_and_depths, predicted
+from ...proxy_fit import depth_blocks as proxy_depth_blocks
 from .layout import Layout, layer_of, resolve, role_of
 from .levels import GGUFFile, assemble, weighted_errors
 from .llama_quantize import quantize_file
@@ -40,11 +41,8 @@ DEPTH_BLOCK = 5  # layers per depth probe after layer 0
 
 
 def depth_blocks(n_layers: int) -> list[list[int]]:
-    """Layer 0 alone (its residual stream is the smallest, so its rounding weighs most), then the
-    others in runs of about :data:`DEPTH_BLOCK`."""
-    rest = list(range(1, n_layers))
-    runs = np.array_split(rest, math.ceil(len(rest) / DEPTH_BLOCK)) if rest else []
-    return [[0]] + [[int(i) for i in run] for run in runs]
+    """Layer 0 alone, then runs of about :data:`DEPTH_BLOCK` layers (:func:`edgeft.proxy_fit.depth_blocks`)."""
+    return proxy_depth_blocks(n_layers, DEPTH_BLOCK)
 
 
 @dataclass
@@ -162,56 +160,42 @@ class _Fit:
         return self.rate[role_probe] * self.depth[layer_of(name)] * local[name][level] if role_probe else 0.0
 
 
-def _fit(probes: list[Probe], added: dict[str, float], local, measured_by, iterations: int = 200) -> _Fit:
-    """Per tensor, added KLD ≈ rate(role, level) × depth(layer) × local error, the rates and the depth
-    factors (one per run of layers) fitted to the role and depth probes by alternating rescaling
-    (iterative proportional fitting): the role probes come out exact, the depth probes too when the
-    probes add up (they do closely on real models; each row of the calibration shows its fitted figure).
-
-    The local error sees how much a rounding moves a layer's own output; how far that travels to the
-    logits depends on the layer, which the depth factors take (SmolLM2-135M: 4× the average per unit
-    of local error in layer 0, a sixth of it in the last layers, where the residual stream is largest)."""
+def _fit(probes: list[Probe], added: dict[str, float], local, measured_by) -> _Fit:
+    """Per tensor, added KLD ≈ rate(role probe, level) × depth(layer) × local error, fitted to the
+    role and depth probes (:func:`edgeft.proxy_fit.fit_rates_and_depths`); a row per probe with its
+    fitted figure beside the measured one."""
     roles = [p for p in probes if p.key.startswith("role:")]
     blocks = [p for p in probes if p.key.startswith("depth:")]
-    n_layers = 1 + max((layer_of(n) for p in roles for n in p.levels), default=0)
-    depth = np.ones(n_layers)
 
-    def rates() -> dict[str, float]:
-        out = {}
-        for p in roles:
-            denom = sum(depth[layer_of(n)] * local[n][lv] for n, lv in p.levels.items())
-            out[p.key] = max(0.0, added[p.key]) / denom if denom > 0 else 0.0
-        return out
-
-    for _ in range(iterations):
-        rate, before = rates(), depth.copy()
-        for p in blocks:
-            layers = sorted({layer_of(n) for n in p.levels})
-            predicted = sum(
-                rate.get(measured_by[f"role:{role_of(n)}", lv], 0.0) * depth[layer_of(n)] * local[n][lv]
-                for n, lv in p.levels.items()
-            )
-            if predicted > 0:
-                depth[layers] *= max(0.0, added[p.key]) / predicted
-        if np.allclose(depth, before, rtol=1e-9, atol=0):
-            break
-    if depth.mean() > 0:
-        depth /= depth.mean()  # only rate × depth matters: depth factors average 1 over the layers
-    rate = rates()
-
-    def fitted(p: Probe) -> float:
-        return sum(
-            rate.get(measured_by[f"role:{role_of(n)}", lv], 0.0) * depth[layer_of(n)] * local[n][lv]
+    def terms(p: Probe, rate_key: str | None = None) -> list[Term]:
+        """A role probe's tensors all take its rate; a depth probe's each the rate of its role's probe."""
+        return [
+            Term(rate_key or measured_by[f"role:{role_of(n)}", lv], layer_of(n), local[n][lv])
             for n, lv in p.levels.items()
-        )
+        ]
 
+    role_terms = {p.key: terms(p, p.key) for p in roles}
+    block_terms = {p.key: terms(p) for p in blocks}
+    n_layers = 1 + max((t.layer for ts in role_terms.values() for t in ts), default=0)
+    rate, depth = fit_rates_and_depths(
+        {key: (added[key], ts) for key, ts in role_terms.items()},
+        [(added[key], ts) for key, ts in block_terms.items()],
+        n_layers,
+    )
+    every = {**role_terms, **block_terms}
     rows: list[dict[str, Any]] = []
     for p in roles + blocks:
-        row = {"probe": p.key, "tensors": len(p.levels), "added_kld": added[p.key], "fitted_kld": fitted(p)}
+        ts = every[p.key]
+        row = {
+            "probe": p.key,
+            "tensors": len(p.levels),
+            "added_kld": added[p.key],
+            "fitted_kld": predicted(ts, rate, depth),
+        }
         if p.key.startswith("role:"):
-            row.update(local_error=sum(local[n][lv] for n, lv in p.levels.items()), kld_per_local_error=rate[p.key])
+            row.update(local_error=sum(t.local for t in ts), kld_per_local_error=rate[p.key])
         else:
-            row.update(depth_factor=float(depth[layer_of(next(iter(p.levels)))]))
+            row.update(depth_factor=float(depth[ts[0].layer]))
         rows.append(row)
     return _Fit(rate, depth, rows)
 

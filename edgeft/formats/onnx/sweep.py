@@ -31,7 +31,6 @@ process's own memory). The reference is each position's top-k log-probs
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ...divergence import TopKReference
+from ...proxy_fit import Term, fit_rates_and_depths, predicted
+from ...proxy_fit import depth_blocks as proxy_depth_blocks
 from .graph import BLOCK, LEVELS, ChunkSession, Layout, decoder, inline_external
 from .rounding import InputSquares
 from .rounding import fake_quant as weighted_int4
@@ -187,10 +188,8 @@ def role_of(node: str) -> str | None:
 
 
 def depth_blocks(n_layers: int) -> list[list[int]]:
-    """Layer 0 alone (its rounding travels through every layer), then runs of about :data:`DEPTH_BLOCK`."""
-    rest = list(range(1, n_layers))
-    runs = np.array_split(rest, math.ceil(len(rest) / DEPTH_BLOCK)) if rest else []
-    return [[0]] + [[int(i) for i in run] for run in runs]
+    """Layer 0 alone, then runs of about :data:`DEPTH_BLOCK` layers (:func:`edgeft.proxy_fit.depth_blocks`)."""
+    return proxy_depth_blocks(n_layers, DEPTH_BLOCK)
 
 
 @dataclass
@@ -274,35 +273,20 @@ def fit(
     local = {n: 0.0 if n in known else e for n, e in local.items()}
     roles = [p for p in calibrating if p.key.startswith("role:")]
     blocks = [p for p in calibrating if p.key.startswith("depth:")]
-    depth = np.ones(1 + max((layer_of(n) for p in roles for n in p.nodes), default=0))
+    terms = {p.key: [Term(role_of(n), layer_of(n), local[n]) for n in p.nodes] for p in calibrating}
+    rate, depth = fit_rates_and_depths(
+        {p.key[len("role:") :]: (added[p.key], terms[p.key]) for p in roles},
+        [(added[p.key], terms[p.key]) for p in blocks],
+        1 + max((layer_of(n) for p in roles for n in p.nodes), default=0),
+        iterations,
+    )
 
-    def rates() -> dict[str, float]:
-        out = {}
-        for p in roles:
-            denom = sum(depth[layer_of(n)] * local[n] for n in p.nodes)
-            out[p.key[len("role:") :]] = max(0.0, added[p.key]) / denom if denom > 0 else 0.0
-        return out
+    def total(p: Probe) -> float:  # with the known nodes' own figures
+        return predicted(terms[p.key], rate, depth) + sum(known.get(n, 0.0) for n in p.nodes)
 
-    def fitted(p: Probe, rate: dict[str, float]) -> float:
-        return sum(rate[role_of(n)] * depth[layer_of(n)] * local[n] for n in p.nodes)
-
-    def total(p: Probe, rate: dict[str, float]) -> float:  # with the known nodes' own figures
-        return fitted(p, rate) + sum(known.get(n, 0.0) for n in p.nodes)
-
-    for _ in range(iterations):
-        rate, before = rates(), depth.copy()
-        for p in blocks:
-            predicted = fitted(p, rate)
-            if predicted > 0:
-                depth[sorted({layer_of(n) for n in p.nodes})] *= max(0.0, added[p.key]) / predicted
-        if np.allclose(depth, before, rtol=1e-9, atol=0):
-            break
-    if depth.mean() > 0:
-        depth /= depth.mean()  # only rate × depth matters
-    rate = rates()
     rows: list[dict[str, Any]] = []
     for p in roles + blocks:
-        row = {"probe": p.key, "nodes": len(p.nodes), "added_kld": measured[p.key], "fitted_kld": total(p, rate)}
+        row = {"probe": p.key, "nodes": len(p.nodes), "added_kld": measured[p.key], "fitted_kld": total(p)}
         row["alone_kld"] = sum(known.get(n, 0.0) for n in p.nodes)  # its nodes measured alone, summed
         if p in roles:
             row.update(local_error=sum(local[n] for n in p.nodes), kld_per_local_error=rate[p.key[len("role:") :]])
