@@ -53,6 +53,7 @@ from .report import (
     Report,
     TargetEntry,
     assemble,
+    fine_tune_lost,
     ladder_row,
     paired_task,
     refold,
@@ -312,6 +313,7 @@ def finish_report(measured: Measured, ref_dir: Path, inputs: ReportInputs) -> Re
     report = assemble(entries, ref_dir, found.ref_meta, ladder, this_machine(measured, found.ref_meta))
     report.run_id = RUN_ID
     report.warnings = list(found.timing_notes)
+    report.warnings += fine_tune_lost(entries, inputs.base_results.fidelity if inputs.base_results else None)
     _judge_report(report, inputs.old_report)
     if inputs.device is not None:
         as_json = [(name, quant, r.to_json()) for name, quant, r in measured]

@@ -285,3 +285,33 @@ def test_the_writers_build_the_entry_and_report_the_old_code_built():
     }  # fmt: skip
     assert same_json(report.to_json(), expected)
     assert Report.from_json(report.to_json()) == report
+
+
+def _scored(target: str, quant: str, kld: float, task: float) -> TargetEntry:
+    fidelity = {"kl_divergence_mean": kld, "task_accuracy_artifact": task, "task_accuracy_reference": 0.308}
+    return TargetEntry(target, {"quant": quant}, fidelity, {}, {}, {}, [])
+
+
+def test_a_target_that_lost_the_fine_tune_is_named_with_its_share_of_the_bases_distance() -> None:
+    """The Qwen2.5-Coder-0.5B cooking build's figures: base 1.371 from the fine-tune; Q8_0 kept it,
+    Q4_K_M is half-way back to the base and Q4_0 is further away than the base."""
+    from edgeft.report import fine_tune_lost
+
+    base = {"kl_divergence_mean": 1.3713, "task_accuracy_artifact": 0.064}
+    entries = [
+        _scored("gguf-q8", "Q8_0", 0.0006, 0.295),
+        _scored("gguf-q4", "Q4_K_M", 0.6952, 0.179),
+        _scored("gguf-q4_0", "Q4_0", 2.2444, 0.051),
+    ]
+    warnings = fine_tune_lost(entries, base)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("gguf-q4 (Q4_K_M): mean KLD 0.695 against the base model's 1.37")
+    assert "is 51% as far from the fine-tuned model as the untuned base is" in warnings[0]
+    assert "task accuracy 17.9% (base 6.4%, fine-tuned 30.8%)" in warnings[0]
+    assert (
+        warnings[1].startswith("gguf-q4_0 (Q4_0)")
+        and "further from the fine-tuned model than the untuned" in warnings[1]
+    )
+    # SmolLM2's cooking build: its worst 4-bit target is 11% of the base's distance; no base row: nothing
+    assert fine_tune_lost([_scored("onnx-int4", "int4", 0.2312, 0.5)], {"kl_divergence_mean": 2.0758}) == []
+    assert fine_tune_lost(entries, None) == []
