@@ -666,8 +666,6 @@ def bench(
             cfg.bench.threads = threads
         if sustained_s is not None:
             cfg.bench.sustained_s = sustained_s
-        if reference_dtype:
-            cfg.bench.reference_dtype = reference_dtype  # with an HF --reference: the stage it runs
         cfg.gates = parse_gate_flags(gate_flags, cfg.gates)
 
         with rich_progress() as progress:
@@ -685,6 +683,7 @@ def bench(
                 context=context,
                 remote=_remote(remote, remote_ssh, remote_edgeft, remote_dir) if remote else None,
                 device_file=device_file,
+                reference_dtype=reference_dtype,
             )
         _finish(report, out_dir)
 

@@ -457,6 +457,18 @@ def this_machine(measured: Measured, ref_meta: dict[str, Any]) -> dict[str, Any]
     return {**describe(), "runtime_builds": builds}
 
 
+def _reference_dtype(cfg: BuildConfig, reference_dir: Path, stored: bool, dtype: str) -> None:
+    """``--reference-dtype`` chooses how the reference stage computes; a stored reference was computed
+    already, so the flag would change nothing there: say so rather than ignore it."""
+    if stored:
+        meta = json.loads((reference_dir / stored_reference.META).read_text())
+        raise ConfigError(
+            f"--reference-dtype {dtype}: the reference in {reference_dir} is stored already (computed in "
+            f"{meta.get('dtype', 'float32')}); the flag applies when --reference is the fine-tuned model's folder"
+        )
+    cfg.bench.reference_dtype = dtype
+
+
 def bench_artifacts(
     cfg: BuildConfig,
     out_dir: Path,
@@ -472,6 +484,7 @@ def bench_artifacts(
     context: int = 2048,
     remote: Any = None,
     device_file: Path | None = None,
+    reference_dtype: str | None = None,
 ) -> Report:
     """`edgeft bench`: artifacts of a build (``build_dir`` + targets) or given files, one report.
 
@@ -496,6 +509,8 @@ def bench_artifacts(
     if reference_dir is None:
         raise ConfigError("--reference: a stored reference folder or the fine-tuned fp32 HF folder is required")
     stored = check_reference(reference_dir)
+    if reference_dtype:
+        _reference_dtype(cfg, Path(reference_dir), stored, reference_dtype)
     if remote is not None:
         if not stored:
             raise ConfigError(f"--remote: --reference {reference_dir} is a Hugging Face folder; {_DEVICE_REFERENCE}")

@@ -204,6 +204,19 @@ def test_bench_runs_without_torch(built, tmp_path):
     assert "timed in another run" in proc.stderr
 
 
+def test_reference_dtype_with_a_stored_reference_is_refused_not_ignored(built, tmp_path):
+    """The build's reference was computed already: a dtype for it would change nothing."""
+    for where in (
+        ["--build", str(built), "--target", "gguf-q8"],
+        ["--artifact", str(next((built / "gguf-q8").glob("*.gguf"))), "--reference", str(built / "reference")],
+    ):
+        out = tmp_path / "bench"
+        proc = run_edgeft(["bench", *where, "--reference-dtype", "bfloat16", "--out", str(out)])
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--reference-dtype bfloat16: the reference in" in proc.stderr and "computed in float32" in proc.stderr
+        assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def device_venv(tmp_path_factory) -> Path | None:
     """What `pip install "edgeft[device]"` gives a Raspberry Pi: the base dependencies and a runtime,
