@@ -101,11 +101,15 @@ class _Stages:
         rss = PeakRSS()
         rss.start()
         start = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        finally:
+            peak = rss.stop()
         hit = isinstance(out, StageOutput) and out.cached
         entry = {"stage": name, "seconds": round(time.perf_counter() - start, 2), "cached": hit}
         # this process's own peak during the stage; runtimes benched in subprocesses report theirs apart
-        entry["peak_rss_bytes"] = None if hit else rss.stop()
+        entry["peak_rss_bytes"] = None if hit else peak
+        entry["peak_anon_bytes"] = None if hit else rss.peak_anon_bytes
         entry["start_rss_bytes"] = None if hit else rss.start_bytes
         if name in self.estimates:
             entry["estimated_peak_ram_bytes"] = self.estimates[name]

@@ -13,7 +13,10 @@ report.json, ``schema_version`` 2 (version 1 keys are all still there, same mean
 * ``reference.{path, size_bytes, dtype, top_k, task_accuracy, perplexity, performance}``: ``dtype``
   ``float32`` or ``bfloat16`` (the weights in ``path`` are fp32 either way), and ``dtype_reason`` where
   it is not float32 (e.g. ``fp32 would need 33.0 GB, this machine has 25.8 GB``);
-* ``regressions`` (with ``--compare-to``), ``machine``, ``stages``, ``eval``;
+* ``regressions`` (with ``--compare-to``), ``machine``, ``eval``;
+* ``stages``: per stage ``{stage, seconds, cached, start_rss_bytes, peak_rss_bytes, peak_anon_bytes,
+  estimated_peak_ram_bytes}`` — the build process's RSS at the start, its peak (the kernel's, file
+  pages included) and its peak anonymous memory (sampled: what the resource plan's estimate counts);
 * ``training`` (builds): ``method``, ``steps``, ``validation`` (``{source, examples}``: the
   ``[data].validation`` file or ``held out of the training data``; null without validation),
   ``eval_steps``, ``train_loss_history`` and ``eval_loss_history`` (``[{step, loss}]``; train loss is
@@ -720,10 +723,12 @@ def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
         "## Stages",
         "",
         "Peak RSS is the build process's own over the stage; it starts from what earlier stages "
-        "left (RSS at start). Runtimes benched in their own processes report theirs above.",
+        "left (RSS at start). Of it, anonymous memory (sampled every 20 ms) is what must fit: the rest "
+        "is file pages, such as mapped weights, that the kernel drops when memory is short; the "
+        "estimate counts anonymous memory. Runtimes benched in their own processes report theirs above.",
         "",
-        "| stage | seconds | cached | RSS at start MB | peak RSS MB | estimated MB |",
-        "|---|---:|---|---:|---:|---:|",
+        "| stage | seconds | cached | RSS at start MB | peak RSS MB | peak anonymous MB | estimated MB |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
 
     def mb(value: Any) -> str:
@@ -732,7 +737,8 @@ def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
     for s in stages:
         lines.append(
             f"| {_md(s['stage'])} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} "
-            f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('estimated_peak_ram_bytes'))} |"
+            f"| {mb(s.get('start_rss_bytes'))} | {mb(s.get('peak_rss_bytes'))} | {mb(s.get('peak_anon_bytes'))} "
+            f"| {mb(s.get('estimated_peak_ram_bytes'))} |"
         )
     return lines
 

@@ -110,4 +110,8 @@ def test_killed_builds_resume_from_finished_stages(config, tmp_path):
     assert {s["stage"]: s.get("estimated_peak_ram_bytes") for s in report["stages"]}["merge"] > 0
     # ... and the RSS it started from (what earlier stages left), at most its peak
     assert all(0 < s["start_rss_bytes"] <= s["peak_rss_bytes"] for s in ran), ran
-    assert "| RSS at start MB | peak RSS MB | estimated MB |" in (out / "report.md").read_text()
+    # ... and its peak anonymous memory (sampled), what the estimate counts
+    assert all(s["peak_anon_bytes"] > 50e6 for s in ran) and all(
+        s["peak_anon_bytes"] is None for s in report["stages"] if s["cached"]
+    )
+    assert "| RSS at start MB | peak RSS MB | peak anonymous MB | estimated MB |" in (out / "report.md").read_text()

@@ -197,6 +197,34 @@ def test_peak_rss_is_per_stage_not_the_largest_so_far() -> None:
     assert big - small > 250e6, (big, small)
 
 
+def test_peak_anonymous_memory_counts_the_heap_not_mapped_file_pages(tmp_path: Path) -> None:
+    """A stage that reads a 200 MB memory-mapped file raises the kernel's peak RSS by about that much
+    and its peak anonymous memory by nothing like it; 300 MB of its own arrays raise both."""
+    import numpy as np
+
+    from edgeft.resources import PeakRSS, _status_kb
+
+    if _status_kb("RssAnon") is None:
+        pytest.skip("no RssAnon in /proc/self/status")
+    path = tmp_path / "weights.bin"
+    np.ones(200_000_000 // 8).tofile(path)
+    rss = PeakRSS()
+    rss.start()
+    start_anon = rss.peak_anon_bytes
+    mapped = np.memmap(path, dtype=np.float64, mode="r")
+    assert float(mapped.sum()) == mapped.size  # every page read
+    peak = rss.stop()
+    if rss.resettable:
+        assert peak - rss.start_bytes > 150e6, (peak, rss.start_bytes)
+    assert rss.peak_anon_bytes - start_anon < 50e6, (rss.peak_anon_bytes, start_anon)
+    del mapped
+    rss.start()
+    block = np.ones(300_000_000 // 8)  # 300 MB of the process's own, touched
+    rss.stop()
+    del block
+    assert rss.peak_anon_bytes - start_anon > 250e6, (rss.peak_anon_bytes, start_anon)
+
+
 def test_build_refuses_before_training_when_ram_is_short(tmp_path: Path, tokenizer) -> None:
     """Through the CLI: a machine declared at 1 GB refuses the build in one line, exit 2, nothing written."""
     cfg = tiny_build_config(tmp_path, tokenizer, "max_steps = 1\n")
