@@ -219,6 +219,7 @@ def test_peak_anonymous_memory_counts_the_heap_not_mapped_file_pages(tmp_path: P
     assert rss.peak_anon_bytes - start_anon < 50e6, (rss.peak_anon_bytes, start_anon)
     del mapped
     rss.start()
+    start_anon = rss.peak_anon_bytes
     block = np.ones(300_000_000 // 8)  # 300 MB of the process's own, touched
     rss.stop()
     del block
@@ -243,8 +244,11 @@ def test_a_stage_starts_from_the_memory_earlier_stages_freed():
     """PeakRSS.start hands freed heap back to the OS first, so a stage's start RSS (and peak) does not
     carry what an earlier stage allocated and freed. Small live blocks between the freed ones keep
     glibc from trimming the heap by itself (measured: ~255 MB stay resident without the trim)."""
-    from edgeft.resources import PeakRSS, _status_kb
+    from edgeft.resources import PeakRSS, _release_freed_memory, _status_kb
 
+    # Start from a trimmed heap: freed heap that tests run earlier in this process left resident
+    # would otherwise be reused by the blocks below without growing RSS (CI: 172 MB of 262 grew).
+    _release_freed_memory()
     before = _status_kb("VmRSS")
     blocks, pins = [], []
     for _ in range(4000):
